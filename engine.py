@@ -1,0 +1,629 @@
+"""The one training engine behind all four scripts, built on PyTorch Lightning.
+
+``train(config, net)`` is the whole story of a run: load the data, fit with Lightning (progress
+bar, checkpoint every epoch, resume, mixed precision, multi-GPU strategies), then measure the test
+set and write the run folder. The scripts only choose the network and the recipe.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import nn
+
+import functions as fn
+from functions import UserError
+
+# Lightning's advertisement and two warnings that say nothing to our users (a resumed run folder is not empty by design).
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "Tip:" not in str(record.msg))
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+# --------------------------------------------------------------------------------------------
+# Configuration: the README's recipe is the default, every part of it a flag
+# --------------------------------------------------------------------------------------------
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "cosine", "onecycle")
+
+
+@dataclass
+class Recipe:
+    """How a network is trained. Defaults are the README's recipe for CIFAR10Net."""
+
+    epochs: int = 100
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    scheduler: str = "none"
+    warmup_epochs: float = 0.0
+    augment: str = "readme"
+
+
+@dataclass
+class RunConfig:
+    """Everything that decides a run; written to ``config.json`` in the run folder."""
+
+    model: str
+    recipe: Recipe = field(default_factory=Recipe)
+    data_dir: str = "./data"
+    out_dir: str = ""
+    seed: int = 0
+    limit_train: int | None = None
+    num_workers: int = 2
+    device: str = "auto"
+    devices: str = "auto"
+    strategy: str = "auto"
+    precision: str = "auto"
+    resume: str | None = None
+    progress: bool = True
+    tsne: bool = True
+    tsne_samples: int | None = None
+    tsne_method: str = "auto"
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def beta(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, recipe: Recipe, run_name: str) -> None:
+    """The flags every training script shares; ``recipe`` supplies the defaults shown in --help."""
+    r = recipe
+    group = parser.add_argument_group("recipe (defaults: the README's recipe for this model)")
+    group.add_argument("--epochs", type=positive_int, help=f"passes over the training split (default {r.epochs})")
+    group.add_argument("--batch-size", type=positive_int, help=f"images per optimisation step (default {r.batch_size})")
+    group.add_argument("--optimizer", choices=OPTIMIZERS, help=f"adam, adamw, or sgd with Nesterov momentum (default {r.optimizer})")
+    group.add_argument("--lr", type=positive_float, help=f"peak learning rate (default {r.lr:g})")
+    group.add_argument("--betas", type=beta, nargs=2, metavar=("BETA1", "BETA2"), help=f"Adam's betas (default {r.betas[0]} {r.betas[1]})")
+    group.add_argument("--momentum", type=beta, help=f"SGD's Nesterov momentum (default {r.momentum})")
+    group.add_argument("--weight-decay", type=non_negative_float, help=f"L2 penalty (default {r.weight_decay:g})")
+    group.add_argument("--label-smoothing", type=beta, help=f"cross-entropy label smoothing (default {r.label_smoothing})")
+    group.add_argument("--scheduler", choices=SCHEDULERS, help=f"learning-rate schedule: none (constant), cosine (warm-up then cosine decay), onecycle (warm-up then linear decay to 0) (default {r.scheduler})")
+    group.add_argument("--warmup-epochs", type=non_negative_float, help=f"epochs of linear warm-up for cosine/onecycle (default {r.warmup_epochs})")
+    group.add_argument("--augment", choices=tuple(fn.AUGMENT_PRESETS), help="training augmentation, done in batches on the device: "
+                       + "; ".join(f"{k}: {v}" for k, v in fn.AUGMENT_PRESETS.items()) + f" (default {r.augment})")
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-dir", default="./data", help="folder with CIFAR-10: the official 'cifar-10-batches-py' folder, or an image-folder tree "
+                       "train/<class>/*.png|jpg and test/<class>/... (the folder itself or one sub-folder); if neither is there, torchvision downloads "
+                       "the official archive into it (default ./data)")
+    group.add_argument("--limit-train", type=positive_int, metavar="N", help="train on only the first N images of the 45,000-image training split, for a quick look")
+    group.add_argument("--num-workers", type=positive_int, default=2, help="threads that decode an image-folder tree the first time (later runs read the cache) (default 2)")
+
+    group = parser.add_argument_group("run")
+    group.add_argument("--out-dir", help=f"run folder for every output (default runs/{run_name})")
+    group.add_argument("--seed", type=int, default=0, help="seeds initialisation, shuffling, augmentation and dropout; the 45k/5k split is always the README's (default 0)")
+    group.add_argument("--resume", nargs="?", const="last", metavar="CKPT", help="continue an interrupted run: with no value, from last.ckpt in --out-dir; or from the checkpoint given")
+    group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "gpu", "mps"), help="where to train (default auto: cuda, else mps, else cpu)")
+    group.add_argument("--devices", default="auto", help="how many devices, or which, passed to Lightning (e.g. 4, or 0,1) (default auto)")
+    group.add_argument("--strategy", default="auto", help="Lightning's distribution strategy, e.g. ddp for data-parallel over several GPUs or nodes (default auto)")
+    group.add_argument("--precision", default="auto", help="Lightning precision, e.g. 32-true, bf16-mixed, 16-mixed (default auto: bf16-mixed on CUDA, else 32-true)")
+    group.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar (the per-epoch line stays)")
+
+    group = parser.add_argument_group("analysis")
+    group.add_argument("--no-tsne", dest="tsne", action="store_false", help="skip the t-SNE plots of penultimate features at the end")
+    group.add_argument("--tsne-samples", type=positive_int, metavar="N", help="embed a class-stratified sample of N points per split instead of all")
+    group.add_argument("--tsne-method", default="auto", choices=("auto", "opentsne", "sklearn"), help="t-SNE implementation: openTSNE's FFT-accelerated one, or scikit-learn's (default auto: openTSNE if installed)")
+
+
+RECIPE_FLAGS = {f.name for f in fields(Recipe)}
+
+
+def config_from_args(args: argparse.Namespace, model: str, recipe: Recipe, run_name: str) -> RunConfig:
+    """The recipe with every flag the user gave laid over it."""
+    given = {name: value for name, value in vars(args).items() if name in RECIPE_FLAGS and value is not None}
+    if "betas" in given:
+        given["betas"] = tuple(given["betas"])
+    return RunConfig(
+        model=model,
+        recipe=replace(recipe, **given),
+        data_dir=args.data_dir,
+        out_dir=args.out_dir or str(Path("runs") / run_name),
+        seed=args.seed,
+        limit_train=args.limit_train,
+        num_workers=args.num_workers,
+        device=args.device,
+        devices=args.devices,
+        strategy=args.strategy,
+        precision=args.precision,
+        resume=args.resume,
+        progress=args.progress,
+        tsne=args.tsne,
+        tsne_samples=args.tsne_samples,
+        tsne_method=args.tsne_method,
+    )
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run a script's ``main``; a ``UserError`` becomes one line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+
+
+# --------------------------------------------------------------------------------------------
+# Data module: uint8 tensors on the device, batches made there
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SplitData:
+    """The README's split of ``fn.CIFAR10Arrays`` and the training statistics used for every split."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    classes: tuple[str, ...]
+    source: str
+
+    @classmethod
+    def from_arrays(cls, data: fn.CIFAR10Arrays, limit_train: int | None = None) -> "SplitData":
+        train_index, val_index = fn.split_train_val(len(data.train_images))
+        if limit_train is not None:
+            train_index = train_index[:limit_train]
+        train_images = data.train_images[train_index]
+        mean, std = fn.mean_std_per_channel(train_images)
+        return cls(train_images, data.train_labels[train_index], data.train_images[val_index], data.train_labels[val_index],
+                   data.test_images, data.test_labels, mean, std, data.classes, data.source)
+
+    def to(self, device: torch.device) -> "SplitData":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+class CIFAR10DataModule(pl.LightningDataModule):
+    """Training batches are shuffled and augmented; validation, train-accuracy and test batches never are."""
+
+    EVAL_BATCH = 500
+
+    def __init__(self, data: SplitData, batch_size: int, augment: str, seed: int):
+        super().__init__()
+        self.data, self.batch_size, self.augment, self.seed = data, batch_size, augment, seed
+
+    def setup(self, stage: str) -> None:
+        self.data = self.data.to(self.trainer.strategy.root_device)
+
+    def shard(self) -> dict[str, int]:
+        return {"rank": self.trainer.global_rank, "world_size": self.trainer.world_size}
+
+    def train_dataloader(self) -> fn.TrainBatches:
+        d = self.data
+        return fn.TrainBatches(d.train_images, d.train_labels, self.batch_size, self.augment, d.mean, d.std,
+                               self.seed, epoch=lambda: self.trainer.current_epoch, **self.shard())
+
+    def eval_batches(self, images: torch.Tensor, labels: torch.Tensor) -> fn.EvalBatches:
+        return fn.EvalBatches(images, labels, self.EVAL_BATCH, self.data.mean, self.data.std, **self.shard())
+
+    def val_dataloader(self) -> list[fn.EvalBatches]:
+        """The validation split, then a fixed training sample of the same size for train accuracy."""
+        d = self.data
+        sample = len(d.val_images)
+        return [self.eval_batches(d.val_images, d.val_labels), self.eval_batches(d.train_images[:sample], d.train_labels[:sample])]
+
+
+# --------------------------------------------------------------------------------------------
+# Lightning module: any network, the recipe's loss, optimiser and schedule
+# --------------------------------------------------------------------------------------------
+def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, shape: str) -> float:
+    """Multiplier of the peak lr at ``step``: linear warm-up, then cosine or linear decay (or constant)."""
+    if shape == "none":
+        return 1.0
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1 + math.cos(math.pi * progress)) if shape == "cosine" else 1.0 - progress
+
+
+class ImageClassifier(pl.LightningModule):
+    """Trains ``net`` with cross-entropy; keeps per-epoch loss and accuracy sums on the device."""
+
+    def __init__(self, net: nn.Module, recipe: Recipe, seed: int, steps_per_epoch: int):
+        super().__init__()
+        self.net = net.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
+        self.recipe, self.seed, self.steps_per_epoch = recipe, seed, steps_per_epoch
+        self.epoch_metrics: dict[str, float] = {}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def on_train_epoch_start(self) -> None:
+        # Dropout draws from the global generator: seed it per epoch so a resumed run repeats the full one.
+        torch.manual_seed(fn.epoch_seed(self.seed, self.current_epoch) + 1)
+        self.train_loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.train_count = 0
+        self.epoch_started = time.perf_counter()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        loss = F.cross_entropy(self.net(images), labels, label_smoothing=self.recipe.label_smoothing)
+        self.train_loss_sum += loss.detach() * labels.numel()  # no .item(): no device sync per step
+        self.train_count += labels.numel()
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self.eval_sums = torch.zeros(2, 3, device=self.device, dtype=torch.float64)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch
+        logits = self.net(images).float()
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        correct = (logits.argmax(1) == labels).sum()
+        self.eval_sums[dataloader_idx] += torch.stack([loss.double(), correct.double(),
+                                                       torch.tensor(labels.numel(), device=self.device, dtype=torch.float64)])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        reduce = self.trainer.strategy.reduce
+        sums = reduce(self.eval_sums, reduce_op="sum")
+        train = reduce(torch.stack([self.train_loss_sum, self.train_loss_sum.new_tensor(self.train_count)]), reduce_op="sum")
+        val_loss, val_acc = (sums[0, 0] / sums[0, 2]).item(), (sums[0, 1] / sums[0, 2]).item()
+        self.epoch_metrics = {
+            "epoch": self.current_epoch + 1,
+            "train_loss": (train[0] / train[1]).item(),
+            "val_loss": val_loss,
+            "train_accuracy": (sums[1, 1] / sums[1, 2]).item(),
+            "val_accuracy": val_acc,
+            "lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+        }
+        self.log_dict({"val_loss": val_loss, "val_accuracy": val_acc}, prog_bar=True)
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Parameters to optimise; transfer learning overrides this to freeze or slow the backbone."""
+        return [{"params": [p for p in self.net.parameters() if p.requires_grad]}]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        r = self.recipe
+        groups = self.parameter_groups()
+        if r.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, nesterov=True, weight_decay=r.weight_decay)
+        else:
+            optimizer_class = torch.optim.AdamW if r.optimizer == "adamw" else torch.optim.Adam
+            optimizer = optimizer_class(groups, lr=r.lr, betas=r.betas, weight_decay=r.weight_decay)
+        total = r.epochs * self.steps_per_epoch
+        warmup = round(r.warmup_epochs * self.steps_per_epoch)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: learning_rate_factor(step, total, warmup, r.scheduler))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+# --------------------------------------------------------------------------------------------
+# Callbacks and checkpoint IO: the run folder
+# --------------------------------------------------------------------------------------------
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed; read back with ``weights_only=True``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        fn.write_atomically(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr", "seconds")
+
+
+class RunRecorder(Callback):
+    """After every epoch: the README's console line, ``metrics.csv`` and ``curves.png``. Resumes with the run."""
+
+    def __init__(self, run_dir: Path, title: str):
+        self.run_dir, self.title = run_dir, title
+        self.history: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: ImageClassifier) -> None:
+        if not module.epoch_metrics or not trainer.is_global_zero:
+            return
+        metrics = dict(module.epoch_metrics, seconds=time.perf_counter() - module.epoch_started)
+        self.history.append(metrics)
+        line = (f"After epoch {metrics['epoch']}: training loss = {metrics['train_loss']:.4f}, validation loss = {metrics['val_loss']:.4f}, "
+                f"training accuracy = {metrics['train_accuracy']:.4f}, validation accuracy = {metrics['val_accuracy']:.4f} "
+                f"({metrics['seconds']:.1f} s)")
+        bar = trainer.progress_bar_callback
+        bar.print(line) if isinstance(bar, TQDMProgressBar) else print(line, flush=True)
+        write_metrics_csv(self.run_dir / "metrics.csv", self.history)
+        plot_curves(self.history, self.run_dir / "curves.png", self.title)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict["history"])
+
+
+def write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
+            writer.writeheader()
+            writer.writerows({k: row[k] for k in METRIC_COLUMNS} for row in history)
+    fn.write_atomically(path, write)
+
+
+def read_metrics_csv(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as handle:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def save_figure(figure, path: Path, dpi: int = 120) -> None:
+    import matplotlib.pyplot as plt
+
+    fn.write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format=path.suffix[1:]))
+    plt.close(figure)
+
+
+def plot_curves(history: list[dict[str, float]], path: Path, title: str) -> None:
+    """Loss and accuracy, train against validation, per epoch: the README's figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, key, label in ((loss_axis, "loss", "Loss"), (accuracy_axis, "accuracy", "Accuracy")):
+        axis.plot(epochs, [row[f"train_{key}"] for row in history], marker=".", label="train")
+        axis.plot(epochs, [row[f"val_{key}"] for row in history], marker=".", label="validation")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_json(path: Path, value: Any) -> None:
+    fn.write_atomically(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2) + "\n"))
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict(net: nn.Module, batches, with_features: bool = False) -> dict[str, torch.Tensor]:
+    """Logits (and penultimate features, from the same forward pass) for every batch, in eval mode."""
+    net.eval()
+    logits, features, labels = [], [], []
+    for images, batch_labels in batches:
+        if with_features:
+            penultimate = net.forward_features(images)
+            logits.append(net.classify(penultimate).float().cpu())
+            features.append(penultimate.flatten(1).float().cpu())
+        else:
+            logits.append(net(images).float().cpu())
+        labels.append(batch_labels.cpu())
+    result = {"logits": torch.cat(logits), "labels": torch.cat(labels)}
+    if with_features:
+        result["features"] = torch.cat(features)
+    return result
+
+
+def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return torch.bincount(labels * num_classes + predictions, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def test_report(labels: torch.Tensor, predictions: torch.Tensor, classes: tuple[str, ...]) -> dict[str, Any]:
+    matrix = confusion_matrix(labels, predictions, len(classes))
+    per_class = (matrix.diag().double() / matrix.sum(1).clamp_min(1).double()).tolist()
+    return {
+        "test_accuracy": (labels == predictions).double().mean().item(),
+        "per_class_accuracy": dict(zip(classes, per_class)),
+        "confusion_matrix": matrix.tolist(),
+        "num_test_images": labels.numel(),
+    }
+
+
+def plot_confusion(report: dict[str, Any], classes: tuple[str, ...], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = torch.tensor(report["confusion_matrix"]).double()
+    rates = matrix / matrix.sum(1, keepdim=True).clamp_min(1)
+    figure, axis = plt.subplots(figsize=(7, 6))
+    image = axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            axis.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", fontsize=7,
+                      color="white" if rates[i, j] > 0.5 else "black")
+    axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    axis.set_yticks(range(len(classes)), classes)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_title(f"{title}: test accuracy {report['test_accuracy']:.2%}")
+    figure.colorbar(image, ax=axis, fraction=0.046)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+# --------------------------------------------------------------------------------------------
+# A whole run
+# --------------------------------------------------------------------------------------------
+def resolve_accelerator(device: str) -> str:
+    if device in ("cuda", "gpu"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        return "gpu"
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but MPS is not available; use --device cpu")
+    return device
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    if precision != "auto":
+        return precision
+    uses_cuda = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if uses_cuda else "32-true"
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint or state dict, loaded without unpickling arbitrary objects; one clear error otherwise."""
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; check the path (or drop --resume to start afresh)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged or foreign file
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}); give a .ckpt or .pth this toolkit wrote") from None
+
+
+def resume_checkpoint(config: RunConfig, run_dir: Path) -> Path | None:
+    if config.resume is None:
+        return None
+    path = run_dir / "last.ckpt" if config.resume == "last" else Path(config.resume)
+    checkpoint = read_checkpoint(path)
+    saved = checkpoint.get("run_config", {})
+    if saved.get("model") != config.model:
+        raise UserError(f"{path} is a checkpoint of {saved.get('model', 'an unknown model')}, not {config.model}; "
+                        f"resume with the same --model, or start a new --out-dir")
+    if saved.get("recipe", {}).get("epochs", config.recipe.epochs) > config.recipe.epochs:
+        raise UserError(f"{path} was trained for more epochs than --epochs {config.recipe.epochs}; raise --epochs to continue")
+    return path
+
+
+class ConfigInCheckpoint(Callback):
+    """Stores the run's configuration in every checkpoint, so a resume can check it is the same model."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+
+    def on_save_checkpoint(self, trainer, module, checkpoint: dict[str, Any]) -> None:
+        checkpoint["run_config"] = json.loads(json.dumps(asdict(self.config)))
+
+
+def load_split(config: RunConfig) -> SplitData:
+    data = SplitData.from_arrays(fn.load_cifar10(config.data_dir, config.num_workers), config.limit_train)
+    if len(data.train_images) < 2 or len(data.val_images) < 1:
+        raise UserError(f"{config.data_dir} holds too few training images to split 90/10; it needs at least 20")
+    return data
+
+
+def fit(config: RunConfig, net: nn.Module, data: SplitData, module_class: type[ImageClassifier] = ImageClassifier,
+        callbacks: tuple[Callback, ...] = (), initialize: bool = True, checkpoints: bool = True) -> RunRecorder:
+    """Train ``net`` on ``data`` by ``config`` with a Lightning Trainer; returns the recorder with the history.
+
+    ``initialize`` applies the README's Kaiming-normal initialisation (off for pretrained networks);
+    ``callbacks`` are added to the Trainer's (hyperparameter tuning adds its pruning callback);
+    ``checkpoints`` writes best.ckpt and last.ckpt after every epoch.
+    """
+    run_dir = Path(config.out_dir)
+    accelerator = resolve_accelerator(config.device)
+    ckpt_path = resume_checkpoint(config, run_dir)
+    pl.seed_everything(config.seed, verbose=False)
+    if initialize:
+        net.apply(fn.initialize_using_norm_kaiming)
+    recipe = config.recipe
+    datamodule = CIFAR10DataModule(data, recipe.batch_size, recipe.augment, config.seed)
+    module = module_class(net, recipe, config.seed, steps_per_epoch=math.ceil(len(data.train_images) / recipe.batch_size))
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", asdict(config))
+    recorder = RunRecorder(run_dir, config.model)
+    all_callbacks: list[Callback] = [recorder, *callbacks]
+    if checkpoints:
+        all_callbacks += [ConfigInCheckpoint(config),
+                          ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val_loss", mode="min", save_last=True,
+                                          enable_version_counter=False)]
+    if config.progress:
+        all_callbacks.append(TQDMProgressBar(refresh_rate=20))
+    trainer = pl.Trainer(
+        max_epochs=recipe.epochs, accelerator=accelerator, devices=config.devices, strategy=config.strategy,
+        precision=resolve_precision(config.precision, accelerator), callbacks=all_callbacks, logger=False,
+        plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0, enable_model_summary=False,
+        enable_checkpointing=checkpoints, enable_progress_bar=config.progress, default_root_dir=run_dir,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    recorder.is_global_zero, recorder.device = trainer.is_global_zero, trainer.strategy.root_device
+    return recorder
+
+
+def train(config: RunConfig, net: nn.Module, module_class: type[ImageClassifier] = ImageClassifier,
+          data: SplitData | None = None, initialize: bool = True) -> dict[str, Any]:
+    """The whole run: load data, fit, then test and write the run folder. Returns the test report."""
+    resolve_accelerator(config.device)
+    resume_checkpoint(config, Path(config.out_dir))  # bad flags fail before the slow data load
+    data = data or load_split(config)
+    print(f"Data: {data.source}; {len(data.train_images)} train / {len(data.val_images)} validation / {len(data.test_images)} test images")
+    recorder = fit(config, net, data, module_class, initialize=initialize)
+    if not recorder.is_global_zero:
+        return {}
+    return finish_run(config, net, data, recorder.history, Path(config.out_dir), recorder.device)
+
+
+def finish_run(config: RunConfig, net: nn.Module, data: SplitData, history: list[dict[str, float]],
+               run_dir: Path, device: torch.device) -> dict[str, Any]:
+    """Save the final weights, measure the test set, draw the confusion matrix and (optionally) t-SNE."""
+    net = net.to(device)
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}  # plain layout: loads anywhere
+    fn.write_atomically(run_dir / "model.pth", lambda tmp: torch.save(state, tmp))
+    test = predict(net, fn.EvalBatches(data.test_images.to(device), data.test_labels.to(device),
+                                       CIFAR10DataModule.EVAL_BATCH, data.mean, data.std),
+                   with_features=hasattr(net, "forward_features"))
+    report = test_report(test["labels"], test["logits"].argmax(1), data.classes)
+    final = history[-1] if history else {}
+    report.update({"model": config.model, "epochs": len(history), "final_val_accuracy": final.get("val_accuracy"),
+                   "best_val_accuracy": max((row["val_accuracy"] for row in history), default=None),
+                   "data": data.source})
+    write_json(run_dir / "test.json", report)
+    plot_confusion(report, data.classes, run_dir / "confusion_matrix.png", config.model)
+    print(f"Test accuracy of {config.model}: {report['test_accuracy']:.4f} on {report['num_test_images']} images")
+    if config.tsne and hasattr(net, "forward_features"):
+        import tsne
+
+        tsne.analyse_run(net, data, test, run_dir, config, device)
+    print(f"Run folder {run_dir}: config.json, metrics.csv, curves.png, model.pth, best.ckpt, last.ckpt, test.json, confusion_matrix.png"
+          + (", tsne_*.png" if config.tsne else ""))
+    return report
