@@ -1,0 +1,99 @@
+"""Small synthetic CIFAR-10 look-alikes: learnable, written in both on-disk layouts, no network."""
+from __future__ import annotations
+
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import engine  # noqa: E402
+import functions as fn  # noqa: E402
+
+
+def synthetic_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class k: its own colour and a stripe at row 3k, plus noise. A small CNN learns it in a few epochs."""
+    palette = torch.rand(10, 3, generator=torch.Generator().manual_seed(1234)) * 0.6 + 0.2  # one palette for every split
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    images = palette[labels].view(n, 3, 1, 1).expand(n, 3, 32, 32).clone()
+    for k in range(10):
+        images[labels == k, :, 3 * k:3 * k + 2, :] = 1.0
+    images += 0.35 * torch.randn(images.shape, generator=generator)
+    order = torch.randperm(n, generator=generator)
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)[order], labels[order]
+
+
+def synthetic_arrays(n_train: int = 300, n_test: int = 100, seed: int = 0) -> fn.CIFAR10Arrays:
+    train_images, train_labels = synthetic_images(n_train, seed)
+    test_images, test_labels = synthetic_images(n_test, seed + 1)
+    return fn.CIFAR10Arrays(train_images, train_labels, test_images, test_labels, fn.CLASSES, "synthetic")
+
+
+@pytest.fixture
+def arrays() -> fn.CIFAR10Arrays:
+    return synthetic_arrays()
+
+
+@pytest.fixture
+def split(arrays) -> engine.SplitData:
+    return engine.SplitData.from_arrays(arrays)
+
+
+def write_image_folder(root: Path, data: fn.CIFAR10Arrays) -> Path:
+    from torchvision.io import write_png
+
+    for split_name, images, labels in (("train", data.train_images, data.train_labels), ("test", data.test_images, data.test_labels)):
+        for index, (image, label) in enumerate(zip(images, labels)):
+            folder = root / split_name / data.classes[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            write_png(image, str(folder / f"{index:04d}.png"))
+    return root
+
+
+def write_python_batches(root: Path, data: fn.CIFAR10Arrays) -> dict[str, str]:
+    """The official layout (five training batches and a test batch); returns their MD5 table."""
+    folder = root / fn.PYTHON_BATCHES_DIR
+    folder.mkdir(parents=True)
+    chunks = np.array_split(np.arange(len(data.train_images)), 5)
+    batches = {name: (data.train_images[idx], data.train_labels[idx]) for name, idx in zip(fn.TRAIN_BATCHES, chunks)}
+    batches["test_batch"] = (data.test_images, data.test_labels)
+    for name, (images, labels) in batches.items():
+        with open(folder / name, "wb") as handle:
+            pickle.dump({"data": images.reshape(len(images), -1).numpy(), "labels": labels.tolist()}, handle)
+    return {name: fn.md5sum(folder / name) for name in batches}
+
+
+@pytest.fixture
+def image_folder(tmp_path, arrays) -> Path:
+    return write_image_folder(tmp_path / "jpeg-copy", arrays)
+
+
+@pytest.fixture
+def python_batches(tmp_path, arrays) -> tuple[Path, dict[str, str]]:
+    return tmp_path, write_python_batches(tmp_path, arrays)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Tests never download: a download attempt fails as it does offline."""
+    import urllib.error
+
+    def offline(data_dir):
+        raise urllib.error.URLError("network is unreachable (tests run offline)")
+
+    monkeypatch.setattr(fn, "download_cifar10", offline)
+
+
+def quick_config(tmp_path: Path, model: str = "CIFAR10Net", **recipe) -> engine.RunConfig:
+    """A run that finishes in seconds on the synthetic data."""
+    base = dict(epochs=2, batch_size=32, augment="none")
+    base.update(recipe)
+    from dataclasses import replace
+
+    return engine.RunConfig(model=model, recipe=replace(engine.Recipe(), **base), out_dir=str(tmp_path / "run"),
+                            progress=False, tsne=False, device="cpu")
