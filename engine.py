@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
@@ -472,8 +473,8 @@ def plot_confusion(report: dict[str, Any], classes: tuple[str, ...], path: Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    matrix = torch.tensor(report["confusion_matrix"]).double()
-    rates = matrix / matrix.sum(1, keepdim=True).clamp_min(1)
+    matrix = np.array(report["confusion_matrix"], dtype=float)
+    rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
     figure, axis = plt.subplots(figsize=(7, 6))
     image = axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(classes)):

@@ -117,17 +117,18 @@ def list_image_files(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]
 
 
 def decode_images(files: list[tuple[Path, int]], workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    from PIL import Image
 
-    def decode(item: tuple[Path, int]) -> torch.Tensor:
-        image = decode_image(read_file(str(item[0])), mode=ImageReadMode.RGB)
-        if image.shape != (3, 32, 32):
-            raise UserError(f"{item[0]} is {tuple(image.shape[1:])} pixels; CIFAR-10 images are 32x32")
-        return image
+    def decode(item: tuple[Path, int]) -> np.ndarray:
+        with Image.open(item[0]) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        if pixels.shape != (32, 32, 3):
+            raise UserError(f"{item[0]} is {pixels.shape[1]}x{pixels.shape[0]} pixels; CIFAR-10 images are 32x32")
+        return pixels
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        images = list(pool.map(decode, files, chunksize=256))
-    return torch.stack(images), torch.tensor([label for _, label in files], dtype=torch.long)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # Pillow releases the GIL while decoding
+        images = np.stack(list(pool.map(decode, files, chunksize=256)))
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.tensor([label for _, label in files], dtype=torch.long)
 
 
 def tree_fingerprint(files: list[tuple[Path, int]]) -> str:

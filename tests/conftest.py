@@ -45,13 +45,13 @@ def split(arrays) -> engine.SplitData:
 
 
 def write_image_folder(root: Path, data: fn.CIFAR10Arrays) -> Path:
-    from torchvision.io import write_png
+    from PIL import Image
 
     for split_name, images, labels in (("train", data.train_images, data.train_labels), ("test", data.test_images, data.test_labels)):
         for index, (image, label) in enumerate(zip(images, labels)):
             folder = root / split_name / data.classes[label]
             folder.mkdir(parents=True, exist_ok=True)
-            write_png(image, str(folder / f"{index:04d}.png"))
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{index:04d}.png")
     return root
 
 

@@ -1,0 +1,218 @@
+"""Data: loading in every layout, the README's split, statistics, augmentation presets."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+import engine
+import functions as fn
+
+
+def test_split_is_the_readmes_random_split():
+    train, val = fn.split_train_val(50_000)
+    reference_train, reference_val = torch.utils.data.random_split(
+        range(50_000), [45_000, 5_000], generator=torch.Generator().manual_seed(20))
+    assert train.tolist() == list(reference_train.indices)
+    assert val.tolist() == list(reference_val.indices)
+    assert len(set(train.tolist()) | set(val.tolist())) == 50_000
+
+
+def test_mean_std_per_channel_is_exact_on_a_known_array():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(7, 3, 5, 4), dtype=np.uint8)
+    mean, std = fn.mean_std_per_channel(torch.from_numpy(images))
+    pixels = images.transpose(1, 0, 2, 3).reshape(3, -1) / 255.0
+    np.testing.assert_allclose(mean.numpy(), pixels.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(std.numpy(), pixels.std(1), rtol=1e-5)
+    # the same from (images, labels) batches, as the README's DataLoader version took
+    batches = [(torch.from_numpy(images[:3]), None), (torch.from_numpy(images[3:]), None)]
+    mean_b, std_b = fn.mean_std_per_channel(batches)
+    torch.testing.assert_close(mean_b, mean)
+    torch.testing.assert_close(std_b, std)
+
+
+def test_split_normalises_every_split_with_training_statistics(arrays):
+    data = engine.SplitData.from_arrays(arrays)
+    mean, std = fn.mean_std_per_channel(data.train_images)
+    torch.testing.assert_close(data.mean, mean)
+    torch.testing.assert_close(data.std, std)
+    batches = fn.EvalBatches(data.val_images, data.val_labels, 1000, data.mean, data.std)
+    images, _ = next(iter(batches))
+    expected = (data.val_images.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    torch.testing.assert_close(images, expected)
+
+
+def test_image_folder_loads_and_caches(image_folder, arrays, monkeypatch):
+    first = fn.load_cifar10(image_folder.parent)  # found one folder down
+    assert torch.equal(first.train_images, arrays.train_images[torch.argsort(arrays.train_labels, stable=True)])
+    assert first.classes == fn.CLASSES
+    assert (image_folder / fn.CACHE_NAME).is_file()
+
+    monkeypatch.setattr(fn, "decode_images", lambda *a: pytest.fail("the cache should have been used"))
+    second = fn.load_cifar10(image_folder)
+    assert "cache" in second.source and torch.equal(second.test_images, first.test_images)
+
+
+def test_changed_tree_rebuilds_the_cache(image_folder):
+    fn.load_cifar10(image_folder)
+    victim = next((image_folder / "train" / "cat").iterdir())
+    victim.unlink()
+    reloaded = fn.load_cifar10(image_folder)
+    assert len(reloaded.train_images) == 299
+
+
+def test_read_only_tree_caches_elsewhere(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    original = fn.write_atomically
+
+    def refuse_beside_tree(path, write):
+        if path.parent == image_folder:
+            raise PermissionError("read-only")
+        original(path, write)
+
+    monkeypatch.setattr(fn, "write_atomically", refuse_beside_tree)
+    data = fn.load_cifar10(image_folder)
+    assert str(tmp_path / "user-cache") in data.source
+    assert not (image_folder / fn.CACHE_NAME).exists()
+
+
+def test_python_batches_load_after_checksum(python_batches, arrays):
+    root, checksums = python_batches
+    data = fn.load_cifar10(root, checksums=checksums)
+    assert torch.equal(data.train_images, arrays.train_images)
+    assert torch.equal(data.test_labels, arrays.test_labels)
+
+
+def test_tampered_batch_is_refused_before_unpickling(python_batches, monkeypatch):
+    root, checksums = python_batches
+    batch = root / fn.PYTHON_BATCHES_DIR / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:-10])
+    monkeypatch.setattr(fn.pickle, "load", lambda *a, **k: pytest.fail("unpickled an unchecked file"))
+    with pytest.raises(fn.UserError, match="data_batch_3 failed its MD5 check"):
+        fn.load_cifar10(root, checksums=checksums)
+
+
+def test_official_checksums_refuse_foreign_batches(python_batches):
+    root, _ = python_batches
+    with pytest.raises(fn.UserError, match="MD5"):
+        fn.load_cifar10(root)
+
+
+def test_offline_download_failure_is_one_clear_message(tmp_path):
+    with pytest.raises(fn.UserError) as error:
+        fn.load_cifar10(tmp_path / "empty")
+    message = str(error.value)
+    assert "download failed" in message and "--data-dir" in message and "\n" not in message
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentation
+# --------------------------------------------------------------------------------------------
+def params(n: int, preset: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    sample, _ = fn.AUGMENTERS[preset]
+    return sample(n, torch.Generator().manual_seed(seed), torch.device("cpu"))
+
+
+def test_readme_parameters_have_torchvisions_ranges():
+    p = params(20_000, "readme")
+    assert abs(p["hflip"].float().mean() - 0.5) < 0.02 and abs(p["vflip"].float().mean() - 0.5) < 0.02
+    assert p["degrees"].min() >= -90 and p["degrees"].max() <= 90 and p["degrees"].std() > 45
+    for key in ("brightness", "contrast", "saturation"):
+        assert p[key].min() >= 0.5 and p[key].max() <= 1.5
+    assert p["hue"].min() >= -0.5 and p["hue"].max() <= 0.5
+    assert torch.equal(p["order"].sort(1).values, torch.arange(4).expand(20_000, 4))
+    assert len({tuple(row) for row in p["order"].tolist()}) == 24  # every order of the four jitters occurs
+
+
+def test_readme_augmentation_equals_torchvision_image_by_image():
+    images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    p = params(16, "readme")
+    ours = fn.apply_readme(images, p)
+    jitters = (lambda x, i: TF.adjust_brightness(x, float(p["brightness"][i])),
+               lambda x, i: TF.adjust_contrast(x, float(p["contrast"][i])),
+               lambda x, i: TF.adjust_saturation(x, float(p["saturation"][i])),
+               lambda x, i: TF.adjust_hue(x, float(p["hue"][i])))
+    for i in range(16):
+        x = images[i]
+        x = TF.horizontal_flip(x) if p["hflip"][i] else x
+        x = TF.vertical_flip(x) if p["vflip"][i] else x
+        x = TF.rotate(x, float(p["degrees"][i]))
+        for op in p["order"][i].tolist():
+            x = jitters[op](x, i)
+        torch.testing.assert_close(ours[i], x, atol=1e-4, rtol=0)
+
+
+def test_standard_crop_and_flip():
+    images = torch.rand(64, 3, 32, 32)
+    p = params(64, "standard")
+    ours = fn.apply_standard(images, p)
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    for i in range(64):
+        dy, dx = int(p["dy"][i]), int(p["dx"][i])
+        crop = padded[i, :, dy:dy + 32, dx:dx + 32]
+        torch.testing.assert_close(ours[i], crop.flip(2) if p["hflip"][i] else crop)
+    big = params(20_000, "standard")
+    assert big["dy"].min() == 0 and big["dy"].max() == 8 and abs(big["hflip"].float().mean() - 0.5) < 0.02
+
+
+def test_each_image_draws_its_own_parameters():
+    images = torch.full((8, 3, 32, 32), 0.5)
+    images[:, 0, :16] = 0.9  # asymmetric, so every flip and rotation shows
+    out = fn.augment(images, "readme", torch.Generator().manual_seed(3))
+    assert len({tuple(o.flatten()[:200].tolist()) for o in out}) == 8
+
+
+def test_training_batches_are_augmented_and_evaluation_batches_never(split):
+    datamodule = engine.CIFAR10DataModule(split, batch_size=32, augment="readme", seed=0)
+
+    class FakeTrainer:
+        global_rank, world_size, current_epoch = 0, 1, 0
+
+    datamodule.trainer = FakeTrainer()
+    plain = fn.normalize(split.train_images.float() / 255, split.mean, split.std)
+    train_images, train_labels = next(iter(datamodule.train_dataloader()))
+    originals = [plain[(split.train_labels == label).nonzero().squeeze(1)] for label in train_labels[:8]]
+    assert not any(torch.allclose(image, candidate) for image, pool in zip(train_images, originals) for candidate in pool)
+    for batches, source in zip(datamodule.val_dataloader(), (split.val_images, split.train_images)):
+        images, _ = next(iter(batches))
+        torch.testing.assert_close(images, fn.normalize(source[:len(images)].float() / 255, split.mean, split.std))
+
+
+def test_epochs_shuffle_differently_and_repeat_per_seed(split):
+    def first_labels(seed, epoch):
+        batches = fn.TrainBatches(split.train_images, split.train_labels, 32, "none", split.mean, split.std, seed, lambda: epoch)
+        return next(iter(batches))[1]
+
+    assert torch.equal(first_labels(0, 1), first_labels(0, 1))
+    assert not torch.equal(first_labels(0, 1), first_labels(0, 2))
+    assert not torch.equal(first_labels(0, 1), first_labels(1, 1))
+
+
+def test_kaiming_normal_initialisation():
+    layer = torch.nn.Linear(4000, 500)
+    layer.bias.data.fill_(3.0)
+    fn.initialize_using_norm_kaiming(layer)
+    assert math.isclose(layer.weight.std().item(), math.sqrt(2 / 4000), rel_tol=0.02)
+    assert abs(layer.weight.mean().item()) < 1e-3 and torch.count_nonzero(layer.bias) == 0
+    conv = torch.nn.Conv2d(64, 128, 3)
+    fn.initialize_using_norm_kaiming(conv)
+    assert math.isclose(conv.weight.std().item(), math.sqrt(2 / (64 * 9)), rel_tol=0.02)
+
+
+def test_get_accuracy():
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x[:, 0].long(), 10).float()
+
+    predictions = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8])
+    labels = torch.tensor([1, 2, 3, 0, 0, 6, 0, 8])
+    batches = [(predictions[:5].view(-1, 1).float(), labels[:5]), (predictions[5:].view(-1, 1).float(), labels[5:])]
+    assert fn.get_accuracy(Fixed(), batches) == 5 / 8

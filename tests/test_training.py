@@ -1,0 +1,134 @@
+"""The engine: learning, reproducibility, resume, run folder, command-line errors."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+import engine
+import functions as fn
+import main as main_script
+import modified_models
+from conftest import quick_config, write_image_folder
+
+
+def run(tmp_path, split, model="CIFAR10Net", **recipe):
+    config = quick_config(tmp_path, model, **recipe)
+    report = engine.train(config, modified_models.MODELS[model].build(), data=split)
+    return config, report
+
+
+def test_short_run_learns_and_writes_the_run_folder(tmp_path, split):
+    config, report = run(tmp_path, split, epochs=4, lr=3e-3)
+    run_dir = tmp_path / "run"
+    history = engine.read_metrics_csv(run_dir / "metrics.csv")
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert report["test_accuracy"] > 0.5  # chance is 0.1
+    for name in ("config.json", "curves.png", "model.pth", "best.ckpt", "last.ckpt", "test.json", "confusion_matrix.png"):
+        assert (run_dir / name).is_file(), name
+    saved = json.loads((run_dir / "test.json").read_text())
+    assert set(saved["per_class_accuracy"]) == set(fn.CLASSES)
+    assert sum(map(sum, saved["confusion_matrix"])) == len(split.test_images)
+    state = torch.load(run_dir / "model.pth", weights_only=True)
+    main_script.CIFAR10Net().load_state_dict(state)  # a plain state dict with the README's names
+
+
+def test_same_seed_same_numbers(tmp_path, split):
+    _, first = run(tmp_path / "a", split, model="CIFAR10Net_7", augment="readme")
+    _, second = run(tmp_path / "b", split, model="CIFAR10Net_7", augment="readme")
+    assert engine.read_metrics_csv(tmp_path / "a/run/metrics.csv")[-1]["train_loss"] == \
+        engine.read_metrics_csv(tmp_path / "b/run/metrics.csv")[-1]["train_loss"]
+    a = torch.load(tmp_path / "a/run/model.pth", weights_only=True)
+    b = torch.load(tmp_path / "b/run/model.pth", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, split):
+    full = quick_config(tmp_path / "full", "CIFAR10Net_7", epochs=3, augment="readme")
+    engine.train(full, modified_models.CIFAR10Net_7(), data=split)
+
+    first_part = quick_config(tmp_path / "parts", "CIFAR10Net_7", epochs=1, augment="readme")
+    engine.train(first_part, modified_models.CIFAR10Net_7(), data=split)
+    rest = quick_config(tmp_path / "parts", "CIFAR10Net_7", epochs=3, augment="readme")
+    rest.resume = "last"
+    engine.train(rest, modified_models.CIFAR10Net_7(), data=split)
+
+    drop_time = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    assert drop_time(engine.read_metrics_csv(tmp_path / "full/run/metrics.csv")) == \
+        drop_time(engine.read_metrics_csv(tmp_path / "parts/run/metrics.csv"))
+    a = torch.load(tmp_path / "full/run/model.pth", weights_only=True)
+    b = torch.load(tmp_path / "parts/run/model.pth", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_learning_rate_schedule_shape():
+    factor = lambda step, shape: engine.learning_rate_factor(step, total_steps=100, warmup_steps=10, shape=shape)
+    assert factor(0, "cosine") == pytest.approx(0.1) and factor(9, "cosine") == pytest.approx(1.0)
+    assert factor(55, "cosine") == pytest.approx(0.5) and factor(100, "cosine") == pytest.approx(0.0)
+    assert factor(55, "onecycle") == pytest.approx(0.5) and factor(77, "none") == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def run_main(monkeypatch, capsys, *argv, script=main_script):
+    monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        engine.run_cli(script.main)
+        raise SystemExit(0)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "-3"], "must be a positive whole number"),
+    (["--augment", "fancy"], "invalid choice"),
+    (["--lr", "nan"], "must be a number > 0"),
+    (["--batch-size", "0"], "must be a positive whole number"),
+])
+def test_bad_flag_values_exit_2(monkeypatch, capsys, tmp_path, flags, message):
+    code, err = run_main(monkeypatch, capsys, *flags, "--out-dir", str(tmp_path / "run"))
+    assert code == 2 and message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_dir_with_nothing_usable_exits_2_with_one_line(monkeypatch, capsys, tmp_path):
+    code, err = run_main(monkeypatch, capsys, "--data-dir", str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "run"))
+    assert code == 2 and err.count("\n") == 1 and "download failed" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_tampered_batch_file_exits_2(monkeypatch, capsys, tmp_path, python_batches):
+    root, _ = python_batches
+    (root / fn.PYTHON_BATCHES_DIR / "test_batch").write_bytes(b"not a pickle")
+    code, err = run_main(monkeypatch, capsys, "--data-dir", str(root), "--out-dir", str(tmp_path / "run"))
+    assert code == 2 and "MD5" in err and not (tmp_path / "run").exists()
+
+
+def test_checkpoint_of_another_model_is_refused(monkeypatch, capsys, tmp_path, split, arrays):
+    run(tmp_path, split, model="CIFAR10Net_3", epochs=1)
+    data_dir = write_image_folder(tmp_path / "data", arrays)
+    code, err = run_main(monkeypatch, capsys, "--data-dir", str(data_dir), "--resume", str(tmp_path / "run/last.ckpt"),
+                         "--out-dir", str(tmp_path / "other"))
+    assert code == 2 and "checkpoint of CIFAR10Net_3, not CIFAR10Net" in err
+    assert not (tmp_path / "other").exists()
+
+
+def test_garbage_checkpoint_is_refused(monkeypatch, capsys, tmp_path):
+    (tmp_path / "junk.ckpt").write_bytes(b"\x00" * 100)
+    code, err = run_main(monkeypatch, capsys, "--resume", str(tmp_path / "junk.ckpt"), "--out-dir", str(tmp_path / "run"))
+    assert code == 2 and "not a readable PyTorch checkpoint" in err
+
+
+def test_main_trains_end_to_end_from_an_image_folder(monkeypatch, capsys, tmp_path, arrays):
+    data_dir = write_image_folder(tmp_path / "data", arrays)
+    code, _ = run_main(monkeypatch, capsys, "--data-dir", str(data_dir), "--epochs", "2", "--no-tsne", "--no-progress",
+                       "--augment", "standard", "--lr", "3e-3", "--out-dir", str(tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert code == 0
+    report = json.loads((tmp_path / "run/test.json").read_text())
+    config = json.loads((tmp_path / "run/config.json").read_text())
+    assert config["recipe"]["augment"] == "standard" and config["recipe"]["lr"] == 3e-3 and config["recipe"]["batch_size"] == 64
+    assert report["epochs"] == 2 and report["test_accuracy"] > 0.3
