@@ -302,13 +302,21 @@ def flip_where(images: torch.Tensor, flip: torch.Tensor, dim: int) -> torch.Tens
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(dim), images)
 
 
-def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
-    """Counter-clockwise rotation about the centre, nearest neighbour, zero fill: torchvision's RandomRotation."""
+def flip_and_rotate(images: torch.Tensor, hflip: torch.Tensor, vflip: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Optional horizontal and vertical flips, then a counter-clockwise rotation about the centre with
+    nearest-neighbour sampling and zero fill (torchvision's RandomRotation), as one resampling pass.
+
+    Flips map pixel centres onto pixel centres, so folding them into the rotation's sampling grid
+    gives exactly the pixels of flipping first and rotating after, at half the cost.
+    """
     radians = degrees * (math.pi / 180)
     cos, sin = radians.cos(), radians.sin()
+    mirror_x = 1.0 - 2.0 * hflip.to(images.dtype)
+    mirror_y = 1.0 - 2.0 * vflip.to(images.dtype)
     zero = torch.zeros_like(cos)
     # affine_grid maps output to input coordinates; with y pointing down this rotates counter-clockwise.
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    theta = torch.stack([torch.stack([mirror_x * cos, -mirror_x * sin, zero], 1),
+                         torch.stack([mirror_y * sin, mirror_y * cos, zero], 1)], 1)
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
@@ -374,10 +382,7 @@ def sample_readme_params(n: int, generator: torch.Generator, device: torch.devic
 
 
 def apply_readme(images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-    images = flip_where(images, params["hflip"], 3)
-    images = flip_where(images, params["vflip"], 2)
-    images = rotate(images, params["degrees"])
-    return color_jitter(images, params)
+    return color_jitter(flip_and_rotate(images, params["hflip"], params["vflip"], params["degrees"]), params)
 
 
 def sample_standard_params(n: int, generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
