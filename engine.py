@@ -11,7 +11,6 @@ import csv
 import json
 import logging
 import math
-import os
 import sys
 import time
 import warnings
@@ -34,12 +33,18 @@ from functions import UserError
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "Tip:" not in str(record.msg))
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+# Frozen pretrained layers stay in eval mode on purpose (transfer learning): nothing to warn about.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 # --------------------------------------------------------------------------------------------
 # Configuration: the README's recipe is the default, every part of it a flag
 # --------------------------------------------------------------------------------------------
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("none", "cosine", "onecycle")
+SCHEDULERS = {
+    "none": "constant",
+    "cosine": "linear warm-up, then cosine decay to 0, per step",
+    "onecycle": "linear warm-up, then linear decay to 0, per step",
+}
 
 
 @dataclass
@@ -109,8 +114,12 @@ def beta(text: str) -> float:
     return value
 
 
-def add_training_arguments(parser: argparse.ArgumentParser, recipe: Recipe, run_name: str) -> None:
-    """The flags every training script shares; ``recipe`` supplies the defaults shown in --help."""
+def add_training_arguments(parser: argparse.ArgumentParser, recipe: Recipe, run_name: str,
+                           schedulers: dict[str, str] | None = None) -> None:
+    """The flags every training script shares; ``recipe`` supplies the defaults shown in --help.
+
+    ``schedulers`` adds script-specific learning-rate schedules (name: description) to the engine's.
+    """
     r = recipe
     group = parser.add_argument_group("recipe (defaults: the README's recipe for this model)")
     group.add_argument("--epochs", type=positive_int, help=f"passes over the training split (default {r.epochs})")
@@ -121,7 +130,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, recipe: Recipe, run_
     group.add_argument("--momentum", type=beta, help=f"SGD's Nesterov momentum (default {r.momentum})")
     group.add_argument("--weight-decay", type=non_negative_float, help=f"L2 penalty (default {r.weight_decay:g})")
     group.add_argument("--label-smoothing", type=beta, help=f"cross-entropy label smoothing (default {r.label_smoothing})")
-    group.add_argument("--scheduler", choices=SCHEDULERS, help=f"learning-rate schedule: none (constant), cosine (warm-up then cosine decay), onecycle (warm-up then linear decay to 0) (default {r.scheduler})")
+    schedule_help = dict(SCHEDULERS, **(schedulers or {}))
+    group.add_argument("--scheduler", choices=tuple(schedule_help), help="learning-rate schedule: "
+                       + "; ".join(f"{k}: {v}" for k, v in schedule_help.items()) + f" (default {r.scheduler})")
     group.add_argument("--warmup-epochs", type=non_negative_float, help=f"epochs of linear warm-up for cosine/onecycle (default {r.warmup_epochs})")
     group.add_argument("--augment", choices=tuple(fn.AUGMENT_PRESETS), help="training augmentation, done in batches on the device: "
                        + "; ".join(f"{k}: {v}" for k, v in fn.AUGMENT_PRESETS.items()) + f" (default {r.augment})")
@@ -322,14 +333,17 @@ class ImageClassifier(pl.LightningModule):
         """Parameters to optimise; transfer learning overrides this to freeze or slow the backbone."""
         return [{"params": [p for p in self.net.parameters() if p.requires_grad]}]
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def make_optimizer(self) -> torch.optim.Optimizer:
         r = self.recipe
         groups = self.parameter_groups()
         if r.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, nesterov=True, weight_decay=r.weight_decay)
-        else:
-            optimizer_class = torch.optim.AdamW if r.optimizer == "adamw" else torch.optim.Adam
-            optimizer = optimizer_class(groups, lr=r.lr, betas=r.betas, weight_decay=r.weight_decay)
+            return torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, nesterov=True, weight_decay=r.weight_decay)
+        optimizer_class = torch.optim.AdamW if r.optimizer == "adamw" else torch.optim.Adam
+        return optimizer_class(groups, lr=r.lr, betas=r.betas, weight_decay=r.weight_decay)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        r = self.recipe
+        optimizer = self.make_optimizer()
         total = r.epochs * self.steps_per_epoch
         warmup = round(r.warmup_epochs * self.steps_per_epoch)
         schedule = torch.optim.lr_scheduler.LambdaLR(

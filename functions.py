@@ -425,6 +425,18 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
 
 
+def model_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, preset: str = "none",
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 images -> [0, 1], augmented by ``preset``, normalised, channels-last (faster convolutions).
+
+    Float tensors are inputs already made for the model (cached backbone features, say): unchanged.
+    """
+    if images.dtype != torch.uint8:
+        return images
+    images = augment(images.float() / 255, preset, generator)
+    return normalize(images, mean, std).contiguous(memory_format=torch.channels_last)
+
+
 class TrainBatches:
     """One epoch of shuffled, augmented, normalised training batches per iteration.
 
@@ -451,8 +463,7 @@ class TrainBatches:
         order = torch.randperm(len(self.images), generator=generator, device=device)[self.rank::self.world_size]
         for start in range(0, len(order), self.chunk):
             index = order[start:start + self.chunk]
-            images = augment(self.images[index].float().div_(255), self.preset, generator)
-            images = normalize(images, self.mean, self.std).contiguous(memory_format=torch.channels_last)
+            images = model_input(self.images[index], self.mean, self.std, self.preset, generator)
             labels = self.labels[index]
             for offset in range(0, len(index), self.batch_size):
                 yield images[offset:offset + self.batch_size], labels[offset:offset + self.batch_size]
@@ -472,9 +483,7 @@ class EvalBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self.images), self.batch_size):
-            images = self.images[start:start + self.batch_size].float().div_(255)
-            images = normalize(images, self.mean, self.std).contiguous(memory_format=torch.channels_last)
-            yield images, self.labels[start:start + self.batch_size]
+            yield model_input(self.images[start:start + self.batch_size], self.mean, self.std), self.labels[start:start + self.batch_size]
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable

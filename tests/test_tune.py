@@ -1,0 +1,297 @@
+"""hyperparameter_tune.py on the synthetic data: outputs, resuming, failing trials, several workers, the search spaces."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+import engine
+import hyperparameter_tune as tune
+from conftest import synthetic_arrays
+from modified_models import CIFAR10Net_7
+
+REPO = Path(__file__).resolve().parents[1]
+STUDY = "CIFAR10Net_7"  # the default --study-name
+SMALL = dict(n_train=100, n_test=20)  # 90 training images: a trial takes a second or two
+
+# A worker process that tunes on the synthetic data instead of CIFAR-10.
+WORKER_SCRIPT = f"""
+import sys
+sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]
+import engine
+from conftest import synthetic_arrays
+engine.load_split = lambda config: engine.SplitData.from_arrays(synthetic_arrays(**{SMALL!r}))
+import hyperparameter_tune
+engine.run_cli(lambda: hyperparameter_tune.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(autouse=True)
+def synthetic_data(monkeypatch):
+    data = engine.SplitData.from_arrays(synthetic_arrays(**SMALL))
+    monkeypatch.setattr(engine, "load_split", lambda config: data)
+
+
+@pytest.fixture
+def no_figures(monkeypatch):
+    """Optuna's figures take seconds to draw; only the test of the outputs needs them."""
+    monkeypatch.setattr(tune, "write_figures", lambda study, out_dir: [])
+
+
+def flags(out_dir: Path, *more: str) -> list[str]:
+    return ["--out-dir", str(out_dir), "--device", "cpu", "--no-tsne", *more]
+
+
+def read_trials(out_dir: Path) -> list[dict[str, str]]:
+    with open(out_dir / "trials.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def load_study(storage: str | Path) -> optuna.Study:
+    return optuna.load_study(study_name=STUDY, storage=tune.open_storage(str(storage)))
+
+
+def start_worker(tmp_path: Path, *args: str) -> subprocess.Popen:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # two workers share the machine's cores
+    return subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+# --------------------------------------------------------------------------------------------
+# A study, its outputs, and continuing it
+# --------------------------------------------------------------------------------------------
+def test_tiny_study_writes_every_output_and_a_rerun_continues_it(tmp_path, capsys):
+    out = tmp_path / "tune"
+    tune.main(flags(out, "--n-trials", "3", "--epochs", "1"))
+    printed = capsys.readouterr().out
+    for name in ("study.db", "trials.csv", "best_params.json", "optimization_history.png", "param_importances.png",
+                 "parallel_coordinate.png", "slice.png", "trials/0002/metrics.csv"):
+        assert (out / name).is_file(), name
+    assert all(f"Trial {n} COMPLETE" in printed for n in range(3))
+    first = read_trials(out)
+    assert [row["number"] for row in first] == ["0", "1", "2"]
+    assert all(row["state"] == "COMPLETE" and row["epochs_run"] == "1" and float(row["duration_s"]) > 0 for row in first)
+    assert {"fc1_size", "fc2_size", "dropout", "lr", "weight_decay", "batch_size"} <= set(first[0])
+
+    best = json.loads((out / "best_params.json").read_text())
+    assert best["val_loss"] == min(float(row["value"]) for row in first)
+    assert best["model"] == "CIFAR10Net_7" and best["recipe"]["lr"] == best["params"]["lr"] and best["recipe"]["epochs"] == 100
+    study = load_study(f"sqlite:///{out}/study.db")
+    assert all(trial.intermediate_values.keys() == {0} for trial in study.trials)  # the pruning callback saw val_loss
+
+    tune.main(flags(out, "--n-trials", "5"))  # the study remembers its 1 epoch per trial
+    rows = read_trials(out)
+    assert [row["number"] for row in rows] == ["0", "1", "2", "3", "4"]
+    assert rows[:3] == first
+    assert "3 of 5 trials finished" in capsys.readouterr().out and rows[4]["epochs_run"] == "1"
+
+
+def test_flags_that_contradict_the_study_are_refused(tmp_path):
+    tune.main(flags(tmp_path, "--n-trials", "0", "--epochs", "2"))
+    with pytest.raises(tune.UserError, match="--epochs 2"):
+        tune.main(flags(tmp_path, "--n-trials", "0", "--epochs", "3"))
+    with pytest.raises(tune.UserError, match="--space readme"):
+        tune.main(flags(tmp_path, "--n-trials", "0", "--space", "extended"))
+
+
+def test_retrain_of_an_existing_study_trains_its_best_trial_like_main(no_figures, tmp_path, capsys):
+    out = tmp_path / "tune"
+    tune.main(flags(out, "--n-trials", "1", "--epochs", "1"))
+    tune.main(flags(out, "--n-trials", "0", "--retrain", "--retrain-epochs", "1"))
+    best = json.loads((out / "best_params.json").read_text())
+    config = json.loads((out / "retrain/config.json").read_text())
+    report = json.loads((out / "retrain/test.json").read_text())
+    assert config["model"] == "CIFAR10Net_7" and config["recipe"]["lr"] == best["params"]["lr"]
+    assert config["recipe"]["batch_size"] == best["params"]["batch_size"] and config["recipe"]["epochs"] == 1
+    assert report["epochs"] == 1 and (out / "retrain/model.pth").is_file()
+    state = torch.load(out / "retrain/model.pth", weights_only=True)
+    assert state["fc1.weight"].shape[0] == best["params"]["fc1_size"]
+    assert "Retraining trial 0" in capsys.readouterr().out
+
+
+def test_retrain_without_a_complete_trial_is_a_user_error(tmp_path):
+    with pytest.raises(tune.UserError, match="no complete trial"):
+        tune.main(flags(tmp_path, "--n-trials", "0", "--retrain"))
+
+
+# --------------------------------------------------------------------------------------------
+# Trials that go wrong
+# --------------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:Fixed parameter")
+def test_diverging_trials_are_pruned_with_their_reason_and_the_study_goes_on(no_figures, tmp_path):
+    out = tmp_path / "tune"
+    out.mkdir()
+    study = optuna.create_study(study_name=STUDY, storage=f"sqlite:///{out}/study.db")
+    study.enqueue_trial({"optimizer": "sgd", "lr": 1e6})  # the loss becomes NaN
+    study.enqueue_trial({"optimizer": "adam", "lr": 1e6})  # the loss stays finite but explodes
+    tune.main(flags(out, "--n-trials", "3", "--epochs", "1", "--space", "extended"))
+    rows = read_trials(out)
+    assert [row["state"] for row in rows] == ["PRUNED", "PRUNED", "COMPLETE"]
+    assert all(row["reason"].startswith("diverged: validation loss") and row["epochs_run"] == "1" for row in rows[:2])
+    assert "nan" in rows[0]["reason"]
+
+
+def test_out_of_memory_fails_the_trial_with_its_reason_and_the_study_goes_on(no_figures, tmp_path, monkeypatch):
+    real_fit, calls = engine.fit, []
+
+    def fit_out_of_memory_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "fit", fit_out_of_memory_once)
+    tune.main(flags(tmp_path, "--n-trials", "2", "--epochs", "1"))
+    rows = read_trials(tmp_path)
+    assert [row["state"] for row in rows] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert rows[0]["reason"] == "out of memory: CUDA out of memory. Tried to allocate 20.00 GiB"
+
+
+def test_pruned_trials_stop_early_and_the_saved_epochs_are_reported(no_figures, tmp_path, monkeypatch, capsys):
+    # A pruner that prunes every trial after its first epoch, instead of waiting for the median rule's five trials.
+    monkeypatch.setattr(tune, "make_pruner", lambda prune: optuna.pruners.ThresholdPruner(upper=0.0))
+    tune.main(flags(tmp_path, "--n-trials", "2", "--epochs", "3"))
+    rows = read_trials(tmp_path)
+    assert [(row["state"], row["epochs_run"]) for row in rows] == [("PRUNED", "1"), ("PRUNED", "1")]
+    assert rows[0]["reason"].startswith("pruned: validation loss after epoch 1")
+    printed = capsys.readouterr().out
+    assert "pruning saved 4 of 6 epochs" in printed and "No trial has completed yet" in printed
+    assert not (tmp_path / "best_params.json").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Several workers, and a killed one
+# --------------------------------------------------------------------------------------------
+def test_two_workers_on_one_journal_finish_exactly_the_requested_trials(tmp_path):
+    storage = tmp_path / "tune/study.log"
+    storage.parent.mkdir()
+    workers = [start_worker(tmp_path, *flags(storage.parent, "--storage", str(storage), "--n-trials", "3", "--epochs", "1", "--seed", seed))
+               for seed in ("1", "2")]
+    outputs = [worker.communicate(timeout=180)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    study = load_study(storage)
+    assert len(study.get_trials(states=tune.FINISHED)) == 3
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    # Any other trial is one that lost the race for the last place and stepped back without training.
+    assert all(t.user_attrs["reason"].startswith("not needed") for t in study.get_trials(states=(TrialState.FAIL,)))
+
+
+def test_a_worker_killed_mid_trial_loses_only_that_trial(no_figures, tmp_path):
+    out = tmp_path / "tune"
+    tune.main(flags(out, "--n-trials", "1", "--epochs", "1"))
+    # What a killed worker leaves behind: its trial RUNNING, and its process gone.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out}/study.db")
+    study.ask().set_user_attr("worker", {"host": socket.gethostname(), "pid": dead.pid})
+
+    tune.main(flags(out, "--n-trials", "2"))
+    rows = read_trials(out)
+    assert [row["state"] for row in rows] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert rows[1]["reason"] == f"its worker (process {dead.pid}) ended mid-trial"
+
+
+def test_a_trial_started_when_running_trials_already_make_up_the_study_steps_back():
+    study = optuna.create_study()
+    study.ask()  # another worker's trial, still running: it will make up the one trial asked for
+    objective = tune.make_objective(tune.StudySettings(space="readme", epochs=1), base=None, data=None, n_trials=1, prune=True)
+    tune.run_trials(study, objective, n_trials=1, epochs=1, timeout=None)
+    assert len(study.trials) == 1  # checked before starting: no trial at all
+    study.optimize(objective, n_trials=1, catch=(tune.NotNeeded,))  # started at the same moment as the other
+    late = study.trials[1]
+    assert late.state == TrialState.FAIL and late.user_attrs["reason"].startswith("not needed") and not late.params
+
+
+# --------------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("storage", ["sqlite:////nonexistent/folder/study.db", "postgresql://tuner:secret@localhost:1/optuna",
+                                     "journal:/nonexistent/folder/study.log", "no such storage"])
+def test_unusable_storage_exits_2_with_one_line(monkeypatch, capsys, tmp_path, storage):
+    monkeypatch.setattr(sys, "argv", ["hyperparameter_tune.py", *flags(tmp_path / "tune", "--storage", storage)])
+    with pytest.raises(SystemExit) as exit_info:
+        engine.run_cli(tune.main)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: cannot open the study storage")
+    assert "secret" not in err
+
+
+@pytest.mark.parametrize("bad", [["--n-trials", "-1"], ["--epochs", "0"], ["--space", "huge"], ["--timeout", "nan"],
+                                 ["--limit-train", "0"], ["--device", "tpu"], ["--retrain-epochs", "x"]])
+def test_bad_flag_values_exit_2(tmp_path, bad):
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main(flags(tmp_path / "tune", *bad))
+    assert exit_info.value.code == 2 and not (tmp_path / "tune").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The search spaces
+# --------------------------------------------------------------------------------------------
+def sample(space: str, n: int) -> list[dict]:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    samples = []
+    for _ in range(n):
+        trial = study.ask()
+        samples.append(tune.SPACES[space].suggest(trial))
+        assert samples[-1] == trial.params
+        study.tell(trial, 0.0)
+    return samples
+
+
+def check_readme_bounds(params: dict) -> None:
+    assert params["fc1_size"] in (32, 64, 128, 256, 512) and params["fc2_size"] in (32, 64, 128, 256, 512)
+    assert params["batch_size"] in (32, 64, 128, 256, 512)
+    assert 1e-4 <= params["lr"] <= 1e-1 and 5e-4 <= params["weight_decay"] <= 1e-1 and 0.1 <= params["dropout"] <= 0.9
+
+
+def test_readme_space_is_the_readme_study():
+    samples = sample("readme", 300)
+    for params in samples:
+        assert set(params) == {"fc1_size", "fc2_size", "dropout", "lr", "weight_decay", "batch_size"}
+        check_readme_bounds(params)
+    lrs = sorted(params["lr"] for params in samples)
+    assert lrs[len(lrs) // 2] < 10 ** -2.3  # log-uniform: the median is near 10^-2.5, not 0.05
+    assert {params["fc1_size"] for params in samples} == {32, 64, 128, 256, 512}
+    recipe = tune.recipe_for(samples[0], epochs=5)
+    assert (recipe.epochs, recipe.lr, recipe.batch_size, recipe.optimizer) == (5, samples[0]["lr"], samples[0]["batch_size"], "adam")
+    assert isinstance(tune.network_for("readme", samples[0]), CIFAR10Net_7)
+
+
+def test_extended_space_adds_convolutions_and_optimisers_and_every_network_builds():
+    samples = sample("extended", 300)
+    shapes_built = set()
+    for params in samples:
+        check_readme_bounds(params)
+        assert params["conv1_width"] in (16, 20, 32, 48, 64) and params["conv2_width"] in (32, 40, 64, 96, 128)
+        assert params["conv1_kernel"] in (3, 5) and params["conv2_kernel"] in (3, 4, 5)
+        recipe = tune.recipe_for(params, epochs=5)
+        assert recipe.optimizer == params["optimizer"]
+        if params["optimizer"] == "sgd":
+            assert 0.8 <= params["momentum"] <= 0.99 and "beta1" not in params and recipe.momentum == params["momentum"]
+        else:
+            assert 0.8 <= params["beta1"] <= 0.95 and 0.99 <= params["beta2"] <= 0.9999 and "momentum" not in params
+            assert recipe.betas == (params["beta1"], params["beta2"])
+        kernels = (params["conv1_kernel"], params["conv2_kernel"])
+        if kernels not in shapes_built:
+            net = tune.network_for("extended", params).eval()
+            assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+            assert net.forward_features(torch.zeros(2, 3, 32, 32)).shape == (2, params["fc2_size"])
+            shapes_built.add(kernels)
+    assert len(shapes_built) == 6 and {params["optimizer"] for params in samples} == {"adam", "adamw", "sgd"}
+
+
+def test_tunable_network_with_its_defaults_is_cifar10net_7():
+    def shapes(net):
+        return {name: tuple(p.shape) for name, p in net.state_dict().items()}
+
+    assert shapes(tune.TunableCIFAR10Net()) == shapes(CIFAR10Net_7())
