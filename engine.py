@@ -168,24 +168,9 @@ def config_from_args(args: argparse.Namespace, model: str, recipe: Recipe, run_n
     given = {name: value for name, value in vars(args).items() if name in RECIPE_FLAGS and value is not None}
     if "betas" in given:
         given["betas"] = tuple(given["betas"])
-    return RunConfig(
-        model=model,
-        recipe=replace(recipe, **given),
-        data_dir=args.data_dir,
-        out_dir=args.out_dir or str(Path("runs") / run_name),
-        seed=args.seed,
-        limit_train=args.limit_train,
-        num_workers=args.num_workers,
-        device=args.device,
-        devices=args.devices,
-        strategy=args.strategy,
-        precision=args.precision,
-        resume=args.resume,
-        progress=args.progress,
-        tsne=args.tsne,
-        tsne_samples=args.tsne_samples,
-        tsne_method=args.tsne_method,
-    )
+    settings = {f.name: getattr(args, f.name) for f in fields(RunConfig)
+                if f.name not in ("model", "recipe", "out_dir") and hasattr(args, f.name)}
+    return RunConfig(model=model, recipe=replace(recipe, **given), out_dir=args.out_dir or str(Path("runs") / run_name), **settings)
 
 
 def run_cli(main: Callable[[], Any]) -> None:
@@ -528,7 +513,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint or state dict, loaded without unpickling arbitrary objects; one clear error otherwise."""
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; check the path (or drop --resume to start afresh)")
+        raise UserError(f"checkpoint {path} does not exist; check the path")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a damaged or foreign file
@@ -611,6 +596,10 @@ def train(config: RunConfig, net: nn.Module, module_class: type[ImageClassifier]
     resolve_accelerator(config.device)
     resume_checkpoint(config, Path(config.out_dir))  # bad flags fail before the slow data load
     data = data or load_split(config)
+    if config.tsne and hasattr(net, "forward_features"):
+        import tsne
+
+        tsne.check_settings(config, data)  # a t-SNE that cannot run fails now, not after the training
     print(f"Data: {data.source}; {len(data.train_images)} train / {len(data.val_images)} validation / {len(data.test_images)} test images")
     recorder = fit(config, net, data, module_class, initialize=initialize)
     if not recorder.is_global_zero:
@@ -640,5 +629,5 @@ def finish_run(config: RunConfig, net: nn.Module, data: SplitData, history: list
 
         tsne.analyse_run(net, data, test, run_dir, config, device)
     print(f"Run folder {run_dir}: config.json, metrics.csv, curves.png, model.pth, best.ckpt, last.ckpt, test.json, confusion_matrix.png"
-          + (", tsne_*.png" if config.tsne else ""))
+          + (", tsne_*.png, tsne_*.npz, tsne_metrics.json" if config.tsne else ""))
     return report
