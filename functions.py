@@ -10,6 +10,7 @@ import hashlib
 import math
 import os
 import pickle
+import shutil
 import tempfile
 import urllib.error
 from concurrent.futures import ThreadPoolExecutor
@@ -234,9 +235,12 @@ def load_cifar10(data_dir: str | os.PathLike, workers: int = 2, checksums: dict[
     root = find_image_folder_root(data_dir)
     if root is not None:
         return load_image_folder(root, workers)
+    existed = data_dir.exists()
     try:
         download_cifar10(data_dir)
     except (urllib.error.URLError, OSError, RuntimeError) as error:
+        if not existed:
+            shutil.rmtree(data_dir, ignore_errors=True)  # leave no empty folder or partial archive behind
         raise UserError(
             f"no CIFAR-10 under {data_dir} and the download failed ({error}); offline, copy the official "
             f"'{PYTHON_BATCHES_DIR}' folder or an image-folder tree (train/<class>/*.png|jpg, test/<class>/...) "

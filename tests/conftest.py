@@ -84,6 +84,7 @@ def no_network(monkeypatch):
     import urllib.error
 
     def offline(data_dir):
+        Path(data_dir).mkdir(parents=True, exist_ok=True)  # as torchvision does before it downloads
         raise urllib.error.URLError("network is unreachable (tests run offline)")
 
     monkeypatch.setattr(fn, "download_cifar10", offline)

@@ -107,6 +107,7 @@ def test_offline_download_failure_is_one_clear_message(tmp_path):
         fn.load_cifar10(tmp_path / "empty")
     message = str(error.value)
     assert "download failed" in message and "--data-dir" in message and "\n" not in message
+    assert not (tmp_path / "empty").exists()
 
 
 # --------------------------------------------------------------------------------------------
