@@ -563,7 +563,8 @@ def fit(config: RunConfig, net: nn.Module, data: SplitData, module_class: type[I
     accelerator = resolve_accelerator(config.device)
     ckpt_path = resume_checkpoint(config, run_dir)
     pl.seed_everything(config.seed, verbose=False)
-    torch.set_float32_matmul_precision("high")  # TF32 for the float32 parts on tensor-core GPUs; no effect on CPUs
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 for the float32 parts on tensor-core GPUs
     if initialize:
         net.apply(fn.initialize_using_norm_kaiming)
     recipe = config.recipe
