@@ -524,6 +524,8 @@ def resume_checkpoint(config: RunConfig, run_dir: Path) -> Path | None:
     if config.resume is None:
         return None
     path = run_dir / "last.ckpt" if config.resume == "last" else Path(config.resume)
+    if config.resume == "last" and not path.is_file():
+        raise UserError(f"nothing to resume: {run_dir} has no last.ckpt; give --out-dir of the interrupted run, or drop --resume")
     checkpoint = read_checkpoint(path)
     saved = checkpoint.get("run_config", {})
     if saved.get("model") != config.model:

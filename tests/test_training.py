@@ -116,6 +116,11 @@ def test_checkpoint_of_another_model_is_refused(monkeypatch, capsys, tmp_path, s
     assert not (tmp_path / "other").exists()
 
 
+def test_resume_with_nothing_to_resume(monkeypatch, capsys, tmp_path):
+    code, err = run_main(monkeypatch, capsys, "--resume", "--out-dir", str(tmp_path / "never-ran"))
+    assert code == 2 and "nothing to resume" in err and not (tmp_path / "never-ran").exists()
+
+
 def test_garbage_checkpoint_is_refused(monkeypatch, capsys, tmp_path):
     (tmp_path / "junk.ckpt").write_bytes(b"\x00" * 100)
     code, err = run_main(monkeypatch, capsys, "--resume", str(tmp_path / "junk.ckpt"), "--out-dir", str(tmp_path / "run"))
