@@ -503,6 +503,16 @@ def resolve_accelerator(device: str) -> str:
     return device
 
 
+def training_device(device: str) -> torch.device:
+    """The device Lightning picks for ``--device`` (auto: cuda, else mps, else cpu)."""
+    accelerator = resolve_accelerator(device)
+    if accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
     if precision != "auto":
         return precision

@@ -254,16 +254,6 @@ class TransferClassifier(engine.ImageClassifier):
 # --------------------------------------------------------------------------------------------
 # The linear probe on cached features
 # --------------------------------------------------------------------------------------------
-def training_device(config: engine.RunConfig) -> torch.device:
-    """The device Lightning will pick for ``--device`` (auto: cuda, else mps, else cpu)."""
-    accelerator = engine.resolve_accelerator(config.device)
-    if accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def feature_cache_applies(options: TransferOptions, recipe: engine.Recipe, device: torch.device) -> bool:
     """Features can be cached when nothing changes them between epochs: a frozen backbone and unaugmented images."""
     if not options.feature_cache or options.finetune != "fc":
@@ -354,7 +344,7 @@ def run_name(options: TransferOptions) -> str:
 
 def train_transfer(config: engine.RunConfig, options: TransferOptions, data: engine.SplitData | None = None) -> dict[str, Any]:
     """Build the net, train it (on cached features when they cannot change), test it; returns the test report."""
-    device = training_device(config)
+    device = engine.training_device(config.device)
     engine.resume_checkpoint(config, Path(config.out_dir))  # bad flags fail before the slow parts
     torch.manual_seed(config.seed)  # the new head's initialisation (and a random backbone's)
     net = build_transfer_net(options.arch, options.weights, options.image_size, options.finetune)

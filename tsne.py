@@ -102,13 +102,6 @@ def load_model(name: str, checkpoint_path: Path) -> nn.Module:
     return net.eval()
 
 
-def pick_device(name: str) -> torch.device:
-    engine.resolve_accelerator(name)  # one clear error when the asked-for device is missing
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 # --------------------------------------------------------------------------------------------
 # t-SNE and clustering numbers
 # --------------------------------------------------------------------------------------------
@@ -364,7 +357,7 @@ def main() -> None:
     out_dir = Path(args.out_dir) if args.out_dir else checkpoint.parent
     config = engine.RunConfig(model=args.model, data_dir=args.data_dir, out_dir=str(out_dir), seed=args.seed, device=args.device,
                               tsne_samples=args.tsne_samples, tsne_method=args.tsne_method)
-    device = pick_device(args.device)
+    device = engine.training_device(args.device)
     # A wrong checkpoint or a missing openTSNE fails before the slow data load.
     net = load_model(args.model, checkpoint).to(device)
     resolve_method(config.tsne_method)

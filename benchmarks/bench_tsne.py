@@ -37,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      parents=[tsne.model_arguments(required=True)])
     args = parser.parse_args()
-    device = tsne.pick_device(args.device)
+    device = engine.training_device(args.device)
     net = tsne.load_model(args.model, Path(args.checkpoint)).to(device)
     data = engine.load_split(engine.RunConfig(model=args.model, data_dir=args.data_dir))
     print(versions())
