@@ -62,6 +62,7 @@ class Recipe:
     scheduler: str = "none"
     warmup_epochs: float = 0.0
     augment: str = "readme"
+    tta: bool = False
 
 
 @dataclass
@@ -79,6 +80,7 @@ class RunConfig:
     devices: str = "auto"
     strategy: str = "auto"
     precision: str = "auto"
+    compile: bool = False
     resume: str | None = None
     progress: bool = True
     tsne: bool = True
@@ -136,6 +138,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, recipe: Recipe, run_
     group.add_argument("--warmup-epochs", type=non_negative_float, help=f"epochs of linear warm-up for cosine/onecycle (default {r.warmup_epochs})")
     group.add_argument("--augment", choices=tuple(fn.AUGMENT_PRESETS), help="training augmentation, done in batches on the device: "
                        + "; ".join(f"{k}: {v}" for k, v in fn.AUGMENT_PRESETS.items()) + f" (default {r.augment})")
+    group.add_argument("--tta", action=argparse.BooleanOptionalAction, help="test-time augmentation: test predictions average the class "
+                       f"scores of each image and its mirror image (default {'on' if r.tta else 'off'})")
 
     group = parser.add_argument_group("data")
     group.add_argument("--data-dir", default="./data", help="folder with CIFAR-10: the official 'cifar-10-batches-py' folder, or an image-folder tree "
@@ -152,6 +156,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, recipe: Recipe, run_
     group.add_argument("--devices", default="auto", help="how many devices, or which, passed to Lightning (e.g. 4, or 0,1) (default auto)")
     group.add_argument("--strategy", default="auto", help="Lightning's distribution strategy, e.g. ddp for data-parallel over several GPUs or nodes (default auto)")
     group.add_argument("--precision", default="auto", help="Lightning precision, e.g. 32-true, bf16-mixed, 16-mixed (default auto: bf16-mixed on CUDA, else 32-true)")
+    group.add_argument("--compile", action="store_true", help="torch.compile the network: fuses its layers into fewer, faster kernels "
+                       "after a one-off compilation (tens of seconds; needs a C++ compiler on CPU)")
     group.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar (the per-epoch line stays)")
 
     group = parser.add_argument_group("analysis")
@@ -353,7 +359,10 @@ METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accu
 
 
 class RunRecorder(Callback):
-    """After every epoch: the README's console line, ``metrics.csv`` and ``curves.png``. Resumes with the run."""
+    """After every epoch: the README's console line and ``metrics.csv``; ``curves.png`` when training stops. Resumes with the run.
+
+    The figure is drawn once, at the end or on an interruption, because drawing it costs more than a whole epoch of the fast models.
+    """
 
     def __init__(self, run_dir: Path, title: str):
         self.run_dir, self.title = run_dir, title
@@ -370,7 +379,13 @@ class RunRecorder(Callback):
         bar = trainer.progress_bar_callback
         bar.print(line) if isinstance(bar, TQDMProgressBar) else print(line, flush=True)
         write_metrics_csv(self.run_dir / "metrics.csv", self.history)
-        plot_curves(self.history, self.run_dir / "curves.png", self.title)
+
+    def on_train_end(self, trainer: pl.Trainer, module: ImageClassifier) -> None:
+        if self.history and trainer.is_global_zero:
+            plot_curves(self.history, self.run_dir / "curves.png", self.title)
+
+    def on_exception(self, trainer: pl.Trainer, module: ImageClassifier, exception: BaseException) -> None:
+        self.on_train_end(trainer, module)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
@@ -433,17 +448,24 @@ def write_json(path: Path, value: Any) -> None:
 # Evaluation
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def predict(net: nn.Module, batches, with_features: bool = False) -> dict[str, torch.Tensor]:
-    """Logits (and penultimate features, from the same forward pass) for every batch, in eval mode."""
+def predict(net: nn.Module, batches, with_features: bool = False, flip_tta: bool = False) -> dict[str, torch.Tensor]:
+    """Logits (and penultimate features, from the same forward pass) for every batch, in eval mode.
+
+    ``flip_tta`` averages each image's logits with its mirror image's (test-time augmentation);
+    the features stay those of the image itself.
+    """
     net.eval()
     logits, features, labels = [], [], []
     for images, batch_labels in batches:
         if with_features:
             penultimate = net.forward_features(images)
-            logits.append(net.classify(penultimate).float().cpu())
+            batch_logits = net.classify(penultimate).float()
             features.append(penultimate.flatten(1).float().cpu())
         else:
-            logits.append(net(images).float().cpu())
+            batch_logits = net(images).float()
+        if flip_tta:
+            batch_logits = (batch_logits + net(images.flip(3)).float()) / 2
+        logits.append(batch_logits.cpu())
         labels.append(batch_labels.cpu())
     result = {"logits": torch.cat(logits), "labels": torch.cat(labels)}
     if with_features:
@@ -579,6 +601,8 @@ def fit(config: RunConfig, net: nn.Module, data: SplitData, module_class: type[I
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 parts on tensor-core GPUs
     if initialize:
         net.apply(fn.initialize_using_norm_kaiming)
+    if config.compile:
+        net.compile()  # in place: the state dict keeps its plain names, so checkpoints load with or without it
     recipe = config.recipe
     datamodule = CIFAR10DataModule(data, recipe.batch_size, recipe.augment, config.seed)
     module = module_class(net, recipe, config.seed, steps_per_epoch=math.ceil(len(data.train_images) / recipe.batch_size))
@@ -629,15 +653,16 @@ def finish_run(config: RunConfig, net: nn.Module, data: SplitData, history: list
     fn.write_atomically(run_dir / "model.pth", lambda tmp: torch.save(state, tmp))
     test = predict(net, fn.EvalBatches(data.test_images.to(device), data.test_labels.to(device),
                                        CIFAR10DataModule.EVAL_BATCH, data.mean, data.std),
-                   with_features=hasattr(net, "forward_features"))
+                   with_features=hasattr(net, "forward_features"), flip_tta=config.recipe.tta)
     report = test_report(test["labels"], test["logits"].argmax(1), data.classes)
     final = history[-1] if history else {}
-    report.update({"model": config.model, "epochs": len(history), "final_val_accuracy": final.get("val_accuracy"),
+    report.update({"model": config.model, "epochs": len(history), "flip_tta": config.recipe.tta, "final_val_accuracy": final.get("val_accuracy"),
                    "best_val_accuracy": max((row["val_accuracy"] for row in history), default=None),
                    "data": data.source})
     write_json(run_dir / "test.json", report)
     plot_confusion(report, data.classes, run_dir / "confusion_matrix.png", config.model)
-    print(f"Test accuracy of {config.model}: {report['test_accuracy']:.4f} on {report['num_test_images']} images")
+    print(f"Test accuracy of {config.model}: {report['test_accuracy']:.4f} on {report['num_test_images']} images"
+          + (" (with flip test-time augmentation)" if config.recipe.tta else ""))
     if config.tsne and hasattr(net, "forward_features"):
         import tsne
 

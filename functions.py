@@ -15,6 +15,7 @@ import tempfile
 import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -294,6 +295,7 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
 AUGMENT_PRESETS = {
     "readme": "the README's: horizontal and vertical flips, rotation up to 90 degrees, strong colour jitter",
     "standard": "the usual CIFAR recipe: random 32x32 crop of the 4-pixel zero-padded image, horizontal flip",
+    "light": "random 32x32 crop of the 2-pixel reflect-padded image, horizontal flip: airbench's, for runs of a few epochs",
     "none": "no augmentation",
 }
 
@@ -389,17 +391,18 @@ def apply_readme(images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch
     return color_jitter(flip_and_rotate(images, params["hflip"], params["vflip"], params["degrees"]), params)
 
 
-def sample_standard_params(n: int, generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+def sample_crop_params(n: int, generator: torch.Generator, device: torch.device, pad: int) -> dict[str, torch.Tensor]:
     return {
-        "dy": torch.randint(0, 9, (n,), generator=generator, device=device),
-        "dx": torch.randint(0, 9, (n,), generator=generator, device=device),
+        "dy": torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=device),
+        "dx": torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=device),
         "hflip": torch.rand(n, generator=generator, device=device) < 0.5,
     }
 
 
-def apply_standard(images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+def apply_crop(images: torch.Tensor, params: dict[str, torch.Tensor], pad: int, mode: str) -> torch.Tensor:
+    """Each image's own random crop of the padded image (offsets ``dy``, ``dx``), then its own flip."""
     n, _, height, width = images.shape
-    padded = F.pad(images, (4, 4, 4, 4))
+    padded = F.pad(images, (pad, pad, pad, pad), mode=mode)
     rows = (params["dy"].view(n, 1) + torch.arange(height, device=images.device)).view(n, 1, height, 1)
     cols = (params["dx"].view(n, 1) + torch.arange(width, device=images.device)).view(n, 1, 1, width)
     batch = torch.arange(n, device=images.device).view(n, 1, 1, 1)
@@ -409,7 +412,8 @@ def apply_standard(images: torch.Tensor, params: dict[str, torch.Tensor]) -> tor
 
 AUGMENTERS = {
     "readme": (sample_readme_params, apply_readme),
-    "standard": (sample_standard_params, apply_standard),
+    "standard": (partial(sample_crop_params, pad=4), partial(apply_crop, pad=4, mode="constant")),
+    "light": (partial(sample_crop_params, pad=2), partial(apply_crop, pad=2, mode="reflect")),
 }
 
 

@@ -147,17 +147,19 @@ def test_readme_augmentation_equals_torchvision_image_by_image():
         torch.testing.assert_close(ours[i], x, atol=1e-4, rtol=0)
 
 
-def test_standard_crop_and_flip():
+@pytest.mark.parametrize("preset, pad, mode", [("standard", 4, "constant"), ("light", 2, "reflect")])
+def test_crop_and_flip(preset, pad, mode):
     images = torch.rand(64, 3, 32, 32)
-    p = params(64, "standard")
-    ours = fn.apply_standard(images, p)
-    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    p = params(64, preset)
+    _, apply = fn.AUGMENTERS[preset]
+    ours = apply(images, p)
+    padded = torch.nn.functional.pad(images, (pad,) * 4, mode=mode)
     for i in range(64):
         dy, dx = int(p["dy"][i]), int(p["dx"][i])
         crop = padded[i, :, dy:dy + 32, dx:dx + 32]
         torch.testing.assert_close(ours[i], crop.flip(2) if p["hflip"][i] else crop)
-    big = params(20_000, "standard")
-    assert big["dy"].min() == 0 and big["dy"].max() == 8 and abs(big["hflip"].float().mean() - 0.5) < 0.02
+    big = params(20_000, preset)
+    assert big["dy"].min() == 0 and big["dy"].max() == 2 * pad and abs(big["hflip"].float().mean() - 0.5) < 0.02
 
 
 def test_each_image_draws_its_own_parameters():

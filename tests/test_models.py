@@ -38,6 +38,17 @@ EXPECTED_PARAMETERS = {
 EXPECTED_PARAMETERS["CIFAR10Net_6"] = EXPECTED_PARAMETERS["CIFAR10Net_4"] + conv(3, 16, 9) + conv(16, 32, 5)
 
 
+def fast_vgg(w0, w1, w2):
+    def group(i, o):
+        return i * o * 9 + bn(o) + o * o * 9 + bn(o)  # bias-free convolutions: BatchNorm follows each
+
+    return conv(3, 24, 2) + bn(24) + group(24, w0) + group(w0, w1) + group(w1, w2) + w2 * 10
+
+
+EXPECTED_PARAMETERS["FastVGG"] = fast_vgg(64, 256, 256)
+EXPECTED_PARAMETERS["FastVGG_narrow"] = fast_vgg(32, 128, 128)
+
+
 @pytest.mark.parametrize("name", list(mm.MODELS))
 def test_model_shapes_size_gradients(name):
     net = mm.MODELS[name].build()

@@ -1,0 +1,210 @@
+"""FastVGG's recipe measured: accuracy and wall time per seed, ablations, and grids over its settings.
+
+    python benchmarks/bench_fast.py --data-dir ./data                          # FastVGG, seeds 0 1 2
+    python benchmarks/bench_fast.py --data-dir ./data --model FastVGG_narrow --precision bf16-mixed
+    python benchmarks/bench_fast.py --data-dir ./data --ablations --seeds 0    # one idea off at a time
+    python benchmarks/bench_fast.py --data-dir ./data --vary lr=0.2,0.4,0.8 --vary weight_decay=5e-4,1e-3
+
+Every run trains through the engine exactly as ``modified_models.py --model <name>`` does, so the
+time includes what a user's run includes (the per-epoch validation, the checkpoints), but not the
+data loading, which happens once. After each run it measures validation accuracy with flip TTA (the
+number to choose settings by) and test accuracy with and without TTA.
+
+With --compile the first run also compiles the network; its time is reported as the first run, and
+the runs after it start with the network already compiled and the data already on the device (how
+airbench times itself). Writes runs.csv, runs.md and time_accuracy.png into --out-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import get_type_hints
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import engine  # noqa: E402
+import functions as fn  # noqa: E402
+import modified_models  # noqa: E402
+
+# One idea off (or changed) at a time against the model's recipe; TTA needs no run of its own (test_plain).
+ABLATIONS = {
+    "no label smoothing": {"label_smoothing": "0"},
+    "standard augmentation (4-pixel zero pad)": {"augment": "standard"},
+    "no augmentation": {"augment": "none"},
+    "no warm-up": {"warmup_epochs": "0"},
+    "constant lr (no warm-up, no decay)": {"scheduler": "none"},
+    "batch 1024, lr x2": {"batch_size": "x2", "lr": "x2"},
+    "batch 256, lr /2": {"batch_size": "/2", "lr": "/2"},
+}
+COLUMNS = ("variant", "seed", "epochs", "seconds", "val_accuracy", "val_tta", "test_plain", "test_tta", "first_run")
+
+
+def setting_value(key: str, text: str, current, kind: type):
+    """``text`` as a value of the setting ``key`` (of type ``kind``); x2 and /2 scale the current value."""
+    if kind not in (int, float, str, bool):
+        raise fn.UserError(f"{key} cannot be varied here")
+    if text in ("x2", "/2") and kind in (int, float):
+        return kind(current * 2 if text == "x2" else current / 2)
+    if kind is bool:
+        return text.lower() in ("1", "true", "on", "yes")
+    try:
+        return kind(text)
+    except ValueError:
+        raise fn.UserError(f"{key}={text}: not a valid {kind.__name__}") from None
+
+
+def apply_settings(config: engine.RunConfig, settings: dict[str, str]) -> engine.RunConfig:
+    recipe_types, run_types = get_type_hints(engine.Recipe), get_type_hints(engine.RunConfig)
+    recipe_changes, run_changes = {}, {}
+    for key, value in settings.items():
+        if key in recipe_types:
+            recipe_changes[key] = setting_value(key, value, getattr(config.recipe, key), recipe_types[key])
+        elif key in run_types and key != "recipe":
+            run_changes[key] = setting_value(key, value, getattr(config, key), run_types[key])
+        else:
+            raise fn.UserError(f"unknown setting {key!r}; use a recipe field ({', '.join(recipe_types)}) or precision, compile")
+    return replace(config, recipe=replace(config.recipe, **recipe_changes), **run_changes)
+
+
+def parse_vary(items: list[str]) -> list[dict[str, str]]:
+    """KEY=V1,V2 ... -> the cross product of all values, one dict per combination."""
+    axes = []
+    for item in items:
+        key, _, values = item.partition("=")
+        if not values:
+            raise fn.UserError(f"--vary {item}: write KEY=VALUE[,VALUE...], e.g. lr=0.2,0.4")
+        axes.append([(key, value) for value in values.split(",")])
+    return [dict(combination) for combination in itertools.product(*axes)]
+
+
+def accuracy(net, images, labels, data: engine.SplitData, tta: bool) -> float:
+    batches = fn.EvalBatches(images, labels, engine.CIFAR10DataModule.EVAL_BATCH, data.mean, data.std)
+    result = engine.predict(net, batches, flip_tta=tta)
+    return (result["logits"].argmax(1) == result["labels"]).double().mean().item()
+
+
+def measure(config: engine.RunConfig, data: engine.SplitData, variant: str, first_run: bool) -> tuple[dict, list[dict]]:
+    """Train one run, time it, and measure it; returns the table row and the per-epoch history."""
+    net = modified_models.model_spec(config.model).build()
+    started = time.perf_counter()
+    recorder = engine.fit(config, net, data)
+    seconds = time.perf_counter() - started
+    device = recorder.device
+    net = net.to(device)
+    val_images, val_labels = data.val_images.to(device), data.val_labels.to(device)
+    test_images, test_labels = data.test_images.to(device), data.test_labels.to(device)
+    row = {
+        "variant": variant, "seed": config.seed, "epochs": config.recipe.epochs, "seconds": round(seconds, 2),
+        "val_accuracy": recorder.history[-1]["val_accuracy"],
+        "val_tta": accuracy(net, val_images, val_labels, data, tta=True),
+        "test_plain": accuracy(net, test_images, test_labels, data, tta=False),
+        "test_tta": accuracy(net, test_images, test_labels, data, tta=True),
+        "first_run": first_run,
+    }
+    print(f"{variant} seed {config.seed}: {row['epochs']} epochs in {seconds:.1f} s; validation {row['val_accuracy']:.4f} "
+          f"(TTA {row['val_tta']:.4f}); test {row['test_plain']:.4f}, with flip TTA {row['test_tta']:.4f}", flush=True)
+    return row, recorder.history
+
+
+def write_table(rows: list[dict], out_dir: Path, title: str) -> str:
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    fn.write_atomically(out_dir / "runs.csv", write_csv)
+    lines = [title, "", "| variant | seed | epochs | seconds | val acc | val acc (TTA) | test acc | test acc (TTA) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['variant']}{' (first run, compiles)' if r['first_run'] else ''} | {r['seed']} | {r['epochs']} | {r['seconds']:.1f} | "
+                     f"{r['val_accuracy']:.2%} | {r['val_tta']:.2%} | {r['test_plain']:.2%} | {r['test_tta']:.2%} |")
+    timed = [r for r in rows if not r["first_run"]]
+    for variant in dict.fromkeys(r["variant"] for r in timed):
+        group = [r for r in timed if r["variant"] == variant]
+        if len(group) > 1:
+            lines.append(f"| **{variant}: mean of {len(group)}** | | {group[0]['epochs']} | {statistics.mean(r['seconds'] for r in group):.1f} | "
+                         f"{statistics.mean(r['val_accuracy'] for r in group):.2%} | {statistics.mean(r['val_tta'] for r in group):.2%} | "
+                         f"{statistics.mean(r['test_plain'] for r in group):.2%} | {statistics.mean(r['test_tta'] for r in group):.2%} |")
+    text = "\n".join(lines) + "\n"
+    fn.write_atomically(out_dir / "runs.md", lambda tmp: tmp.write_text(text))
+    return text
+
+
+def plot_time_accuracy(curves: list[tuple[str, list[dict], dict]], path: Path, title: str) -> None:
+    """Validation accuracy after each epoch against the run's wall time; the final test accuracy (TTA) as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 5))
+    colours = plt.get_cmap("tab10")
+    for index, (label, history, row) in enumerate(curves):
+        elapsed = list(itertools.accumulate(epoch["seconds"] for epoch in history))
+        colour = colours(index % 10)
+        axis.plot(elapsed, [epoch["val_accuracy"] for epoch in history], marker=".", color=colour, label=f"{label}: validation per epoch")
+        axis.plot([row["seconds"]], [row["test_tta"]], marker="*", markersize=12, color=colour, linestyle="none",
+                  label=f"{label}: test {row['test_tta']:.2%} (TTA)")
+    axis.axhline(0.93, color="grey", linestyle=":", label="93%")
+    axis.set_xlabel("wall-clock seconds of training")
+    axis.set_ylabel("accuracy")
+    axis.set_ylim(0.5, 1.0)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="lower right")
+    axis.set_title(title)
+    figure.tight_layout()
+    engine.save_figure(figure, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="./data", help="CIFAR-10 as main.py reads it")
+    parser.add_argument("--model", default="FastVGG", help="a model of modified_models.py, trained with its own recipe (default FastVGG)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run each variant with (default 0 1 2)")
+    parser.add_argument("--epochs", type=engine.positive_int, help="override the recipe's epochs")
+    parser.add_argument("--ablations", action="store_true", help="also run each ablation: " + "; ".join(ABLATIONS))
+    parser.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
+                        help="run every combination of these settings (recipe fields, or precision, compile...) instead of the recipe alone; repeatable")
+    parser.add_argument("--limit-train", type=engine.positive_int, metavar="N", help="train on the first N images of the split only (a quick check)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train (default auto)")
+    parser.add_argument("--precision", default="auto", help="Lightning precision (default auto: bf16-mixed on CUDA, else 32-true)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network; the first run's time then includes compiling")
+    parser.add_argument("--out-dir", default="runs/bench_fast", help="folder for the runs, runs.csv, runs.md and the figure (default runs/bench_fast)")
+    args = parser.parse_args()
+
+    spec = modified_models.model_spec(args.model)
+    recipe = replace(spec.recipe, epochs=args.epochs or spec.recipe.epochs)
+    out_dir = Path(args.out_dir)
+    base = engine.RunConfig(model=args.model, recipe=recipe, data_dir=args.data_dir, device=args.device, precision=args.precision,
+                            compile=args.compile, limit_train=args.limit_train, progress=False, tsne=False)
+    variants = {"recipe": {}} if not args.vary else {",".join(f"{k}={v}" for k, v in s.items()): s for s in parse_vary(args.vary)}
+    if args.ablations:
+        variants.update(ABLATIONS)
+    configs = {name: apply_settings(base, settings) for name, settings in variants.items()}  # bad settings fail before any training
+
+    data = engine.load_split(base)
+    data = data.to(engine.training_device(args.device))  # once, before the clock starts
+    print(f"Data: {data.source}; {len(data.train_images)} train / {len(data.val_images)} validation / {len(data.test_images)} test images")
+    precision = engine.resolve_precision(args.precision, engine.resolve_accelerator(args.device))
+    title = f"{args.model}, {engine.training_device(args.device)}, {precision}{', compiled' if args.compile else ''}"
+    rows, curves = [], []
+    for name, config in configs.items():
+        for seed in args.seeds:
+            first_run = config.compile and not rows
+            row, history = measure(replace(config, seed=seed, out_dir=str(out_dir / "runs" / f"{len(rows):02d}")), data, name, first_run)
+            rows.append(row)
+            curves.append((f"{name}, seed {seed}" + (" (first run)" if first_run else ""), history, row))
+            table = write_table(rows, out_dir, title)  # after every run: an interrupted benchmark keeps what it measured
+            plot_time_accuracy(curves, out_dir / "time_accuracy.png", title)
+    print(table + f"Written {out_dir}/runs.csv, runs.md and time_accuracy.png")
+
+
+if __name__ == "__main__":
+    engine.run_cli(main)

@@ -1,0 +1,111 @@
+"""FastVGG and its recipe: test-time flips, the warm-up-then-decay schedule, a short run, the benchmark's settings."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine
+import functions as fn
+import modified_models as mm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_fast  # noqa: E402
+
+
+def test_fastvgg_shapes_through_its_stages():
+    net = mm.FastVGG().eval()
+    x = net.stem(torch.randn(4, 3, 32, 32))
+    shapes = [tuple(x.shape[1:])]
+    for stage in net.stages:
+        x = stage(x)
+        shapes.append(tuple(x.shape[1:]))
+    assert shapes == [(24, 31, 31), (64, 15, 15), (256, 7, 7), (256, 3, 3)]
+    images = torch.randn(4, 3, 32, 32)
+    assert net.forward_features(images).shape == (4, 256) and net(images).shape == (4, 10)
+
+
+def test_recipe_lowers_the_loss_of_a_tiny_batch():
+    torch.manual_seed(0)
+    net = mm.MODELS["FastVGG_narrow"].build()
+    r = mm.FAST_RECIPE
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=r.momentum, nesterov=True, weight_decay=r.weight_decay)
+    x, y = torch.randn(32, 3, 32, 32), torch.arange(32) % 10
+    losses = []
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(net(x), y, label_smoothing=r.label_smoothing)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_flip_tta_is_the_mean_of_the_two_predictions(split):
+    torch.manual_seed(0)
+    net = mm.MODELS["FastVGG_narrow"].build()
+    batches = fn.EvalBatches(split.test_images[:40], split.test_labels[:40], 16, split.mean, split.std)
+    plain = engine.predict(net, batches)["logits"]
+    with_tta = engine.predict(net, batches, flip_tta=True, with_features=True)
+    images = torch.cat([images for images, _ in batches])
+    with torch.no_grad():
+        mirrored = net(images.flip(3))
+    torch.testing.assert_close(with_tta["logits"], (plain + mirrored) / 2)
+    assert not torch.allclose(with_tta["logits"], plain)
+    torch.testing.assert_close(with_tta["features"], engine.predict(net, batches, with_features=True)["features"])  # features: unflipped
+
+
+def test_fast_recipe_schedule_warms_up_peaks_and_decays():
+    r = replace(mm.FAST_RECIPE, epochs=10, warmup_epochs=2.0)
+    steps_per_epoch = 88
+    module = engine.ImageClassifier(mm.MODELS["FastVGG_narrow"].build(), r, seed=0, steps_per_epoch=steps_per_epoch)
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    optimizer = scheduler.optimizer
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["nesterov"]
+    seen = {}
+    for step in range(10 * steps_per_epoch):
+        seen[step] = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+    warmup, total = 2 * steps_per_epoch, 10 * steps_per_epoch
+    assert seen[0] == pytest.approx(r.lr / warmup)  # starts near zero
+    assert seen[warmup // 2 - 1] == pytest.approx(r.lr / 2)  # linear warm-up
+    assert seen[warmup - 1] == pytest.approx(r.lr) == max(seen.values())  # peak at the end of warm-up
+    assert seen[warmup + (total - warmup) // 2] == pytest.approx(r.lr / 2)  # linear decay
+    assert seen[total - 1] < 0.01 * r.lr  # to (almost) zero
+    assert all(seen[s + 1] <= seen[s] for s in range(warmup - 1, total - 1))
+
+
+def test_fastvgg_one_epoch_run_writes_the_usual_outputs(monkeypatch, capsys, tmp_path, arrays):
+    from conftest import write_image_folder
+
+    data_dir = write_image_folder(tmp_path / "data", arrays)
+    monkeypatch.setattr(sys, "argv", ["modified_models.py", "--model", "FastVGG_narrow", "--data-dir", str(data_dir), "--epochs", "1",
+                                      "--batch-size", "64", "--no-progress", "--tsne-samples", "60", "--out-dir", str(tmp_path / "run")])
+    mm.main()
+    out = capsys.readouterr().out
+    assert "with flip test-time augmentation" in out
+    for name in ("config.json", "metrics.csv", "curves.png", "model.pth", "last.ckpt", "test.json", "confusion_matrix.png", "tsne_test.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+    config = json.loads((tmp_path / "run/config.json").read_text())
+    assert config["recipe"]["optimizer"] == "sgd" and config["recipe"]["augment"] == "light" and config["recipe"]["tta"] is True
+    assert json.loads((tmp_path / "run/test.json").read_text())["flip_tta"] is True
+
+
+def test_benchmark_settings_cross_product_and_types():
+    base = engine.RunConfig(model="FastVGG", recipe=mm.FAST_RECIPE)
+    variants = bench_fast.parse_vary(["lr=0.2,0.4", "augment=standard,light", "tta=off"])
+    assert len(variants) == 4 and variants[0] == {"lr": "0.2", "augment": "standard", "tta": "off"}
+    config = bench_fast.apply_settings(base, {"lr": "0.2", "batch_size": "x2", "tta": "off", "precision": "bf16-mixed", "compile": "on"})
+    assert config.recipe.lr == 0.2 and config.recipe.batch_size == 2 * mm.FAST_RECIPE.batch_size and config.recipe.tta is False
+    assert config.precision == "bf16-mixed" and config.compile is True
+    for bad in ({"lr": "fast"}, {"colour": "red"}, {"betas": "0.9"}):
+        with pytest.raises(fn.UserError):
+            bench_fast.apply_settings(base, bad)
+    with pytest.raises(fn.UserError):
+        bench_fast.parse_vary(["lr"])
