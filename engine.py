@@ -394,13 +394,18 @@ class RunRecorder(Callback):
         self.history = list(state_dict["history"])
 
 
-def write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str] | tuple[str, ...]) -> None:
+    """``rows`` as a CSV table of ``columns`` (other keys left out), written atomically."""
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows({k: row[k] for k in METRIC_COLUMNS} for row in history)
+            writer.writerows(rows)
     fn.write_atomically(path, write)
+
+
+def write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
+    write_csv(path, history, METRIC_COLUMNS)
 
 
 def read_metrics_csv(path: Path) -> list[dict[str, float]]:

@@ -53,7 +53,6 @@ one device each (Optuna's pruning callback does not support data-parallel traini
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import json
 import logging
@@ -390,14 +389,7 @@ def write_trials_csv(study: optuna.Study, path: Path) -> None:
     rows = [{"number": t.number, "state": t.state.name, "value": t.value,
              "duration_s": round(t.duration.total_seconds(), 2) if t.duration else None,
              "epochs_run": t.user_attrs.get("epochs_run"), "reason": t.user_attrs.get("reason", ""), **t.params} for t in trials]
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=[*TRIAL_COLUMNS, *param_names])
-            writer.writeheader()
-            writer.writerows(rows)
-
-    write_atomically(path, write)
+    engine.write_csv(path, rows, [*TRIAL_COLUMNS, *param_names])
 
 
 def best_record(study: optuna.Study, settings: StudySettings, best: FrozenTrial, retrain_epochs: int) -> dict[str, Any]:

@@ -13,7 +13,6 @@ comparison.md and comparison.png into --out-dir.
 from __future__ import annotations
 
 import argparse
-import csv
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -269,13 +268,7 @@ def comparison_row(name: str, run_dir: Path) -> dict[str, float | str]:
 
 
 def write_comparison(rows: list[dict], histories: dict[str, list[dict]], out_dir: Path, setting: str) -> None:
-    def write_csv(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=COMPARISON_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    fn.write_atomically(out_dir / "comparison.csv", write_csv)
+    engine.write_csv(out_dir / "comparison.csv", rows, COMPARISON_COLUMNS)
     lines = [f"Setting: {setting}", "",
              "| model | parameters | best val acc | final val acc | best val loss | final val loss | test acc | train-val gap | s/epoch |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

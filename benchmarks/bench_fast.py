@@ -17,7 +17,6 @@ airbench times itself). Writes runs.csv, runs.md and time_accuracy.png into --ou
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import statistics
 import sys
@@ -113,13 +112,7 @@ def measure(config: engine.RunConfig, data: engine.SplitData, variant: str, firs
 
 
 def write_table(rows: list[dict], out_dir: Path, title: str) -> str:
-    def write_csv(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    fn.write_atomically(out_dir / "runs.csv", write_csv)
+    engine.write_csv(out_dir / "runs.csv", rows, COLUMNS)
     lines = [title, "", "| variant | seed | epochs | seconds | val acc | val acc (TTA) | test acc | test acc (TTA) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
