@@ -188,9 +188,11 @@ def main() -> None:
     precision = engine.resolve_precision(args.precision, engine.resolve_accelerator(args.device))
     title = f"{args.model}, {engine.training_device(args.device)}, {precision}{', compiled' if args.compile else ''}"
     rows, curves = [], []
+    compiled = set()  # precisions already compiled for: later runs reuse the compiled code
     for name, config in configs.items():
         for seed in args.seeds:
-            first_run = config.compile and not rows
+            first_run = config.compile and config.precision not in compiled
+            compiled |= {config.precision} if config.compile else set()
             row, history = measure(replace(config, seed=seed, out_dir=str(out_dir / "runs" / f"{len(rows):02d}")), data, name, first_run)
             rows.append(row)
             curves.append((f"{name}, seed {seed}" + (" (first run)" if first_run else ""), history, row))
