@@ -9,6 +9,10 @@ The README's Results change CIFAR10Net one idea at a time (Changes #1 to #6), th
 run folder. ``--all`` (or ``--models A B ...``) trains each under one setting, skips models that
 already finished, resumes the one that was interrupted, and writes comparison.csv,
 comparison.md and comparison.png into --out-dir.
+
+FastVGG and FastVGG_narrow go past the README: a small fast VGG with its own recipe (SGD with
+Nesterov momentum, one-cycle schedule, label smoothing, light augmentation, flip TTA; --list shows
+it). The recipe defaults printed below are the README's; any flag given overrides either recipe.
 """
 from __future__ import annotations
 
