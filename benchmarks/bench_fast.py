@@ -186,7 +186,9 @@ def main() -> None:
     data = data.to(engine.training_device(args.device))  # once, before the clock starts
     print(f"Data: {data.source}; {len(data.train_images)} train / {len(data.val_images)} validation / {len(data.test_images)} test images")
     precision = engine.resolve_precision(args.precision, engine.resolve_accelerator(args.device))
-    title = f"{args.model}, {engine.training_device(args.device)}, {precision}{', compiled' if args.compile else ''}"
+    varied = {key for settings in variants.values() for key in settings}
+    title = (f"{args.model}, {engine.training_device(args.device)}" + ("" if "precision" in varied else f", {precision}")
+             + (", compiled" if args.compile and "compile" not in varied else ""))
     rows, curves = [], []
     compiled = set()  # precisions already compiled for: later runs reuse the compiled code
     for name, config in configs.items():
