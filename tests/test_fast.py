@@ -109,3 +109,16 @@ def test_benchmark_settings_cross_product_and_types():
             bench_fast.apply_settings(base, bad)
     with pytest.raises(fn.UserError):
         bench_fast.parse_vary(["lr"])
+
+
+def test_compile_flag_compiles_the_network_in_place(monkeypatch, tmp_path, split):
+    from conftest import quick_config
+
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *args, **kwargs: compiled.append(type(self).__name__))
+    config = replace(quick_config(tmp_path, model="FastVGG_narrow", epochs=1, batch_size=128), compile=True)
+    engine.fit(config, mm.MODELS["FastVGG_narrow"].build(), split, checkpoints=False)
+    assert compiled == ["FastVGG"]  # the network itself, so its state dict keeps plain names
+    config = replace(config, compile=False, out_dir=str(tmp_path / "plain"))
+    engine.fit(config, mm.MODELS["FastVGG_narrow"].build(), split, checkpoints=False)
+    assert compiled == ["FastVGG"]
