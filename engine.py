@@ -361,7 +361,7 @@ METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accu
 class RunRecorder(Callback):
     """After every epoch: the README's console line and ``metrics.csv``; ``curves.png`` when training stops. Resumes with the run.
 
-    The figure is drawn once, at the end or on an interruption, because drawing it costs more than a whole epoch of the fast models.
+    The figure is drawn once, at the end or on an interruption: drawing it takes about 0.16 s, a quarter of a FastVGG epoch on a GPU.
     """
 
     def __init__(self, run_dir: Path, title: str):
