@@ -94,16 +94,13 @@ def measure(config: engine.RunConfig, data: engine.SplitData, variant: str, firs
     started = time.perf_counter()
     recorder = engine.fit(config, net, data)
     seconds = time.perf_counter() - started
-    device = recorder.device
-    net = net.to(device)
-    val_images, val_labels = data.val_images.to(device), data.val_labels.to(device)
-    test_images, test_labels = data.test_images.to(device), data.test_labels.to(device)
+    net = net.to(recorder.device)  # the data is already there (main moves it once)
     row = {
         "variant": variant, "seed": config.seed, "epochs": config.recipe.epochs, "seconds": round(seconds, 2),
         "val_accuracy": recorder.history[-1]["val_accuracy"],
-        "val_tta": accuracy(net, val_images, val_labels, data, tta=True),
-        "test_plain": accuracy(net, test_images, test_labels, data, tta=False),
-        "test_tta": accuracy(net, test_images, test_labels, data, tta=True),
+        "val_tta": accuracy(net, data.val_images, data.val_labels, data, tta=True),
+        "test_plain": accuracy(net, data.test_images, data.test_labels, data, tta=False),
+        "test_tta": accuracy(net, data.test_images, data.test_labels, data, tta=True),
         "first_run": first_run,
     }
     print(f"{variant} seed {config.seed}: {row['epochs']} epochs in {seconds:.1f} s; validation {row['val_accuracy']:.4f} "
@@ -182,19 +179,20 @@ def main() -> None:
         variants.update(ABLATIONS)
     configs = {name: apply_settings(base, settings) for name, settings in variants.items()}  # bad settings fail before any training
 
-    data = engine.load_split(base)
-    data = data.to(engine.training_device(args.device))  # once, before the clock starts
+    device = engine.training_device(args.device)
+    data = engine.load_split(base).to(device)  # once, before the clock starts
     print(f"Data: {data.source}; {len(data.train_images)} train / {len(data.val_images)} validation / {len(data.test_images)} test images")
     precision = engine.resolve_precision(args.precision, engine.resolve_accelerator(args.device))
     varied = {key for settings in variants.values() for key in settings}
-    title = (f"{args.model}, {engine.training_device(args.device)}" + ("" if "precision" in varied else f", {precision}")
+    title = (f"{args.model}, {device}" + ("" if "precision" in varied else f", {precision}")
              + (", compiled" if args.compile and "compile" not in varied else ""))
     rows, curves = [], []
     compiled = set()  # precisions already compiled for: later runs reuse the compiled code
     for name, config in configs.items():
         for seed in args.seeds:
             first_run = config.compile and config.precision not in compiled
-            compiled |= {config.precision} if config.compile else set()
+            if config.compile:
+                compiled.add(config.precision)
             row, history = measure(replace(config, seed=seed, out_dir=str(out_dir / "runs" / f"{len(rows):02d}")), data, name, first_run)
             rows.append(row)
             curves.append((f"{name}, seed {seed}" + (" (first run)" if first_run else ""), history, row))
