@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import logging
 import math
@@ -540,11 +541,24 @@ def training_device(device: str) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); without, PyTorch emulates it, slowly."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+@functools.cache
+def warn_emulated_bf16() -> None:
+    print("warning: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 is emulated and training runs many "
+          "times slower than in float32; use --precision 32-true", file=sys.stderr)
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
-    if precision != "auto":
-        return precision
-    uses_cuda = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if uses_cuda else "32-true"
+    device_type = training_device(accelerator).type
+    if precision == "auto":
+        return "bf16-mixed" if device_type == "cuda" else "32-true"
+    if precision.startswith("bf16") and device_type == "cpu" and not cpu_has_bf16():
+        warn_emulated_bf16()
+    return precision
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

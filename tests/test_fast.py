@@ -122,3 +122,17 @@ def test_compile_flag_compiles_the_network_in_place(monkeypatch, tmp_path, split
     config = replace(config, compile=False, out_dir=str(tmp_path / "plain"))
     engine.fit(config, mm.MODELS["FastVGG_narrow"].build(), split, checkpoints=False)
     assert compiled == ["FastVGG"]
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns_once(monkeypatch, capsys):
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: False)
+    engine.warn_emulated_bf16.cache_clear()
+    assert engine.resolve_precision("32-true", "cpu") == "32-true"
+    assert engine.resolve_precision("auto", "cpu") == "32-true"
+    assert capsys.readouterr().err == ""
+    assert engine.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    assert engine.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    assert capsys.readouterr().err.count("use --precision 32-true") == 1
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: True)
+    engine.warn_emulated_bf16.cache_clear()
+    assert engine.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed" and capsys.readouterr().err == ""
