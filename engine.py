@@ -36,6 +36,8 @@ warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and i
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 # Frozen pretrained layers stay in eval mode on purpose (transfer learning): nothing to warn about.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+# The logged validation metrics are computed from sums already reduced over all processes: syncing them again is redundant.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val_")
 
 # --------------------------------------------------------------------------------------------
 # Configuration: the README's recipe is the default, every part of it a flag

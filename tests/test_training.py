@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,21 @@ def run(tmp_path, split, model="CIFAR10Net", **recipe):
     config = quick_config(tmp_path, model, **recipe)
     report = engine.train(config, modified_models.MODELS[model].build(), data=split)
     return config, report
+
+
+def test_two_process_data_parallel_run_on_the_cpu_learns(tmp_path, image_folder):
+    """The multi-GPU path (Lightning DDP: sharded batches, metrics reduced over processes, rank 0 writes) on two CPU processes."""
+    main_py = Path(__file__).resolve().parents[1] / "main.py"
+    result = subprocess.run([sys.executable, str(main_py), "--data-dir", str(image_folder), "--device", "cpu", "--devices", "2",
+                             "--strategy", "ddp", "--epochs", "4", "--lr", "3e-3", "--batch-size", "16", "--augment", "none",
+                             "--no-tsne", "--no-progress", "--out-dir", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = engine.read_metrics_csv(tmp_path / "run/metrics.csv")
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    report = json.loads((tmp_path / "run/test.json").read_text())
+    assert report["num_test_images"] == 100 and report["test_accuracy"] > 0.5  # chance is 0.1
 
 
 def test_short_run_learns_and_writes_the_run_folder(tmp_path, split):
