@@ -43,6 +43,12 @@ warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(
 # Configuration: the README's recipe is the default, every part of it a flag
 # --------------------------------------------------------------------------------------------
 OPTIMIZERS = ("adam", "adamw", "sgd")
+TTA_MODES = {
+    "none": "the image alone",
+    "flip": "the image and its mirror image, averaged",
+    "flip-translate": "half the flip average, half the flip averages of the image shifted one pixel up-left and one down-right "
+                      "(reflect-padded): 6 forward passes",
+}
 SCHEDULERS = {
     "none": "constant",
     "cosine": "linear warm-up, then cosine decay to 0, per step",
@@ -65,7 +71,7 @@ class Recipe:
     scheduler: str = "none"
     warmup_epochs: float = 0.0
     augment: str = "readme"
-    tta: bool = False
+    tta: str = "none"
 
 
 @dataclass
@@ -141,8 +147,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, recipe: Recipe, run_
     group.add_argument("--warmup-epochs", type=non_negative_float, help=f"epochs of linear warm-up for cosine/onecycle (default {r.warmup_epochs})")
     group.add_argument("--augment", choices=tuple(fn.AUGMENT_PRESETS), help="training augmentation, done in batches on the device: "
                        + "; ".join(f"{k}: {v}" for k, v in fn.AUGMENT_PRESETS.items()) + f" (default {r.augment})")
-    group.add_argument("--tta", action=argparse.BooleanOptionalAction, help="test-time augmentation: test predictions average the class "
-                       f"scores of each image and its mirror image (default {'on' if r.tta else 'off'})")
+    group.add_argument("--tta", choices=tuple(TTA_MODES), help="test-time augmentation, the class scores of each test image from: "
+                       + "; ".join(f"{k}: {v}" for k, v in TTA_MODES.items()) + f" (default {r.tta})")
 
     group = parser.add_argument_group("data")
     group.add_argument("--data-dir", default="./data", help="folder with CIFAR-10: the official 'cifar-10-batches-py' folder, or an image-folder tree "
@@ -455,15 +461,37 @@ def write_json(path: Path, value: Any) -> None:
 # --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
+def tta_logits(net: nn.Module, images: torch.Tensor, logits: torch.Tensor, mode: str) -> dict[str, torch.Tensor]:
+    """The scores under each test-time augmentation of TTA_MODES up to ``mode``, in that order.
+
+    ``logits`` are the scores of ``images`` themselves; each mode reuses the views of the one before.
+    """
+    scores = {"none": logits}
+    if mode == "none":
+        return scores
+
+    def with_mirror(x: torch.Tensor, x_scores: torch.Tensor) -> torch.Tensor:
+        return (x_scores + net(x.flip(3)).float()) / 2
+
+    scores["flip"] = with_mirror(images, logits)
+    if mode == "flip":
+        return scores
+    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+    shifted = [padded[:, :, :-2, :-2], padded[:, :, 2:, 2:]]  # content moved one pixel down-right, one up-left
+    scores["flip-translate"] = (scores["flip"] + sum(with_mirror(x, net(x).float()) for x in shifted) / 2) / 2
+    return scores
+
+
 @torch.no_grad()
-def predict(net: nn.Module, batches, with_features: bool = False, flip_tta: bool = False) -> dict[str, torch.Tensor]:
+def predict(net: nn.Module, batches, with_features: bool = False, tta: str = "none") -> dict[str, Any]:
     """Logits (and penultimate features, from the same forward pass) for every batch, in eval mode.
 
-    ``flip_tta`` averages each image's logits with its mirror image's (test-time augmentation);
-    the features stay those of the image itself.
+    ``logits`` are averaged over the test-time views of ``tta``; ``logits_by_tta`` holds the logits of
+    every mode up to it, from the same forward passes. The features stay those of the image itself.
     """
     net.eval()
-    logits, features, labels = [], [], []
+    by_tta: dict[str, list[torch.Tensor]] = {}
+    features, labels = [], []
     for images, batch_labels in batches:
         if with_features:
             penultimate = net.forward_features(images)
@@ -471,11 +499,11 @@ def predict(net: nn.Module, batches, with_features: bool = False, flip_tta: bool
             features.append(penultimate.flatten(1).float().cpu())
         else:
             batch_logits = net(images).float()
-        if flip_tta:
-            batch_logits = (batch_logits + net(images.flip(3)).float()) / 2
-        logits.append(batch_logits.cpu())
+        for mode, scores in tta_logits(net, images, batch_logits, tta).items():
+            by_tta.setdefault(mode, []).append(scores.cpu())
         labels.append(batch_labels.cpu())
-    result = {"logits": torch.cat(logits), "labels": torch.cat(labels)}
+    logits_by_tta = {mode: torch.cat(scores) for mode, scores in by_tta.items()}
+    result = {"logits": logits_by_tta[tta], "logits_by_tta": logits_by_tta, "labels": torch.cat(labels)}
     if with_features:
         result["features"] = torch.cat(features)
     return result
@@ -674,16 +702,16 @@ def finish_run(config: RunConfig, net: nn.Module, data: SplitData, history: list
     fn.write_atomically(run_dir / "model.pth", lambda tmp: torch.save(state, tmp))
     test = predict(net, fn.EvalBatches(data.test_images.to(device), data.test_labels.to(device),
                                        CIFAR10DataModule.EVAL_BATCH, data.mean, data.std),
-                   with_features=hasattr(net, "forward_features"), flip_tta=config.recipe.tta)
+                   with_features=hasattr(net, "forward_features"), tta=config.recipe.tta)
     report = test_report(test["labels"], test["logits"].argmax(1), data.classes)
     final = history[-1] if history else {}
-    report.update({"model": config.model, "epochs": len(history), "flip_tta": config.recipe.tta, "final_val_accuracy": final.get("val_accuracy"),
+    report.update({"model": config.model, "epochs": len(history), "tta": config.recipe.tta, "final_val_accuracy": final.get("val_accuracy"),
                    "best_val_accuracy": max((row["val_accuracy"] for row in history), default=None),
                    "data": data.source})
     write_json(run_dir / "test.json", report)
     plot_confusion(report, data.classes, run_dir / "confusion_matrix.png", config.model)
     print(f"Test accuracy of {config.model}: {report['test_accuracy']:.4f} on {report['num_test_images']} images"
-          + (" (with flip test-time augmentation)" if config.recipe.tta else ""))
+          + (f" (with {config.recipe.tta} test-time augmentation)" if config.recipe.tta != "none" else ""))
     if config.tsne and hasattr(net, "forward_features"):
         import tsne
 

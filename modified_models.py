@@ -216,13 +216,13 @@ README_MODELS = tuple(MODELS)  # CIFAR10Net and the seven modified models, the -
 
 # FastVGG's own recipe: every choice a flag, each measured in benchmarks/bench_fast.py (see the README).
 FAST_RECIPE = engine.Recipe(epochs=10, batch_size=512, optimizer="sgd", lr=0.8, momentum=0.9, weight_decay=5e-4,
-                            label_smoothing=0.2, scheduler="onecycle", warmup_epochs=2.0, augment="light", tta=True)
+                            label_smoothing=0.2, scheduler="onecycle", warmup_epochs=2.0, augment="light", tta="flip")
 
 
 def recipe_summary(r: engine.Recipe) -> str:
     return (f"Trains {r.epochs} epochs, batch {r.batch_size}, {r.optimizer} lr {r.lr:g} (momentum {r.momentum}, weight decay {r.weight_decay:g}), "
             f"{r.scheduler} schedule with {r.warmup_epochs:g} warm-up epochs, label smoothing {r.label_smoothing}, "
-            f"{r.augment} augmentation{', flip TTA' if r.tta else ''}.")
+            f"{r.augment} augmentation{f', {r.tta} TTA' if r.tta != 'none' else ''}.")
 
 
 MODELS["FastVGG"] = ModelSpec(FastVGG, FAST_RECIPE, first_line(FastVGG) + " " + recipe_summary(FAST_RECIPE))

@@ -262,8 +262,8 @@ def feature_cache_applies(options: TransferOptions, recipe: engine.Recipe, devic
         print(f"note: --augment {recipe.augment} changes the images every epoch, so the backbone's features cannot be cached; "
               f"every epoch runs the full backbone (--augment none caches them)")
         return False
-    if recipe.tta:
-        print("note: --tta needs the backbone's features of mirrored test images too, so features are not cached")
+    if recipe.tta != "none":
+        print("note: --tta needs the backbone's features of mirrored and shifted test images too, so features are not cached")
         return False
     return True
 

@@ -41,13 +41,20 @@ ABLATIONS = {
     "batch 1024, lr x2": {"batch_size": "x2", "lr": "x2"},
     "batch 256, lr /2": {"batch_size": "/2", "lr": "/2"},
 }
-COLUMNS = ("variant", "seed", "epochs", "seconds", "val_accuracy", "val_tta", "test_plain", "test_tta", "first_run")
+COLUMNS = ("variant", "seed", "epochs", "tta", "seconds", "val_accuracy", "val_tta", "test_plain", "test_flip", "test_flip_translate", "test_tta",
+           "first_run")
+
+
+# Settings with a fixed set of values: a value outside it fails before any training.
+CHOICES = {"tta": engine.TTA_MODES, "augment": fn.AUGMENT_PRESETS, "optimizer": engine.OPTIMIZERS, "scheduler": engine.SCHEDULERS}
 
 
 def setting_value(key: str, text: str, current, kind: type):
     """``text`` as a value of the setting ``key`` (of type ``kind``); x2 and /2 scale the current value."""
     if kind not in (int, float, str, bool):
         raise fn.UserError(f"{key} cannot be varied here")
+    if key in CHOICES and text not in CHOICES[key]:
+        raise fn.UserError(f"{key}={text}: choose one of {', '.join(CHOICES[key])}")
     if text in ("x2", "/2") and kind in (int, float):
         return kind(current * 2 if text == "x2" else current / 2)
     if kind is bool:
@@ -82,10 +89,11 @@ def parse_vary(items: list[str]) -> list[dict[str, str]]:
     return [dict(combination) for combination in itertools.product(*axes)]
 
 
-def accuracy(net, images, labels, data: engine.SplitData, tta: bool) -> float:
+def accuracies(net, images, labels, data: engine.SplitData, tta: str) -> dict[str, float]:
+    """Accuracy under each test-time augmentation up to ``tta``, from one pass of each view."""
     batches = fn.EvalBatches(images, labels, engine.CIFAR10DataModule.EVAL_BATCH, data.mean, data.std)
-    result = engine.predict(net, batches, flip_tta=tta)
-    return (result["logits"].argmax(1) == result["labels"]).double().mean().item()
+    result = engine.predict(net, batches, tta=tta)
+    return {mode: (logits.argmax(1) == result["labels"]).double().mean().item() for mode, logits in result["logits_by_tta"].items()}
 
 
 def measure(config: engine.RunConfig, data: engine.SplitData, variant: str, first_run: bool) -> tuple[dict, list[dict]]:
@@ -95,33 +103,36 @@ def measure(config: engine.RunConfig, data: engine.SplitData, variant: str, firs
     recorder = engine.fit(config, net, data)
     seconds = time.perf_counter() - started
     net = net.to(recorder.device)  # the data is already there (main moves it once)
+    test = accuracies(net, data.test_images, data.test_labels, data, tta="flip-translate")
     row = {
-        "variant": variant, "seed": config.seed, "epochs": config.recipe.epochs, "seconds": round(seconds, 2),
+        "variant": variant, "seed": config.seed, "epochs": config.recipe.epochs, "tta": config.recipe.tta,
+        "seconds": round(seconds, 2),
         "val_accuracy": recorder.history[-1]["val_accuracy"],
-        "val_tta": accuracy(net, data.val_images, data.val_labels, data, tta=True),
-        "test_plain": accuracy(net, data.test_images, data.test_labels, data, tta=False),
-        "test_tta": accuracy(net, data.test_images, data.test_labels, data, tta=True),
+        "val_tta": accuracies(net, data.val_images, data.val_labels, data, tta=config.recipe.tta)[config.recipe.tta],
+        "test_plain": test["none"], "test_flip": test["flip"], "test_flip_translate": test["flip-translate"],
+        "test_tta": test[config.recipe.tta],
         "first_run": first_run,
     }
     print(f"{variant} seed {config.seed}: {row['epochs']} epochs in {seconds:.1f} s; validation {row['val_accuracy']:.4f} "
-          f"(TTA {row['val_tta']:.4f}); test {row['test_plain']:.4f}, with flip TTA {row['test_tta']:.4f}", flush=True)
+          f"({config.recipe.tta} TTA {row['val_tta']:.4f}); test {row['test_plain']:.4f}, with flip TTA {row['test_flip']:.4f}, "
+          f"with flip-translate TTA {row['test_flip_translate']:.4f}", flush=True)
     return row, recorder.history
 
 
 def write_table(rows: list[dict], out_dir: Path, title: str) -> str:
     engine.write_csv(out_dir / "runs.csv", rows, COLUMNS)
-    lines = [title, "", "| variant | seed | epochs | seconds | val acc | val acc (TTA) | test acc | test acc (TTA) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    accuracy_columns = ("val_accuracy", "val_tta", "test_plain", "test_flip", "test_flip_translate")
+    lines = [title, "", "| variant | seed | epochs | seconds | val acc | val acc (run's TTA) | test acc | test (flip TTA) | test (flip-translate TTA) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['variant']}{' (first run, compiles)' if r['first_run'] else ''} | {r['seed']} | {r['epochs']} | {r['seconds']:.1f} | "
-                     f"{r['val_accuracy']:.2%} | {r['val_tta']:.2%} | {r['test_plain']:.2%} | {r['test_tta']:.2%} |")
+                     + " | ".join(f"{r[key]:.2%}" for key in accuracy_columns) + " |")
     timed = [r for r in rows if not r["first_run"]]
     for variant in dict.fromkeys(r["variant"] for r in timed):
         group = [r for r in timed if r["variant"] == variant]
         if len(group) > 1:
             lines.append(f"| **{variant}: mean of {len(group)}** | | {group[0]['epochs']} | {statistics.mean(r['seconds'] for r in group):.1f} | "
-                         f"{statistics.mean(r['val_accuracy'] for r in group):.2%} | {statistics.mean(r['val_tta'] for r in group):.2%} | "
-                         f"{statistics.mean(r['test_plain'] for r in group):.2%} | {statistics.mean(r['test_tta'] for r in group):.2%} |")
+                         + " | ".join(f"{statistics.mean(r[key] for r in group):.2%}" for key in accuracy_columns) + " |")
     text = "\n".join(lines) + "\n"
     fn.write_atomically(out_dir / "runs.md", lambda tmp: tmp.write_text(text))
     return text
@@ -141,7 +152,7 @@ def plot_time_accuracy(curves: list[tuple[str, list[dict], dict]], path: Path, t
         colour = colours(index % 10)
         axis.plot(elapsed, [epoch["val_accuracy"] for epoch in history], marker=".", color=colour, label=f"{label}: validation per epoch")
         axis.plot([row["seconds"]], [row["test_tta"]], marker="*", markersize=12, color=colour, linestyle="none",
-                  label=f"{label}: test {row['test_tta']:.2%} (TTA)")
+                  label=f"{label}: test {row['test_tta']:.2%} ({row['tta']} TTA)")
     axis.axhline(0.93, color="grey", linestyle=":", label="93%")
     axis.set_xlabel("wall-clock seconds of training")
     axis.set_ylabel("accuracy")

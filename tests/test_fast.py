@@ -46,18 +46,26 @@ def test_recipe_lowers_the_loss_of_a_tiny_batch():
     assert losses[-1] < 0.7 * losses[0]
 
 
-def test_flip_tta_is_the_mean_of_the_two_predictions(split):
+def test_tta_modes_average_the_views_they_name(split):
     torch.manual_seed(0)
     net = mm.MODELS["FastVGG_narrow"].build()
     batches = fn.EvalBatches(split.test_images[:40], split.test_labels[:40], 16, split.mean, split.std)
     plain = engine.predict(net, batches)["logits"]
-    with_tta = engine.predict(net, batches, flip_tta=True, with_features=True)
+    with_tta = engine.predict(net, batches, tta="flip-translate", with_features=True)
     images = torch.cat([images for images, _ in batches])
+    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
     with torch.no_grad():
-        mirrored = net(images.flip(3))
-    torch.testing.assert_close(with_tta["logits"], (plain + mirrored) / 2)
-    assert not torch.allclose(with_tta["logits"], plain)
-    torch.testing.assert_close(with_tta["features"], engine.predict(net, batches, with_features=True)["features"])  # features: unflipped
+        def mirror_mean(x):
+            return (net(x) + net(x.flip(3))) / 2
+        flip = mirror_mean(images)
+        down_right, up_left = mirror_mean(padded[:, :, 0:32, 0:32]), mirror_mean(padded[:, :, 2:34, 2:34])
+    assert torch.equal(padded[:, :, 0:32, 0:32][:, :, 1:, 1:], images[:, :, :31, :31])  # content moved one pixel down-right
+    torch.testing.assert_close(with_tta["logits_by_tta"]["none"], plain)
+    torch.testing.assert_close(with_tta["logits_by_tta"]["flip"], flip)
+    torch.testing.assert_close(with_tta["logits"], flip / 2 + (down_right + up_left) / 4)
+    torch.testing.assert_close(engine.predict(net, batches, tta="flip")["logits"], flip)
+    assert not torch.allclose(flip, plain) and not torch.allclose(with_tta["logits"], flip)
+    torch.testing.assert_close(with_tta["features"], engine.predict(net, batches, with_features=True)["features"])  # features: the image itself
 
 
 def test_fast_recipe_schedule_warms_up_peaks_and_decays():
@@ -89,22 +97,22 @@ def test_fastvgg_one_epoch_run_writes_the_usual_outputs(monkeypatch, capsys, tmp
                                       "--batch-size", "64", "--no-progress", "--tsne-samples", "60", "--out-dir", str(tmp_path / "run")])
     mm.main()
     out = capsys.readouterr().out
-    assert "with flip test-time augmentation" in out
+    assert "(with flip test-time augmentation)" in out
     for name in ("config.json", "metrics.csv", "curves.png", "model.pth", "last.ckpt", "test.json", "confusion_matrix.png", "tsne_test.png"):
         assert (tmp_path / "run" / name).is_file(), name
     config = json.loads((tmp_path / "run/config.json").read_text())
-    assert config["recipe"]["optimizer"] == "sgd" and config["recipe"]["augment"] == "light" and config["recipe"]["tta"] is True
-    assert json.loads((tmp_path / "run/test.json").read_text())["flip_tta"] is True
+    assert config["recipe"]["optimizer"] == "sgd" and config["recipe"]["augment"] == "light" and config["recipe"]["tta"] == "flip"
+    assert json.loads((tmp_path / "run/test.json").read_text())["tta"] == "flip"
 
 
 def test_benchmark_settings_cross_product_and_types():
     base = engine.RunConfig(model="FastVGG", recipe=mm.FAST_RECIPE)
-    variants = bench_fast.parse_vary(["lr=0.2,0.4", "augment=standard,light", "tta=off"])
-    assert len(variants) == 4 and variants[0] == {"lr": "0.2", "augment": "standard", "tta": "off"}
-    config = bench_fast.apply_settings(base, {"lr": "0.2", "batch_size": "x2", "tta": "off", "precision": "bf16-mixed", "compile": "on"})
-    assert config.recipe.lr == 0.2 and config.recipe.batch_size == 2 * mm.FAST_RECIPE.batch_size and config.recipe.tta is False
+    variants = bench_fast.parse_vary(["lr=0.2,0.4", "augment=standard,light", "tta=none"])
+    assert len(variants) == 4 and variants[0] == {"lr": "0.2", "augment": "standard", "tta": "none"}
+    config = bench_fast.apply_settings(base, {"lr": "0.2", "batch_size": "x2", "tta": "flip-translate", "precision": "bf16-mixed", "compile": "on"})
+    assert config.recipe.lr == 0.2 and config.recipe.batch_size == 2 * mm.FAST_RECIPE.batch_size and config.recipe.tta == "flip-translate"
     assert config.precision == "bf16-mixed" and config.compile is True
-    for bad in ({"lr": "fast"}, {"colour": "red"}, {"betas": "0.9"}):
+    for bad in ({"lr": "fast"}, {"colour": "red"}, {"betas": "0.9"}, {"tta": "off"}, {"augment": "heavy"}):
         with pytest.raises(fn.UserError):
             bench_fast.apply_settings(base, bad)
     with pytest.raises(fn.UserError):
