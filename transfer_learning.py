@@ -263,7 +263,7 @@ def feature_cache_applies(options: TransferOptions, recipe: engine.Recipe, devic
               f"every epoch runs the full backbone (--augment none caches them)")
         return False
     if recipe.tta != "none":
-        print("note: --tta needs the backbone's features of mirrored and shifted test images too, so features are not cached")
+        print("note: --tta needs the backbone's features of the test-time views (mirrored, shifted images) too, so features are not cached")
         return False
     return True
 

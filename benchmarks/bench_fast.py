@@ -7,8 +7,9 @@
 
 Every run trains through the engine exactly as ``modified_models.py --model <name>`` does, so the
 time includes what a user's run includes (the per-epoch validation, the checkpoints), but not the
-data loading, which happens once. After each run it measures validation accuracy with flip TTA (the
-number to choose settings by) and test accuracy with and without TTA.
+data loading, which happens once. After each run it measures validation accuracy with the run's TTA
+(the number to choose settings by) and test accuracy under each TTA mode (none, flip, flip-translate),
+from one forward pass of each view.
 
 With --compile the first run also compiles the network; its time is reported as the first run, and
 the runs after it start with the network already compiled and the data already on the device (how
