@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engine  # noqa: E402
 import functions as fn  # noqa: E402
+from bench_fast import accuracies  # noqa: E402
 from modified_models import ConvGroup  # noqa: E402
 
 MOMENTUM, LABEL_SMOOTHING, LOGIT_SCALE = 0.85, 0.2, 1 / 9
@@ -159,9 +160,7 @@ def train_and_test(data: engine.SplitData, seed: int, epochs: float, width: int,
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    batches = fn.EvalBatches(data.test_images, data.test_labels, 1000, data.mean, data.std)
-    result = engine.predict(net, batches, tta="flip-translate")
-    test = {mode: (logits.argmax(1) == result["labels"]).double().mean().item() for mode, logits in result["logits_by_tta"].items()}
+    test = accuracies(net, data.test_images, data.test_labels, data, tta="flip-translate")
     return {"seed": seed, "train_images": len(images), "epochs": epochs, "width": width, "batch_size": batch_size,
             "seconds": round(seconds, 1),
             "test_plain": test["none"], "test_flip": test["flip"], "test_flip_translate": test["flip-translate"]}
