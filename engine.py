@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import functools
 import json
 import logging
 import math
+import os
+import shlex
+import shutil
+import signal
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -23,6 +29,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
+from filelock import FileLock, Timeout
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
@@ -91,6 +98,7 @@ class RunConfig:
     precision: str = "auto"
     compile: bool = False
     resume: str | None = None
+    overwrite: bool = False
     progress: bool = True
     tsne: bool = True
     tsne_samples: int | None = None
@@ -101,6 +109,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
     return value
 
 
@@ -159,8 +174,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, recipe: Recipe, run_
 
     group = parser.add_argument_group("run")
     group.add_argument("--out-dir", help=f"run folder for every output (default runs/{run_name})")
-    group.add_argument("--seed", type=int, default=0, help="seeds initialisation, shuffling, augmentation and dropout; the 45k/5k split is always the README's (default 0)")
+    group.add_argument("--seed", type=non_negative_int, default=0, help="seeds initialisation, shuffling, augmentation and dropout; the 45k/5k split is always the README's (default 0)")
     group.add_argument("--resume", nargs="?", const="last", metavar="CKPT", help="continue an interrupted run: with no value, from last.ckpt in --out-dir; or from the checkpoint given")
+    group.add_argument("--overwrite", action="store_true", help="replace the run already in --out-dir (without it, a folder that holds a run's results is "
+                       "refused: continue it with --resume or choose another --out-dir)")
     group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "gpu", "mps"), help="where to train (default auto: cuda, else mps, else cpu)")
     group.add_argument("--devices", default="auto", help="how many devices, or which, passed to Lightning (e.g. 4, or 0,1) (default auto)")
     group.add_argument("--strategy", default="auto", help="Lightning's distribution strategy, e.g. ddp for data-parallel over several GPUs or nodes (default auto)")
@@ -188,16 +205,90 @@ def config_from_args(args: argparse.Namespace, model: str, recipe: Recipe, run_n
     return RunConfig(model=model, recipe=replace(recipe, **given), out_dir=args.out_dir or str(Path("runs") / run_name), **settings)
 
 
+class RunInterrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM (a job scheduler) arrived. A BaseException, so no ``except Exception`` swallows it.
+
+    On its way up, the code that knows fills in what is kept (``saved``) and, where the flags that continue
+    differ from the run's own plus --resume, the command that continues (``continue_command``).
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.saved: str | None = None
+        self.continue_command: str | None = None
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN, infinite or exploded: later epochs cannot rescue the run."""
+
+    def __init__(self, loss_name: str, value: float, epoch: int, lr: float):
+        super().__init__(f"training diverged: the {loss_name} is {value:.3g} after epoch {epoch}; lower the learning rate "
+                         f"(--lr, now {lr:g}) and start again; no model.pth was written"
+                         + (", last.ckpt keeps the last good epoch" if epoch > 1 else ""))
+        self.loss_name, self.value, self.epoch = loss_name, value, epoch
+
+
+def raise_interrupted(signum: int, frame) -> None:
+    raise RunInterrupted(signum)
+
+
+def is_main_process() -> bool:
+    """False in the extra processes of data-parallel training (Lightning, torchrun and SLURM set these): the first one owns the run."""
+    return all(os.environ.get(name, "0") == "0" for name in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues the run ``argv`` started: the same flags, without --overwrite, with --resume."""
+    args, skip_value = [], False
+    for arg in argv[1:]:
+        if skip_value and not arg.startswith("-"):
+            skip_value = False
+            continue
+        skip_value = arg == "--resume"
+        if arg in ("--overwrite", "--resume") or arg.startswith("--resume="):
+            continue
+        args.append(arg)
+    return shlex.join(["python", argv[0], *args, "--resume"])
+
+
+def interrupted_message(interrupt: RunInterrupted) -> str:
+    """One line: which signal, what is kept, and the command that continues (only if there is something to continue)."""
+    if interrupt.saved is None:
+        return f"interrupted by {interrupt} before anything was saved: nothing to resume; run the same command to start again"
+    return f"interrupted by {interrupt}: {interrupt.saved}; continue with: {interrupt.continue_command or resume_command(sys.argv)}"
+
+
 def run_cli(main: Callable[[], Any]) -> None:
-    """Run a script's ``main``; a ``UserError`` becomes one line on stderr and exit status 2."""
+    """Run a script's ``main`` with the toolkit's exit statuses, each with one line on stderr.
+
+    0 done; 1 training diverged or the disk filled up; 2 a mistake in the command or the data (``UserError``);
+    130 Ctrl-C (SIGINT) and 143 SIGTERM, after saying what was saved and how to continue.
+    """
+    handlers = {signum: signal.signal(signum, raise_interrupted) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted; continue with --resume", file=sys.stderr)
-        sys.exit(130)
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: the disk is full ({error.filename or error}); the files written before stay as they were: free some space, "
+              f"then continue with: {resume_command(sys.argv)}", file=sys.stderr)
+        sys.exit(1)
+    except (RunInterrupted, KeyboardInterrupt) as interrupt:
+        if not isinstance(interrupt, RunInterrupted):
+            interrupt = RunInterrupted(signal.SIGINT)
+        if is_main_process():
+            print(f"\n{interrupted_message(interrupt)}", file=sys.stderr)
+        sys.exit(128 + interrupt.signum)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 # --------------------------------------------------------------------------------------------
@@ -608,6 +699,9 @@ def resume_checkpoint(config: RunConfig, run_dir: Path) -> Path | None:
     if config.resume == "last" and not path.is_file():
         raise UserError(f"nothing to resume: {run_dir} has no last.ckpt; give --out-dir of the interrupted run, or drop --resume")
     checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        held = "a plain state dict (model.pth)" if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}"
+        raise UserError(f"{path} holds {held}, not a training checkpoint; resume from a run's last.ckpt or best.ckpt")
     saved = checkpoint.get("run_config", {})
     if saved.get("model") != config.model:
         raise UserError(f"{path} is a checkpoint of {saved.get('model', 'an unknown model')}, not {config.model}; "
@@ -615,6 +709,113 @@ def resume_checkpoint(config: RunConfig, run_dir: Path) -> Path | None:
     if saved.get("recipe", {}).get("epochs", config.recipe.epochs) > config.recipe.epochs:
         raise UserError(f"{path} was trained for more epochs than --epochs {config.recipe.epochs}; raise --epochs to continue")
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# The run folder: one run per folder, held while the run lives
+# --------------------------------------------------------------------------------------------
+RESULT_FILES = ("metrics.csv", "last.ckpt", "best.ckpt", "model.pth", "test.json")
+RUN_OUTPUTS = ("config.json", *RESULT_FILES, "curves.png", "confusion_matrix.png", "tsne_*.png", "tsne_*.npz", "tsne_metrics.json")
+MIN_FREE_BYTES = 100 * 2**20  # a few checkpoints of the largest network here, written through temporary copies
+LOCK_FILE = ".lock"
+held_run_folders: dict[Path, tuple[FileLock, bool]] = {}  # folder: its lock, and whether this run created the folder
+
+
+def check_writable_folder(folder: Path, flag: str = "--out-dir") -> None:
+    """Create ``folder`` if needed and make sure files can be written there; one line naming the problem otherwise."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder} is a file; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{flag} {folder} lies under a file, not a folder; give a folder path") from None
+    except OSError as error:
+        raise UserError(f"cannot write in {flag} {folder} ({error.strerror}); choose another {flag}") from None
+    free = shutil.disk_usage(folder).free
+    if free < MIN_FREE_BYTES:
+        raise UserError(f"the disk of {flag} {folder} has {free / 2**20:.0f} MB free and a run needs {MIN_FREE_BYTES // 2**20} MB "
+                        f"for its checkpoints; free some space or choose another {flag}")
+
+
+def remove_temporary_files(folder: Path) -> None:
+    """Delete the half-written temporary copies ``fn.write_atomically`` leaves when a process is killed mid-write."""
+    for path in folder.iterdir():
+        if path.is_file() and fn.is_temporary_copy(path):
+            path.unlink(missing_ok=True)
+
+
+def continues_this_folder(config: RunConfig, run_dir: Path) -> bool:
+    return config.resume == "last" or (config.resume is not None and Path(config.resume).resolve().parent == run_dir.resolve())
+
+
+def keep_earlier_results(config: RunConfig, run_dir: Path) -> None:
+    """Refuse a folder that holds another run's results, unless this run continues it (--resume) or replaces it (--overwrite)."""
+    results = [name for name in RESULT_FILES if (run_dir / name).exists()]
+    if not results or continues_this_folder(config, run_dir):
+        return
+    if not config.overwrite:
+        state = "a finished" if (run_dir / "test.json").exists() else "an unfinished"
+        raise UserError(f"{run_dir} holds {state} run ({', '.join(results)}); continue it with --resume, keep it and give "
+                        f"another --out-dir, or replace it with --overwrite")
+    for pattern in RUN_OUTPUTS:
+        for path in run_dir.glob(pattern):
+            path.unlink()
+    print(f"--overwrite: removed the earlier run's files from {run_dir}")
+
+
+def claim_run_folder(config: RunConfig) -> Path:
+    """Hold ``config.out_dir`` for this run: writable, locked against a second live run, holding no other run's results.
+
+    Call it before any slow work. Idempotent within a process; ``release_run_folder`` lets go. The lock is the
+    operating system's, so a killed run never leaves its folder locked.
+    """
+    run_dir = Path(config.out_dir)
+    if run_dir.resolve() in held_run_folders or not is_main_process():  # the extra data-parallel processes share the first's claim
+        return run_dir
+    if config.resume is not None and config.overwrite:
+        raise UserError("--resume continues the run in --out-dir and --overwrite replaces it; give one of them")
+    created = not run_dir.exists()
+    check_writable_folder(run_dir)
+    lock = FileLock(run_dir / LOCK_FILE, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"another run is using {run_dir} right now; wait for it to end, or give another --out-dir") from None
+    held_run_folders[run_dir.resolve()] = (lock, created)
+    try:
+        keep_earlier_results(config, run_dir)
+        remove_temporary_files(run_dir)  # left by a kill; while the folder is ours nobody else writes there
+    except BaseException:
+        release_run_folder(run_dir)
+        raise
+    return run_dir
+
+
+def release_run_folder(run_dir: Path) -> None:
+    """Let go of the folder; one this run created and left empty (it failed before writing anything) is removed."""
+    lock, created = held_run_folders.pop(Path(run_dir).resolve(), (None, False))
+    if lock is None:
+        return
+    lock.release()
+    if created and [path.name for path in run_dir.iterdir()] == [LOCK_FILE]:
+        (run_dir / LOCK_FILE).unlink()
+        run_dir.rmdir()
+
+
+# Cross-entropy over 10 classes starts near ln 10 = 2.3, and a poor but sound run stays within hundreds
+# (BatchNorm statistics that lag a high learning rate); above 10,000 the weights have blown up.
+DIVERGED_LOSS = 1e4
+
+
+class DivergenceGuard(Callback):
+    """Stops the run in the epoch its loss becomes NaN, infinite or explodes, before that epoch's checkpoints are written."""
+
+    def on_validation_end(self, trainer: pl.Trainer, module: ImageClassifier) -> None:
+        metrics = module.epoch_metrics
+        for key, name in (("val_loss", "validation loss"), ("train_loss", "training loss")):
+            if not metrics[key] <= DIVERGED_LOSS:  # also true for NaN
+                raise TrainingDiverged(name, metrics[key], metrics["epoch"], module.recipe.lr)
 
 
 class ConfigInCheckpoint(Callback):
@@ -628,6 +829,8 @@ class ConfigInCheckpoint(Callback):
 
 
 def load_split(config: RunConfig) -> SplitData:
+    if config.limit_train is not None and config.limit_train < 2:
+        raise UserError(f"--limit-train {config.limit_train} leaves too few images to train on; give at least 2")
     data = SplitData.from_arrays(fn.load_cifar10(config.data_dir, config.num_workers), config.limit_train)
     if len(data.train_images) < 2 or len(data.val_images) < 1:
         raise UserError(f"{config.data_dir} holds too few training images to split 90/10; it needs at least 20")
@@ -640,7 +843,7 @@ def fit(config: RunConfig, net: nn.Module, data: SplitData, module_class: type[I
 
     ``initialize`` applies the README's Kaiming-normal initialisation (off for pretrained networks);
     ``callbacks`` are added to the Trainer's (hyperparameter tuning adds its pruning callback);
-    ``checkpoints`` writes best.ckpt and last.ckpt after every epoch.
+    ``checkpoints`` writes last.ckpt after every epoch, and best.ckpt when the validation loss is the lowest so far.
     """
     run_dir = Path(config.out_dir)
     accelerator = resolve_accelerator(config.device)
@@ -659,11 +862,12 @@ def fit(config: RunConfig, net: nn.Module, data: SplitData, module_class: type[I
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", asdict(config))
     recorder = RunRecorder(run_dir, config.model)
-    all_callbacks: list[Callback] = [recorder, *callbacks]
+    all_callbacks: list[Callback] = [recorder, DivergenceGuard(), *callbacks]  # the guard first: a pruner never sees a NaN
     if checkpoints:
+        # Two checkpoints: Lightning's save_last writes last.ckpt only in epochs where the monitored one saved.
         all_callbacks += [ConfigInCheckpoint(config),
-                          ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val_loss", mode="min", save_last=True,
-                                          enable_version_counter=False)]
+                          ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val_loss", mode="min", enable_version_counter=False),
+                          ModelCheckpoint(dirpath=run_dir, filename="last", save_on_train_epoch_end=True, enable_version_counter=False)]
     if config.progress:
         all_callbacks.append(TQDMProgressBar(refresh_rate=20))
     trainer = pl.Trainer(
@@ -672,26 +876,54 @@ def fit(config: RunConfig, net: nn.Module, data: SplitData, module_class: type[I
         plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0, enable_model_summary=False,
         enable_checkpointing=checkpoints, enable_progress_bar=config.progress, default_root_dir=run_dir,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except RunInterrupted:
+        stop_extra_processes(trainer)
+        raise
     recorder.is_global_zero, recorder.device = trainer.is_global_zero, trainer.strategy.root_device
     return recorder
 
 
+def saved_progress(config: RunConfig, run_dir: Path) -> str | None:
+    """What an interrupted run keeps: the epochs in last.ckpt; None if it has none."""
+    last = run_dir / "last.ckpt"
+    try:
+        epochs = torch.load(last, map_location="cpu", weights_only=True)["epoch"] + 1
+    except FileNotFoundError:
+        return None
+    return f"{last} holds epoch {epochs} of {config.recipe.epochs}"
+
+
+def stop_extra_processes(trainer: pl.Trainer) -> None:
+    """The processes Lightning started for data-parallel training would otherwise wait for this one forever."""
+    kill = getattr(trainer.strategy.launcher, "kill", None)
+    if kill is not None:
+        kill(signal.SIGKILL)
+
+
 def train(config: RunConfig, net: nn.Module, module_class: type[ImageClassifier] = ImageClassifier,
           data: SplitData | None = None, initialize: bool = True) -> dict[str, Any]:
-    """The whole run: load data, fit, then test and write the run folder. Returns the test report."""
+    """The whole run: claim the run folder, load data, fit, then test and write the run folder. Returns the test report."""
     resolve_accelerator(config.device)
-    resume_checkpoint(config, Path(config.out_dir))  # bad flags fail before the slow data load
-    data = data or load_split(config)
-    if config.tsne and hasattr(net, "forward_features"):
-        import tsne
+    run_dir = claim_run_folder(config)  # a busy or unusable folder fails before the slow data load
+    try:
+        resume_checkpoint(config, run_dir)
+        data = data or load_split(config)
+        if config.tsne and hasattr(net, "forward_features"):
+            import tsne
 
-        tsne.check_settings(config, data)  # a t-SNE that cannot run fails now, not after the training
-    print(f"Data: {data.source}; {len(data.train_images)} train / {len(data.val_images)} validation / {len(data.test_images)} test images")
-    recorder = fit(config, net, data, module_class, initialize=initialize)
-    if not recorder.is_global_zero:
-        return {}
-    return finish_run(config, net, data, recorder.history, Path(config.out_dir), recorder.device)
+            tsne.check_settings(config, data)  # a t-SNE that cannot run fails now, not after the training
+        print(f"Data: {data.source}; {len(data.train_images)} train / {len(data.val_images)} validation / {len(data.test_images)} test images")
+        recorder = fit(config, net, data, module_class, initialize=initialize)
+        if not recorder.is_global_zero:
+            return {}
+        return finish_run(config, net, data, recorder.history, run_dir, recorder.device)
+    except RunInterrupted as interrupt:
+        interrupt.saved = interrupt.saved or saved_progress(config, run_dir)
+        raise
+    finally:
+        release_run_folder(run_dir)
 
 
 def finish_run(config: RunConfig, net: nn.Module, data: SplitData, history: list[dict[str, float]],

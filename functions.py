@@ -10,14 +10,17 @@ import hashlib
 import math
 import os
 import pickle
+import re
 import shutil
+import sys
 import tempfile
+import time
 import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -98,47 +101,117 @@ def load_python_batches(folder: Path, checksums: dict[str, str] = OFFICIAL_MD5) 
     )
 
 
+class ImageFile(NamedTuple):
+    """One image of the tree; its size and modification time key the decoded-image cache."""
+
+    path: Path
+    label: int
+    size: int
+    mtime_ns: int
+
+
+def visible_entries(folder: Path) -> list[Path]:
+    """The folder's entries, sorted, without hidden ones: Jupyter's ``.ipynb_checkpoints``, macOS's ``.DS_Store``
+    and ``._name.png`` companions are never data (a hidden folder would otherwise become an 11th class)."""
+    return sorted(path for path in folder.iterdir() if not path.name.startswith("."))
+
+
 def find_image_folder_root(data_dir: Path) -> Path | None:
     """``data_dir`` itself or its first sub-folder that holds both ``train/`` and ``test/``."""
-    candidates = [data_dir] + sorted(p for p in data_dir.iterdir() if p.is_dir()) if data_dir.is_dir() else []
+    candidates = [data_dir] + [p for p in visible_entries(data_dir) if p.is_dir()] if data_dir.is_dir() else []
     for candidate in candidates:
         if (candidate / "train").is_dir() and (candidate / "test").is_dir():
             return candidate
+    for candidate in candidates:  # half a tree is a copy gone wrong, not a reason to download
+        for present, missing in (("train", "test"), ("test", "train")):
+            if (candidate / present).is_dir():
+                raise UserError(f"{candidate} has {present}/ but no {missing}/ folder; an image-folder tree needs both "
+                                f"train/<class>/ and test/<class>/")
     return None
 
 
-def list_image_files(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
-    files = [
-        (path, label)
-        for label, name in enumerate(classes)
-        for path in sorted((split_dir / name).iterdir())
-        if path.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    return classes, files
+def quoted(names: Iterable[str]) -> str:
+    return ", ".join(f"'{name}'" for name in names)
 
 
-def decode_images(files: list[tuple[Path, int]], workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+def class_folders(root: Path) -> tuple[str, ...]:
+    """The class names, checked: train/ and test/ hold the same ten class folders, or nothing is decoded.
+
+    A class missing from test/ would otherwise crash after all the training, and a count other than ten at the
+    first step (the models have ten outputs). The sorted names give the labels: CIFAR-10's own names sort into
+    its label order, whatever order the file system lists them in."""
+    found = {split: {path.name for path in visible_entries(root / split) if path.is_dir()} for split in ("train", "test")}
+    problems = []
+    for split, other in (("test", "train"), ("train", "test")):
+        lacking = sorted(found[other] - found[split])
+        if lacking:
+            plural = "s" if len(lacking) > 1 else ""
+            problems.append(f"{split}/ lacks the class folder{plural} {quoted(lacking)} that {other}/ has")
+    if problems:
+        raise UserError(f"{root}: {'; '.join(problems)}; train/ and test/ must hold the same class folders")
+    classes = tuple(sorted(found["train"]))
+    if len(classes) != len(CLASSES):
+        raise UserError(f"{root}: train/ and test/ hold {len(classes)} class folders ({quoted(classes) or 'none'}) but the "
+                        f"models have {len(CLASSES)} outputs; give exactly CIFAR-10's {len(CLASSES)} class folders")
+    return classes
+
+
+def list_image_files(split_dir: Path, classes: tuple[str, ...]) -> list[ImageFile]:
+    """The images of ``split_dir/<class>/`` in label order. An empty class or a zero-byte file stops here, from
+    the listing alone, before the slow decoding."""
+    files = []
+    for label, name in enumerate(classes):
+        folder = split_dir / name
+        images = [path for path in visible_entries(folder) if path.suffix.lower() in IMAGE_SUFFIXES]
+        if not images:
+            raise UserError(f"{folder} holds no images (.png, .jpg or .jpeg files); every class needs some")
+        for path in images:
+            try:
+                stat = path.stat()
+            except OSError as error:  # a dangling link, say
+                raise UserError(f"{path} cannot be read ({error.strerror}); delete it or copy it again") from None
+            if stat.st_size == 0:
+                raise UserError(f"{path} is empty (0 bytes); delete it or copy it again")
+            files.append(ImageFile(path, label, stat.st_size, stat.st_mtime_ns))
+    return files
+
+
+def image_error_reason(error: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image Pillow can decode"  # Pillow's own message repeats the path
+    return getattr(error, "strerror", None) or str(error)  # "Permission denied"; "image file is truncated"
+
+
+def decode_images(files: list[ImageFile], workers: int) -> np.ndarray:
+    """The images as one uint8 array N x 3 x 32 x 32; a file that is no 32x32 image stops with its name."""
     from PIL import Image
 
-    def decode(item: tuple[Path, int]) -> np.ndarray:
-        with Image.open(item[0]) as image:
-            pixels = np.asarray(image.convert("RGB"))
-        if pixels.shape != (32, 32, 3):
-            raise UserError(f"{item[0]} is {pixels.shape[1]}x{pixels.shape[0]} pixels; CIFAR-10 images are 32x32")
-        return pixels
+    def decode(file: ImageFile) -> np.ndarray:
+        try:
+            with Image.open(file.path) as image:
+                if image.size != (32, 32):  # known from the header, before the pixels are decoded
+                    raise UserError(f"{file.path} is {image.width}x{image.height} pixels; CIFAR-10 images are 32x32")
+                return np.asarray(image.convert("RGB"))
+        except (OSError, SyntaxError) as error:  # Pillow's errors for unreadable, unknown and damaged files (a broken PNG chunk: SyntaxError)
+            reason = image_error_reason(error)
+            raise UserError(f"{file.path} cannot be read as an image ({reason}); delete it or copy it again") from None
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # Pillow releases the GIL while decoding
-        images = np.stack(list(pool.map(decode, files, chunksize=256)))
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.tensor([label for _, label in files], dtype=torch.long)
+        images = np.stack(list(pool.map(decode, files)))
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
 
 
-def tree_fingerprint(files: list[tuple[Path, int]]) -> str:
+def labels_of(files: list[ImageFile]) -> torch.Tensor:
+    return torch.tensor([file.label for file in files], dtype=torch.long)
+
+
+def tree_fingerprint(files: list[ImageFile]) -> str:
     """Changes whenever a file is added, removed, renamed or rewritten: the cache is then rebuilt."""
     digest = hashlib.sha1()
-    for path, label in files:
-        stat = path.stat()
-        digest.update(f"{path.parent.name}/{path.name}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    for file in files:
+        digest.update(f"{file.path.parent.name}/{file.path.name}|{file.label}|{file.size}|{file.mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
@@ -149,14 +222,35 @@ def cache_candidates(root: Path) -> list[Path]:
     return [root / CACHE_NAME, user_cache / f"{key}-{CACHE_NAME}"]
 
 
-def read_cache(path: Path, fingerprint: str) -> dict[str, np.ndarray] | None:
+def read_cache(path: Path, fingerprint: str, counts: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached train and test images if ``path`` holds this tree's; None if it is absent, stale or damaged.
+
+    A damaged cache (truncated by a full disk, a bit flipped: zip's CRC catches that) says so in one line, since it
+    costs a full decode; the rebuild then replaces it."""
     try:
         with np.load(path, allow_pickle=False) as cached:
             if str(cached["fingerprint"]) != fingerprint:
-                return None
-            return {key: cached[key] for key in cached.files}
-    except (OSError, ValueError, KeyError):
+                return None  # the tree changed since: rebuilt without a word
+            images = cached["train_images"], cached["test_images"]
+    except FileNotFoundError:
         return None
+    except Exception as error:  # zipfile, numpy and the OS each have their own errors for a damaged file; all mean: decode again
+        reason = type(error).__name__
+    else:
+        if all(array.dtype == np.uint8 and array.shape == (count, 3, 32, 32) for array, count in zip(images, counts)):
+            return images
+        reason = "arrays of the wrong shape"  # a damaged array header can still parse, as a shorter array
+    print(f"note: the decoded-image cache {path} is unreadable ({reason}); rebuilding it", file=sys.stderr)
+    return None
+
+
+# write_atomically's temporary copy of NAME.SUFFIX: ".NAME." + mkstemp's 8 random characters + ".SUFFIX"
+TEMPORARY_COPY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}(?P<suffix>\.[^.]*)?")
+
+
+def is_temporary_copy(path: Path) -> bool:
+    match = TEMPORARY_COPY.fullmatch(path.name)
+    return match is not None and (match["suffix"] or "") == Path(match["name"]).suffix
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
@@ -185,36 +279,48 @@ def write_cache(root: Path, arrays: dict[str, np.ndarray]) -> Path | None:
     return None
 
 
+# A write finishes within seconds of its temporary file's last change; one untouched this long is a killed run's.
+STALE_TEMPORARY_AGE_S = 10 * 60
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary copies of ``path`` that a run killed inside ``write_atomically`` left behind; a recent
+    one may be another run writing right now, so it stays."""
+    cutoff = time.time() - STALE_TEMPORARY_AGE_S
+    for temporary in path.parent.glob(f".{path.name}.*"):
+        try:
+            if is_temporary_copy(temporary) and temporary.stat().st_mtime < cutoff:
+                temporary.unlink()
+        except OSError:
+            pass  # gone meanwhile, or a read-only folder: it does no harm
+
+
 def load_image_folder(root: Path, workers: int = 2) -> CIFAR10Arrays:
     """Decode ``train/<class>/*`` and ``test/<class>/*`` once, then reuse a pickle-free .npz cache."""
-    train_classes, train_files = list_image_files(root / "train")
-    test_classes, test_files = list_image_files(root / "test")
-    if train_classes != test_classes:
-        raise UserError(f"{root}/train and {root}/test hold different class folders; they must match")
-    if not train_files or not test_files:
-        raise UserError(f"{root}/train or {root}/test holds no .png or .jpg images")
+    classes = class_folders(root)
+    train_files = list_image_files(root / "train", classes)
+    test_files = list_image_files(root / "test", classes)
     fingerprint = tree_fingerprint(train_files + test_files)
     for path in cache_candidates(root):
-        cached = read_cache(path, fingerprint)
+        remove_stale_temporaries(path)
+    for path in cache_candidates(root):
+        cached = read_cache(path, fingerprint, (len(train_files), len(test_files)))
         if cached is not None:
+            train_images, test_images = cached
             source = f"image folders in {root} (decoded cache {path})"
             break
     else:
-        train_images, train_labels = decode_images(train_files, workers)
-        test_images, test_labels = decode_images(test_files, workers)
-        cached = {
-            "train_images": train_images.numpy(), "train_labels": train_labels.numpy(),
-            "test_images": test_images.numpy(), "test_labels": test_labels.numpy(),
-            "classes": np.array(train_classes), "fingerprint": np.array(fingerprint),
-        }
-        written = write_cache(root, cached)
+        images = decode_images(train_files + test_files, workers)
+        train_images, test_images = images[:len(train_files)], images[len(train_files):]
+        written = write_cache(root, {"train_images": train_images, "test_images": test_images,
+                                     "fingerprint": np.array(fingerprint)})
         source = f"image folders in {root}" + (f" (decoded once, cached in {written})" if written else " (no writable cache folder)")
     return CIFAR10Arrays(
-        train_images=torch.from_numpy(cached["train_images"]),
-        train_labels=torch.from_numpy(cached["train_labels"]).long(),
-        test_images=torch.from_numpy(cached["test_images"]),
-        test_labels=torch.from_numpy(cached["test_labels"]).long(),
-        classes=tuple(str(name) for name in cached["classes"]),
+        train_images=torch.from_numpy(train_images),
+        train_labels=labels_of(train_files),
+        test_images=torch.from_numpy(test_images),
+        test_labels=labels_of(test_files),
+        classes=classes,
         source=source,
     )
 

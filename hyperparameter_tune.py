@@ -7,10 +7,11 @@
 Each trial samples a configuration, trains CIFAR10Net_7 (CIFAR10Net with dropout) through the same
 engine as main.py for --epochs epochs on the 45,000-image training split, and scores it by the
 validation loss after its last epoch; lowest wins. A seeded TPE sampler proposes each next
-configuration from the trials so far, and a median pruner stops a trial whose validation loss after
-some epoch is worse than the median of earlier trials at that epoch. A trial whose validation loss
-becomes NaN, infinite or above 10,000 (diverged) is pruned at once; one that runs out of memory fails;
-either way the study goes on. The README's study (30 trials of 5 epochs) found CIFAR10Net_optim.
+configuration from the trials so far (the first 10 at random), and a median pruner stops a trial
+whose validation loss after some epoch is worse than the median of earlier trials at that epoch.
+A trial whose validation loss becomes NaN, infinite or above 10,000 (diverged) is pruned at once;
+one that runs out of memory fails; either way the study goes on. The README's study (30 trials of
+5 epochs) found CIFAR10Net_optim.
 
 Search spaces (--space):
   readme    fc1_size, fc2_size in {32, 64, 128, 256, 512}; dropout uniform in [0.1, 0.9];
@@ -24,18 +25,25 @@ or any Optuna storage given by --storage. Every trial is stored as it ends, so r
 command again continues the study (trial numbers go on) until it holds --n-trials finished
 (complete or pruned) trials; a study stopped by Ctrl-C or killed mid-trial loses only that trial.
 A study remembers its --space and --epochs; resume it with the same ones (or leave them out).
+--seed seeds the sampler of a fresh study, so the same seed proposes the same first trials; a resumed
+study seeds it from --seed and the number of trials the study already holds, so that the rerun
+proposes new configurations instead of replaying the first run's.
 
 Several workers, one study: start the same command in several processes, on one machine or on many,
-with one storage. Each worker trains one trial at a time; together they stop at exactly --n-trials
-finished trials. Give each worker its own --seed, so that their first, random trials differ.
+with one storage, at once or one after another (workers that open a fresh storage at the same
+moment take turns creating it). Each worker trains one trial at a time; together they stop at
+exactly --n-trials finished trials. Give each worker its own --seed, so that their first, random
+trials differ.
 On one machine a journal file is the simplest shared storage (SQLite can stall on several writers):
     python hyperparameter_tune.py --data-dir ./data --storage runs/tune/study.log --seed 1 &
     python hyperparameter_tune.py --data-dir ./data --storage runs/tune/study.log --seed 2 &
 (with several GPUs, give each worker its own: CUDA_VISIBLE_DEVICES=0 python ..., =1, ...).
-Across machines, use a database server that every machine reaches, e.g.
-    python hyperparameter_tune.py --data-dir ./data --seed $WORKER --storage postgresql://user:password@dbhost/optuna
-    python hyperparameter_tune.py --data-dir ./data --seed $WORKER --storage mysql+pymysql://user:password@dbhost/optuna
-(install the driver first: pip install psycopg2-binary, or pip install pymysql).
+Across machines, use a database server that every machine reaches, e.g. PostgreSQL on dbhost with an
+empty database made once by createdb -h dbhost -U tuner optuna; then on machine A and on machine B:
+    python hyperparameter_tune.py --data-dir ./data --seed 1 --storage postgresql+psycopg2://tuner:secret@dbhost:5432/optuna
+    python hyperparameter_tune.py --data-dir ./data --seed 2 --storage postgresql+psycopg2://tuner:secret@dbhost:5432/optuna
+(+psycopg2 picks the driver that requirements.txt installs, psycopg2-binary; to SQLAlchemy 2.1 a bare
+postgresql:// means psycopg 3. MySQL works the same: mysql+pymysql://... after pip install pymysql.)
 
 A killed worker leaves its trial RUNNING in the storage. Such a trial is marked FAIL, with the reason,
 and does not count: at once when its worker ran on this machine (its process is gone), and, with a
@@ -58,7 +66,9 @@ import json
 import logging
 import math
 import os
+import random
 import re
+import shlex
 import socket
 import sys
 import time
@@ -67,6 +77,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import optuna
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -82,10 +93,12 @@ from modified_models import CIFAR10Net_7
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 DEFAULT_SPACE, DEFAULT_EPOCHS, DEFAULT_TRIALS = "readme", 5, 30
 HEARTBEAT_SECONDS, HEARTBEAT_GRACE_SECONDS = 60, 180
-# Cross-entropy over 10 classes starts near ln 10 = 2.3, and a poor but sound trial stays within
-# hundreds (BatchNorm statistics that lag a high learning rate); above 10,000 the weights have blown up.
-DIVERGED_LOSS = 1e4
 OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError)
+# Workers that open a fresh storage at once race to create its tables and the study; the loser's
+# CREATE or INSERT meets the winner's, worded "already exists" (SQLite, PostgreSQL, MySQL), "UNIQUE
+# constraint failed" (SQLite), "violates unique constraint" (PostgreSQL) or "Duplicate entry" (MySQL).
+CREATION_RACE = ("already exists", "unique constraint", "duplicate")
+CREATION_ATTEMPTS = 5
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,16 +219,40 @@ def make_pruner(prune: bool) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner() if prune else optuna.pruners.NopPruner()
 
 
+def make_sampler(seed: int, trials_so_far: int) -> optuna.samplers.TPESampler:
+    """A TPE sampler seeded by --seed in a fresh study, and by --seed and the trials so far in a resumed one.
+
+    Reseeding a resumed study with --seed alone would replay the first run's random draws: its next
+    trial would repeat trial 0. The trials so far differ from one run of a study to the next.
+    """
+    sampler_seed = seed if trials_so_far == 0 else int(np.random.SeedSequence((seed, trials_so_far)).generate_state(1)[0])
+    return optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True)  # constant liar: workers avoid each other's running trials
+
+
+def is_creation_race(error: Exception) -> bool:
+    return any(words in str(error).lower() for words in CREATION_RACE)
+
+
 def open_study(storage_url: str, name: str, seed: int, prune: bool) -> optuna.Study:
-    """Create the study, or load it if it exists; an unusable storage is the user's to fix."""
-    sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)  # constant liar: workers avoid each other's running trials
-    try:
-        storage = open_storage(storage_url)
-        return optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=make_pruner(prune),
-                                   direction="minimize", load_if_exists=True)
-    except Exception as error:  # database drivers raise many types (ImportError, OperationalError, ArgumentError, OSError, ...)
-        raise UserError(f"cannot open the study storage {hide_password(storage_url)}: {first_line(error)}; give a journal file (PATH.log), "
-                        "sqlite:///PATH.db, or a reachable postgresql:// or mysql:// URL with its driver installed") from None
+    """Create the study, or load it if it exists; an unusable storage is the user's to fix.
+
+    A worker that loses the race to create a fresh storage retries after a random pause, by which
+    time the winner has created it.
+    """
+    backoff = random.Random()  # seeded by the OS: workers forked from one process still pause differently
+    for attempt in range(1, CREATION_ATTEMPTS + 1):
+        try:
+            study = optuna.create_study(study_name=name, storage=open_storage(storage_url), pruner=make_pruner(prune),
+                                        direction="minimize", load_if_exists=True)
+            break
+        except Exception as error:  # database drivers raise many types (ImportError, OperationalError, ArgumentError, OSError, ...)
+            if attempt < CREATION_ATTEMPTS and is_creation_race(error):
+                time.sleep(attempt * backoff.uniform(0.05, 0.25))
+                continue
+            raise UserError(f"cannot open the study storage {hide_password(storage_url)}: {first_line(error)}; give a journal file "
+                            "(PATH.log), sqlite:///PATH.db, or a reachable postgresql:// or mysql:// URL with its driver installed") from None
+    study.sampler = make_sampler(seed, len(study.get_trials(deepcopy=False)))
+    return study
 
 
 def study_settings(study: optuna.Study, space: str | None, epochs: int | None) -> StudySettings:
@@ -250,16 +287,23 @@ def process_exists(pid: int) -> bool:
     return True
 
 
-def fail_abandoned_trials(study: optuna.Study) -> None:
-    """Mark FAIL the RUNNING trials whose worker ran on this machine and is gone (killed, or crashed)."""
+def fail_running_trials(study: optuna.Study, reason_for: Callable[[dict[str, Any]], str | None]) -> None:
+    """Mark FAIL, with a reason, the RUNNING trials whose worker ``reason_for`` gives one for."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker")
-        if worker and worker["host"] == socket.gethostname() and not process_exists(worker["pid"]):
+        reason = reason_for(worker) if worker else None
+        if reason:
             try:  # Optuna's public API sets attributes only on a trial of this process: use the storage, as fail_stale_trials does
-                study._storage.set_trial_user_attr(trial._trial_id, "reason", f"its worker (process {worker['pid']}) ended mid-trial")
+                study._storage.set_trial_user_attr(trial._trial_id, "reason", reason)
                 study.tell(trial.number, state=TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass  # another worker marked it first
+
+
+def fail_abandoned_trials(study: optuna.Study) -> None:
+    """Mark FAIL the RUNNING trials whose worker ran on this machine and is gone (killed, or crashed)."""
+    fail_running_trials(study, lambda worker: f"its worker (process {worker['pid']}) ended mid-trial"
+                        if worker["host"] == socket.gethostname() and not process_exists(worker["pid"]) else None)
 
 
 def places_taken(study: optuna.Study, before: int | None = None) -> int:
@@ -275,25 +319,14 @@ class NotNeeded(Exception):
     """Two workers started the last trials at once: the later-numbered one steps back and fails unrun."""
 
 
-class Diverged(optuna.TrialPruned):
-    """The validation loss became NaN, infinite or absurdly large: no later epoch will rescue the trial."""
-
-
-class DivergenceGuard(Callback):
-    """Counts the epochs a trial ran, and stops it the epoch its validation loss diverges.
-
-    The median pruner cannot do this: it waits for its first five trials, and ranks NaN as a number.
-    It runs before the pruning callback, so a diverged loss is never reported to the pruner.
-    """
+class EpochCounter(Callback):
+    """Counts the epochs a trial ran (its validations), whatever ends it."""
 
     def __init__(self):
         self.epochs_run = 0
 
-    def on_validation_end(self, trainer, module) -> None:
+    def on_validation_start(self, trainer, module) -> None:
         self.epochs_run += 1
-        val_loss = module.epoch_metrics["val_loss"]
-        if not val_loss <= DIVERGED_LOSS:  # also true for NaN
-            raise Diverged(f"diverged: validation loss {val_loss:.3g} after epoch {self.epochs_run}")
 
 
 def trial_dir(out_dir: Path, number: int) -> Path:
@@ -309,25 +342,24 @@ def make_objective(settings: StudySettings, base: engine.RunConfig, data: engine
             raise NotNeeded(trial.user_attrs["reason"])
         params = SPACES[settings.space].suggest(trial)
         config = replace(base, recipe=recipe_for(params, settings.epochs), out_dir=str(trial_dir(Path(base.out_dir), trial.number)))
-        guard = DivergenceGuard()
-        callbacks = (guard, PyTorchLightningPruningCallback(trial, monitor="val_loss")) if prune else (guard,)
+        counter = EpochCounter()
+        # The engine's divergence guard runs before the pruning callback, so a diverged loss never reaches the pruner
+        # (which ranks NaN as a number, and waits for its first five trials anyway).
+        callbacks = (counter, PyTorchLightningPruningCallback(trial, monitor="val_loss")) if prune else (counter,)
         try:
             recorder = engine.fit(config, network_for(settings.space, params), data, callbacks=callbacks, checkpoints=False)
-        except Diverged as error:
-            trial.set_user_attr("reason", str(error))
-            raise
+        except engine.TrainingDiverged as error:  # no later epoch would rescue it: pruned at once, the study goes on
+            trial.set_user_attr("reason", f"diverged: {error.loss_name} {error.value:.3g} after epoch {error.epoch}")
+            raise optuna.TrialPruned(trial.user_attrs["reason"]) from None
         except optuna.TrialPruned:
-            trial.set_user_attr("reason", f"pruned: validation loss after epoch {guard.epochs_run} worse than the median trial's")
+            trial.set_user_attr("reason", f"pruned: validation loss after epoch {counter.epochs_run} worse than the median trial's")
             raise
         except OUT_OF_MEMORY as error:
             trial.set_user_attr("reason", f"out of memory: {first_line(error)}")
             release_memory()
             raise
-        except SystemExit:  # Lightning answers Ctrl-C with exit(1); as KeyboardInterrupt, Optuna marks the trial FAIL
-            trial.set_user_attr("reason", "interrupted")
-            raise KeyboardInterrupt from None
         finally:
-            trial.set_user_attr("epochs_run", guard.epochs_run)
+            trial.set_user_attr("epochs_run", counter.epochs_run)
         return recorder.history[-1]["val_loss"]
 
     return objective
@@ -454,7 +486,8 @@ def write_outputs(study: optuna.Study, settings: StudySettings, out_dir: Path, r
 # --------------------------------------------------------------------------------------------
 # Retraining the best configuration with the full recipe
 # --------------------------------------------------------------------------------------------
-def retrain(study: optuna.Study, settings: StudySettings, base: engine.RunConfig, epochs: int, data: engine.SplitData | None) -> None:
+def retrain(study: optuna.Study, settings: StudySettings, base: engine.RunConfig, epochs: int, data: engine.SplitData | None,
+            overwrite: bool = False) -> None:
     """Train the best trial's configuration like main.py does into <out-dir>/retrain; resumes an interrupted retraining of it."""
     best = best_trial(study)
     if best is None:
@@ -463,7 +496,9 @@ def retrain(study: optuna.Study, settings: StudySettings, base: engine.RunConfig
     record = json.loads(json.dumps({"study": study.study_name, "trial": best.number, "params": best.params}))
     same_trial = (run_dir / "trial.json").is_file() and engine.read_json(run_dir / "trial.json") == record
     config = replace(base, recipe=recipe_for(best.params, epochs), out_dir=str(run_dir), progress=True,
-                     resume="last" if same_trial and (run_dir / "last.ckpt").is_file() else None)
+                     resume="last" if same_trial and (run_dir / "last.ckpt").is_file() else None,
+                     overwrite=overwrite and not same_trial)
+    engine.claim_run_folder(config)  # an earlier retraining of another trial stays unless --overwrite; then it is this trial's
     engine.write_json(run_dir / "trial.json", record)
     print(f"== Retraining trial {best.number} ({config.model}; {format_params(best.params)}) for {epochs} epochs in {run_dir}"
           + (": resuming" if config.resume else ""))
@@ -473,17 +508,10 @@ def retrain(study: optuna.Study, settings: StudySettings, base: engine.RunConfig
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("study")
-    group.add_argument("--n-trials", type=non_negative_int, default=DEFAULT_TRIALS, metavar="N",
+    group.add_argument("--n-trials", type=engine.non_negative_int, default=DEFAULT_TRIALS, metavar="N",
                        help=f"finished (complete or pruned) trials the study should hold in all, counting earlier runs and "
                             f"other workers; 0 runs none, e.g. to rewrite the outputs or --retrain (default {DEFAULT_TRIALS})")
     group.add_argument("--epochs", type=engine.positive_int, metavar="N",
@@ -499,14 +527,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "postgresql:// or mysql:// URL shared by workers on several machines (default sqlite:///<out-dir>/study.db)")
     group.add_argument("--study-name", default="CIFAR10Net_7", metavar="NAME",
                        help="the study's name in the storage (default CIFAR10Net_7)")
-    group.add_argument("--seed", type=int, default=0, metavar="N",
-                       help="seeds the TPE sampler and each trial's training; give parallel workers different seeds (default 0)")
+    group.add_argument("--seed", type=engine.non_negative_int, default=0, metavar="N",
+                       help="seeds the TPE sampler (in a resumed study, with the number of trials so far) and each trial's "
+                            "training; give parallel workers different seeds (default 0)")
 
     group = parser.add_argument_group("retraining")
     group.add_argument("--retrain", action="store_true",
                        help="after the trials, train the best configuration with the full recipe into <out-dir>/retrain, as main.py does")
     group.add_argument("--retrain-epochs", type=engine.positive_int, default=README_RECIPE.epochs, metavar="N",
                        help=f"epochs of the retraining (default {README_RECIPE.epochs})")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier retraining of another trial in <out-dir>/retrain (without it, that is refused)")
     group.add_argument("--no-tsne", dest="tsne", action="store_false", help="skip the t-SNE plots at the end of the retraining")
 
     group = parser.add_argument_group("data and device")
@@ -537,6 +568,9 @@ def main(argv: list[str] | None = None) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets our one line instead
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # no per-trial "GPU available" lines
     out_dir = Path(args.out_dir)
+    if args.storage is not None and not args.storage.strip():
+        raise UserError("--storage is empty; give a journal file (PATH.log), sqlite:///PATH.db or a database URL, "
+                        "or leave --storage out for <out-dir>/study.db")
     if args.storage is None:
         out_dir.mkdir(parents=True, exist_ok=True)  # for the default SQLite file
     storage_url = args.storage or f"sqlite:///{out_dir / 'study.db'}"
@@ -553,14 +587,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Data: {data.source}; {len(data.train_images)} train / {len(data.val_images)} validation images")
         try:
             run_trials(study, make_objective(settings, base, data, args.n_trials, args.prune), args.n_trials, settings.epochs, args.timeout)
-        except KeyboardInterrupt:
-            print(f"\ninterrupted: the finished trials are kept in {hide_password(storage_url)}; run the same command to continue",
-                  file=sys.stderr)
+        except engine.RunInterrupted as interrupt:  # a signal passes Optuna by, leaving the trial RUNNING: it fails here, with the reason
+            fail_running_trials(study, lambda worker: f"interrupted by {interrupt}" if worker == this_worker() else None)
             write_outputs(study, settings, out_dir, args.retrain_epochs)
-            sys.exit(130)
+            interrupt.saved = f"the finished trials are kept in {hide_password(storage_url)}"
+            interrupt.continue_command = shlex.join(["python", *sys.argv])
+            raise
     write_outputs(study, settings, out_dir, args.retrain_epochs)
     if args.retrain:
-        retrain(study, settings, base, args.retrain_epochs, data)
+        retrain(study, settings, base, args.retrain_epochs, data, args.overwrite)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ it). The recipe defaults printed below are the README's; any flag given override
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -309,22 +311,27 @@ def plot_comparison(histories: dict[str, list[dict]], path: Path, setting: str) 
 
 
 def compare(names: list[str], args: argparse.Namespace) -> None:
-    """Train each model under the same flags into --out-dir/<model>; finished models are not trained again."""
+    """Train each model under the same flags into --out-dir/<model>; finished models are not trained again (unless --overwrite)."""
     out_dir = Path(args.out_dir or "runs/comparison")
     data = None
     for name in names:
         run_dir = out_dir / name
-        if (run_dir / "test.json").is_file():
+        if (run_dir / "test.json").is_file() and not args.overwrite:
             print(f"== {name}: finished earlier, kept ({run_dir})")
             continue
         run_args = argparse.Namespace(**vars(args))
         run_args.out_dir = str(run_dir)
-        run_args.resume = "last" if (run_dir / "last.ckpt").is_file() else None
+        run_args.resume = "last" if (run_dir / "last.ckpt").is_file() and not args.overwrite else None
         print(f"== {name}" + (": resuming" if run_args.resume else ""))
         config = engine.config_from_args(run_args, name, MODELS[name].recipe, name)
-        if data is None:
-            data = engine.load_split(config)
-        engine.train(config, MODELS[name].build(), data=data)
+        try:
+            if data is None:
+                engine.claim_run_folder(config)  # a busy folder fails before the data load
+                data = engine.load_split(config)
+            engine.train(config, MODELS[name].build(), data=data)
+        except engine.RunInterrupted as interrupt:
+            interrupt.continue_command = shlex.join(["python", *sys.argv])  # finished models are skipped, the interrupted one resumes
+            raise
     rows = [comparison_row(name, out_dir / name) for name in names]
     histories = {name: engine.read_metrics_csv(out_dir / name / "metrics.csv") for name in names}
     r = engine.config_from_args(args, names[0], README_RECIPE, "comparison").recipe

@@ -348,7 +348,8 @@ def run_name(options: TransferOptions) -> str:
 def train_transfer(config: engine.RunConfig, options: TransferOptions, data: engine.SplitData | None = None) -> dict[str, Any]:
     """Build the net, train it (on cached features when they cannot change), test it; returns the test report."""
     device = engine.training_device(config.device)
-    engine.resume_checkpoint(config, Path(config.out_dir))  # bad flags fail before the slow parts
+    engine.claim_run_folder(config)  # a busy or unusable folder fails before the slow parts
+    engine.resume_checkpoint(config, Path(config.out_dir))
     torch.manual_seed(config.seed)  # the new head's initialisation (and a random backbone's)
     net = build_transfer_net(options.arch, options.weights, options.image_size, options.finetune)
     mean, std = pretrained_statistics(options.arch)

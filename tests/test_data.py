@@ -1,7 +1,15 @@
 """Data: loading in every layout, the README's split, statistics, augmentation presets."""
 from __future__ import annotations
 
+import io
 import math
+import os
+import shutil
+import struct
+import tempfile
+import time
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,6 +116,188 @@ def test_offline_download_failure_is_one_clear_message(tmp_path):
     message = str(error.value)
     assert "download failed" in message and "--data-dir" in message and "\n" not in message
     assert not (tmp_path / "empty").exists()
+
+
+
+def sorted_by_label(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The images in the order a tree written by ``write_image_folder`` lists them: by class, then by file name."""
+    return images[torch.argsort(labels, stable=True)]
+
+
+def flip_bytes_inside(path: Path, member: str) -> None:
+    """Invert four bytes in the middle of one array's data, well past zip's and numpy's headers."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member)
+    raw = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    middle = info.header_offset + 30 + name_length + extra_length + info.compress_size // 2
+    raw[middle:middle + 4] = bytes(byte ^ 0xFF for byte in raw[middle:middle + 4])
+    path.write_bytes(raw)
+
+
+CACHE_DAMAGE = {
+    "truncated": lambda cache: cache.write_bytes(cache.read_bytes()[:cache.stat().st_size // 2]),
+    "zero bytes": lambda cache: cache.write_bytes(b""),
+    "a flipped bit in the training images": lambda cache: flip_bytes_inside(cache, "train_images.npy"),
+    "a flipped bit in the test images": lambda cache: flip_bytes_inside(cache, "test_images.npy"),
+}
+
+
+@pytest.mark.parametrize("damage", CACHE_DAMAGE)
+def test_damaged_cache_is_rebuilt_with_one_note(image_folder, damage, capsys, monkeypatch):
+    fresh = fn.load_cifar10(image_folder)
+    cache = image_folder / fn.CACHE_NAME
+    CACHE_DAMAGE[damage](cache)
+    capsys.readouterr()
+
+    rebuilt = fn.load_cifar10(image_folder)
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) == 1 and notes[0].startswith(f"note: the decoded-image cache {cache} is unreadable (")
+    assert notes[0].endswith("); rebuilding it")
+    for name in ("train_images", "train_labels", "test_images", "test_labels"):
+        assert torch.equal(getattr(rebuilt, name), getattr(fresh, name))
+    assert rebuilt.classes == fresh.classes
+
+    monkeypatch.setattr(fn, "decode_images", lambda *a: pytest.fail("the rebuilt cache should have been used"))
+    again = fn.load_cifar10(image_folder)
+    assert "decoded cache" in again.source and torch.equal(again.train_images, fresh.train_images)
+    assert capsys.readouterr().err == ""
+
+
+def test_stale_temporary_cache_files_are_removed_and_fresh_ones_kept(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    hour_ago = time.time() - 3600
+    left = {}
+    for cache in fn.cache_candidates(image_folder):  # beside the tree and in the user cache folder
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        for age in ("old", "fresh"):
+            # named as write_atomically names them
+            handle, name = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=cache.suffix)
+            os.close(handle)
+            left[name] = age
+            if age == "old":
+                os.utime(name, (hour_ago, hour_ago))
+    # another file's temporary copy: not the loader's business
+    handle, other = tempfile.mkstemp(dir=image_folder, prefix=".notes.txt.", suffix=".txt")
+    os.close(handle)
+    os.utime(other, (hour_ago, hour_ago))
+
+    fn.load_cifar10(image_folder)
+    assert {name: Path(name).exists() for name in left} == {name: age == "fresh" for name, age in left.items()}
+    assert Path(other).exists()
+
+
+def test_hidden_folders_and_files_are_ignored(image_folder, arrays):
+    for hidden in (image_folder.parent / ".ipynb_checkpoints", image_folder / "train" / ".ipynb_checkpoints",
+                   image_folder / "test" / ".ipynb_checkpoints", image_folder / "train" / "cat" / ".ipynb_checkpoints"):
+        hidden.mkdir()
+        (hidden / "0000-checkpoint.png").write_bytes(b"not an image")
+    (image_folder / "train" / "cat" / "._0003.png").write_bytes(b"macOS resource fork")  # an image suffix, but hidden
+    (image_folder / "test" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+
+    data = fn.load_cifar10(image_folder.parent)
+    assert data.classes == fn.CLASSES
+    assert torch.equal(data.train_images, sorted_by_label(arrays.train_images, arrays.train_labels))
+    assert torch.equal(data.test_labels, arrays.test_labels.sort(stable=True).values)
+
+
+def test_cifar10_classes_keep_their_labels_in_any_listing_order(image_folder, arrays, monkeypatch):
+    listed = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda folder: reversed(list(listed(folder))))
+    data = fn.load_cifar10(image_folder)
+    assert data.classes == fn.CLASSES
+    assert torch.equal(data.train_images, sorted_by_label(arrays.train_images, arrays.train_labels))
+    assert torch.equal(data.train_labels, arrays.train_labels.sort(stable=True).values)
+
+
+def refused(data_dir: Path, monkeypatch) -> str:
+    """The one-line UserError loading ``data_dir`` gives, raised before any image is decoded."""
+    monkeypatch.setattr(fn, "decode_images", lambda *a: pytest.fail("decoded images before refusing the tree"))
+    with pytest.raises(fn.UserError) as error:
+        fn.load_cifar10(data_dir)
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def test_class_missing_from_test_is_refused_before_training(image_folder, monkeypatch):
+    shutil.rmtree(image_folder / "test" / "truck")
+    assert "test/ lacks the class folder 'truck' that train/ has" in refused(image_folder, monkeypatch)
+
+
+def test_train_and_test_differences_are_named_both_ways(image_folder, monkeypatch):
+    (image_folder / "test" / "truck").rename(image_folder / "test" / "lorry")
+    message = refused(image_folder, monkeypatch)
+    assert "test/ lacks the class folder 'truck' that train/ has" in message
+    assert "train/ lacks the class folder 'lorry' that test/ has" in message
+
+
+@pytest.mark.parametrize("change, count", [("add zebra", 11), ("drop truck", 9)])
+def test_a_class_count_other_than_ten_is_refused(image_folder, monkeypatch, change, count):
+    for split in ("train", "test"):
+        if change == "add zebra":
+            shutil.copytree(image_folder / split / "cat", image_folder / split / "zebra")
+        else:
+            shutil.rmtree(image_folder / split / "truck")
+    message = refused(image_folder, monkeypatch)
+    assert f"{count} class folders" in message and "'airplane'" in message and "10 outputs" in message
+    assert ("'zebra'" in message) == (change == "add zebra") and ("'truck'" in message) == (change == "add zebra")
+
+
+def test_empty_class_folder_is_refused(image_folder, monkeypatch):
+    for image in (image_folder / "train" / "frog").iterdir():
+        image.unlink()
+    assert f"{image_folder / 'train' / 'frog'} holds no images" in refused(image_folder, monkeypatch)
+
+
+def test_tree_without_test_folder_says_so_instead_of_downloading(image_folder, monkeypatch):
+    shutil.rmtree(image_folder / "test")
+    message = refused(image_folder.parent, monkeypatch)
+    assert f"{image_folder} has train/ but no test/ folder" in message and "download" not in message
+
+
+def test_zero_byte_image_is_refused_while_listing(image_folder, monkeypatch):
+    victim = sorted((image_folder / "test" / "dog").iterdir())[2]
+    victim.write_bytes(b"")
+    assert f"{victim} is empty (0 bytes)" in refused(image_folder, monkeypatch)
+
+
+def png_bytes(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 20, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fault, reason", [
+    ("not an image", "not an image Pillow can decode"),
+    ("truncated", "truncated"),
+    ("unreadable", "Permission denied"),
+    ("33x32 pixels", "33x32 pixels; CIFAR-10 images are 32x32"),
+])
+def test_bad_image_file_is_one_line_naming_it(image_folder, monkeypatch, fault, reason):
+    import PIL.Image
+
+    victim = sorted((image_folder / "test" / "dog").iterdir())[2]
+    if fault == "not an image":
+        victim.write_bytes(b"<html>404 not found</html>")
+    elif fault == "truncated":
+        victim.write_bytes(victim.read_bytes()[:len(victim.read_bytes()) // 2])
+    elif fault == "33x32 pixels":
+        victim.write_bytes(png_bytes(33, 32))
+    else:  # the tests may run as root, whom file permissions do not stop: refuse the file as the OS would
+        opened = PIL.Image.open
+
+        def open_all_but_victim(fp, *args, **kwargs):
+            if Path(fp) == victim:
+                raise PermissionError(13, "Permission denied", str(fp))
+            return opened(fp, *args, **kwargs)
+
+        monkeypatch.setattr(PIL.Image, "open", open_all_but_victim)
+    with pytest.raises(fn.UserError) as error:
+        fn.load_cifar10(image_folder)
+    message = str(error.value)
+    assert message.startswith(f"{victim} ") and reason in message and "\n" not in message
 
 
 # --------------------------------------------------------------------------------------------

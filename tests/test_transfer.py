@@ -111,7 +111,7 @@ def test_cached_and_uncached_linear_probes_agree(tmp_path, split, capsys):
     slow_test, fast_test = (engine.read_json(tmp_path / name / "test.json") for name in ("slow", "fast"))
     assert fast_test["confusion_matrix"] == slow_test["confusion_matrix"]
     capsys.readouterr()
-    again = train(split, tmp_path / "fast", *flags)
+    again = train(split, tmp_path / "fast", *flags, "--overwrite")  # a new run into the folder: the features stay
     assert "Backbone features read from" in capsys.readouterr().out
     torch.testing.assert_close(again["head.weight"], fast["head.weight"])
 

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Iterator
 
 import optuna
 import pytest
@@ -16,6 +20,7 @@ from optuna.trial import TrialState
 
 import engine
 import hyperparameter_tune as tune
+import postgres
 from conftest import synthetic_arrays
 from modified_models import CIFAR10Net_7
 
@@ -58,6 +63,16 @@ def read_trials(out_dir: Path) -> list[dict[str, str]]:
 
 def load_study(storage: str | Path) -> optuna.Study:
     return optuna.load_study(study_name=STUDY, storage=tune.open_storage(str(storage)))
+
+
+@pytest.fixture(scope="session")
+def postgresql_url() -> Iterator[str]:
+    """An empty database on a PostgreSQL server of its own, for the whole session; skips where no server can run."""
+    try:
+        with postgres.running_server() as url:
+            yield url
+    except postgres.ServerUnavailable as reason:
+        pytest.skip(f"no PostgreSQL server: {reason}")
 
 
 def start_worker(tmp_path: Path, *args: str) -> subprocess.Popen:
@@ -119,9 +134,65 @@ def test_retrain_of_an_existing_study_trains_its_best_trial_like_main(no_figures
     assert "Retraining trial 0" in capsys.readouterr().out
 
 
+def test_retraining_another_trial_keeps_the_earlier_retraining_unless_told_to_overwrite(no_figures, tmp_path):
+    out = tmp_path / "tune"
+    tune.main(flags(out, "--n-trials", "1", "--epochs", "1", "--retrain", "--retrain-epochs", "1"))
+    first = {name: (out / "retrain" / name).read_bytes() for name in ("trial.json", "model.pth", "test.json")}
+    study = load_study(f"sqlite:///{out}/study.db")
+    trial = study.trials[0]
+    study.add_trial(optuna.trial.create_trial(params=trial.params, distributions=trial.distributions, value=trial.value - 1))
+    tune.main(flags(out, "--n-trials", "0"))
+    assert json.loads((out / "best_params.json").read_text())["trial"] == 1
+    with pytest.raises(tune.UserError, match="--overwrite"):
+        tune.main(flags(out, "--n-trials", "0", "--retrain", "--retrain-epochs", "1"))
+    assert {name: (out / "retrain" / name).read_bytes() for name in first} == first  # trial 0's retraining, whole
+    tune.main(flags(out, "--n-trials", "0", "--retrain", "--retrain-epochs", "1", "--overwrite"))
+    assert json.loads((out / "retrain/trial.json").read_text())["trial"] == 1
+
+
+def test_a_signal_mid_trial_fails_that_trial_with_its_reason_and_exits_143(no_figures, tmp_path, monkeypatch, capsys):
+    def fit_interrupted(*args, **kwargs):
+        raise engine.RunInterrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(engine, "fit", fit_interrupted)
+    monkeypatch.setattr(sys, "argv", ["hyperparameter_tune.py", *flags(tmp_path, "--n-trials", "2", "--epochs", "1")])
+    with pytest.raises(SystemExit) as exit_info:
+        engine.run_cli(tune.main)
+    assert exit_info.value.code == 143
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("interrupted by SIGTERM: the finished trials are kept in sqlite:///") and "--resume" not in line
+    assert line.endswith("continue with: python hyperparameter_tune.py " + " ".join(flags(tmp_path, "--n-trials", "2", "--epochs", "1")))
+    rows = read_trials(tmp_path)
+    assert [(row["state"], row["reason"]) for row in rows] == [("FAIL", "interrupted by SIGTERM")]
+
+
 def test_retrain_without_a_complete_trial_is_a_user_error(tmp_path):
     with pytest.raises(tune.UserError, match="no complete trial"):
         tune.main(flags(tmp_path, "--n-trials", "0", "--retrain"))
+
+
+def proposed_by_runs(storage: str, seed: int, runs: int) -> list[dict]:
+    """What a study proposes over several runs of one worker; each run completes a trial and is then killed mid-trial."""
+    proposed = []
+    for _ in range(runs):
+        study = tune.open_study(storage, STUDY, seed, prune=True)
+        complete, killed = study.ask(), study.ask()  # the killed one stays RUNNING, as a kill leaves it
+        proposed += [tune.suggest_readme(complete), tune.suggest_readme(killed)]
+        study.tell(complete, 1.0)
+    return proposed
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # asked and told by hand, not by optimize
+def test_a_resumed_study_proposes_no_configuration_twice(tmp_path):
+    proposed = proposed_by_runs(f"sqlite:///{tmp_path}/study.db", seed=0, runs=3)
+    assert len({json.dumps(params, sort_keys=True) for params in proposed}) == len(proposed) == 6
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # asked and told by hand, not by optimize
+def test_a_fresh_study_with_the_same_seed_proposes_the_same_first_trials(tmp_path):
+    first, again, other_seed = (proposed_by_runs(f"sqlite:///{tmp_path}/{name}.db", seed, runs=1)
+                                for name, seed in (("first", 0), ("again", 0), ("other", 1)))
+    assert first == again and first != other_seed
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,6 +272,69 @@ def test_a_worker_killed_mid_trial_loses_only_that_trial(no_figures, tmp_path):
     assert rows[1]["reason"] == f"its worker (process {dead.pid}) ended mid-trial"
 
 
+def run_when_started(start: multiprocessing.synchronize.Event, argv: list[str]) -> None:
+    start.wait()
+    tune.main(argv)
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="starts the workers by fork")
+def test_two_workers_started_together_on_a_fresh_sqlite_file_both_run(tmp_path):
+    # Each try races the two workers to create the file's tables and the study; before the retry, the
+    # later one died in most tries ("table studies already exists", "UNIQUE constraint failed: alembic_version").
+    fork = multiprocessing.get_context("fork")  # forked workers start within milliseconds, unlike fresh interpreters
+    for attempt in range(5):
+        out = tmp_path / f"try{attempt}"
+        start = fork.Event()
+        workers = [fork.Process(target=run_when_started, args=(start, flags(out, "--n-trials", "0", "--seed", seed))) for seed in ("1", "2")]
+        for worker in workers:
+            worker.start()
+        start.set()
+        for worker in workers:
+            worker.join(timeout=60)
+        assert [worker.exitcode for worker in workers] == [0, 0], f"try {attempt}"
+        assert load_study(f"sqlite:///{out}/study.db").user_attrs == {"space": "readme", "epochs": 5}
+
+
+def test_two_workers_on_one_postgresql_study_finish_exactly_the_requested_trials(tmp_path, postgresql_url):
+    name = "two-workers"
+    workers = [start_worker(tmp_path, *flags(tmp_path / seed, "--storage", postgresql_url, "--study-name", name,
+                                              "--n-trials", "3", "--epochs", "1", "--seed", seed)) for seed in ("1", "2")]
+    outputs = [worker.communicate(timeout=180)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    study = optuna.load_study(study_name=name, storage=postgresql_url)
+    assert len(study.get_trials(states=tune.FINISHED)) == 3
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    assert all(t.user_attrs["reason"].startswith("not needed") for t in study.get_trials(states=(TrialState.FAIL,)))
+
+
+def runs_a_trial(worker: subprocess.Popen, storage: str, name: str) -> bool:
+    if name not in optuna.study.get_all_study_names(storage):
+        return False
+    running = optuna.load_study(study_name=name, storage=storage).get_trials(states=(TrialState.RUNNING,))
+    return any(trial.user_attrs.get("worker", {}).get("pid") == worker.pid for trial in running)
+
+
+def test_a_worker_killed_mid_trial_on_postgresql_loses_that_trial_as_failed(no_figures, tmp_path, postgresql_url):
+    name, out = "killed-worker", tmp_path / "tune"
+    # 1000 epochs: the trial is still running when it is killed
+    worker = start_worker(tmp_path, *flags(out, "--storage", postgresql_url, "--study-name", name, "--n-trials", "1", "--epochs", "1000"))
+    try:
+        deadline = time.monotonic() + 120
+        while not runs_a_trial(worker, postgresql_url, name):
+            assert worker.poll() is None and time.monotonic() < deadline, worker.communicate()[0]
+            time.sleep(0.2)
+        worker.send_signal(signal.SIGKILL)
+    finally:
+        worker.kill()  # a no-op after the SIGKILL; stops the worker when an assertion failed
+        worker.communicate()
+    assert worker.returncode == -signal.SIGKILL
+
+    tune.main(flags(out, "--storage", postgresql_url, "--study-name", name, "--n-trials", "0"))  # the next run of the command
+    rows = read_trials(out)
+    assert [row["state"] for row in rows] == ["FAIL"]
+    assert rows[0]["reason"] == f"its worker (process {worker.pid}) ended mid-trial"
+
+
 def test_a_trial_started_when_running_trials_already_make_up_the_study_steps_back():
     study = optuna.create_study()
     study.ask()  # another worker's trial, still running: it will make up the one trial asked for
@@ -224,6 +358,15 @@ def test_unusable_storage_exits_2_with_one_line(monkeypatch, capsys, tmp_path, s
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: cannot open the study storage")
     assert "secret" not in err
+
+
+def test_empty_storage_exits_2_with_one_line_naming_the_flag(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["hyperparameter_tune.py", *flags(tmp_path / "tune", "--storage", "")])
+    with pytest.raises(SystemExit) as exit_info:
+        engine.run_cli(tune.main)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: --storage is empty")
+    assert not (tmp_path / "tune").exists()
 
 
 @pytest.mark.parametrize("bad", [["--n-trials", "-1"], ["--epochs", "0"], ["--space", "huge"], ["--timeout", "nan"],

@@ -1,0 +1,90 @@
+"""A throwaway PostgreSQL server for tests: a fresh cluster in a temporary folder, on 127.0.0.1 with trust authentication."""
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shlex
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+SERVER_PROGRAMS = ("initdb", "pg_ctl", "postgres")
+SERVER_USER = "postgres"  # initdb and postgres refuse to run as root; Debian's package makes this user
+DATABASE = "optuna"
+
+
+class ServerUnavailable(Exception):
+    """No PostgreSQL server can run here; the message says why."""
+
+
+def server_bin_dir() -> Path:
+    """The folder with the server's programs: the one initdb on PATH is in, else Debian's /usr/lib/postgresql/<version>/bin."""
+    on_path = shutil.which("initdb")
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda folder: int(folder.parent.name) if folder.parent.name.isdigit() else 0)
+    for folder in ([Path(on_path).resolve().parent] if on_path else []) + debian[::-1]:  # the newest version first
+        if all((folder / name).is_file() for name in SERVER_PROGRAMS):
+            return folder
+    raise ServerUnavailable("PostgreSQL's server programs (initdb, pg_ctl, postgres) are not installed: "
+                            "apt-get install postgresql (.ci/run does it where it can)")
+
+
+def server_user() -> dict[str, Any]:
+    """subprocess arguments that run the server's programs as an unprivileged user: the postgres user when we are root."""
+    if os.geteuid() != 0:
+        return {}
+    try:
+        user = pwd.getpwnam(SERVER_USER)
+    except KeyError:
+        raise ServerUnavailable(f"running as root and there is no {SERVER_USER!r} user to run the server as "
+                                "(initdb refuses root; apt-get install postgresql makes the user)") from None
+    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": [], "env": dict(os.environ, HOME=user.pw_dir)}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def failure(program: str, result: subprocess.CompletedProcess, log: Path) -> str:
+    """One line: what the program said first, and the server log's fatal errors (a port taken, a folder it may not write)."""
+    said = (result.stderr or result.stdout).strip().splitlines()
+    fatal = [line.split("FATAL:", 1)[1].strip() for line in (log.read_text().splitlines() if log.is_file() else []) if "FATAL:" in line]
+    return "; ".join([f"{program} failed: {said[0] if said else f'exit status {result.returncode}'}", *fatal])
+
+
+@contextlib.contextmanager
+def running_server() -> Iterator[str]:
+    """Start a server and yield the URL of an empty database on it; stop the server and delete its files on exit."""
+    bin_dir, as_server_user = server_bin_dir(), server_user()
+    root = Path(tempfile.mkdtemp(prefix="test-postgres-"))  # in /tmp, not under pytest's root-only folders: the server user reaches it
+    if "user" in as_server_user:
+        os.chown(root, as_server_user["user"], as_server_user["group"])
+    data_dir, log, port = root / "data", root / "server.log", free_port()
+
+    def run(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(bin_dir / command[0]), *command[1:]], cwd=root, capture_output=True, text=True, **as_server_user)
+
+    try:
+        for command in (("initdb", "-D", str(data_dir), "--auth=trust", f"--username={SERVER_USER}", "--no-locale", "--encoding=UTF8", "--no-sync"),
+                        ("pg_ctl", "start", "-D", str(data_dir), "-l", str(log), "-w", "-t", "60",
+                         "-o", f"-h 127.0.0.1 -p {port} -k {shlex.quote(str(root))} -F")):  # -F: no fsync, the data is thrown away
+            result = run(*command)
+            if result.returncode != 0:
+                raise ServerUnavailable(failure(command[0], result, log))
+        import psycopg2  # here, not at the top: without the driver only the tests that use a server fail
+
+        connection = psycopg2.connect(host="127.0.0.1", port=port, user=SERVER_USER, dbname="postgres")
+        connection.autocommit = True  # CREATE DATABASE cannot run in a transaction
+        with connection.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE {DATABASE}")
+        connection.close()
+        yield f"postgresql+psycopg2://{SERVER_USER}@127.0.0.1:{port}/{DATABASE}"  # as hyperparameter_tune.py's docstring names the driver
+    finally:
+        if (data_dir / "postmaster.pid").exists():
+            run("pg_ctl", "stop", "-D", str(data_dir), "-m", "immediate")
+        shutil.rmtree(root, ignore_errors=True)
