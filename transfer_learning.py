@@ -28,49 +28,18 @@ import argparse
 import hashlib
 import time
 from dataclasses import asdict, dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torchvision.models import get_model, get_model_weights
 
 import engine
-import functions as fn
-from functions import UserError
+import tsne
+from functions import write_atomically
+from models.transfer import (ARCHS, FINETUNE_CHOICES, TRANSFER_RECIPE, TransferNet, build_transfer_net,  # noqa: F401
+                             pretrained_statistics, transfer_model)
 
-NUM_CLASSES = len(fn.CLASSES)
-FINETUNE_CHOICES = ("fc", "layer4", "all")
-PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.5, 1  # halve the learning rate after an epoch without a better val_loss
-PLATEAU = {"plateau": f"multiply the lr by {PLATEAU_FACTOR} after {PLATEAU_PATIENCE} epoch(s) without a lower validation loss"}
 FEATURE_FILE = "features.pt"
-
-# The README's optimiser (Adam, lr 0.01, no weight decay, batch 64); no augmentation and 10 epochs: see the docstring.
-TRANSFER_RECIPE = engine.Recipe(epochs=10, batch_size=64, optimizer="adam", lr=0.01, weight_decay=0.0, augment="none")
-
-
-# --------------------------------------------------------------------------------------------
-# Architectures: where each keeps its ImageNet head and its last stage
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Arch:
-    head: str  # the 1000-way ImageNet layer that the new 10-way head replaces
-    last_stage: tuple[str, ...]  # what --finetune layer4 also trains: the last stage and any pretrained layers after it
-
-
-RESNET = Arch(head="fc", last_stage=("layer4",))
-ARCHS = {
-    "resnet18": RESNET,
-    "resnet34": RESNET,
-    "resnet50": RESNET,
-    "vgg16": Arch(head="classifier.6", last_stage=("features.24", "features.26", "features.28", "classifier")),
-    "mobilenet_v3_small": Arch(head="classifier.3",
-                               last_stage=("features.9", "features.10", "features.11", "features.12", "classifier")),
-    "efficientnet_b0": Arch(head="classifier.1", last_stage=("features.7", "features.8")),
-}
 
 
 @dataclass(frozen=True)
@@ -83,172 +52,6 @@ class TransferOptions:
     finetune: str = "fc"
     backbone_lr_scale: float = 0.1
     feature_cache: bool = True
-
-
-# --------------------------------------------------------------------------------------------
-# The network: resize in batches, pretrained backbone, new head
-# --------------------------------------------------------------------------------------------
-class TransferNet(nn.Module):
-    """A torchvision backbone (its ImageNet head removed) behind a batch resize to ``image_size``, and a new head.
-
-    Frozen parts (every parameter with ``requires_grad`` False) stay in eval mode when the net is put
-    in training mode, so their BatchNorm statistics and dropout do not change them either.
-    """
-
-    def __init__(self, backbone: nn.Module, head: nn.Linear, image_size: int):
-        super().__init__()
-        self.backbone, self.head, self.image_size = backbone, head, image_size
-        self.takes_features = False  # True while the head trains on cached backbone features instead of images
-
-    def resize(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[-2:] == (self.image_size, self.image_size):
-            return images
-        return F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=False)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The backbone's output, the head's input: what the t-SNE analysis projects."""
-        if self.takes_features:
-            return x.flatten(1)
-        return self.backbone(self.resize(x)).flatten(1)
-
-    def classify(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.forward_features(x))
-
-    def frozen_modules(self) -> list[nn.Module]:
-        return [m for m in self.backbone.modules()
-                if any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters())]
-
-    def train(self, mode: bool = True) -> "TransferNet":
-        super().train(mode)
-        if mode:
-            for module in self.frozen_modules():
-                module.eval()
-        return self
-
-
-def pretrained_statistics(arch: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean and std the ImageNet weights were trained with, from their own transforms."""
-    transform = get_model_weights(arch).DEFAULT.transforms()
-    return torch.tensor(transform.mean), torch.tensor(transform.std)
-
-
-def weights_file(weights) -> Path:
-    """Where ``torch.hub`` keeps a downloaded weights file."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
-
-
-def download_state_dict(weights) -> dict[str, torch.Tensor]:
-    try:
-        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
-    except Exception as error:  # offline, refused, truncated, failed hash: all the same advice
-        reason = " ".join(str(getattr(error, "reason", error)).split())
-        raise UserError(f"could not get the pretrained weights {weights} ({type(error).__name__}: {reason}); download "
-                        f"{weights.url} and put it at {weights_file(weights)} (torchvision's cache), or pass "
-                        f"--weights PATH with a local copy (--weights none: random backbone)") from None
-
-
-def read_state_dict(path: Path, arch: str) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        names = ", ".join(get_model_weights(arch).__members__)
-        raise UserError(f"--weights {path}: no such file; give a state-dict file, default, none, or one of {names}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a damaged or foreign file
-        raise UserError(f"--weights {path} is not a readable PyTorch state dict ({type(error).__name__})") from None
-    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise UserError(f"--weights {path} holds no state dict (a mapping of parameter names to tensors)")
-    return state
-
-
-def imagenet_state_dict(arch: str, weights: str) -> dict[str, torch.Tensor] | None:
-    """``weights``: none (random backbone), default or a weights name (torchvision's, downloaded once), or a file."""
-    if weights == "none":
-        return None
-    available = get_model_weights(arch)
-    if weights == "default":
-        return download_state_dict(available.DEFAULT)
-    if weights in available.__members__:
-        return download_state_dict(available[weights])
-    return read_state_dict(Path(weights).expanduser(), arch)
-
-
-def load_backbone_state(backbone: nn.Module, state: dict[str, torch.Tensor], arch: str, source: str) -> None:
-    """Load every backbone tensor; the old head's are ignored (it is replaced), anything else must fit exactly."""
-    head_prefix = ARCHS[arch].head + "."
-    state = {name: value for name, value in state.items() if not name.startswith(head_prefix)}
-    expected = backbone.state_dict()
-    missing = [name for name in expected if name not in state]
-    unexpected = [name for name in state if name not in expected]
-    misshapen = [name for name in expected if name in state and state[name].shape != expected[name].shape]
-    if missing or unexpected or misshapen:
-        example = (missing or unexpected or misshapen)[0]
-        raise UserError(f"{source} does not fit torchvision's {arch}: {len(missing)} missing, {len(unexpected)} unexpected and "
-                        f"{len(misshapen)} wrongly shaped tensors (first: {example}); give weights of torchvision.models.{arch}")
-    backbone.load_state_dict(state)
-
-
-def replace_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` at the dotted ``path`` (e.g. classifier.6) and return what was there."""
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    old = getattr(parent, name)
-    setattr(parent, name, new)
-    return old
-
-
-def in_last_stage(parameter_name: str, arch: str) -> bool:
-    return any(parameter_name.startswith(prefix + ".") for prefix in ARCHS[arch].last_stage)
-
-
-def freeze(net: TransferNet, arch: str, finetune: str) -> None:
-    """Only the head trains (fc), also the last stage (layer4), or everything (all)."""
-    for name, parameter in net.backbone.named_parameters():
-        parameter.requires_grad = finetune == "all" or (finetune == "layer4" and in_last_stage(name, arch))
-
-
-def build_transfer_net(arch: str, weights: str = "default", image_size: int = 224, finetune: str = "fc") -> TransferNet:
-    """torchvision's ``arch`` with ``weights``, its ImageNet head swapped for a 10-way Linear, frozen per ``finetune``."""
-    state = imagenet_state_dict(arch, weights)
-    backbone = get_model(arch, weights=None)
-    imagenet_head = replace_module(backbone, ARCHS[arch].head, nn.Identity())
-    if state is not None:
-        load_backbone_state(backbone, state, arch, source=f"--weights {weights}")
-    net = TransferNet(backbone, nn.Linear(imagenet_head.in_features, NUM_CLASSES), image_size)
-    freeze(net, arch, finetune)
-    return net.train()  # the frozen parts to eval mode from the start
-
-
-# --------------------------------------------------------------------------------------------
-# Training: parameter groups, frozen modes, the plateau schedule
-# --------------------------------------------------------------------------------------------
-class TransferClassifier(engine.ImageClassifier):
-    """The engine's classifier; the pretrained parameters it trains learn ``backbone_lr_scale`` times slower than the head."""
-
-    def __init__(self, net: TransferNet, recipe: engine.Recipe, seed: int, steps_per_epoch: int, backbone_lr_scale: float = 0.1):
-        super().__init__(net, recipe, seed, steps_per_epoch)
-        self.backbone_lr_scale = backbone_lr_scale
-
-    def on_train_epoch_start(self) -> None:
-        super().on_train_epoch_start()
-        self.net.train()  # Lightning keeps whatever mode the net had; TransferNet.train keeps the frozen parts in eval
-
-    def parameter_groups(self) -> list[dict[str, Any]]:
-        """The head first (its lr is the metrics' lr column), then the trainable backbone parameters, if any."""
-        groups = [{"params": list(self.net.head.parameters())}]
-        backbone = [p for p in self.net.backbone.parameters() if p.requires_grad]
-        if backbone:
-            groups.append({"params": backbone, "lr": self.recipe.lr * self.backbone_lr_scale})
-        return groups
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        if self.recipe.scheduler != "plateau":
-            return super().configure_optimizers()
-        optimizer = self.make_optimizer()
-        schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "monitor": "val_loss", "interval": "epoch"}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,16 +92,10 @@ def read_feature_file(path: Path, fingerprint: str) -> dict[str, torch.Tensor] |
 
 def write_feature_file(path: Path, fingerprint: str, features: dict[str, torch.Tensor]) -> None:
     try:
-        fn.write_atomically(path, lambda tmp: torch.save({"fingerprint": fingerprint, "features": features}, tmp))
+        write_atomically(path, lambda tmp: torch.save({"fingerprint": fingerprint, "features": features}, tmp))
         print(f"Features saved in {path}; a resumed run reads them back")
     except OSError as error:
         print(f"note: could not save the features in {path} ({error}); they stay in memory for this run")
-
-
-def backbone_features(net: TransferNet, images: torch.Tensor, labels: torch.Tensor, data: engine.SplitData,
-                      device: torch.device) -> torch.Tensor:
-    batches = fn.EvalBatches(images.to(device), labels.to(device), engine.CIFAR10DataModule.EVAL_BATCH, data.mean, data.std)
-    return engine.predict(net, batches, with_features=True)["features"]
 
 
 def cached_backbone_features(net: TransferNet, data: engine.SplitData, device: torch.device, run_dir: Path) -> dict[str, torch.Tensor]:
@@ -315,7 +112,8 @@ def cached_backbone_features(net: TransferNet, data: engine.SplitData, device: t
     print(f"Computing the frozen backbone's features once: {count} images at {net.image_size}x{net.image_size} px on {device}", flush=True)
     started = time.perf_counter()
     net.to(device, memory_format=torch.channels_last)
-    features = {name: backbone_features(net, images, labels, data, device) for name, (images, labels) in splits.items()}
+    features = {name: engine.predict(net, images, labels, data.mean, data.std, with_features=True)["features"]
+                for name, (images, labels) in splits.items()}
     print(f"Features computed in {time.perf_counter() - started:.1f} s")
     write_feature_file(path, fingerprint, features)
     return features
@@ -327,13 +125,13 @@ def feature_split(data: engine.SplitData, features: dict[str, torch.Tensor]) -> 
                    test_images=features["test"].float(), source=f"{data.source}, as cached backbone features")
 
 
-def train_on_cached_features(config: engine.RunConfig, net: TransferNet, data: engine.SplitData, module_class,
+def train_on_cached_features(config: engine.RunConfig, model: engine.ModelSpec, net: TransferNet, data: engine.SplitData,
                              device: torch.device) -> dict[str, Any]:
     """Train the head on cached features through the engine; checkpoints and model.pth still hold the whole net."""
     features = feature_split(data, cached_backbone_features(net, data, device, Path(config.out_dir)))
     net.takes_features = True
     try:
-        return engine.train(config, net, module_class=module_class, data=features, initialize=False)
+        return engine.train(config, model, data=features, analyses=tsne.analyses(config))
     finally:
         net.takes_features = False
 
@@ -356,10 +154,10 @@ def train_transfer(config: engine.RunConfig, options: TransferOptions, data: eng
     data = replace(data or engine.load_split(config), mean=mean, std=std)
     cached = feature_cache_applies(options, config.recipe, device)
     engine.write_json(Path(config.out_dir) / "transfer.json", dict(asdict(options), trained_on_cached_features=cached))
-    module_class = partial(TransferClassifier, backbone_lr_scale=options.backbone_lr_scale)
+    model = transfer_model(net, config.recipe, options.backbone_lr_scale)
     if cached:
-        return train_on_cached_features(config, net, data, module_class, device)
-    return engine.train(config, net, module_class=module_class, data=data, initialize=False)
+        return train_on_cached_features(config, model, net, data, device)
+    return engine.train(config, model, data=data, analyses=tsne.analyses(config))
 
 
 def image_size(text: str) -> int:
@@ -371,7 +169,8 @@ def image_size(text: str) -> int:
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    engine.add_training_arguments(parser, TRANSFER_RECIPE, run_name="<arch>-transfer-<finetune>", schedulers=PLATEAU)
+    engine.add_training_arguments(parser, TRANSFER_RECIPE, run_name="<arch>-transfer-<finetune>")
+    tsne.add_arguments(parser)
     defaults = TransferOptions()
     group = parser.add_argument_group("transfer learning")
     group.add_argument("--arch", choices=tuple(ARCHS), default=defaults.arch, help=f"torchvision network (default {defaults.arch})")

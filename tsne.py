@@ -11,7 +11,8 @@ black edge. Writes tsne_<split>.png (300 dpi), tsne_<split>.npz (the embedding w
 predicted labels, so the figure can be redrawn without recomputing) and tsne_metrics.json: the
 silhouette score by true class in the 2-D embedding and the cross-validated 5-NN accuracy in the
 original feature space.
-The training scripts run the same analysis at the end of every run unless given --no-tsne.
+The training scripts hand the same analysis to the engine (``analyses``), which runs it at the end of
+every run unless given --no-tsne.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ import torch
 from torch import nn
 
 import engine
-import functions as fn
-from functions import UserError
+import models  # noqa: F401  (registers every model, so --model finds each by name)
+from functions import UserError, write_atomically
 
 # A t-SNE is ~1,000 short parallel steps: OpenMP threads that spin-wait between them take the cores
 # from each other on a shared machine (2,000 points on a busy 2-core machine: 44 s spinning, 8 s
@@ -49,57 +50,20 @@ SILHOUETTE_SAMPLE = 10_000  # the silhouette's cost is quadratic in the points: 
 # --------------------------------------------------------------------------------------------
 # Features of a trained network
 # --------------------------------------------------------------------------------------------
-def split_predictions(net: nn.Module, data: engine.SplitData, split: str, device: torch.device) -> dict[str, torch.Tensor]:
+def split_predictions(net: nn.Module, data: engine.SplitData, split: str) -> dict[str, torch.Tensor]:
     """Logits, labels and penultimate features of every image of ``split`` ("test" or "train")."""
     images, labels = (data.test_images, data.test_labels) if split == "test" else (data.train_images, data.train_labels)
-    batches = fn.EvalBatches(images.to(device), labels.to(device), engine.CIFAR10DataModule.EVAL_BATCH, data.mean, data.std)
-    return engine.predict(net, batches, with_features=True)
-
-
-def weights_in(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
-    """The network's state dict from a plain state dict (model.pth) or a Lightning checkpoint (.ckpt)."""
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
-        # engine.ImageClassifier keeps the network as ``self.net``.
-        return {key.removeprefix("net."): value for key, value in checkpoint["state_dict"].items() if key.startswith("net.")}
-    if isinstance(checkpoint, dict) and checkpoint and all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
-        return checkpoint
-    raise UserError(f"{path} holds neither a state dict nor a Lightning checkpoint; give a run's model.pth, best.ckpt or last.ckpt")
-
-
-def listed(kind: str, items: list[str]) -> str:
-    return f"{kind} {', '.join(items[:3])}" + (f" and {len(items) - 3} more" if len(items) > 3 else "")
-
-
-def mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
-    """What keeps ``given`` from loading into a network whose state dict is ``expected``; empty if nothing."""
-    missing = [key for key in expected if key not in given]
-    unexpected = [key for key in given if key not in expected]
-    reshaped = [f"{key} {tuple(given[key].shape)} for {tuple(value.shape)}"
-                for key, value in expected.items() if key in given and given[key].shape != value.shape]
-    return "; ".join(listed(kind, items) for kind, items in
-                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", reshaped)) if items)
+    return engine.predict(net, images, labels, data.mean, data.std, with_features=True)
 
 
 def load_model(name: str, checkpoint_path: Path) -> nn.Module:
     """``name``'s network with the weights of ``checkpoint_path``, in eval mode; one clear error if they do not fit."""
-    # Imported here, not at the top: the training scripts import this module at the end of a run
-    # and have no use for the model registry (nor for a second copy of main.py).
-    from modified_models import model_spec
-
-    net = model_spec(name).build()
+    net = engine.model_spec(name).build()
     if not hasattr(net, "forward_features"):
         raise UserError(f"{name} has no forward_features(), so its penultimate features cannot be taken; choose another --model")
     if not checkpoint_path.is_file():
         raise UserError(f"--checkpoint {checkpoint_path} does not exist; give a run's model.pth, best.ckpt or last.ckpt")
-    checkpoint = engine.read_checkpoint(checkpoint_path)
-    state = weights_in(checkpoint, checkpoint_path)
-    problem = mismatch(net.state_dict(), state)
-    if problem:
-        trained_as = checkpoint.get("run_config", {}).get("model") if isinstance(checkpoint, dict) else None
-        hint = f" (it was trained as {trained_as})" if trained_as else ""
-        raise UserError(f"{checkpoint_path} does not fit {name}{hint}: {problem}; give the --model it was trained as")
-    net.load_state_dict(state)
-    return net.eval()
+    return engine.load_weights(net, name, checkpoint_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +173,7 @@ def save_embedding(embedding: Embedding, path: Path) -> None:
     arrays = {"embedding": e.points, "labels": e.labels, "predictions": e.predictions, "correct": e.correct,
               "indices": e.indices, "classes": np.array(e.classes, dtype=str), "model": np.array(e.model),
               "split": np.array(e.split), "method": np.array(e.method)}
-    fn.write_atomically(path, lambda tmp: np.savez(tmp, **arrays))
+    write_atomically(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def load_embedding(path: Path) -> Embedding:
@@ -234,16 +198,14 @@ def class_colours(num_classes: int) -> np.ndarray:
 
 def draw_embedding(embedding: Embedding):
     """The scatter plot: colour = predicted class, black edge = misclassified; returns the matplotlib figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
     e = embedding
     colours = class_colours(len(e.classes))
     size = float(np.clip(30_000 / len(e.points), 1.5, 25))  # small points when there are many
-    figure, axis = plt.subplots(figsize=(9, 7))
+    figure = Figure(figsize=(9, 7))
+    axis = figure.subplots()
     # Misclassified points last, so their edges are not hidden under correct ones.
     for gid, chosen, edge, width in (("correct", e.correct, "none", 0.0), ("misclassified", ~e.correct, "black", 0.5)):
         axis.scatter(e.points[chosen, 0], e.points[chosen, 1], s=size, c=colours[e.predictions[chosen]],
@@ -291,45 +253,67 @@ def check_settings(config: engine.RunConfig, data: engine.SplitData, splits: tup
 
 
 def analyse_run(net: nn.Module, data: engine.SplitData, test: dict[str, torch.Tensor] | None, run_dir: Path,
-                config: engine.RunConfig, device: torch.device, splits: tuple[str, ...] = SPLITS) -> dict[str, Any]:
+                config: engine.RunConfig, splits: tuple[str, ...] = SPLITS) -> dict[str, Any]:
     """t-SNE figures and numbers for each split; ``test`` is predict()'s output with features, computed if None."""
     run_dir = Path(run_dir)
     method = check_settings(config, data, splits)
     reports = {}
     for split in splits:
-        predicted = test if split == "test" and test is not None else split_predictions(net, data, split, device)
+        predicted = test if split == "test" and test is not None else split_predictions(net, data, split)
         reports[split] = analyse_split(predicted, split, data.classes, run_dir, config, method)
     engine.write_json(run_dir / "tsne_metrics.json", reports)
     print(f"t-SNE written to {run_dir}: " + ", ".join(f"tsne_{split}.png/.npz" for split in splits) + ", tsne_metrics.json")
     return reports
 
 
+class TSNEAnalysis:
+    """The t-SNE plots of a run's penultimate features: what the training scripts hand to ``engine.train``."""
+
+    def check(self, config: engine.RunConfig, data: engine.SplitData) -> None:
+        check_settings(config, data)
+
+    def run(self, net: nn.Module, data: engine.SplitData, test: dict[str, Any], run_dir: Path, config: engine.RunConfig,
+            device: torch.device) -> None:
+        if hasattr(net, "forward_features"):
+            analyse_run(net, data, test, run_dir, config)
+
+
+def analyses(config: engine.RunConfig) -> list[TSNEAnalysis]:
+    """What a training run with ``config`` analyses at its end: the t-SNE plots, unless --no-tsne."""
+    return [TSNEAnalysis()] if config.tsne else []
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
-def model_arguments(required: bool) -> argparse.ArgumentParser:
-    """--model, --checkpoint, --data-dir, --device: where the features come from (also the benchmark's)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    group = parser.add_argument_group("features")
-    group.add_argument("--model", required=required, help="the network the checkpoint holds, e.g. CIFAR10Net_7 (python modified_models.py --list)")
-    group.add_argument("--checkpoint", required=required, metavar="PATH",
-                       help="its weights: a run's model.pth (plain state dict) or best.ckpt / last.ckpt (Lightning checkpoint)")
-    group.add_argument("--data-dir", default="./data", help="folder with CIFAR-10, as for the training scripts (default ./data)")
-    group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
-                       help="where to compute the features; t-SNE itself runs on the CPU (default auto: cuda if available, else cpu)")
-    group.add_argument("--seed", type=int, default=0, help="seeds the sample and the t-SNE (default 0)")
-    return parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     parents=[model_arguments(required=False)])
+def add_arguments(parser: argparse.ArgumentParser, switch: bool = True) -> None:
+    """The t-SNE's flags; with ``switch``, --no-tsne too (the training scripts, which run it at the end)."""
     group = parser.add_argument_group("analysis")
-    group.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="which splits to embed (default test train)")
+    if switch:
+        group.add_argument("--no-tsne", dest="tsne", action="store_false", help="skip the t-SNE plots of penultimate features at the end")
     group.add_argument("--tsne-samples", type=engine.positive_int, metavar="N",
                        help=f"embed a class-stratified sample of N points per split instead of all (N > {PERPLEXITY}, the perplexity)")
     group.add_argument("--tsne-method", default="auto", choices=METHODS,
                        help="t-SNE implementation: openTSNE's FFT-accelerated one, or scikit-learn's (default auto: openTSNE if installed)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    """--model, --checkpoint, the data and the device: where the features come from (also the benchmark's)."""
+    group = parser.add_argument_group("features")
+    group.add_argument("--model", required=required, help="the network the checkpoint holds, e.g. CIFAR10Net_7 (python modified_models.py --list)")
+    group.add_argument("--checkpoint", required=required, metavar="PATH",
+                       help="its weights: a run's model.pth (plain state dict) or best.ckpt / last.ckpt (Lightning checkpoint)")
+    group.add_argument("--seed", type=engine.non_negative_int, default=0, help="seeds the sample and the t-SNE (default 0)")
+    engine.add_data_arguments(parser)
+    engine.add_device_arguments(parser, training=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser, required=False)
+    add_arguments(parser, switch=False)
+    group = parser.add_argument_group("output")
+    group.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="which splits to embed (default test train)")
     group.add_argument("--out-dir", help="folder for tsne_*.png, tsne_*.npz and tsne_metrics.json (default: the checkpoint's "
                                          "folder; with --redraw, the .npz file's folder)")
     group.add_argument("--redraw", metavar="NPZ", help="redraw tsne_<split>.png from a saved tsne_<split>.npz without recomputing; "
@@ -356,13 +340,13 @@ def main() -> None:
     checkpoint = Path(args.checkpoint)
     out_dir = Path(args.out_dir) if args.out_dir else checkpoint.parent
     config = engine.RunConfig(model=args.model, data_dir=args.data_dir, out_dir=str(out_dir), seed=args.seed, device=args.device,
+                              limit_train=args.limit_train, num_workers=args.num_workers,
                               tsne_samples=args.tsne_samples, tsne_method=args.tsne_method)
-    device = engine.training_device(args.device)
     # A wrong checkpoint or a missing openTSNE fails before the slow data load.
-    net = load_model(args.model, checkpoint).to(device)
+    net = load_model(args.model, checkpoint).to(engine.training_device(args.device))
     resolve_method(config.tsne_method)
     data = engine.load_split(config)
-    analyse_run(net, data, None, out_dir, config, device, splits=tuple(dict.fromkeys(args.splits)))
+    analyse_run(net, data, None, out_dir, config, splits=tuple(dict.fromkeys(args.splits)))
 
 
 if __name__ == "__main__":

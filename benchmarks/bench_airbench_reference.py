@@ -1,7 +1,7 @@
 """A yardstick for FastVGG: airbench94's complete method, run on the same data.
 
-    python benchmarks/bench_airbench_reference.py --data-dir ./data --seeds 0
-    python benchmarks/bench_airbench_reference.py --data-dir ./data --full-train --seeds 0 1 2
+    python -m benchmarks.bench_airbench_reference --data-dir ./data --seeds 0
+    python -m benchmarks.bench_airbench_reference --data-dir ./data --full-train --seeds 0 1 2
 
 FastVGG (modified_models.py) trains airbench94's network with the parts of its method that the
 engine's flags express. This script runs the whole method (Keller Jordan, "94% on CIFAR-10 in 3.29
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -35,12 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import engine  # noqa: E402
-import functions as fn  # noqa: E402
-from bench_fast import accuracies  # noqa: E402
-from modified_models import ConvGroup  # noqa: E402
+import engine
+from functions import apply_crop, normalize, sample_crop_params
+from models.fast import ConvGroup
 
 MOMENTUM, LABEL_SMOOTHING, LOGIT_SCALE = 0.85, 0.2, 1 / 9
 LR_PER_1024, WEIGHT_DECAY_PER_1024, NORM_BIAS_LR_SCALE = 11.5, 0.0153, 64.0
@@ -122,7 +118,7 @@ def train_and_test(data: engine.SplitData, seed: int, epochs: float, width: int,
     """Train with the whole method, then measure the test set under each TTA mode; returns the runs.csv row."""
     torch.manual_seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
-    images = fn.normalize(data.train_images.float() / 255, data.mean, data.std)
+    images = normalize(data.train_images.float() / 255, data.mean, data.std)
     net = airbench_net(width, images[:5000]).to(device)
     optimizer = make_optimizer(net, batch_size)
     steps_per_epoch = len(images) // batch_size
@@ -133,9 +129,9 @@ def train_and_test(data: engine.SplitData, seed: int, epochs: float, width: int,
     started = time.perf_counter()
     for epoch in range(math.ceil(epochs)):
         net[0].bias.requires_grad_(epoch < STEM_BIAS_EPOCHS)
-        crop = fn.sample_crop_params(len(images), generator, device, pad=2)
+        crop = sample_crop_params(len(images), generator, device, pad=2)
         crop["hflip"] = half_flipped ^ bool(epoch % 2)  # alternating flips: each image mirrored every other epoch
-        epoch_images = fn.apply_crop(images, crop, pad=2, mode="reflect").contiguous(memory_format=torch.channels_last)
+        epoch_images = apply_crop(images, crop, pad=2, mode="reflect").contiguous(memory_format=torch.channels_last)
         order = torch.randperm(len(images), generator=generator, device=device)
         net.train()
         for index in order[:steps_per_epoch * batch_size].view(steps_per_epoch, batch_size):
@@ -160,7 +156,7 @@ def train_and_test(data: engine.SplitData, seed: int, epochs: float, width: int,
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    test = accuracies(net, data.test_images, data.test_labels, data, tta="flip-translate")
+    test = engine.accuracy_by_tta(net, data.test_images, data.test_labels, data.mean, data.std, tta="flip-translate")
     return {"seed": seed, "train_images": len(images), "epochs": epochs, "width": width, "batch_size": batch_size,
             "seconds": round(seconds, 1),
             "test_plain": test["none"], "test_flip": test["flip"], "test_flip_translate": test["flip-translate"]}
@@ -168,19 +164,18 @@ def train_and_test(data: engine.SplitData, seed: int, epochs: float, width: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default="./data", help="CIFAR-10 as main.py reads it")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (default 0)")
     parser.add_argument("--epochs", type=engine.positive_float, default=9.9, help="passes over the training images (default 9.9, airbench94's)")
     parser.add_argument("--width", type=engine.positive_int, default=64, help="channels of the first stage; the others have 4x (default 64)")
     parser.add_argument("--batch-size", type=engine.positive_int, default=1024, help="images per step; lr and weight decay adapt (default 1024)")
     parser.add_argument("--full-train", action="store_true", help="train on all 50,000 training images, as airbench does (default: the 45,000 split)")
-    parser.add_argument("--limit-train", type=engine.positive_int, metavar="N", help="train on the first N training images only (a quick check)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train; bf16 autocast on CUDA (default auto)")
+    engine.add_data_arguments(parser)
+    engine.add_device_arguments(parser, training=False)
     parser.add_argument("--out-dir", default="runs/bench_airbench_reference", help="folder for runs.csv (default runs/bench_airbench_reference)")
     args = parser.parse_args()
 
     device = engine.training_device(args.device)
-    arrays = fn.load_cifar10(args.data_dir)
+    arrays = engine.load_cifar10(args.data_dir, args.num_workers)
     data = engine.SplitData.from_arrays(arrays, args.limit_train)
     if args.full_train:  # airbench's setting: every training image (the split's statistics still normalise them)
         keep = slice(args.limit_train)

@@ -1,11 +1,11 @@
 """FastVGG's recipe measured: accuracy and wall time per seed, ablations, and grids over its settings.
 
-    python benchmarks/bench_fast.py --data-dir ./data                          # FastVGG, seeds 0 1 2
-    python benchmarks/bench_fast.py --data-dir ./data --model FastVGG_narrow --precision bf16-mixed
-    python benchmarks/bench_fast.py --data-dir ./data --ablations --seeds 0    # one idea off at a time
-    python benchmarks/bench_fast.py --data-dir ./data --vary lr=0.2,0.4,0.8 --vary weight_decay=5e-4,1e-3
+    python -m benchmarks.bench_fast --data-dir ./data                          # FastVGG, seeds 0 1 2
+    python -m benchmarks.bench_fast --data-dir ./data --model FastVGG_narrow --precision bf16-mixed
+    python -m benchmarks.bench_fast --data-dir ./data --ablations --seeds 0    # one idea off at a time
+    python -m benchmarks.bench_fast --data-dir ./data --vary lr=0.2,0.4,0.8 --vary weight_decay=5e-4,1e-3
 
-Every run trains through the engine exactly as ``modified_models.py --model <name>`` does, so the
+Every run trains through the engine exactly as ``modified_models --model <name>`` does, so the
 time includes what a user's run includes (the per-epoch validation, the checkpoints), but not the
 data loading, which happens once. After each run it measures validation accuracy with the run's TTA
 (the number to choose settings by) and test accuracy under each TTA mode (none, flip, flip-translate),
@@ -20,17 +20,17 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import get_type_hints
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import matplotlib
+from matplotlib.figure import Figure
 
-import engine  # noqa: E402
-import functions as fn  # noqa: E402
-import modified_models  # noqa: E402
+import engine
+import models  # noqa: F401  (registers every model)
+from functions import AUGMENTATIONS, UserError, write_atomically
 
 # One idea off (or changed) at a time against the model's recipe; TTA needs no run of its own (test_plain).
 ABLATIONS = {
@@ -47,15 +47,15 @@ COLUMNS = ("variant", "seed", "epochs", "tta", "seconds", "val_accuracy", "val_t
 
 
 # Settings with a fixed set of values: a value outside it fails before any training.
-CHOICES = {"tta": engine.TTA_MODES, "augment": fn.AUGMENT_PRESETS, "optimizer": engine.OPTIMIZERS, "scheduler": engine.SCHEDULERS}
+CHOICES = {"tta": engine.TTA_MODES, "augment": AUGMENTATIONS, "optimizer": engine.OPTIMIZERS, "scheduler": engine.SCHEDULERS}
 
 
 def setting_value(key: str, text: str, current, kind: type):
     """``text`` as a value of the setting ``key`` (of type ``kind``); x2 and /2 scale the current value."""
     if kind not in (int, float, str, bool):
-        raise fn.UserError(f"{key} cannot be varied here")
+        raise UserError(f"{key} cannot be varied here")
     if key in CHOICES and text not in CHOICES[key]:
-        raise fn.UserError(f"{key}={text}: choose one of {', '.join(CHOICES[key])}")
+        raise UserError(f"{key}={text}: choose one of {', '.join(CHOICES[key])}")
     if text in ("x2", "/2") and kind in (int, float):
         return kind(current * 2 if text == "x2" else current / 2)
     if kind is bool:
@@ -63,7 +63,7 @@ def setting_value(key: str, text: str, current, kind: type):
     try:
         return kind(text)
     except ValueError:
-        raise fn.UserError(f"{key}={text}: not a valid {kind.__name__}") from None
+        raise UserError(f"{key}={text}: not a valid {kind.__name__}") from None
 
 
 def apply_settings(config: engine.RunConfig, settings: dict[str, str]) -> engine.RunConfig:
@@ -75,7 +75,7 @@ def apply_settings(config: engine.RunConfig, settings: dict[str, str]) -> engine
         elif key in run_types and key != "recipe":
             run_changes[key] = setting_value(key, value, getattr(config, key), run_types[key])
         else:
-            raise fn.UserError(f"unknown setting {key!r}; use a recipe field ({', '.join(recipe_types)}) or precision, compile")
+            raise UserError(f"unknown setting {key!r}; use a recipe field ({', '.join(recipe_types)}) or precision, compile")
     return replace(config, recipe=replace(config.recipe, **recipe_changes), **run_changes)
 
 
@@ -85,31 +85,23 @@ def parse_vary(items: list[str]) -> list[dict[str, str]]:
     for item in items:
         key, _, values = item.partition("=")
         if not values:
-            raise fn.UserError(f"--vary {item}: write KEY=VALUE[,VALUE...], e.g. lr=0.2,0.4")
+            raise UserError(f"--vary {item}: write KEY=VALUE[,VALUE...], e.g. lr=0.2,0.4")
         axes.append([(key, value) for value in values.split(",")])
     return [dict(combination) for combination in itertools.product(*axes)]
 
 
-def accuracies(net, images, labels, data: engine.SplitData, tta: str) -> dict[str, float]:
-    """Accuracy under each test-time augmentation up to ``tta``, from one pass of each view."""
-    batches = fn.EvalBatches(images, labels, engine.CIFAR10DataModule.EVAL_BATCH, data.mean, data.std)
-    result = engine.predict(net, batches, tta=tta)
-    return {mode: (logits.argmax(1) == result["labels"]).double().mean().item() for mode, logits in result["logits_by_tta"].items()}
-
-
 def measure(config: engine.RunConfig, data: engine.SplitData, variant: str, first_run: bool) -> tuple[dict, list[dict]]:
     """Train one run, time it, and measure it; returns the table row and the per-epoch history."""
-    net = modified_models.model_spec(config.model).build()
     started = time.perf_counter()
-    recorder = engine.fit(config, net, data)
+    fitted = engine.fit(config, engine.model_spec(config.model), data)
     seconds = time.perf_counter() - started
-    net = net.to(recorder.device)  # the data is already there (main moves it once)
-    test = accuracies(net, data.test_images, data.test_labels, data, tta="flip-translate")
+    net = fitted.net.to(fitted.device)  # the data is already there (main moves it once)
+    test = engine.accuracy_by_tta(net, data.test_images, data.test_labels, data.mean, data.std, tta="flip-translate")
     row = {
         "variant": variant, "seed": config.seed, "epochs": config.recipe.epochs, "tta": config.recipe.tta,
         "seconds": round(seconds, 2),
-        "val_accuracy": recorder.history[-1]["val_accuracy"],
-        "val_tta": accuracies(net, data.val_images, data.val_labels, data, tta=config.recipe.tta)[config.recipe.tta],
+        "val_accuracy": fitted.history[-1]["val_accuracy"],
+        "val_tta": engine.accuracy_by_tta(net, data.val_images, data.val_labels, data.mean, data.std, tta=config.recipe.tta)[config.recipe.tta],
         "test_plain": test["none"], "test_flip": test["flip"], "test_flip_translate": test["flip-translate"],
         "test_tta": test[config.recipe.tta],
         "first_run": first_run,
@@ -117,7 +109,7 @@ def measure(config: engine.RunConfig, data: engine.SplitData, variant: str, firs
     print(f"{variant} seed {config.seed}: {row['epochs']} epochs in {seconds:.1f} s; validation {row['val_accuracy']:.4f} "
           f"({config.recipe.tta} TTA {row['val_tta']:.4f}); test {row['test_plain']:.4f}, with flip TTA {row['test_flip']:.4f}, "
           f"with flip-translate TTA {row['test_flip_translate']:.4f}", flush=True)
-    return row, recorder.history
+    return row, fitted.history
 
 
 def write_table(rows: list[dict], out_dir: Path, title: str) -> str:
@@ -135,19 +127,15 @@ def write_table(rows: list[dict], out_dir: Path, title: str) -> str:
             lines.append(f"| **{variant}: mean of {len(group)}** | | {group[0]['epochs']} | {statistics.mean(r['seconds'] for r in group):.1f} | "
                          + " | ".join(f"{statistics.mean(r[key] for r in group):.2%}" for key in accuracy_columns) + " |")
     text = "\n".join(lines) + "\n"
-    fn.write_atomically(out_dir / "runs.md", lambda tmp: tmp.write_text(text))
+    write_atomically(out_dir / "runs.md", lambda tmp: tmp.write_text(text))
     return text
 
 
 def plot_time_accuracy(curves: list[tuple[str, list[dict], dict]], path: Path, title: str) -> None:
     """Validation accuracy after each epoch against the run's wall time; the final test accuracy (TTA) as a star."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(8, 5))
-    colours = plt.get_cmap("tab10")
+    figure = Figure(figsize=(8, 5))
+    axis = figure.subplots()
+    colours = matplotlib.colormaps["tab10"]
     for index, (label, history, row) in enumerate(curves):
         elapsed = list(itertools.accumulate(epoch["seconds"] for epoch in history))
         colour = colours(index % 10)
@@ -167,25 +155,22 @@ def plot_time_accuracy(curves: list[tuple[str, list[dict], dict]], path: Path, t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default="./data", help="CIFAR-10 as main.py reads it")
-    parser.add_argument("--model", default="FastVGG", help="a model of modified_models.py, trained with its own recipe (default FastVGG)")
+    parser.add_argument("--model", default="FastVGG", help="a registered model (python modified_models.py --list), trained with its own recipe (default FastVGG)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run each variant with (default 0 1 2)")
     parser.add_argument("--epochs", type=engine.positive_int, help="override the recipe's epochs")
     parser.add_argument("--ablations", action="store_true", help="also run each ablation: " + "; ".join(ABLATIONS))
     parser.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
                         help="run every combination of these settings (recipe fields, or precision, compile...) instead of the recipe alone; repeatable")
-    parser.add_argument("--limit-train", type=engine.positive_int, metavar="N", help="train on the first N images of the split only (a quick check)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train (default auto)")
-    parser.add_argument("--precision", default="auto", help="Lightning precision (default auto: bf16-mixed on CUDA, else 32-true)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network; the first run's time then includes compiling")
+    engine.add_data_arguments(parser)
+    engine.add_device_arguments(parser, distributed=False)
     parser.add_argument("--out-dir", default="runs/bench_fast", help="folder for the runs, runs.csv, runs.md and the figure (default runs/bench_fast)")
     args = parser.parse_args()
 
-    spec = modified_models.model_spec(args.model)
+    spec = engine.model_spec(args.model)
     recipe = replace(spec.recipe, epochs=args.epochs or spec.recipe.epochs)
     out_dir = Path(args.out_dir)
-    base = engine.RunConfig(model=args.model, recipe=recipe, data_dir=args.data_dir, device=args.device, precision=args.precision,
-                            compile=args.compile, limit_train=args.limit_train, progress=False, tsne=False)
+    base = engine.RunConfig(model=args.model, recipe=recipe, data_dir=args.data_dir, num_workers=args.num_workers, device=args.device,
+                            precision=args.precision, compile=args.compile, limit_train=args.limit_train, progress=False, tsne=False)
     variants = {"recipe": {}} if not args.vary else {",".join(f"{k}={v}" for k, v in s.items()): s for s in parse_vary(args.vary)}
     if args.ablations:
         variants.update(ABLATIONS)

@@ -1,6 +1,6 @@
 """Seconds per epoch of the README recipe, three ways, side by side in one process.
 
-    python benchmarks/bench_pipeline.py --data-dir ./data
+    python -m benchmarks.bench_pipeline --data-dir ./data
 
 (a) ours: engine.fit for one epoch (Lightning, batches augmented on the device with the
     `readme` preset, validation loss/accuracy and train accuracy on a 5,000-image sample);
@@ -15,7 +15,6 @@ All three train CIFAR10Net with batch 64 on the 45,000-image training split.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -23,11 +22,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import engine  # noqa: E402
-import functions as fn  # noqa: E402
-from main import README_RECIPE, CIFAR10Net  # noqa: E402
+import engine
+from functions import get_accuracy, initialize_using_norm_kaiming, normalize
+from models.study import README_RECIPE, CIFAR10Net
 
 
 def ours(data: engine.SplitData, tmp: Path) -> float:
@@ -35,8 +32,8 @@ def ours(data: engine.SplitData, tmp: Path) -> float:
 
     config = engine.RunConfig(model="CIFAR10Net", recipe=replace(README_RECIPE, epochs=1), out_dir=str(tmp / "ours"),
                               progress=False, tsne=False, device="cpu")
-    recorder = engine.fit(config, CIFAR10Net(), data, checkpoints=False)
-    return recorder.history[-1]["seconds"]
+    fitted = engine.fit(config, engine.model_spec("CIFAR10Net"), data, checkpoints=False)
+    return fitted.history[-1]["seconds"]
 
 
 class PILImages(Dataset):
@@ -66,7 +63,7 @@ def original(data: engine.SplitData) -> float:
     val_loader = DataLoader(PILImages(data.val_images, data.val_labels, eval_transform), batch_size=64)
 
     model = CIFAR10Net()
-    model.apply(fn.initialize_using_norm_kaiming)
+    model.apply(initialize_using_norm_kaiming)
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.001, betas=(0.9, 0.999), weight_decay=5e-4)
     started = time.perf_counter()
@@ -82,13 +79,13 @@ def original(data: engine.SplitData) -> float:
     with torch.no_grad():
         for inputs, labels in val_loader:
             criterion(model(inputs), labels).item()
-    fn.get_accuracy(model, train_loader)
-    fn.get_accuracy(model, val_loader)
+    get_accuracy(model, train_loader)
+    get_accuracy(model, val_loader)
     return time.perf_counter() - started
 
 
 def in_memory_batches(images: torch.Tensor, labels: torch.Tensor, size: int, data: engine.SplitData) -> list:
-    images = fn.normalize(images.float() / 255, data.mean, data.std).contiguous(memory_format=torch.channels_last)
+    images = normalize(images.float() / 255, data.mean, data.std).contiguous(memory_format=torch.channels_last)
     return [(images[i:i + size], labels[i:i + size]) for i in range(0, len(images), size)]
 
 
@@ -97,8 +94,8 @@ def floor(data: engine.SplitData) -> float:
     optimizer = torch.optim.Adam(model.parameters(), lr=0.001, weight_decay=5e-4)
     train = in_memory_batches(data.train_images, data.train_labels, 64, data)
     sample = len(data.val_images)
-    evaluation = (in_memory_batches(data.val_images, data.val_labels, engine.CIFAR10DataModule.EVAL_BATCH, data)
-                  + in_memory_batches(data.train_images[:sample], data.train_labels[:sample], engine.CIFAR10DataModule.EVAL_BATCH, data))
+    evaluation = (in_memory_batches(data.val_images, data.val_labels, engine.EVAL_BATCH, data)
+                  + in_memory_batches(data.train_images[:sample], data.train_labels[:sample], engine.EVAL_BATCH, data))
     started = time.perf_counter()
     for inputs, labels in train:
         optimizer.zero_grad()
@@ -113,13 +110,13 @@ def floor(data: engine.SplitData) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default="./data", help="CIFAR-10 as main.py reads it")
+    engine.add_data_arguments(parser, limit_train=False)
     parser.add_argument("--out-dir", default="runs/bench_pipeline", help="scratch folder for the engine's run")
     parser.add_argument("--rounds", type=engine.positive_int, default=2,
                         help="times each way is measured, interleaved; the fastest of each counts (shared machines are noisy) (default 2)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    data = engine.SplitData.from_arrays(fn.load_cifar10(args.data_dir))
+    data = engine.SplitData.from_arrays(engine.load_cifar10(args.data_dir, args.num_workers))
     print(f"{data.source}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     ways = {"floor": lambda: floor(data), "ours": lambda: ours(data, Path(args.out_dir)), "original": lambda: original(data)}
     rounds = {name: [] for name in ways}

@@ -1,17 +1,17 @@
 """Seconds per epoch of the README's ResNet18 linear probe: its original pipeline against transfer_learning.py.
 
-    python benchmarks/bench_transfer.py                        # 256 train / 64 validation / 64 test images, 2 epochs
-    python benchmarks/bench_transfer.py --train 1000 --val 200 --data-dir ./data
+    python -m benchmarks.bench_transfer                           # 256 train / 64 validation / 64 test images, 2 epochs
+    python -m benchmarks.bench_transfer --train 1000 --val 200 --data-dir ./data
 
 The same linear probe three ways (resnet18, every backbone parameter frozen, a new Linear(512, 10),
 Adam lr 0.01, batch 64, 224x224 inputs, ImageNet normalisation, no augmentation), on a subset of
-CIFAR-10 (by default the JPEG copy in /work/cifar), on the CPU unless --device says otherwise:
+CIFAR-10, on the device --device names:
 
 1. original: the README's code: a DataLoader of PIL images through torchvision.transforms
    Resize(224), ToTensor and Normalize, one image at a time; every epoch runs the full backbone
    for training, for the validation loss, and for the README's get_accuracy over the training and
    the validation loader.
-2. ours, no feature cache: transfer_learning.py --no-feature-cache: uint8 images in memory,
+2. ours, no feature cache: transfer_learning --no-feature-cache: uint8 images in memory,
    normalised and resized in batches inside the network; every epoch runs the full backbone for
    training, validation and a validation-sized training sample.
 3. ours, feature cache: transfer_learning.py: the backbone's features once, then only the head.
@@ -22,7 +22,6 @@ accuracies only check that each pipeline learns something; they say nothing of t
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -34,19 +33,17 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import engine  # noqa: E402
-import functions as fn  # noqa: E402
-import transfer_learning as tl  # noqa: E402
+import engine
+from functions import get_accuracy
+import transfer_learning as tl
 
 BATCH_SIZE = 64
 README_LR = 0.01
 
 
-def subset(data_dir: str, n_train: int, n_val: int, n_test: int) -> engine.SplitData:
+def subset(data_dir: str, num_workers: int, n_train: int, n_val: int, n_test: int) -> engine.SplitData:
     """The first images of the README's shuffled train and validation splits, and a seeded sample of the test set."""
-    data = engine.SplitData.from_arrays(fn.load_cifar10(data_dir), limit_train=n_train)
+    data = engine.SplitData.from_arrays(engine.load_cifar10(data_dir, num_workers), limit_train=n_train)
     test = torch.randperm(len(data.test_images), generator=torch.Generator().manual_seed(0))[:n_test]  # the folders are sorted by class
     return replace(data, val_images=data.val_images[:n_val], val_labels=data.val_labels[:n_val],
                    test_images=data.test_images[test], test_labels=data.test_labels[test])
@@ -91,8 +88,8 @@ def original_linear_probe(data: engine.SplitData, epochs: int, device: torch.dev
         model.eval()
         with torch.no_grad():
             val_losses = [criterion(model(images.to(device)), labels.to(device)).item() for images, labels in val_loader]
-        train_accuracy = fn.get_accuracy(model, train_loader)
-        val_accuracy = fn.get_accuracy(model, val_loader)
+        train_accuracy = get_accuracy(model, train_loader)
+        val_accuracy = get_accuracy(model, val_loader)
         seconds.append(time.perf_counter() - started)
     return {"seconds_per_epoch": sum(seconds) / epochs, "whole_run": sum(seconds), "train_accuracy": train_accuracy,
             "val_loss": sum(val_losses) / len(val_losses), "val_accuracy": val_accuracy}
@@ -120,24 +117,25 @@ def backbone_passes(n_train: int, n_val: int) -> dict[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default="/work/cifar", help="CIFAR-10 in either layout (default /work/cifar, the JPEG copy)")
     parser.add_argument("--train", type=engine.positive_int, default=256, help="training images (default 256)")
     parser.add_argument("--val", type=engine.positive_int, default=64, help="validation images; also the train-accuracy sample (default 64)")
     parser.add_argument("--test", type=engine.positive_int, default=64, help="test images (default 64)")
     parser.add_argument("--epochs", type=engine.positive_int, default=2, help="epochs of each pipeline (default 2)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="(default cpu)")
+    engine.add_data_arguments(parser, limit_train=False)
+    engine.add_device_arguments(parser, training=False)
     args = parser.parse_args()
 
-    data = subset(args.data_dir, args.train, args.val, args.test)
+    data = subset(args.data_dir, args.num_workers, args.train, args.val, args.test)
+    device = engine.training_device(args.device)
     results = {
-        "original": original_linear_probe(data, args.epochs, torch.device(args.device)),
-        "ours, no feature cache": our_linear_probe(data, args.epochs, args.device, feature_cache=False),
-        "ours, feature cache": our_linear_probe(data, args.epochs, args.device, feature_cache=True),
+        "original": original_linear_probe(data, args.epochs, device),
+        "ours, no feature cache": our_linear_probe(data, args.epochs, device.type, feature_cache=False),
+        "ours, feature cache": our_linear_probe(data, args.epochs, device.type, feature_cache=True),
     }
     passes = backbone_passes(len(data.train_images), len(data.val_images))
     print(f"\nResNet18 linear probe at 224x224, random-initialised backbone (accuracy is only a pipeline check); "
           f"{len(data.train_images)} train / {len(data.val_images)} validation / {len(data.test_images)} test images of "
-          f"{args.data_dir}; batch {BATCH_SIZE}, {args.epochs} epochs, {args.device}, {torch.get_num_threads()} threads")
+          f"{args.data_dir}; batch {BATCH_SIZE}, {args.epochs} epochs, {device}, {torch.get_num_threads()} threads")
     print(f"{'pipeline':<24} {'backbone passes/epoch':>24} {'s/epoch':>9} {'whole run s':>12} {'train acc':>10} {'val loss':>9} {'val acc':>8}")
     for name, r in results.items():
         print(f"{name:<24} {passes[name]:>24} {r['seconds_per_epoch']:>9.2f} {r['whole_run']:>12.1f} "

@@ -1,6 +1,6 @@
 """Time openTSNE against scikit-learn's t-SNE on real CIFAR-10 features, and compare what they produce.
 
-    python benchmarks/bench_tsne.py --model CIFAR10Net_7 --checkpoint runs/CIFAR10Net_7/model.pth --data-dir ./data
+    python -m benchmarks.bench_tsne --model CIFAR10Net_7 --checkpoint runs/CIFAR10Net_7/model.pth --data-dir ./data
 
 Takes a trained network's penultimate features as tsne.py does, then embeds the 10,000 test points
 with openTSNE and with scikit-learn (the original's implementation, 62 s on 2 cores), and the 45,000
@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import engine  # noqa: E402
-import tsne  # noqa: E402
+import engine
+import tsne
 
 # (split, method, target seconds on 2 cores; None: the reference, no target)
 CASES = (("test", "opentsne", 60), ("test", "sklearn", None), ("train", "opentsne", 240))
@@ -34,16 +31,17 @@ def versions() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     parents=[tsne.model_arguments(required=True)])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tsne.add_model_arguments(parser, required=True)
     args = parser.parse_args()
     device = engine.training_device(args.device)
     net = tsne.load_model(args.model, Path(args.checkpoint)).to(device)
-    data = engine.load_split(engine.RunConfig(model=args.model, data_dir=args.data_dir))
+    data = engine.load_split(engine.RunConfig(model=args.model, data_dir=args.data_dir, num_workers=args.num_workers,
+                                                limit_train=args.limit_train))
     print(versions())
 
     started = time.perf_counter()
-    predicted = {split: tsne.split_predictions(net, data, split, device) for split in tsne.SPLITS}
+    predicted = {split: tsne.split_predictions(net, data, split) for split in tsne.SPLITS}
     print(f"Features of {args.model}: {sum(len(p['labels']) for p in predicted.values()):,} images on {device} "
           f"in {time.perf_counter() - started:.1f} s", flush=True)
 

@@ -1,6 +1,6 @@
 """The README's study with pruning against the same number of trials without it, side by side.
 
-    python benchmarks/bench_tune.py --data-dir ./data [--n-trials 30] [--epochs 5]
+    python -m benchmarks.bench_tune --data-dir ./data [--n-trials 30] [--epochs 5]
 
 Runs hyperparameter_tune.py twice at the same time, side by side, one CPU thread each, on the same
 data, seed and search space: once with the median pruner and once with --no-prune, each in its own
@@ -17,9 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import engine  # noqa: E402
+import engine
 
 SCRIPT = Path(__file__).resolve().parents[1] / "hyperparameter_tune.py"
 
@@ -36,11 +34,11 @@ def study_summary(out_dir: Path, seconds: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default="./data", help="CIFAR-10 as main.py reads it")
+    engine.add_data_arguments(parser, limit_train=False)
     parser.add_argument("--out-dir", default="runs/bench_tune", help="folder for the two studies (default runs/bench_tune)")
     parser.add_argument("--n-trials", type=engine.positive_int, default=30, help="trials per study (default 30)")
     parser.add_argument("--epochs", type=engine.positive_int, default=5, help="epochs per trial (default 5)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of both studies (default 0)")
+    parser.add_argument("--seed", type=engine.non_negative_int, default=0, help="seed of both studies (default 0)")
     args = parser.parse_args()
     studies = {"pruned": [], "no-prune": ["--no-prune"]}
     one_thread = dict(os.environ, OMP_NUM_THREADS="1")  # one core each: neither study slows the other
@@ -49,7 +47,7 @@ def main() -> None:
     for label, extra in studies.items():
         out_dir = Path(args.out_dir) / label
         out_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, str(SCRIPT), "--data-dir", args.data_dir, "--out-dir", str(out_dir), "--n-trials",
+        command = [sys.executable, str(SCRIPT), "--data-dir", args.data_dir, "--num-workers", str(args.num_workers), "--out-dir", str(out_dir), "--n-trials",
                    str(args.n_trials), "--epochs", str(args.epochs), "--seed", str(args.seed), *extra]
         workers[label] = subprocess.Popen(command, env=one_thread, stdout=open(out_dir / "log.txt", "w"), stderr=subprocess.STDOUT)
     seconds = {}

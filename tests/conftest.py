@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import engine  # noqa: E402
-import functions as fn  # noqa: E402
+import engine
+import engine.data as data_module
+import functions as fn
 
 
 def synthetic_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,14 +26,14 @@ def synthetic_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)[order], labels[order]
 
 
-def synthetic_arrays(n_train: int = 300, n_test: int = 100, seed: int = 0) -> fn.CIFAR10Arrays:
+def synthetic_arrays(n_train: int = 300, n_test: int = 100, seed: int = 0) -> data_module.CIFAR10Arrays:
     train_images, train_labels = synthetic_images(n_train, seed)
     test_images, test_labels = synthetic_images(n_test, seed + 1)
-    return fn.CIFAR10Arrays(train_images, train_labels, test_images, test_labels, fn.CLASSES, "synthetic")
+    return data_module.CIFAR10Arrays(train_images, train_labels, test_images, test_labels, fn.CLASSES, "synthetic")
 
 
 @pytest.fixture
-def arrays() -> fn.CIFAR10Arrays:
+def arrays() -> data_module.CIFAR10Arrays:
     return synthetic_arrays()
 
 
@@ -44,7 +42,7 @@ def split(arrays) -> engine.SplitData:
     return engine.SplitData.from_arrays(arrays)
 
 
-def write_image_folder(root: Path, data: fn.CIFAR10Arrays) -> Path:
+def write_image_folder(root: Path, data: data_module.CIFAR10Arrays) -> Path:
     from PIL import Image
 
     for split_name, images, labels in (("train", data.train_images, data.train_labels), ("test", data.test_images, data.test_labels)):
@@ -55,17 +53,17 @@ def write_image_folder(root: Path, data: fn.CIFAR10Arrays) -> Path:
     return root
 
 
-def write_python_batches(root: Path, data: fn.CIFAR10Arrays) -> dict[str, str]:
+def write_python_batches(root: Path, data: data_module.CIFAR10Arrays) -> dict[str, str]:
     """The official layout (five training batches and a test batch); returns their MD5 table."""
-    folder = root / fn.PYTHON_BATCHES_DIR
+    folder = root / data_module.PYTHON_BATCHES_DIR
     folder.mkdir(parents=True)
     chunks = np.array_split(np.arange(len(data.train_images)), 5)
-    batches = {name: (data.train_images[idx], data.train_labels[idx]) for name, idx in zip(fn.TRAIN_BATCHES, chunks)}
+    batches = {name: (data.train_images[idx], data.train_labels[idx]) for name, idx in zip(data_module.TRAIN_BATCHES, chunks)}
     batches["test_batch"] = (data.test_images, data.test_labels)
     for name, (images, labels) in batches.items():
         with open(folder / name, "wb") as handle:
             pickle.dump({"data": images.reshape(len(images), -1).numpy(), "labels": labels.tolist()}, handle)
-    return {name: fn.md5sum(folder / name) for name in batches}
+    return {name: data_module.md5sum(folder / name) for name in batches}
 
 
 @pytest.fixture
@@ -87,7 +85,7 @@ def no_network(monkeypatch):
         Path(data_dir).mkdir(parents=True, exist_ok=True)  # as torchvision does before it downloads
         raise urllib.error.URLError("network is unreachable (tests run offline)")
 
-    monkeypatch.setattr(fn, "download_cifar10", offline)
+    monkeypatch.setattr(data_module, "download_cifar10", offline)
 
 
 def quick_config(tmp_path: Path, model: str = "CIFAR10Net", **recipe) -> engine.RunConfig:

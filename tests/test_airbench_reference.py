@@ -1,16 +1,11 @@
 """The airbench94 yardstick (benchmarks/bench_airbench_reference.py): whitening stem, schedule, a short run that learns."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
 import functions as fn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_airbench_reference as reference  # noqa: E402
+from benchmarks import bench_airbench_reference as reference
 
 
 def test_whitening_filters_decorrelate_the_patches(split):

@@ -17,11 +17,12 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 import engine
+import engine.data as data_module
 import functions as fn
 
 
 def test_split_is_the_readmes_random_split():
-    train, val = fn.split_train_val(50_000)
+    train, val = data_module.split_train_val(50_000)
     reference_train, reference_val = torch.utils.data.random_split(
         range(50_000), [45_000, 5_000], generator=torch.Generator().manual_seed(20))
     assert train.tolist() == list(reference_train.indices)
@@ -48,28 +49,28 @@ def test_split_normalises_every_split_with_training_statistics(arrays):
     mean, std = fn.mean_std_per_channel(data.train_images)
     torch.testing.assert_close(data.mean, mean)
     torch.testing.assert_close(data.std, std)
-    batches = fn.EvalBatches(data.val_images, data.val_labels, 1000, data.mean, data.std)
+    batches = engine.EvalBatches(data.val_images, data.val_labels, 1000, data.mean, data.std)
     images, _ = next(iter(batches))
     expected = (data.val_images.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     torch.testing.assert_close(images, expected)
 
 
 def test_image_folder_loads_and_caches(image_folder, arrays, monkeypatch):
-    first = fn.load_cifar10(image_folder.parent)  # found one folder down
+    first = data_module.load_cifar10(image_folder.parent)  # found one folder down
     assert torch.equal(first.train_images, arrays.train_images[torch.argsort(arrays.train_labels, stable=True)])
     assert first.classes == fn.CLASSES
-    assert (image_folder / fn.CACHE_NAME).is_file()
+    assert (image_folder / data_module.CACHE_NAME).is_file()
 
-    monkeypatch.setattr(fn, "decode_images", lambda *a: pytest.fail("the cache should have been used"))
-    second = fn.load_cifar10(image_folder)
+    monkeypatch.setattr(data_module, "decode_images", lambda *a: pytest.fail("the cache should have been used"))
+    second = data_module.load_cifar10(image_folder)
     assert "cache" in second.source and torch.equal(second.test_images, first.test_images)
 
 
 def test_changed_tree_rebuilds_the_cache(image_folder):
-    fn.load_cifar10(image_folder)
+    data_module.load_cifar10(image_folder)
     victim = next((image_folder / "train" / "cat").iterdir())
     victim.unlink()
-    reloaded = fn.load_cifar10(image_folder)
+    reloaded = data_module.load_cifar10(image_folder)
     assert len(reloaded.train_images) == 299
 
 
@@ -82,37 +83,37 @@ def test_read_only_tree_caches_elsewhere(image_folder, tmp_path, monkeypatch):
             raise PermissionError("read-only")
         original(path, write)
 
-    monkeypatch.setattr(fn, "write_atomically", refuse_beside_tree)
-    data = fn.load_cifar10(image_folder)
+    monkeypatch.setattr(data_module, "write_atomically", refuse_beside_tree)
+    data = data_module.load_cifar10(image_folder)
     assert str(tmp_path / "user-cache") in data.source
-    assert not (image_folder / fn.CACHE_NAME).exists()
+    assert not (image_folder / data_module.CACHE_NAME).exists()
 
 
 def test_python_batches_load_after_checksum(python_batches, arrays):
     root, checksums = python_batches
-    data = fn.load_cifar10(root, checksums=checksums)
+    data = data_module.load_cifar10(root, checksums=checksums)
     assert torch.equal(data.train_images, arrays.train_images)
     assert torch.equal(data.test_labels, arrays.test_labels)
 
 
 def test_tampered_batch_is_refused_before_unpickling(python_batches, monkeypatch):
     root, checksums = python_batches
-    batch = root / fn.PYTHON_BATCHES_DIR / "data_batch_3"
+    batch = root / data_module.PYTHON_BATCHES_DIR / "data_batch_3"
     batch.write_bytes(batch.read_bytes()[:-10])
-    monkeypatch.setattr(fn.pickle, "load", lambda *a, **k: pytest.fail("unpickled an unchecked file"))
+    monkeypatch.setattr(data_module.pickle, "load", lambda *a, **k: pytest.fail("unpickled an unchecked file"))
     with pytest.raises(fn.UserError, match="data_batch_3 failed its MD5 check"):
-        fn.load_cifar10(root, checksums=checksums)
+        data_module.load_cifar10(root, checksums=checksums)
 
 
 def test_official_checksums_refuse_foreign_batches(python_batches):
     root, _ = python_batches
     with pytest.raises(fn.UserError, match="MD5"):
-        fn.load_cifar10(root)
+        data_module.load_cifar10(root)
 
 
 def test_offline_download_failure_is_one_clear_message(tmp_path):
     with pytest.raises(fn.UserError) as error:
-        fn.load_cifar10(tmp_path / "empty")
+        data_module.load_cifar10(tmp_path / "empty")
     message = str(error.value)
     assert "download failed" in message and "--data-dir" in message and "\n" not in message
     assert not (tmp_path / "empty").exists()
@@ -145,12 +146,12 @@ CACHE_DAMAGE = {
 
 @pytest.mark.parametrize("damage", CACHE_DAMAGE)
 def test_damaged_cache_is_rebuilt_with_one_note(image_folder, damage, capsys, monkeypatch):
-    fresh = fn.load_cifar10(image_folder)
-    cache = image_folder / fn.CACHE_NAME
+    fresh = data_module.load_cifar10(image_folder)
+    cache = image_folder / data_module.CACHE_NAME
     CACHE_DAMAGE[damage](cache)
     capsys.readouterr()
 
-    rebuilt = fn.load_cifar10(image_folder)
+    rebuilt = data_module.load_cifar10(image_folder)
     notes = capsys.readouterr().err.splitlines()
     assert len(notes) == 1 and notes[0].startswith(f"note: the decoded-image cache {cache} is unreadable (")
     assert notes[0].endswith("); rebuilding it")
@@ -158,8 +159,8 @@ def test_damaged_cache_is_rebuilt_with_one_note(image_folder, damage, capsys, mo
         assert torch.equal(getattr(rebuilt, name), getattr(fresh, name))
     assert rebuilt.classes == fresh.classes
 
-    monkeypatch.setattr(fn, "decode_images", lambda *a: pytest.fail("the rebuilt cache should have been used"))
-    again = fn.load_cifar10(image_folder)
+    monkeypatch.setattr(data_module, "decode_images", lambda *a: pytest.fail("the rebuilt cache should have been used"))
+    again = data_module.load_cifar10(image_folder)
     assert "decoded cache" in again.source and torch.equal(again.train_images, fresh.train_images)
     assert capsys.readouterr().err == ""
 
@@ -168,7 +169,7 @@ def test_stale_temporary_cache_files_are_removed_and_fresh_ones_kept(image_folde
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
     hour_ago = time.time() - 3600
     left = {}
-    for cache in fn.cache_candidates(image_folder):  # beside the tree and in the user cache folder
+    for cache in data_module.cache_candidates(image_folder):  # beside the tree and in the user cache folder
         cache.parent.mkdir(parents=True, exist_ok=True)
         for age in ("old", "fresh"):
             # named as write_atomically names them
@@ -182,7 +183,7 @@ def test_stale_temporary_cache_files_are_removed_and_fresh_ones_kept(image_folde
     os.close(handle)
     os.utime(other, (hour_ago, hour_ago))
 
-    fn.load_cifar10(image_folder)
+    data_module.load_cifar10(image_folder)
     assert {name: Path(name).exists() for name in left} == {name: age == "fresh" for name, age in left.items()}
     assert Path(other).exists()
 
@@ -195,7 +196,7 @@ def test_hidden_folders_and_files_are_ignored(image_folder, arrays):
     (image_folder / "train" / "cat" / "._0003.png").write_bytes(b"macOS resource fork")  # an image suffix, but hidden
     (image_folder / "test" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
 
-    data = fn.load_cifar10(image_folder.parent)
+    data = data_module.load_cifar10(image_folder.parent)
     assert data.classes == fn.CLASSES
     assert torch.equal(data.train_images, sorted_by_label(arrays.train_images, arrays.train_labels))
     assert torch.equal(data.test_labels, arrays.test_labels.sort(stable=True).values)
@@ -204,7 +205,7 @@ def test_hidden_folders_and_files_are_ignored(image_folder, arrays):
 def test_cifar10_classes_keep_their_labels_in_any_listing_order(image_folder, arrays, monkeypatch):
     listed = Path.iterdir
     monkeypatch.setattr(Path, "iterdir", lambda folder: reversed(list(listed(folder))))
-    data = fn.load_cifar10(image_folder)
+    data = data_module.load_cifar10(image_folder)
     assert data.classes == fn.CLASSES
     assert torch.equal(data.train_images, sorted_by_label(arrays.train_images, arrays.train_labels))
     assert torch.equal(data.train_labels, arrays.train_labels.sort(stable=True).values)
@@ -212,9 +213,9 @@ def test_cifar10_classes_keep_their_labels_in_any_listing_order(image_folder, ar
 
 def refused(data_dir: Path, monkeypatch) -> str:
     """The one-line UserError loading ``data_dir`` gives, raised before any image is decoded."""
-    monkeypatch.setattr(fn, "decode_images", lambda *a: pytest.fail("decoded images before refusing the tree"))
+    monkeypatch.setattr(data_module, "decode_images", lambda *a: pytest.fail("decoded images before refusing the tree"))
     with pytest.raises(fn.UserError) as error:
-        fn.load_cifar10(data_dir)
+        data_module.load_cifar10(data_dir)
     assert "\n" not in str(error.value)
     return str(error.value)
 
@@ -295,7 +296,7 @@ def test_bad_image_file_is_one_line_naming_it(image_folder, monkeypatch, fault, 
 
         monkeypatch.setattr(PIL.Image, "open", open_all_but_victim)
     with pytest.raises(fn.UserError) as error:
-        fn.load_cifar10(image_folder)
+        data_module.load_cifar10(image_folder)
     message = str(error.value)
     assert message.startswith(f"{victim} ") and reason in message and "\n" not in message
 
@@ -304,8 +305,7 @@ def test_bad_image_file_is_one_line_naming_it(image_folder, monkeypatch, fault, 
 # Augmentation
 # --------------------------------------------------------------------------------------------
 def params(n: int, preset: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    sample, _ = fn.AUGMENTERS[preset]
-    return sample(n, torch.Generator().manual_seed(seed), torch.device("cpu"))
+    return fn.AUGMENTATIONS[preset].sample(n, torch.Generator().manual_seed(seed), torch.device("cpu"))
 
 
 def test_readme_parameters_have_torchvisions_ranges():
@@ -341,8 +341,7 @@ def test_readme_augmentation_equals_torchvision_image_by_image():
 def test_crop_and_flip(preset, pad, mode):
     images = torch.rand(64, 3, 32, 32)
     p = params(64, preset)
-    _, apply = fn.AUGMENTERS[preset]
-    ours = apply(images, p)
+    ours = fn.AUGMENTATIONS[preset].apply(images, p)
     padded = torch.nn.functional.pad(images, (pad,) * 4, mode=mode)
     for i in range(64):
         dy, dx = int(p["dy"][i]), int(p["dx"][i])
@@ -377,7 +376,7 @@ def test_training_batches_are_augmented_and_evaluation_batches_never(split):
 
 def test_epochs_shuffle_differently_and_repeat_per_seed(split):
     def first_labels(seed, epoch):
-        batches = fn.TrainBatches(split.train_images, split.train_labels, 32, "none", split.mean, split.std, seed, lambda: epoch)
+        batches = engine.TrainBatches(split.train_images, split.train_labels, 32, "none", split.mean, split.std, seed, lambda: epoch)
         return next(iter(batches))[1]
 
     assert torch.equal(first_labels(0, 1), first_labels(0, 1))

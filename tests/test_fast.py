@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,7 @@ import engine
 import functions as fn
 import modified_models as mm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_fast  # noqa: E402
+from benchmarks import bench_fast
 
 
 def test_fastvgg_shapes_through_its_stages():
@@ -49,10 +47,10 @@ def test_recipe_lowers_the_loss_of_a_tiny_batch():
 def test_tta_modes_average_the_views_they_name(split):
     torch.manual_seed(0)
     net = mm.MODELS["FastVGG_narrow"].build()
-    batches = fn.EvalBatches(split.test_images[:40], split.test_labels[:40], 16, split.mean, split.std)
-    plain = engine.predict(net, batches)["logits"]
-    with_tta = engine.predict(net, batches, tta="flip-translate", with_features=True)
-    images = torch.cat([images for images, _ in batches])
+    test = split.test_images[:40], split.test_labels[:40], split.mean, split.std
+    plain = engine.predict(net, *test)["logits"]
+    with_tta = engine.predict(net, *test, tta="flip-translate", with_features=True)
+    images = torch.cat([images for images, _ in engine.EvalBatches(*test[:2], 16, split.mean, split.std)])
     padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
     with torch.no_grad():
         def mirror_mean(x):
@@ -63,9 +61,9 @@ def test_tta_modes_average_the_views_they_name(split):
     torch.testing.assert_close(with_tta["logits_by_tta"]["none"], plain)
     torch.testing.assert_close(with_tta["logits_by_tta"]["flip"], flip)
     torch.testing.assert_close(with_tta["logits"], flip / 2 + (down_right + up_left) / 4)
-    torch.testing.assert_close(engine.predict(net, batches, tta="flip")["logits"], flip)
+    torch.testing.assert_close(engine.predict(net, *test, tta="flip")["logits"], flip)
     assert not torch.allclose(flip, plain) and not torch.allclose(with_tta["logits"], flip)
-    torch.testing.assert_close(with_tta["features"], engine.predict(net, batches, with_features=True)["features"])  # features: the image itself
+    torch.testing.assert_close(with_tta["features"], engine.predict(net, *test, with_features=True)["features"])  # features: the image itself
 
 
 def test_fast_recipe_schedule_warms_up_peaks_and_decays():
@@ -125,22 +123,22 @@ def test_compile_flag_compiles_the_network_in_place(monkeypatch, tmp_path, split
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *args, **kwargs: compiled.append(type(self).__name__))
     config = replace(quick_config(tmp_path, model="FastVGG_narrow", epochs=1, batch_size=128), compile=True)
-    engine.fit(config, mm.MODELS["FastVGG_narrow"].build(), split, checkpoints=False)
+    engine.fit(config, mm.MODELS["FastVGG_narrow"], split, checkpoints=False)
     assert compiled == ["FastVGG"]  # the network itself, so its state dict keeps plain names
     config = replace(config, compile=False, out_dir=str(tmp_path / "plain"))
-    engine.fit(config, mm.MODELS["FastVGG_narrow"].build(), split, checkpoints=False)
+    engine.fit(config, mm.MODELS["FastVGG_narrow"], split, checkpoints=False)
     assert compiled == ["FastVGG"]
 
 
 def test_bf16_on_a_cpu_without_bf16_instructions_warns_once(monkeypatch, capsys):
-    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: False)
-    engine.warn_emulated_bf16.cache_clear()
+    monkeypatch.setattr(engine.devices, "cpu_has_bf16", lambda: False)
+    engine.devices.warn_emulated_bf16.cache_clear()
     assert engine.resolve_precision("32-true", "cpu") == "32-true"
     assert engine.resolve_precision("auto", "cpu") == "32-true"
     assert capsys.readouterr().err == ""
     assert engine.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
     assert engine.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
     assert capsys.readouterr().err.count("use --precision 32-true") == 1
-    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: True)
-    engine.warn_emulated_bf16.cache_clear()
+    monkeypatch.setattr(engine.devices, "cpu_has_bf16", lambda: True)
+    engine.devices.warn_emulated_bf16.cache_clear()
     assert engine.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed" and capsys.readouterr().err == ""

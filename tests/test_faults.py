@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shlex
 import signal
 import subprocess
@@ -135,12 +134,12 @@ def test_last_checkpoint_holds_the_last_epoch_when_validation_loss_rises(monkeyp
 
     monkeypatch.setattr(engine.ImageClassifier, "on_validation_epoch_end", rising_validation_loss)
     config = quick_config(tmp_path, "CIFAR10Net", epochs=3)
-    engine.train(config, main_script.CIFAR10Net(), data=split)
+    engine.train(config, engine.model_spec("CIFAR10Net"), data=split)
     assert torch.load(tmp_path / "run/last.ckpt", weights_only=True)["epoch"] == 2  # 0-based: all three epochs
     assert torch.load(tmp_path / "run/best.ckpt", weights_only=True)["epoch"] == 0
 
     config.recipe.epochs, config.resume = 5, "last"
-    engine.train(config, main_script.CIFAR10Net(), data=split)
+    engine.train(config, engine.model_spec("CIFAR10Net"), data=split)
     assert [row["epoch"] for row in engine.read_metrics_csv(tmp_path / "run/metrics.csv")] == [1, 2, 3, 4, 5]  # no epoch repeated
 
 
@@ -166,7 +165,7 @@ def test_divergence_keeps_the_last_good_checkpoint(monkeypatch, tmp_path, split)
 
     monkeypatch.setattr(engine.ImageClassifier, "on_validation_epoch_end", blows_up_in_epoch_3)
     with pytest.raises(engine.TrainingDiverged, match="training loss is inf after epoch 3"):
-        engine.train(quick_config(tmp_path, "CIFAR10Net", epochs=4), main_script.CIFAR10Net(), data=split)
+        engine.train(quick_config(tmp_path, "CIFAR10Net", epochs=4), engine.model_spec("CIFAR10Net"), data=split)
     assert torch.load(tmp_path / "run/last.ckpt", weights_only=True)["epoch"] == 1  # epoch 2, the last good one
     assert not (tmp_path / "run/model.pth").exists()
 
@@ -212,7 +211,7 @@ def test_ctrl_c_while_the_data_loads_offers_nothing_to_resume(monkeypatch, capsy
     def interrupted_while_decoding(config):
         raise engine.RunInterrupted(signal.SIGINT)
 
-    monkeypatch.setattr(engine, "load_split", interrupted_while_decoding)
+    monkeypatch.setattr(engine.run, "load_split", interrupted_while_decoding)
     code, err = run_main(monkeypatch, capsys, "--out-dir", str(tmp_path / "run"))
     assert code == 130 and err.strip().count("\n") == 0
     assert "interrupted by SIGINT" in err and "nothing to resume" in err and "--resume" not in err
@@ -247,7 +246,7 @@ def test_an_unusable_out_dir_is_one_line_before_the_data_load(monkeypatch, capsy
     if case == "read-only":  # root ignores file modes: make the write itself fail, as on a read-only mount
         monkeypatch.setattr(tempfile, "TemporaryFile", failing_probe)
     if case == "full disk":
-        monkeypatch.setattr(engine.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 2**20, 2**20))
+        monkeypatch.setattr(engine.run_folder.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 2**20, 2**20))
     code, err = run_main(monkeypatch, capsys, "--data-dir", str(tmp_path / "no-data"), "--out-dir", str(out_dir))
     assert code == 2 and err.count("\n") == 1 and message in err
     assert not (tmp_path / "no-data").exists()
@@ -261,7 +260,7 @@ def test_a_disk_that_fills_up_mid_run_is_one_line(monkeypatch, capsys, tmp_path,
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real_write(path, write)
 
-    monkeypatch.setattr(fn, "write_atomically", disk_full_at_the_final_model)
+    monkeypatch.setattr(engine.run, "write_atomically", disk_full_at_the_final_model)
     code, err = run_main(monkeypatch, capsys, "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "run"), *QUICK_FLAGS)
     assert code == 1 and err.count("\n") == 1 and "disk is full" in err and "--resume" in err
     assert (tmp_path / "run/last.ckpt").is_file()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import engine
+import engine.data as data_module
 import functions as fn
 import main as main_script
 import modified_models
@@ -18,7 +19,7 @@ from conftest import quick_config, write_image_folder
 
 def run(tmp_path, split, model="CIFAR10Net", **recipe):
     config = quick_config(tmp_path, model, **recipe)
-    report = engine.train(config, modified_models.MODELS[model].build(), data=split)
+    report = engine.train(config, modified_models.MODELS[model], data=split)
     return config, report
 
 
@@ -65,13 +66,13 @@ def test_same_seed_same_numbers(tmp_path, split):
 
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path, split):
     full = quick_config(tmp_path / "full", "CIFAR10Net_7", epochs=3, augment="readme")
-    engine.train(full, modified_models.CIFAR10Net_7(), data=split)
+    engine.train(full, modified_models.MODELS["CIFAR10Net_7"], data=split)
 
     first_part = quick_config(tmp_path / "parts", "CIFAR10Net_7", epochs=1, augment="readme")
-    engine.train(first_part, modified_models.CIFAR10Net_7(), data=split)
+    engine.train(first_part, modified_models.MODELS["CIFAR10Net_7"], data=split)
     rest = quick_config(tmp_path / "parts", "CIFAR10Net_7", epochs=3, augment="readme")
     rest.resume = "last"
-    engine.train(rest, modified_models.CIFAR10Net_7(), data=split)
+    engine.train(rest, modified_models.MODELS["CIFAR10Net_7"], data=split)
 
     drop_time = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
     assert drop_time(engine.read_metrics_csv(tmp_path / "full/run/metrics.csv")) == \
@@ -119,7 +120,7 @@ def test_data_dir_with_nothing_usable_exits_2_with_one_line(monkeypatch, capsys,
 
 def test_tampered_batch_file_exits_2(monkeypatch, capsys, tmp_path, python_batches):
     root, _ = python_batches
-    (root / fn.PYTHON_BATCHES_DIR / "test_batch").write_bytes(b"not a pickle")
+    (root / data_module.PYTHON_BATCHES_DIR / "test_batch").write_bytes(b"not a pickle")
     code, err = run_main(monkeypatch, capsys, "--data-dir", str(root), "--out-dir", str(tmp_path / "run"))
     assert code == 2 and "MD5" in err and not (tmp_path / "run").exists()
 

@@ -1,7 +1,6 @@
 """transfer_learning.py on the synthetic data: random backbones (--weights none) at small image sizes, offline."""
 from __future__ import annotations
 
-import argparse
 import sys
 import urllib.error
 from dataclasses import replace
@@ -13,6 +12,7 @@ import torchvision
 
 import engine
 import transfer_learning as tl
+from models.transfer import freeze
 
 
 
@@ -80,19 +80,19 @@ def test_each_finetune_mode_trains_exactly_the_parameters_it_names(tmp_path, spl
 def test_pretrained_layers_learn_at_the_scaled_rate_and_plateau_replaces_the_schedule():
     net = tl.build_transfer_net("resnet18", "none", 32, "layer4")
     recipe = engine.Recipe(lr=0.01, scheduler="plateau", warmup_epochs=1)
-    module = tl.TransferClassifier(net, recipe, seed=0, steps_per_epoch=10, backbone_lr_scale=0.1)
-    head, backbone = module.parameter_groups()
+    model = tl.transfer_model(net, recipe, backbone_lr_scale=0.1)
+    head, backbone = model.parameter_groups(net, recipe)
     assert [id(p) for p in head["params"]] == [id(p) for p in net.head.parameters()]
     assert [id(p) for p in backbone["params"]] == [id(p) for p in net.backbone.layer4.parameters()]
+    module = engine.ImageClassifier(net, recipe, seed=0, steps_per_epoch=10, parameter_groups=model.parameter_groups)
     configured = module.configure_optimizers()
     assert isinstance(configured["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.ReduceLROnPlateau)
     assert [g["lr"] for g in configured["optimizer"].param_groups] == pytest.approx([0.01, 0.001])
     assert module.recipe.scheduler == "plateau"
-    # main.py's shared flags do not grow the plateau choice
-    parser = argparse.ArgumentParser()
-    engine.add_training_arguments(parser, engine.Recipe(), "CIFAR10Net")
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--scheduler", "plateau"])
+    assert model.build() is net  # built once, with its pretrained weights, which the engine keeps
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    model.initialize(net)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
 def test_cached_and_uncached_linear_probes_agree(tmp_path, split, capsys):
@@ -153,7 +153,7 @@ def test_each_arch_builds_with_a_10_way_head(arch):
     assert features.shape == (2, net.head.in_features) and net.head.out_features == 10
     assert not any(p.requires_grad for p in net.backbone.parameters())
     assert not any(isinstance(m, torch.nn.Linear) and m.out_features == 1000 for m in net.modules())
-    tl.freeze(net, arch, "layer4")
+    freeze(net, arch, "layer4")
     trainable = sum(p.requires_grad for p in net.backbone.parameters())
     assert 0 < trainable < len(list(net.backbone.parameters()))
     mean, std = tl.pretrained_statistics(arch)

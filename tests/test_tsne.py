@@ -21,7 +21,6 @@ from conftest import quick_config
 from functions import UserError
 from modified_models import MODELS, CIFAR10Net_2, CIFAR10Net_7, ModelSpec
 
-CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -79,7 +78,7 @@ def test_features_are_the_penultimate_activations(split):
     with torch.no_grad():
         for _ in range(3):  # moves the BatchNorm running statistics off their defaults, so eval mode shows
             net(torch.randn(16, 3, 32, 32))
-    predicted = tsne.split_predictions(net, split, "test", CPU)
+    predicted = tsne.split_predictions(net, split, "test")
 
     net.eval()
     images = fn.normalize(split.test_images.float() / 255, split.mean, split.std)
@@ -91,7 +90,7 @@ def test_features_are_the_penultimate_activations(split):
         torch.testing.assert_close(predicted["features"], expected, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(predicted["logits"], net.fc3(expected), atol=1e-4, rtol=1e-4)
     assert torch.equal(predicted["labels"], split.test_labels)
-    assert len(tsne.split_predictions(net, split, "train", CPU)["features"]) == len(split.train_labels)
+    assert len(tsne.split_predictions(net, split, "train")["features"]) == len(split.train_labels)
 
 
 def test_stratified_sample_keeps_each_class_share_and_follows_the_seed():
@@ -149,8 +148,8 @@ def test_black_edge_exactly_on_misclassified_points():
 @pytest.mark.parametrize("method, splits", [("sklearn", ("test", "train")), ("opentsne", ("test",))])  # openTSNE's train split: the CLI test
 def test_small_run_writes_figures_embeddings_and_numbers(tmp_path, split, method, splits, capsys):
     net = CIFAR10Net_7().eval()
-    test = tsne.split_predictions(net, split, "test", CPU)
-    reports = tsne.analyse_run(net, split, test, tmp_path, tsne_config(tmp_path, method), CPU, splits=splits)
+    test = tsne.split_predictions(net, split, "test")
+    reports = tsne.analyse_run(net, split, test, tmp_path, tsne_config(tmp_path, method), splits=splits)
 
     for name in splits:
         labels = split.test_labels if name == "test" else split.train_labels
@@ -170,14 +169,14 @@ def test_small_run_writes_figures_embeddings_and_numbers(tmp_path, split, method
 
 def test_a_training_run_ends_with_the_analysis(tmp_path, split):
     config = replace(quick_config(tmp_path, model="CIFAR10Net_7", epochs=1), tsne=True, tsne_samples=40, tsne_method="sklearn")
-    engine.train(config, CIFAR10Net_7(), data=split)
+    engine.train(config, MODELS["CIFAR10Net_7"], data=split, analyses=tsne.analyses(config))
     run_dir = Path(config.out_dir)
     assert {"tsne_test.png", "tsne_test.npz", "tsne_train.png", "tsne_train.npz", "tsne_metrics.json"} <= {p.name for p in run_dir.iterdir()}
 
 
 def test_too_few_points_for_the_perplexity_is_a_user_error(tmp_path, split):
     with pytest.raises(UserError, match="perplexity 30"):
-        tsne.analyse_run(CIFAR10Net_7(), split, None, tmp_path, tsne_config(tmp_path, samples=30), CPU)
+        tsne.analyse_run(CIFAR10Net_7(), split, None, tmp_path, tsne_config(tmp_path, samples=30))
     assert not list(tmp_path.iterdir())
 
 

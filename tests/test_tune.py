@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 
 import engine
 import hyperparameter_tune as tune
+import tuning
 import postgres
 from conftest import synthetic_arrays
 from modified_models import CIFAR10Net_7
@@ -28,10 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 STUDY = "CIFAR10Net_7"  # the default --study-name
 SMALL = dict(n_train=100, n_test=20)  # 90 training images: a trial takes a second or two
 
-# A worker process that tunes on the synthetic data instead of CIFAR-10.
+# A worker process that tunes on the synthetic data instead of CIFAR-10 (it imports the project and the tests' helpers
+# as the tests do: start_worker puts both on its PYTHONPATH).
 WORKER_SCRIPT = f"""
 import sys
-sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]
 import engine
 from conftest import synthetic_arrays
 engine.load_split = lambda config: engine.SplitData.from_arrays(synthetic_arrays(**{SMALL!r}))
@@ -49,7 +50,7 @@ def synthetic_data(monkeypatch):
 @pytest.fixture
 def no_figures(monkeypatch):
     """Optuna's figures take seconds to draw; only the test of the outputs needs them."""
-    monkeypatch.setattr(tune, "write_figures", lambda study, out_dir: [])
+    monkeypatch.setattr(tuning, "write_figures", lambda study, out_dir: [])
 
 
 def flags(out_dir: Path, *more: str) -> list[str]:
@@ -62,7 +63,7 @@ def read_trials(out_dir: Path) -> list[dict[str, str]]:
 
 
 def load_study(storage: str | Path) -> optuna.Study:
-    return optuna.load_study(study_name=STUDY, storage=tune.open_storage(str(storage)))
+    return optuna.load_study(study_name=STUDY, storage=tuning.open_storage(str(storage)))
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +79,8 @@ def postgresql_url() -> Iterator[str]:
 def start_worker(tmp_path: Path, *args: str) -> subprocess.Popen:
     script = tmp_path / "worker.py"
     script.write_text(WORKER_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # two workers share the machine's cores
+    env = dict(os.environ, OMP_NUM_THREADS="1",  # two workers share the machine's cores
+               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
     return subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
@@ -113,9 +115,9 @@ def test_tiny_study_writes_every_output_and_a_rerun_continues_it(tmp_path, capsy
 
 def test_flags_that_contradict_the_study_are_refused(tmp_path):
     tune.main(flags(tmp_path, "--n-trials", "0", "--epochs", "2"))
-    with pytest.raises(tune.UserError, match="--epochs 2"):
+    with pytest.raises(tuning.UserError, match="--epochs 2"):
         tune.main(flags(tmp_path, "--n-trials", "0", "--epochs", "3"))
-    with pytest.raises(tune.UserError, match="--space readme"):
+    with pytest.raises(tuning.UserError, match="--space readme"):
         tune.main(flags(tmp_path, "--n-trials", "0", "--space", "extended"))
 
 
@@ -143,7 +145,7 @@ def test_retraining_another_trial_keeps_the_earlier_retraining_unless_told_to_ov
     study.add_trial(optuna.trial.create_trial(params=trial.params, distributions=trial.distributions, value=trial.value - 1))
     tune.main(flags(out, "--n-trials", "0"))
     assert json.loads((out / "best_params.json").read_text())["trial"] == 1
-    with pytest.raises(tune.UserError, match="--overwrite"):
+    with pytest.raises(tuning.UserError, match="--overwrite"):
         tune.main(flags(out, "--n-trials", "0", "--retrain", "--retrain-epochs", "1"))
     assert {name: (out / "retrain" / name).read_bytes() for name in first} == first  # trial 0's retraining, whole
     tune.main(flags(out, "--n-trials", "0", "--retrain", "--retrain-epochs", "1", "--overwrite"))
@@ -167,7 +169,7 @@ def test_a_signal_mid_trial_fails_that_trial_with_its_reason_and_exits_143(no_fi
 
 
 def test_retrain_without_a_complete_trial_is_a_user_error(tmp_path):
-    with pytest.raises(tune.UserError, match="no complete trial"):
+    with pytest.raises(tuning.UserError, match="no complete trial"):
         tune.main(flags(tmp_path, "--n-trials", "0", "--retrain"))
 
 
@@ -175,9 +177,9 @@ def proposed_by_runs(storage: str, seed: int, runs: int) -> list[dict]:
     """What a study proposes over several runs of one worker; each run completes a trial and is then killed mid-trial."""
     proposed = []
     for _ in range(runs):
-        study = tune.open_study(storage, STUDY, seed, prune=True)
+        study = tuning.open_study(storage, STUDY, seed, prune=True)
         complete, killed = study.ask(), study.ask()  # the killed one stays RUNNING, as a kill leaves it
-        proposed += [tune.suggest_readme(complete), tune.suggest_readme(killed)]
+        proposed += [tuning.suggest_readme(complete), tuning.suggest_readme(killed)]
         study.tell(complete, 1.0)
     return proposed
 
@@ -230,7 +232,7 @@ def test_out_of_memory_fails_the_trial_with_its_reason_and_the_study_goes_on(no_
 
 def test_pruned_trials_stop_early_and_the_saved_epochs_are_reported(no_figures, tmp_path, monkeypatch, capsys):
     # A pruner that prunes every trial after its first epoch, instead of waiting for the median rule's five trials.
-    monkeypatch.setattr(tune, "make_pruner", lambda prune: optuna.pruners.ThresholdPruner(upper=0.0))
+    monkeypatch.setattr(tuning, "make_pruner", lambda prune: optuna.pruners.ThresholdPruner(upper=0.0))
     tune.main(flags(tmp_path, "--n-trials", "2", "--epochs", "3"))
     rows = read_trials(tmp_path)
     assert [(row["state"], row["epochs_run"]) for row in rows] == [("PRUNED", "1"), ("PRUNED", "1")]
@@ -251,7 +253,7 @@ def test_two_workers_on_one_journal_finish_exactly_the_requested_trials(tmp_path
     outputs = [worker.communicate(timeout=180)[0] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], outputs
     study = load_study(storage)
-    assert len(study.get_trials(states=tune.FINISHED)) == 3
+    assert len(study.get_trials(states=tuning.FINISHED)) == 3
     assert not study.get_trials(states=(TrialState.RUNNING,))
     # Any other trial is one that lost the race for the last place and stepped back without training.
     assert all(t.user_attrs["reason"].startswith("not needed") for t in study.get_trials(states=(TrialState.FAIL,)))
@@ -302,7 +304,7 @@ def test_two_workers_on_one_postgresql_study_finish_exactly_the_requested_trials
     outputs = [worker.communicate(timeout=180)[0] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], outputs
     study = optuna.load_study(study_name=name, storage=postgresql_url)
-    assert len(study.get_trials(states=tune.FINISHED)) == 3
+    assert len(study.get_trials(states=tuning.FINISHED)) == 3
     assert not study.get_trials(states=(TrialState.RUNNING,))
     assert all(t.user_attrs["reason"].startswith("not needed") for t in study.get_trials(states=(TrialState.FAIL,)))
 
@@ -338,7 +340,7 @@ def test_a_worker_killed_mid_trial_on_postgresql_loses_that_trial_as_failed(no_f
 def test_a_trial_started_when_running_trials_already_make_up_the_study_steps_back():
     study = optuna.create_study()
     study.ask()  # another worker's trial, still running: it will make up the one trial asked for
-    objective = tune.make_objective(tune.StudySettings(space="readme", epochs=1), base=None, data=None, n_trials=1, prune=True)
+    objective = tune.make_objective(tuning.StudySettings(space="readme", epochs=1), base=None, data=None, n_trials=1, prune=True)
     tune.run_trials(study, objective, n_trials=1, epochs=1, timeout=None)
     assert len(study.trials) == 1  # checked before starting: no trial at all
     study.optimize(objective, n_trials=1, catch=(tune.NotNeeded,))  # started at the same moment as the other
@@ -385,7 +387,7 @@ def sample(space: str, n: int) -> list[dict]:
     samples = []
     for _ in range(n):
         trial = study.ask()
-        samples.append(tune.SPACES[space].suggest(trial))
+        samples.append(tuning.SPACES[space].suggest(trial))
         assert samples[-1] == trial.params
         study.tell(trial, 0.0)
     return samples
@@ -405,9 +407,9 @@ def test_readme_space_is_the_readme_study():
     lrs = sorted(params["lr"] for params in samples)
     assert lrs[len(lrs) // 2] < 10 ** -2.3  # log-uniform: the median is near 10^-2.5, not 0.05
     assert {params["fc1_size"] for params in samples} == {32, 64, 128, 256, 512}
-    recipe = tune.recipe_for(samples[0], epochs=5)
+    recipe = tuning.recipe_for(samples[0], epochs=5)
     assert (recipe.epochs, recipe.lr, recipe.batch_size, recipe.optimizer) == (5, samples[0]["lr"], samples[0]["batch_size"], "adam")
-    assert isinstance(tune.network_for("readme", samples[0]), CIFAR10Net_7)
+    assert isinstance(tuning.network_for("readme", samples[0]), CIFAR10Net_7)
 
 
 def test_extended_space_adds_convolutions_and_optimisers_and_every_network_builds():
@@ -417,7 +419,7 @@ def test_extended_space_adds_convolutions_and_optimisers_and_every_network_build
         check_readme_bounds(params)
         assert params["conv1_width"] in (16, 20, 32, 48, 64) and params["conv2_width"] in (32, 40, 64, 96, 128)
         assert params["conv1_kernel"] in (3, 5) and params["conv2_kernel"] in (3, 4, 5)
-        recipe = tune.recipe_for(params, epochs=5)
+        recipe = tuning.recipe_for(params, epochs=5)
         assert recipe.optimizer == params["optimizer"]
         if params["optimizer"] == "sgd":
             assert 0.8 <= params["momentum"] <= 0.99 and "beta1" not in params and recipe.momentum == params["momentum"]
@@ -426,7 +428,7 @@ def test_extended_space_adds_convolutions_and_optimisers_and_every_network_build
             assert recipe.betas == (params["beta1"], params["beta2"])
         kernels = (params["conv1_kernel"], params["conv2_kernel"])
         if kernels not in shapes_built:
-            net = tune.network_for("extended", params).eval()
+            net = tuning.network_for("extended", params).eval()
             assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
             assert net.forward_features(torch.zeros(2, 3, 32, 32)).shape == (2, params["fc2_size"])
             shapes_built.add(kernels)
@@ -437,4 +439,4 @@ def test_tunable_network_with_its_defaults_is_cifar10net_7():
     def shapes(net):
         return {name: tuple(p.shape) for name, p in net.state_dict().items()}
 
-    assert shapes(tune.TunableCIFAR10Net()) == shapes(CIFAR10Net_7())
+    assert shapes(tuning.TunableCIFAR10Net()) == shapes(CIFAR10Net_7())

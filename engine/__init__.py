@@ -1,0 +1,37 @@
+"""The one training engine behind every script, built on PyTorch Lightning. ``import engine`` gives its public names.
+
+Modules, each one job (docs/DESIGN.md shows the layers):
+    config       Recipe and RunConfig: what decides a run
+    data         reading CIFAR-10 from disk (official batches, image-folder tree and its cache, download)
+    batches      the study's split, training and evaluation batches made on the device, the DataModule
+    registry     the model registry: build, recipe, initialisation, parameter groups, description
+    classifier   the LightningModule: loss, optimiser over the model's parameter groups, schedules, metrics
+    callbacks    per-epoch line and metrics.csv, divergence guard, config in checkpoints
+    checkpoints  writing and reading checkpoints and weights safely; resume checks
+    run_folder   one run per folder (lock, --overwrite), JSON and CSV files
+    evaluation   predict (with test-time augmentation), the test report
+    plots        curves and confusion matrix
+    devices      accelerator, precision, which process owns the run
+    errors       RunInterrupted, TrainingDiverged
+    cli          shared flags, config from flags, exit statuses (run_cli)
+    run          fit and train
+"""
+from engine.batches import EVAL_BATCH, CIFAR10DataModule, EvalBatches, SplitData, TrainBatches, epoch_seed, load_split
+from engine.callbacks import DIVERGED_LOSS, ConfigInCheckpoint, DivergenceGuard, RunRecorder
+from engine.checkpoints import (AtomicCheckpointIO, load_weights, read_checkpoint, resume_checkpoint, saved_progress,
+                                state_dict_mismatch, weights_in)
+from engine.classifier import ImageClassifier, learning_rate_factor
+from engine.cli import (DEVICES, add_data_arguments, add_device_arguments, add_recipe_arguments, add_run_arguments,
+                        add_training_arguments, beta, config_from_args, interrupted_message, non_negative_float, non_negative_int,
+                        positive_float, positive_int, resume_command, run_cli)
+from engine.config import OPTIMIZERS, SCHEDULERS, TTA_MODES, Recipe, RunConfig
+from engine.data import CIFAR10Arrays, load_cifar10, split_train_val
+from engine.devices import cpu_has_bf16, is_main_process, resolve_accelerator, resolve_precision, training_device
+from engine.errors import RunInterrupted, TrainingDiverged
+from engine.evaluation import accuracy_by_tta, confusion_matrix, predict, test_report, tta_logits
+from engine.plots import plot_confusion, plot_curves, save_figure
+from engine.registry import MODELS, ModelSpec, first_line, kaiming_normal, keep_weights, model_spec, one_group, register
+from engine.run import Analysis, Fitted, finish_run, fit, train
+from engine.run_folder import (LOCK_FILE, RESULT_FILES, claim_run_folder, read_json, read_metrics_csv, release_run_folder,
+                               write_csv, write_json, write_metrics_csv)
+from functions import UserError

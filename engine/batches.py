@@ -1,0 +1,140 @@
+"""Batches made on the device: the study's split of the data, shuffled and augmented training batches, plain evaluation batches.
+
+Images stay uint8 on the training device; each chunk of batches is turned into normalised floats there. The
+augmentation lives in ``TrainBatches`` and only there, so evaluation can never be augmented by mistake.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Callable, Iterator
+
+import lightning.pytorch as pl
+import torch
+
+from engine.config import RunConfig
+from engine.data import CIFAR10Arrays, load_cifar10, split_train_val
+from functions import UserError, mean_std_per_channel, model_input
+
+EVAL_BATCH = 500  # images per evaluation batch: large, as nothing is kept for a backward pass
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """One independent stream per (seed, epoch): a resumed run draws exactly what the full run drew."""
+    return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
+
+
+class TrainBatches:
+    """One epoch of shuffled, augmented, normalised training batches per iteration.
+
+    The augmentation lives here and only here, so evaluation batches (``EvalBatches``) cannot be
+    augmented by mistake. Chunks of many batches are augmented at once to amortise per-call costs.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, augmentation: str,
+                 mean: torch.Tensor, std: torch.Tensor, seed: int, epoch: Callable[[], int],
+                 rank: int = 0, world_size: int = 1):
+        self.images, self.labels = images, labels
+        self.batch_size, self.augmentation = batch_size, augmentation
+        self.mean, self.std = mean.to(images.device), std.to(images.device)
+        self.seed, self.epoch = seed, epoch
+        self.rank, self.world_size = rank, world_size
+        self.chunk = batch_size * max(1, 2048 // batch_size)
+
+    def __len__(self) -> int:
+        return math.ceil(len(range(self.rank, len(self.images), self.world_size)) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        device = self.images.device
+        generator = torch.Generator(device=device).manual_seed(epoch_seed(self.seed, self.epoch()))
+        order = torch.randperm(len(self.images), generator=generator, device=device)[self.rank::self.world_size]
+        for start in range(0, len(order), self.chunk):
+            index = order[start:start + self.chunk]
+            images = model_input(self.images[index], self.mean, self.std, self.augmentation, generator)
+            labels = self.labels[index]
+            for offset in range(0, len(index), self.batch_size):
+                yield images[offset:offset + self.batch_size], labels[offset:offset + self.batch_size]
+
+
+class EvalBatches:
+    """Normalised, never augmented, in a fixed order; optionally every ``world_size``-th image from ``rank``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 mean: torch.Tensor, std: torch.Tensor, rank: int = 0, world_size: int = 1):
+        self.images, self.labels = images[rank::world_size], labels[rank::world_size]
+        self.batch_size = batch_size
+        self.mean, self.std = mean.to(images.device), std.to(images.device)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.images) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.images), self.batch_size):
+            yield model_input(self.images[start:start + self.batch_size], self.mean, self.std), self.labels[start:start + self.batch_size]
+
+
+@dataclass
+class SplitData:
+    """The README's split of ``CIFAR10Arrays`` and the training statistics used for every split."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    classes: tuple[str, ...]
+    source: str
+
+    @classmethod
+    def from_arrays(cls, data: CIFAR10Arrays, limit_train: int | None = None) -> "SplitData":
+        train_index, val_index = split_train_val(len(data.train_images))
+        if limit_train is not None:
+            train_index = train_index[:limit_train]
+        train_images = data.train_images[train_index]
+        mean, std = mean_std_per_channel(train_images)
+        return cls(train_images, data.train_labels[train_index], data.train_images[val_index], data.train_labels[val_index],
+                   data.test_images, data.test_labels, mean, std, data.classes, data.source)
+
+    def to(self, device: torch.device) -> "SplitData":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+def load_split(config: RunConfig) -> SplitData:
+    if config.limit_train is not None and config.limit_train < 2:
+        raise UserError(f"--limit-train {config.limit_train} leaves too few images to train on; give at least 2")
+    data = SplitData.from_arrays(load_cifar10(config.data_dir, config.num_workers), config.limit_train)
+    if len(data.train_images) < 2 or len(data.val_images) < 1:
+        raise UserError(f"{config.data_dir} holds too few training images to split 90/10; it needs at least 20")
+    return data
+
+
+
+class CIFAR10DataModule(pl.LightningDataModule):
+    """Training batches are shuffled and augmented; validation, train-accuracy and test batches never are."""
+
+    def __init__(self, data: SplitData, batch_size: int, augment: str, seed: int):
+        super().__init__()
+        self.data, self.batch_size, self.augment, self.seed = data, batch_size, augment, seed
+
+    def setup(self, stage: str) -> None:
+        self.data = self.data.to(self.trainer.strategy.root_device)
+
+    def shard(self) -> dict[str, int]:
+        return {"rank": self.trainer.global_rank, "world_size": self.trainer.world_size}
+
+    def train_dataloader(self) -> TrainBatches:
+        d = self.data
+        return TrainBatches(d.train_images, d.train_labels, self.batch_size, self.augment, d.mean, d.std,
+                               self.seed, epoch=lambda: self.trainer.current_epoch, **self.shard())
+
+    def eval_batches(self, images: torch.Tensor, labels: torch.Tensor) -> EvalBatches:
+        return EvalBatches(images, labels, EVAL_BATCH, self.data.mean, self.data.std, **self.shard())
+
+    def val_dataloader(self) -> list[EvalBatches]:
+        """The validation split, then a fixed training sample of the same size for train accuracy."""
+        d = self.data
+        sample = len(d.val_images)
+        return [self.eval_batches(d.val_images, d.val_labels), self.eval_batches(d.train_images[:sample], d.train_labels[:sample])]

@@ -1,0 +1,78 @@
+"""What the Trainer does besides training, as Lightning callbacks: the per-epoch line, metrics.csv and curves.png;
+stopping a run that diverges; the run's configuration stored in every checkpoint."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+
+from engine.classifier import ImageClassifier
+from engine.config import RunConfig
+from engine.errors import TrainingDiverged
+from engine.plots import plot_curves
+from engine.run_folder import write_metrics_csv
+
+# Cross-entropy over 10 classes starts near ln 10 = 2.3, and a poor but sound run stays within hundreds
+# (BatchNorm statistics that lag a high learning rate); above 10,000 the weights have blown up.
+DIVERGED_LOSS = 1e4
+
+
+class RunRecorder(Callback):
+    """After every epoch: the README's console line and ``metrics.csv``; ``curves.png`` when training stops. Resumes with the run.
+
+    The figure is drawn once, at the end or on an interruption: drawing it takes about 0.16 s, a quarter of a FastVGG epoch on a GPU.
+    """
+
+    def __init__(self, run_dir: Path, title: str):
+        self.run_dir, self.title = run_dir, title
+        self.history: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: ImageClassifier) -> None:
+        if not module.epoch_metrics or not trainer.is_global_zero:
+            return
+        metrics = dict(module.epoch_metrics, seconds=time.perf_counter() - module.epoch_started)
+        self.history.append(metrics)
+        line = (f"After epoch {metrics['epoch']}: training loss = {metrics['train_loss']:.4f}, validation loss = {metrics['val_loss']:.4f}, "
+                f"training accuracy = {metrics['train_accuracy']:.4f}, validation accuracy = {metrics['val_accuracy']:.4f} "
+                f"({metrics['seconds']:.1f} s)")
+        bar = trainer.progress_bar_callback
+        bar.print(line) if isinstance(bar, TQDMProgressBar) else print(line, flush=True)
+        write_metrics_csv(self.run_dir / "metrics.csv", self.history)
+
+    def on_train_end(self, trainer: pl.Trainer, module: ImageClassifier) -> None:
+        if self.history and trainer.is_global_zero:
+            plot_curves(self.history, self.run_dir / "curves.png", self.title)
+
+    def on_exception(self, trainer: pl.Trainer, module: ImageClassifier, exception: BaseException) -> None:
+        self.on_train_end(trainer, module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict["history"])
+
+
+class DivergenceGuard(Callback):
+    """Stops the run in the epoch its loss becomes NaN, infinite or explodes, before that epoch's checkpoints are written."""
+
+    def on_validation_end(self, trainer: pl.Trainer, module: ImageClassifier) -> None:
+        metrics = module.epoch_metrics
+        for key, name in (("val_loss", "validation loss"), ("train_loss", "training loss")):
+            if not metrics[key] <= DIVERGED_LOSS:  # also true for NaN
+                raise TrainingDiverged(name, metrics[key], metrics["epoch"], module.recipe.lr)
+
+
+class ConfigInCheckpoint(Callback):
+    """Stores the run's configuration in every checkpoint, so a resume can check it is the same model."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+
+    def on_save_checkpoint(self, trainer, module, checkpoint: dict[str, Any]) -> None:
+        checkpoint["run_config"] = json.loads(json.dumps(asdict(self.config)))

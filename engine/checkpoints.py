@@ -1,0 +1,104 @@
+"""Checkpoints and saved weights: written atomically, read without unpickling arbitrary objects, checked before use.
+
+A run writes Lightning checkpoints (``last.ckpt``, ``best.ckpt``: weights, optimiser, schedule, history, the run's
+configuration) and a plain state dict (``model.pth``). Everything here that reads one turns a wrong or damaged
+file into one ``UserError`` line.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import nn
+
+from engine.config import RunConfig
+from functions import UserError, write_atomically
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed; read back with ``weights_only=True``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        write_atomically(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+def read_checkpoint(path: Path) -> Any:
+    """A checkpoint or state dict, loaded without unpickling arbitrary objects; one clear error otherwise."""
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged or foreign file
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}); give a .ckpt or .pth this toolkit wrote") from None
+
+
+def weights_in(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The network's state dict from a plain state dict (model.pth) or a Lightning checkpoint (.ckpt)."""
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        # engine.ImageClassifier keeps the network as ``self.net``.
+        return {key.removeprefix("net."): value for key, value in checkpoint["state_dict"].items() if key.startswith("net.")}
+    if isinstance(checkpoint, dict) and checkpoint and all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+        return checkpoint
+    raise UserError(f"{path} holds neither a state dict nor a Lightning checkpoint; give a run's model.pth, best.ckpt or last.ckpt")
+
+
+def listed(kind: str, items: list[str]) -> str:
+    return f"{kind} {', '.join(items[:3])}" + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+
+
+def state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
+    """What keeps ``given`` from loading into a network whose state dict is ``expected``; empty if nothing."""
+    missing = [key for key in expected if key not in given]
+    unexpected = [key for key in given if key not in expected]
+    reshaped = [f"{key} {tuple(given[key].shape)} for {tuple(value.shape)}"
+                for key, value in expected.items() if key in given and given[key].shape != value.shape]
+    return "; ".join(listed(kind, items) for kind, items in
+                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", reshaped)) if items)
+
+
+def load_weights(net: nn.Module, name: str, path: Path) -> nn.Module:
+    """``net`` (the model ``name``) with the weights saved at ``path``, in eval mode; one clear error if they do not fit."""
+    checkpoint = read_checkpoint(path)
+    state = weights_in(checkpoint, path)
+    problem = state_dict_mismatch(net.state_dict(), state)
+    if problem:
+        trained_as = checkpoint.get("run_config", {}).get("model") if isinstance(checkpoint, dict) else None
+        hint = f" (it was trained as {trained_as})" if trained_as else ""
+        raise UserError(f"{path} does not fit {name}{hint}: {problem}; give the --model it was trained as")
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def resume_checkpoint(config: RunConfig, run_dir: Path) -> Path | None:
+    """The checkpoint --resume asks for, checked to be a training checkpoint of this model; None without --resume."""
+    if config.resume is None:
+        return None
+    path = run_dir / "last.ckpt" if config.resume == "last" else Path(config.resume)
+    if config.resume == "last" and not path.is_file():
+        raise UserError(f"nothing to resume: {run_dir} has no last.ckpt; give --out-dir of the interrupted run, or drop --resume")
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        held = "a plain state dict (model.pth)" if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}"
+        raise UserError(f"{path} holds {held}, not a training checkpoint; resume from a run's last.ckpt or best.ckpt")
+    saved = checkpoint.get("run_config", {})
+    if saved.get("model") != config.model:
+        raise UserError(f"{path} is a checkpoint of {saved.get('model', 'an unknown model')}, not {config.model}; "
+                        f"resume with the same --model, or start a new --out-dir")
+    if saved.get("recipe", {}).get("epochs", config.recipe.epochs) > config.recipe.epochs:
+        raise UserError(f"{path} was trained for more epochs than --epochs {config.recipe.epochs}; raise --epochs to continue")
+    return path
+
+
+def saved_progress(config: RunConfig, run_dir: Path) -> str | None:
+    """What an interrupted run keeps: the epochs in last.ckpt; None if it has none."""
+    last = run_dir / "last.ckpt"
+    try:
+        epochs = torch.load(last, map_location="cpu", weights_only=True)["epoch"] + 1
+    except FileNotFoundError:
+        return None
+    return f"{last} holds epoch {epochs} of {config.recipe.epochs}"

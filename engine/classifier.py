@@ -1,0 +1,111 @@
+"""The LightningModule that trains any registered network: one loss, the recipe's optimiser over the model's
+parameter groups, the recipe's schedule, and per-epoch metrics summed on the device (no sync per step)."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.batches import epoch_seed
+from engine.config import Recipe
+from engine.registry import ParameterGroups, one_group
+
+PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.5, 1  # the "plateau" schedule: halve the lr after an epoch without a better val_loss
+
+
+def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, shape: str) -> float:
+    """Multiplier of the peak lr at ``step``: linear warm-up, then cosine or linear decay (or constant)."""
+    if shape == "none":
+        return 1.0
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1 + math.cos(math.pi * progress)) if shape == "cosine" else 1.0 - progress
+
+
+class ImageClassifier(pl.LightningModule):
+    """Trains ``net`` with cross-entropy; keeps per-epoch loss and accuracy sums on the device."""
+
+    def __init__(self, net: nn.Module, recipe: Recipe, seed: int, steps_per_epoch: int,
+                 parameter_groups: ParameterGroups = one_group):
+        super().__init__()
+        self.net = net.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
+        self.recipe, self.seed, self.steps_per_epoch = recipe, seed, steps_per_epoch
+        self.parameter_groups = parameter_groups
+        self.epoch_metrics: dict[str, float] = {}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy, the one loss of training and evaluation. Label smoothing applies only while training: the
+        validation loss is the plain cross-entropy, comparable across recipes (and the best checkpoint's measure)."""
+        smoothing = self.recipe.label_smoothing if self.training else 0.0
+        return F.cross_entropy(logits, labels, label_smoothing=smoothing, reduction=reduction)
+
+    def on_train_epoch_start(self) -> None:
+        # Dropout draws from the global generator: seed it per epoch so a resumed run repeats the full one.
+        torch.manual_seed(epoch_seed(self.seed, self.current_epoch) + 1)
+        self.net.train()  # a network may keep parts in eval mode on purpose (frozen pretrained layers): its own train() knows
+        self.train_loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.train_count = 0
+        self.epoch_started = time.perf_counter()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        loss = self.loss(self.net(images), labels)
+        self.train_loss_sum += loss.detach() * labels.numel()  # no .item(): no device sync per step
+        self.train_count += labels.numel()
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self.eval_sums = torch.zeros(2, 3, device=self.device, dtype=torch.float64)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch
+        logits = self.net(images).float()
+        correct = (logits.argmax(1) == labels).sum()
+        self.eval_sums[dataloader_idx] += torch.stack([self.loss(logits, labels, reduction="sum").double(), correct.double(),
+                                                       torch.tensor(labels.numel(), device=self.device, dtype=torch.float64)])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        reduce = self.trainer.strategy.reduce
+        sums = reduce(self.eval_sums, reduce_op="sum")
+        train = reduce(torch.stack([self.train_loss_sum, self.train_loss_sum.new_tensor(self.train_count)]), reduce_op="sum")
+        val_loss, val_acc = (sums[0, 0] / sums[0, 2]).item(), (sums[0, 1] / sums[0, 2]).item()
+        self.epoch_metrics = {
+            "epoch": self.current_epoch + 1,
+            "train_loss": (train[0] / train[1]).item(),
+            "val_loss": val_loss,
+            "train_accuracy": (sums[1, 1] / sums[1, 2]).item(),
+            "val_accuracy": val_acc,
+            "lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+        }
+        self.log_dict({"val_loss": val_loss, "val_accuracy": val_acc}, prog_bar=True)
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        r = self.recipe
+        groups = self.parameter_groups(self.net, r)
+        if r.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, nesterov=True, weight_decay=r.weight_decay)
+        optimizer_class = torch.optim.AdamW if r.optimizer == "adamw" else torch.optim.Adam
+        return optimizer_class(groups, lr=r.lr, betas=r.betas, weight_decay=r.weight_decay)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        r = self.recipe
+        optimizer = self.make_optimizer()
+        if r.scheduler == "plateau":
+            schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "monitor": "val_loss", "interval": "epoch"}}
+        total = r.epochs * self.steps_per_epoch
+        warmup = round(r.warmup_epochs * self.steps_per_epoch)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: learning_rate_factor(step, total, warmup, r.scheduler))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

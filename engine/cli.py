@@ -1,0 +1,204 @@
+"""The command line every script shares: flag types, the argument groups, the config a run's flags make, exit statuses.
+
+A flag means the same thing and takes the same choices in every script and benchmark, because each declares it
+through the groups here. ``run_cli`` turns how a run ended into one line on stderr and an exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import math
+import shlex
+import signal
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from engine.config import OPTIMIZERS, SCHEDULERS, TTA_MODES, Recipe, RunConfig
+from engine.devices import is_main_process
+from engine.errors import RunInterrupted, TrainingDiverged
+from functions import AUGMENTATIONS, UserError
+
+DEVICES = ("auto", "cpu", "cuda", "gpu", "mps")
+
+
+# --------------------------------------------------------------------------------------------
+# Flag types: a bad value is argparse's one line and exit status 2
+# --------------------------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def beta(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def choices_help(table: dict[str, Any], describe: Callable[[Any], str] = str) -> str:
+    return "; ".join(f"{name}: {describe(value)}" for name, value in table.items())
+
+
+# --------------------------------------------------------------------------------------------
+# Argument groups
+# --------------------------------------------------------------------------------------------
+def add_recipe_arguments(parser: argparse.ArgumentParser, recipe: Recipe) -> None:
+    """The recipe's flags; each defaults to ``recipe``'s value (shown in --help), so a model's own recipe stays its default."""
+    r = recipe
+    group = parser.add_argument_group("recipe (defaults: the README's recipe for this model)")
+    group.add_argument("--epochs", type=positive_int, help=f"passes over the training split (default {r.epochs})")
+    group.add_argument("--batch-size", type=positive_int, help=f"images per optimisation step (default {r.batch_size})")
+    group.add_argument("--optimizer", choices=OPTIMIZERS, help=f"adam, adamw, or sgd with Nesterov momentum (default {r.optimizer})")
+    group.add_argument("--lr", type=positive_float, help=f"peak learning rate (default {r.lr:g})")
+    group.add_argument("--betas", type=beta, nargs=2, metavar=("BETA1", "BETA2"), help=f"Adam's betas (default {r.betas[0]} {r.betas[1]})")
+    group.add_argument("--momentum", type=beta, help=f"SGD's Nesterov momentum (default {r.momentum})")
+    group.add_argument("--weight-decay", type=non_negative_float, help=f"L2 penalty (default {r.weight_decay:g})")
+    group.add_argument("--label-smoothing", type=beta, help=f"cross-entropy label smoothing (default {r.label_smoothing})")
+    group.add_argument("--scheduler", choices=tuple(SCHEDULERS), help=f"learning-rate schedule: {choices_help(SCHEDULERS)} (default {r.scheduler})")
+    group.add_argument("--warmup-epochs", type=non_negative_float, help=f"epochs of linear warm-up for cosine/onecycle (default {r.warmup_epochs})")
+    group.add_argument("--augment", choices=tuple(AUGMENTATIONS), help="training augmentation, done in batches on the device: "
+                       + choices_help(AUGMENTATIONS, lambda augmentation: augmentation.description) + f" (default {r.augment})")
+    group.add_argument("--tta", choices=tuple(TTA_MODES), help=f"test-time augmentation, the class scores of each test image from: "
+                       f"{choices_help(TTA_MODES)} (default {r.tta})")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, limit_train: bool = True) -> None:
+    """--data-dir and --num-workers everywhere; --limit-train where the training split's size is free to choose."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-dir", default="./data", help="folder with CIFAR-10: the official 'cifar-10-batches-py' folder, or an image-folder tree "
+                       "train/<class>/*.png|jpg and test/<class>/... (the folder itself or one sub-folder); if neither is there, torchvision downloads "
+                       "the official archive into it (default ./data)")
+    if limit_train:
+        group.add_argument("--limit-train", type=positive_int, metavar="N", help="train on only the first N images of the 45,000-image training split, for a quick look")
+    group.add_argument("--num-workers", type=positive_int, default=2, help="threads that decode an image-folder tree the first time (later runs read the cache) (default 2)")
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, training: bool = True, distributed: bool = True) -> None:
+    """--device everywhere; with ``training``, --precision and --compile; with ``distributed`` too, --devices and --strategy."""
+    group = parser.add_argument_group("device")
+    group.add_argument("--device", default="auto", choices=DEVICES, help="where to compute: auto (cuda, else mps, else cpu), cpu, cuda (or gpu), mps (default auto)")
+    if not training:
+        return
+    if distributed:
+        group.add_argument("--devices", default="auto", help="how many devices, or which, passed to Lightning (e.g. 4, or 0,1) (default auto)")
+        group.add_argument("--strategy", default="auto", help="Lightning's distribution strategy, e.g. ddp for data-parallel over several GPUs or nodes (default auto)")
+    group.add_argument("--precision", default="auto", help="Lightning precision, e.g. 32-true, bf16-mixed, 16-mixed (default auto: bf16-mixed on CUDA, else 32-true)")
+    group.add_argument("--compile", action="store_true", help="torch.compile the network: fuses its layers into fewer, faster kernels "
+                       "after a one-off compilation (tens of seconds; needs a C++ compiler on CPU)")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, run_name: str) -> None:
+    group = parser.add_argument_group("run")
+    group.add_argument("--out-dir", help=f"run folder for every output (default runs/{run_name})")
+    group.add_argument("--seed", type=non_negative_int, default=0, help="seeds initialisation, shuffling, augmentation and dropout; the 45k/5k split is always the README's (default 0)")
+    group.add_argument("--resume", nargs="?", const="last", metavar="CKPT", help="continue an interrupted run: with no value, from last.ckpt in --out-dir; or from the checkpoint given")
+    group.add_argument("--overwrite", action="store_true", help="replace the run already in --out-dir (without it, a folder that holds a run's results is "
+                       "refused: continue it with --resume or choose another --out-dir)")
+    group.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar (the per-epoch line stays)")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, recipe: Recipe, run_name: str) -> None:
+    """The flags every training script shares; ``recipe`` supplies the defaults shown in --help."""
+    add_recipe_arguments(parser, recipe)
+    add_data_arguments(parser)
+    add_run_arguments(parser, run_name)
+    add_device_arguments(parser)
+
+
+RECIPE_FLAGS = {f.name for f in fields(Recipe)}
+
+
+def config_from_args(args: argparse.Namespace, model: str, recipe: Recipe, run_name: str) -> RunConfig:
+    """The recipe with every flag the user gave laid over it."""
+    given = {name: value for name, value in vars(args).items() if name in RECIPE_FLAGS and value is not None}
+    if "betas" in given:
+        given["betas"] = tuple(given["betas"])
+    settings = {f.name: getattr(args, f.name) for f in fields(RunConfig)
+                if f.name not in ("model", "recipe", "out_dir") and hasattr(args, f.name)}
+    return RunConfig(model=model, recipe=replace(recipe, **given), out_dir=args.out_dir or str(Path("runs") / run_name), **settings)
+
+
+# --------------------------------------------------------------------------------------------
+# How a run ends: one line and an exit status
+# --------------------------------------------------------------------------------------------
+def raise_interrupted(signum: int, frame) -> None:
+    raise RunInterrupted(signum)
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues the run ``argv`` started: the same flags, without --overwrite, with --resume."""
+    args, skip_value = [], False
+    for arg in argv[1:]:
+        if skip_value and not arg.startswith("-"):
+            skip_value = False
+            continue
+        skip_value = arg == "--resume"
+        if arg in ("--overwrite", "--resume") or arg.startswith("--resume="):
+            continue
+        args.append(arg)
+    return shlex.join(["python", argv[0], *args, "--resume"])
+
+
+def interrupted_message(interrupt: RunInterrupted) -> str:
+    """One line: which signal, what is kept, and the command that continues (only if there is something to continue)."""
+    if interrupt.saved is None:
+        return f"interrupted by {interrupt} before anything was saved: nothing to resume; run the same command to start again"
+    return f"interrupted by {interrupt}: {interrupt.saved}; continue with: {interrupt.continue_command or resume_command(sys.argv)}"
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run a script's ``main`` with the toolkit's exit statuses, each with one line on stderr.
+
+    0 done; 1 training diverged or the disk filled up; 2 a mistake in the command or the data (``UserError``);
+    130 Ctrl-C (SIGINT) and 143 SIGTERM, after saying what was saved and how to continue.
+    """
+    handlers = {signum: signal.signal(signum, raise_interrupted) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: the disk is full ({error.filename or error}); the files written before stay as they were: free some space, "
+              f"then continue with: {resume_command(sys.argv)}", file=sys.stderr)
+        sys.exit(1)
+    except (RunInterrupted, KeyboardInterrupt) as interrupt:
+        if not isinstance(interrupt, RunInterrupted):
+            interrupt = RunInterrupted(signal.SIGINT)
+        if is_main_process():
+            print(f"\n{interrupted_message(interrupt)}", file=sys.stderr)
+        sys.exit(128 + interrupt.signum)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)

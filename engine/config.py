@@ -1,0 +1,67 @@
+"""What decides a run: the recipe (how a network is trained) and the run's settings, written to ``config.json``.
+
+The README's recipe for CIFAR10Net is ``Recipe()``; every other model's registry entry brings its own.
+The tables of named choices here are the ones every script's flags offer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = {
+    "none": "constant",
+    "cosine": "linear warm-up, then cosine decay to 0, per step",
+    "onecycle": "linear warm-up, then linear decay to 0, per step",
+    "plateau": "halve the lr after an epoch without a lower validation loss",
+}
+TTA_MODES = {
+    "none": "the image alone",
+    "flip": "the image and its mirror image, averaged",
+    "flip-translate": "half the flip average, half the flip averages of the image shifted one pixel up-left and one down-right "
+                      "(reflect-padded): 6 forward passes",
+}
+
+
+@dataclass
+class Recipe:
+    """How a network is trained. Defaults are the README's recipe for CIFAR10Net."""
+
+    epochs: int = 100
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    scheduler: str = "none"
+    warmup_epochs: float = 0.0
+    augment: str = "readme"
+    tta: str = "none"
+
+
+@dataclass
+class RunConfig:
+    """Everything that decides a run; written to ``config.json`` in the run folder.
+
+    The t-SNE settings are the analysis's that the training scripts hand to the engine; the engine only keeps them.
+    """
+
+    model: str
+    recipe: Recipe = field(default_factory=Recipe)
+    data_dir: str = "./data"
+    out_dir: str = ""
+    seed: int = 0
+    limit_train: int | None = None
+    num_workers: int = 2
+    device: str = "auto"
+    devices: str = "auto"
+    strategy: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    resume: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+    tsne: bool = True
+    tsne_samples: int | None = None
+    tsne_method: str = "auto"

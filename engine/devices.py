@@ -1,0 +1,55 @@
+"""Where a run computes: the accelerator, the precision that pays on it, and which process owns the run."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import torch
+
+from functions import UserError
+
+
+def resolve_accelerator(device: str) -> str:
+    if device in ("cuda", "gpu"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        return "gpu"
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but MPS is not available; use --device cpu")
+    return device
+
+
+def training_device(device: str) -> torch.device:
+    """The device Lightning picks for ``--device`` (auto: cuda, else mps, else cpu)."""
+    accelerator = resolve_accelerator(device)
+    if accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); without, PyTorch emulates it, slowly."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+@functools.cache
+def warn_emulated_bf16() -> None:
+    print("warning: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 is emulated and training runs many "
+          "times slower than in float32; use --precision 32-true", file=sys.stderr)
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    device_type = training_device(accelerator).type
+    if precision == "auto":
+        return "bf16-mixed" if device_type == "cuda" else "32-true"
+    if precision.startswith("bf16") and device_type == "cpu" and not cpu_has_bf16():
+        warn_emulated_bf16()
+    return precision
+
+
+def is_main_process() -> bool:
+    """False in the extra processes of data-parallel training (Lightning, torchrun and SLURM set these): the first one owns the run."""
+    return all(os.environ.get(name, "0") == "0" for name in ("LOCAL_RANK", "NODE_RANK", "RANK"))

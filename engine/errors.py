@@ -1,0 +1,28 @@
+"""How a run can end other than well, besides a user's mistake (``functions.UserError``, exit status 2)."""
+from __future__ import annotations
+
+import signal
+
+
+class RunInterrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM (a job scheduler) arrived. A BaseException, so no ``except Exception`` swallows it.
+
+    On its way up, the code that knows fills in what is kept (``saved``) and, where the flags that continue
+    differ from the run's own plus --resume, the command that continues (``continue_command``).
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.saved: str | None = None
+        self.continue_command: str | None = None
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN, infinite or exploded: later epochs cannot rescue the run."""
+
+    def __init__(self, loss_name: str, value: float, epoch: int, lr: float):
+        super().__init__(f"training diverged: the {loss_name} is {value:.3g} after epoch {epoch}; lower the learning rate "
+                         f"(--lr, now {lr:g}) and start again; no model.pth was written"
+                         + (", last.ckpt keeps the last good epoch" if epoch > 1 else ""))
+        self.loss_name, self.value, self.epoch = loss_name, value, epoch

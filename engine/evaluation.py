@@ -1,0 +1,86 @@
+"""Predictions of a trained network: logits (under test-time augmentation), penultimate features, the test report.
+
+``predict`` is the one way the toolkit asks a network about images: at the end of a run, in the t-SNE analysis,
+for the transfer-learning feature cache, in the benchmarks, and for a user's own photos.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.batches import EVAL_BATCH, EvalBatches
+
+
+def tta_logits(net: nn.Module, images: torch.Tensor, logits: torch.Tensor, mode: str) -> dict[str, torch.Tensor]:
+    """The scores under each test-time augmentation of TTA_MODES up to ``mode``, in that order.
+
+    ``logits`` are the scores of ``images`` themselves; each mode reuses the views of the one before.
+    """
+    scores = {"none": logits}
+    if mode == "none":
+        return scores
+
+    def with_mirror(x: torch.Tensor, x_scores: torch.Tensor) -> torch.Tensor:
+        return (x_scores + net(x.flip(3)).float()) / 2
+
+    scores["flip"] = with_mirror(images, logits)
+    if mode == "flip":
+        return scores
+    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+    shifted = [padded[:, :, :-2, :-2], padded[:, :, 2:, 2:]]  # content moved one pixel down-right, one up-left
+    scores["flip-translate"] = (scores["flip"] + sum(with_mirror(x, net(x).float()) for x in shifted) / 2) / 2
+    return scores
+
+
+@torch.no_grad()
+def predict(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+            tta: str = "none", with_features: bool = False) -> dict[str, Any]:
+    """Logits (and penultimate features, from the same forward pass) of uint8 ``images``, normalised by ``mean`` and
+    ``std``, in batches on the network's device, in eval mode.
+
+    ``logits`` are averaged over the test-time views of ``tta``; ``logits_by_tta`` holds the logits of every mode
+    up to it, from the same forward passes. The features stay those of the image itself.
+    """
+    net.eval()
+    device = next(net.parameters()).device
+    by_tta: dict[str, list[torch.Tensor]] = {}
+    features = []
+    for batch, _ in EvalBatches(images.to(device), labels, EVAL_BATCH, mean, std):
+        if with_features:
+            penultimate = net.forward_features(batch)
+            batch_logits = net.classify(penultimate).float()
+            features.append(penultimate.flatten(1).float().cpu())
+        else:
+            batch_logits = net(batch).float()
+        for mode, scores in tta_logits(net, batch, batch_logits, tta).items():
+            by_tta.setdefault(mode, []).append(scores.cpu())
+    logits_by_tta = {mode: torch.cat(scores) for mode, scores in by_tta.items()}
+    result = {"logits": logits_by_tta[tta], "logits_by_tta": logits_by_tta, "labels": labels.cpu()}
+    if with_features:
+        result["features"] = torch.cat(features)
+    return result
+
+
+def accuracy_by_tta(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                    tta: str) -> dict[str, float]:
+    """Accuracy under each test-time augmentation up to ``tta``, from one pass of each view."""
+    result = predict(net, images, labels, mean, std, tta=tta)
+    return {mode: (logits.argmax(1) == result["labels"]).double().mean().item() for mode, logits in result["logits_by_tta"].items()}
+
+
+def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return torch.bincount(labels * num_classes + predictions, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def test_report(labels: torch.Tensor, predictions: torch.Tensor, classes: tuple[str, ...]) -> dict[str, Any]:
+    matrix = confusion_matrix(labels, predictions, len(classes))
+    per_class = (matrix.diag().double() / matrix.sum(1).clamp_min(1).double()).tolist()
+    return {
+        "test_accuracy": (labels == predictions).double().mean().item(),
+        "per_class_accuracy": dict(zip(classes, per_class)),
+        "confusion_matrix": matrix.tolist(),
+        "num_test_images": labels.numel(),
+    }

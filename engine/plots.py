@@ -1,0 +1,54 @@
+"""The run's figures: training curves and the test confusion matrix.
+
+Figures are made with matplotlib's object API (``Figure``), not pyplot: no backend is chosen or changed, so
+importing the toolkit in a notebook leaves its plotting alone, and nothing needs a display.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from functions import write_atomically
+
+
+def save_figure(figure: Figure, path: Path, dpi: int = 120) -> None:
+    write_atomically(Path(path), lambda tmp: figure.savefig(tmp, dpi=dpi, format=Path(path).suffix[1:]))
+
+
+def plot_curves(history: list[dict[str, float]], path: Path, title: str) -> None:
+    """Loss and accuracy, train against validation, per epoch: the README's figures."""
+    epochs = [row["epoch"] for row in history]
+    figure = Figure(figsize=(11, 4))
+    for axis, key, label in zip(figure.subplots(1, 2), ("loss", "accuracy"), ("Loss", "Accuracy")):
+        axis.plot(epochs, [row[f"train_{key}"] for row in history], marker=".", label="train")
+        axis.plot(epochs, [row[f"val_{key}"] for row in history], marker=".", label="validation")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def plot_confusion(report: dict[str, Any], classes: tuple[str, ...], path: Path, title: str) -> None:
+    matrix = np.array(report["confusion_matrix"], dtype=float)
+    rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    figure = Figure(figsize=(7, 6))
+    axis = figure.subplots()
+    image = axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            axis.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", fontsize=7,
+                      color="white" if rates[i, j] > 0.5 else "black")
+    axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    axis.set_yticks(range(len(classes)), classes)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_title(f"{title}: test accuracy {report['test_accuracy']:.2%}")
+    figure.colorbar(image, ax=axis, fraction=0.046)
+    figure.tight_layout()
+    save_figure(figure, path)

@@ -1,0 +1,162 @@
+"""A whole run: ``fit`` trains a registered model with a Lightning Trainer, ``train`` is the story a script tells.
+
+``train(config, model)``: claim the run folder, load the data, fit (progress bar, a checkpoint every epoch, resume,
+mixed precision, multi-GPU strategies: Lightning's), then save the weights, measure the test set, and run the
+analyses the script handed in (the t-SNE plots, say). The scripts only choose the model, the recipe and the analyses.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from torch import nn
+
+from engine.batches import CIFAR10DataModule, SplitData, load_split
+from engine.callbacks import ConfigInCheckpoint, DivergenceGuard, RunRecorder
+from engine.checkpoints import AtomicCheckpointIO, resume_checkpoint, saved_progress
+from engine.classifier import ImageClassifier
+from engine.config import RunConfig
+from engine.devices import resolve_accelerator, resolve_precision
+from engine.errors import RunInterrupted
+from engine.evaluation import predict, test_report
+from engine.plots import plot_confusion
+from engine.registry import ModelSpec
+from engine.run_folder import claim_run_folder, release_run_folder, write_json
+from functions import write_atomically
+
+# Lightning's advertisement and two warnings that say nothing to our users (a resumed run folder is not empty by design).
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "Tip:" not in str(record.msg))
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+# Frozen pretrained layers stay in eval mode on purpose (transfer learning): nothing to warn about.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+# The logged validation metrics are computed from sums already reduced over all processes: syncing them again is redundant.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val_")
+
+
+class Analysis(Protocol):
+    """Work a script hands to ``train`` to run at the end of the run, such as the t-SNE plots."""
+
+    def check(self, config: RunConfig, data: SplitData) -> None:
+        """Raise a ``UserError`` now, before the training, if the analysis could not run."""
+
+    def run(self, net: nn.Module, data: SplitData, test: dict[str, Any], run_dir: Path, config: RunConfig,
+            device: torch.device) -> None:
+        """Analyse the trained ``net``; ``test`` is ``predict``'s output on the test split, with features."""
+
+
+@dataclass
+class Fitted:
+    """What ``fit`` leaves: the trained network, its per-epoch history, where it trained, and whether this process reports."""
+
+    net: nn.Module
+    history: list[dict[str, float]]
+    device: torch.device
+    is_global_zero: bool
+
+
+def stop_extra_processes(trainer: pl.Trainer) -> None:
+    """The processes Lightning started for data-parallel training would otherwise wait for this one forever."""
+    kill = getattr(trainer.strategy.launcher, "kill", None)
+    if kill is not None:
+        kill(signal.SIGKILL)
+
+
+def fit(config: RunConfig, model: ModelSpec, data: SplitData, callbacks: Sequence[Callback] = (), checkpoints: bool = True) -> Fitted:
+    """Build ``model``, initialise it its own way and train it on ``data`` by ``config`` with a Lightning Trainer.
+
+    ``callbacks`` are added to the Trainer's (hyperparameter tuning adds its pruning callback); ``checkpoints``
+    writes last.ckpt after every epoch, and best.ckpt when the validation loss is the lowest so far.
+    """
+    run_dir = Path(config.out_dir)
+    accelerator = resolve_accelerator(config.device)
+    ckpt_path = resume_checkpoint(config, run_dir)
+    net = model.build()
+    pl.seed_everything(config.seed, verbose=False)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 for the float32 parts on tensor-core GPUs
+    model.initialize(net)
+    if config.compile:
+        net.compile()  # in place: the state dict keeps its plain names, so checkpoints load with or without it
+    recipe = config.recipe
+    datamodule = CIFAR10DataModule(data, recipe.batch_size, recipe.augment, config.seed)
+    module = ImageClassifier(net, recipe, config.seed, steps_per_epoch=math.ceil(len(data.train_images) / recipe.batch_size),
+                             parameter_groups=model.parameter_groups)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", asdict(config))
+    recorder = RunRecorder(run_dir, config.model)
+    all_callbacks: list[Callback] = [recorder, DivergenceGuard(), *callbacks]  # the guard first: a pruner never sees a NaN
+    if checkpoints:
+        # Two checkpoints: Lightning's save_last writes last.ckpt only in epochs where the monitored one saved.
+        all_callbacks += [ConfigInCheckpoint(config),
+                          ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val_loss", mode="min", enable_version_counter=False),
+                          ModelCheckpoint(dirpath=run_dir, filename="last", save_on_train_epoch_end=True, enable_version_counter=False)]
+    if config.progress:
+        all_callbacks.append(TQDMProgressBar(refresh_rate=20))
+    trainer = pl.Trainer(
+        max_epochs=recipe.epochs, accelerator=accelerator, devices=config.devices, strategy=config.strategy,
+        precision=resolve_precision(config.precision, accelerator), callbacks=all_callbacks, logger=False,
+        plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0, enable_model_summary=False,
+        enable_checkpointing=checkpoints, enable_progress_bar=config.progress, default_root_dir=run_dir,
+    )
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except RunInterrupted:
+        stop_extra_processes(trainer)
+        raise
+    return Fitted(net, recorder.history, trainer.strategy.root_device, trainer.is_global_zero)
+
+
+def train(config: RunConfig, model: ModelSpec, data: SplitData | None = None, analyses: Sequence[Analysis] = ()) -> dict[str, Any]:
+    """The whole run: claim the run folder, load data, fit, then test, write the run folder and run ``analyses``.
+
+    Returns the test report (empty in the extra processes of data-parallel training).
+    """
+    resolve_accelerator(config.device)
+    run_dir = claim_run_folder(config)  # a busy or unusable folder fails before the slow data load
+    try:
+        resume_checkpoint(config, run_dir)
+        data = data or load_split(config)
+        for analysis in analyses:
+            analysis.check(config, data)  # an analysis that cannot run fails now, not after the training
+        print(f"Data: {data.source}; {len(data.train_images)} train / {len(data.val_images)} validation / {len(data.test_images)} test images")
+        fitted = fit(config, model, data)
+        if not fitted.is_global_zero:
+            return {}
+        return finish_run(config, fitted, data, run_dir, analyses)
+    except RunInterrupted as interrupt:
+        interrupt.saved = interrupt.saved or saved_progress(config, run_dir)
+        raise
+    finally:
+        release_run_folder(run_dir)
+
+
+def finish_run(config: RunConfig, fitted: Fitted, data: SplitData, run_dir: Path, analyses: Sequence[Analysis] = ()) -> dict[str, Any]:
+    """Save the final weights, measure the test set, draw the confusion matrix, then run the analyses."""
+    net, history = fitted.net.to(fitted.device), fitted.history
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}  # plain layout: loads anywhere
+    write_atomically(run_dir / "model.pth", lambda tmp: torch.save(state, tmp))
+    test = predict(net, data.test_images, data.test_labels, data.mean, data.std, tta=config.recipe.tta,
+                   with_features=hasattr(net, "forward_features"))
+    report = test_report(test["labels"], test["logits"].argmax(1), data.classes)
+    final = history[-1] if history else {}
+    report.update({"model": config.model, "epochs": len(history), "tta": config.recipe.tta, "final_val_accuracy": final.get("val_accuracy"),
+                   "best_val_accuracy": max((row["val_accuracy"] for row in history), default=None),
+                   "data": data.source})
+    write_json(run_dir / "test.json", report)
+    plot_confusion(report, data.classes, run_dir / "confusion_matrix.png", config.model)
+    print(f"Test accuracy of {config.model}: {report['test_accuracy']:.4f} on {report['num_test_images']} images"
+          + (f" (with {config.recipe.tta} test-time augmentation)" if config.recipe.tta != "none" else ""))
+    print(f"Run folder {run_dir}: config.json, metrics.csv, curves.png, model.pth, best.ckpt, last.ckpt, test.json, confusion_matrix.png")
+    for analysis in analyses:
+        analysis.run(net, data, test, run_dir, config, fitted.device)
+    return report

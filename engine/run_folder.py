@@ -1,0 +1,136 @@
+"""The run folder: one run per folder, held while the run lives, and the plain files a run writes there.
+
+``claim_run_folder`` checks the folder can be written, takes an operating-system lock on it (a second live run
+into it stops at once; a killed run leaves no lock behind), refuses another run's results unless asked to
+continue (--resume) or replace them (--overwrite), and clears the temporary files a kill left.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from engine.config import RunConfig
+from engine.devices import is_main_process
+from functions import UserError, is_temporary_copy, write_atomically
+
+METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr", "seconds")
+RESULT_FILES = ("metrics.csv", "last.ckpt", "best.ckpt", "model.pth", "test.json")
+RUN_OUTPUTS = ("config.json", *RESULT_FILES, "curves.png", "confusion_matrix.png", "tsne_*.png", "tsne_*.npz", "tsne_metrics.json")
+MIN_FREE_BYTES = 100 * 2**20  # a few checkpoints of the largest network here, written through temporary copies
+LOCK_FILE = ".lock"
+held_run_folders: dict[Path, tuple[FileLock, bool]] = {}  # folder: its lock, and whether this run created the folder
+
+
+def check_writable_folder(folder: Path, flag: str = "--out-dir") -> None:
+    """Create ``folder`` if needed and make sure files can be written there; one line naming the problem otherwise."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder} is a file; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{flag} {folder} lies under a file, not a folder; give a folder path") from None
+    except OSError as error:
+        raise UserError(f"cannot write in {flag} {folder} ({error.strerror}); choose another {flag}") from None
+    free = shutil.disk_usage(folder).free
+    if free < MIN_FREE_BYTES:
+        raise UserError(f"the disk of {flag} {folder} has {free / 2**20:.0f} MB free and a run needs {MIN_FREE_BYTES // 2**20} MB "
+                        f"for its checkpoints; free some space or choose another {flag}")
+
+
+def remove_temporary_files(folder: Path) -> None:
+    """Delete the half-written temporary copies ``write_atomically`` leaves when a process is killed mid-write."""
+    for path in folder.iterdir():
+        if path.is_file() and is_temporary_copy(path):
+            path.unlink(missing_ok=True)
+
+
+def continues_this_folder(config: RunConfig, run_dir: Path) -> bool:
+    return config.resume == "last" or (config.resume is not None and Path(config.resume).resolve().parent == run_dir.resolve())
+
+
+def keep_earlier_results(config: RunConfig, run_dir: Path) -> None:
+    """Refuse a folder that holds another run's results, unless this run continues it (--resume) or replaces it (--overwrite)."""
+    results = [name for name in RESULT_FILES if (run_dir / name).exists()]
+    if not results or continues_this_folder(config, run_dir):
+        return
+    if not config.overwrite:
+        state = "a finished" if (run_dir / "test.json").exists() else "an unfinished"
+        raise UserError(f"{run_dir} holds {state} run ({', '.join(results)}); continue it with --resume, keep it and give "
+                        f"another --out-dir, or replace it with --overwrite")
+    for pattern in RUN_OUTPUTS:
+        for path in run_dir.glob(pattern):
+            path.unlink()
+    print(f"--overwrite: removed the earlier run's files from {run_dir}")
+
+
+def claim_run_folder(config: RunConfig) -> Path:
+    """Hold ``config.out_dir`` for this run: writable, locked against a second live run, holding no other run's results.
+
+    Call it before any slow work. Idempotent within a process; ``release_run_folder`` lets go. The lock is the
+    operating system's, so a killed run never leaves its folder locked.
+    """
+    run_dir = Path(config.out_dir)
+    if run_dir.resolve() in held_run_folders or not is_main_process():  # the extra data-parallel processes share the first's claim
+        return run_dir
+    if config.resume is not None and config.overwrite:
+        raise UserError("--resume continues the run in --out-dir and --overwrite replaces it; give one of them")
+    created = not run_dir.exists()
+    check_writable_folder(run_dir)
+    lock = FileLock(run_dir / LOCK_FILE, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"another run is using {run_dir} right now; wait for it to end, or give another --out-dir") from None
+    held_run_folders[run_dir.resolve()] = (lock, created)
+    try:
+        keep_earlier_results(config, run_dir)
+        remove_temporary_files(run_dir)  # left by a kill; while the folder is ours nobody else writes there
+    except BaseException:
+        release_run_folder(run_dir)
+        raise
+    return run_dir
+
+
+def release_run_folder(run_dir: Path) -> None:
+    """Let go of the folder; one this run created and left empty (it failed before writing anything) is removed."""
+    lock, created = held_run_folders.pop(Path(run_dir).resolve(), (None, False))
+    if lock is None:
+        return
+    lock.release()
+    if created and [path.name for path in run_dir.iterdir()] == [LOCK_FILE]:
+        (run_dir / LOCK_FILE).unlink()
+        run_dir.rmdir()
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_json(path: Path, value: Any) -> None:
+    write_atomically(Path(path), lambda tmp: tmp.write_text(json.dumps(value, indent=2) + "\n"))
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str] | tuple[str, ...]) -> None:
+    """``rows`` as a CSV table of ``columns`` (other keys left out), written atomically."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    write_atomically(path, write)
+
+
+def write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
+    write_csv(path, history, METRIC_COLUMNS)
+
+
+def read_metrics_csv(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as handle:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]

@@ -1,0 +1,183 @@
+"""The study's models: CIFAR10Net (the README's first model) and the seven modified models of its Changes.
+
+Parameter names are the README's, so a state dict saved by the original scripts loads unchanged. Every model
+here trains with the README's recipe and starts from Kaiming-normal weights (the registry's defaults); only
+CIFAR10Net_optim, the original tuning run's winner, brings its own learning rate, weight decay and batch size.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from engine import ModelSpec, Recipe, first_line, register
+
+README_RECIPE = Recipe()  # Adam(1e-3, betas (0.9, 0.999), weight decay 5e-4), batch 64, 100 epochs, readme augmentation
+
+
+class CIFAR10Net(nn.Module):
+    """Conv-BN-ReLU-pool twice, then three fully connected layers: the README's first model.
+
+    Parameter names are the README's, so a state dict saved by the original scripts loads unchanged.
+    ``dropout`` after the ReLUs of fc1 and fc2 (none here) is the README's Change #6.
+    """
+
+    def __init__(self, fc1_size: int = 124, fc2_size: int = 64, dropout: float = 0.0):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels=3, out_channels=20, kernel_size=3)  # 32 -> 30, pooled to 15
+        self.bn1 = nn.BatchNorm2d(20)
+        self.conv2 = nn.Conv2d(20, 40, 4)  # 15 -> 12, pooled to 6
+        self.bn2 = nn.BatchNorm2d(40)
+        self.pool = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.fc1 = nn.Linear(40 * 6 * 6, fc1_size)
+        self.bnfc1 = nn.BatchNorm1d(fc1_size)
+        self.fc2 = nn.Linear(fc1_size, fc2_size)
+        self.bnfc2 = nn.BatchNorm1d(fc2_size)
+        self.fc3 = nn.Linear(fc2_size, 10)
+        self.relu = nn.ReLU()
+        self.dropout = nn.Dropout(dropout)
+
+    def conv_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.relu(self.bn1(self.conv1(x))))
+        x = self.pool(self.relu(self.bn2(self.conv2(x))))
+        return torch.flatten(x, 1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """fc2's activations: the penultimate features the t-SNE analysis projects."""
+        x = self.dropout(self.relu(self.bnfc1(self.fc1(self.conv_features(x)))))
+        return self.relu(self.bnfc2(self.fc2(x)))
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.dropout(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.forward_features(x))
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks of the modified models
+# --------------------------------------------------------------------------------------------
+class ConvBN(nn.Module):
+    """A convolution and its own BatchNorm (the original shared one BatchNorm between two convolutions)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size)
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.conv(x)
+        return torch.relu(self.bn(x if shortcut is None else x + shortcut))
+
+
+class FCBN(nn.Sequential):
+    """Linear, BatchNorm, ReLU."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(nn.Linear(in_features, out_features), nn.BatchNorm1d(out_features), nn.ReLU())
+
+
+# --------------------------------------------------------------------------------------------
+# The models of the README's Changes
+# --------------------------------------------------------------------------------------------
+class CIFAR10Net_2(CIFAR10Net):
+    """Change #1: CIFAR10Net with smaller fully connected layers, 1440 -> 32 -> 16 -> 10."""
+
+    def __init__(self):
+        super().__init__(fc1_size=32, fc2_size=16)
+
+
+class CIFAR10Net_3(CIFAR10Net):
+    """Change #2: CIFAR10Net's two conv stages straight into one linear layer, 1440 -> 10."""
+
+    def __init__(self):
+        super().__init__()
+        del self.fc1, self.bnfc1, self.fc2, self.bnfc2, self.fc3
+        self.fc1 = nn.Linear(40 * 6 * 6, 10)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The flattened conv features: the only layer before the class scores."""
+        return self.conv_features(x)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc1(features)
+
+
+class CIFAR10Net_4(nn.Module):
+    """Change #3: four convolutions (5x5, 5x5, 3x3, 3x3) in two pooled stages, then 512 -> 64 -> 32 -> 10."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = ConvBN(3, 16, 5), ConvBN(16, 16, 5)  # 32 -> 28 -> 24, pooled to 12
+        self.conv3, self.conv4 = ConvBN(16, 32, 3), ConvBN(32, 32, 3)  # 12 -> 10 -> 8, pooled to 4
+        self.pool = nn.MaxPool2d(2, 2)
+        self.fc1, self.fc2 = FCBN(32 * 4 * 4, 64), FCBN(64, 32)
+        self.fc3 = nn.Linear(32, 10)
+
+    def conv_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.conv2(self.conv1(x)))
+        return torch.flatten(self.pool(self.conv4(self.conv3(x))), 1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(self.conv_features(x)))
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc3(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.forward_features(x))
+
+
+class CIFAR10Net_5(CIFAR10Net_4):
+    """Change #4: wider convolutions (32, 32, 64, 64; all 3x3) and one hidden layer, 1600 -> 32 -> 10."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.conv1, self.conv2 = ConvBN(3, 32, 3), ConvBN(32, 32, 3)  # 32 -> 30 -> 28, pooled to 14
+        self.conv3, self.conv4 = ConvBN(32, 64, 3), ConvBN(64, 64, 3)  # 14 -> 12 -> 10, pooled to 5
+        self.pool = nn.MaxPool2d(2, 2)
+        self.fc1 = FCBN(64 * 5 * 5, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc1(self.conv_features(x))
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc2(features)
+
+
+class CIFAR10Net_6(CIFAR10Net_4):
+    """Change #5: CIFAR10Net_4 with two residual connections, each through a learned projection convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.shortcut1 = nn.Conv2d(3, 16, 9)  # 3x32x32 -> 16x24x24, the shape of conv2's output
+        self.shortcut2 = nn.Conv2d(16, 32, 5)  # 16x12x12 -> 32x8x8, the shape of conv4's output
+
+    def conv_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.conv2(self.conv1(x), shortcut=self.shortcut1(x)))  # added before conv2's BatchNorm
+        x = self.pool(self.conv4(self.conv3(x), shortcut=self.shortcut2(x)))
+        return torch.flatten(x, 1)
+
+
+class CIFAR10Net_7(CIFAR10Net):
+    """Change #6: CIFAR10Net with dropout 0.5 after the ReLUs of fc1 and fc2 (same parameter names)."""
+
+    def __init__(self, fc1_size: int = 124, fc2_size: int = 64, dropout: float = 0.5):
+        super().__init__(fc1_size, fc2_size, dropout)
+
+
+class CIFAR10Net_optim(CIFAR10Net_7):
+    """The original tuning run's best trial: CIFAR10Net_7 with fc 128 and 128, dropout 0.46."""
+
+    def __init__(self):
+        super().__init__(fc1_size=128, fc2_size=128, dropout=0.46)
+
+
+for model in (CIFAR10Net, CIFAR10Net_2, CIFAR10Net_3, CIFAR10Net_4, CIFAR10Net_5, CIFAR10Net_6, CIFAR10Net_7):
+    register(model.__name__, ModelSpec(model, README_RECIPE, first_line(model)))
+register("CIFAR10Net_optim", ModelSpec(CIFAR10Net_optim, replace(README_RECIPE, lr=0.00216, weight_decay=0.000925, batch_size=128),
+                                       first_line(CIFAR10Net_optim) + " Trains with lr 0.00216, weight decay 0.000925, batch 128."))
+README_MODELS = ("CIFAR10Net", "CIFAR10Net_2", "CIFAR10Net_3", "CIFAR10Net_4", "CIFAR10Net_5", "CIFAR10Net_6", "CIFAR10Net_7",
+                 "CIFAR10Net_optim")  # CIFAR10Net and the seven modified models: the --all set

@@ -1,0 +1,196 @@
+"""Transfer learning's network: an ImageNet-trained torchvision backbone behind a batch resize, and a new 10-way head.
+
+The README's experiment is resnet18 with its ImageNet weights, every backbone parameter frozen and only the new
+head trained. ``transfer_model`` makes the registry entry of a built network: its pretrained weights are kept
+(no initialisation), and the backbone layers that train learn ``backbone_lr_scale`` times slower than the head.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import get_model, get_model_weights
+
+from engine import ModelSpec, Recipe, keep_weights, state_dict_mismatch
+from functions import CLASSES, UserError
+
+NUM_CLASSES = len(CLASSES)
+FINETUNE_CHOICES = ("fc", "layer4", "all")
+
+# The README's optimiser (Adam, lr 0.01, no weight decay, batch 64); no augmentation and 10 epochs: see transfer_learning.py.
+TRANSFER_RECIPE = Recipe(epochs=10, batch_size=64, optimizer="adam", lr=0.01, weight_decay=0.0, augment="none")
+
+
+# --------------------------------------------------------------------------------------------
+# Architectures: where each keeps its ImageNet head and its last stage
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Arch:
+    head: str  # the 1000-way ImageNet layer that the new 10-way head replaces
+    last_stage: tuple[str, ...]  # what --finetune layer4 also trains: the last stage and any pretrained layers after it
+
+
+RESNET = Arch(head="fc", last_stage=("layer4",))
+ARCHS = {
+    "resnet18": RESNET,
+    "resnet34": RESNET,
+    "resnet50": RESNET,
+    "vgg16": Arch(head="classifier.6", last_stage=("features.24", "features.26", "features.28", "classifier")),
+    "mobilenet_v3_small": Arch(head="classifier.3",
+                               last_stage=("features.9", "features.10", "features.11", "features.12", "classifier")),
+    "efficientnet_b0": Arch(head="classifier.1", last_stage=("features.7", "features.8")),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The network: resize in batches, pretrained backbone, new head
+# --------------------------------------------------------------------------------------------
+class TransferNet(nn.Module):
+    """A torchvision backbone (its ImageNet head removed) behind a batch resize to ``image_size``, and a new head.
+
+    Frozen parts (every parameter with ``requires_grad`` False) stay in eval mode when the net is put
+    in training mode, so their BatchNorm statistics and dropout do not change them either.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear, image_size: int):
+        super().__init__()
+        self.backbone, self.head, self.image_size = backbone, head, image_size
+        self.takes_features = False  # True while the head trains on cached backbone features instead of images
+
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-2:] == (self.image_size, self.image_size):
+            return images
+        return F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=False)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's output, the head's input: what the t-SNE analysis projects."""
+        if self.takes_features:
+            return x.flatten(1)
+        return self.backbone(self.resize(x)).flatten(1)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.forward_features(x))
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [m for m in self.backbone.modules()
+                if any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters())]
+
+    def train(self, mode: bool = True) -> "TransferNet":
+        super().train(mode)
+        if mode:
+            for module in self.frozen_modules():
+                module.eval()
+        return self
+
+
+def pretrained_statistics(arch: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and std the ImageNet weights were trained with, from their own transforms."""
+    transform = get_model_weights(arch).DEFAULT.transforms()
+    return torch.tensor(transform.mean), torch.tensor(transform.std)
+
+
+def weights_file(weights) -> Path:
+    """Where ``torch.hub`` keeps a downloaded weights file."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+
+
+def download_state_dict(weights) -> dict[str, torch.Tensor]:
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except Exception as error:  # offline, refused, truncated, failed hash: all the same advice
+        reason = " ".join(str(getattr(error, "reason", error)).split())
+        raise UserError(f"could not get the pretrained weights {weights} ({type(error).__name__}: {reason}); download "
+                        f"{weights.url} and put it at {weights_file(weights)} (torchvision's cache), or pass "
+                        f"--weights PATH with a local copy (--weights none: random backbone)") from None
+
+
+def read_state_dict(path: Path, arch: str) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        names = ", ".join(get_model_weights(arch).__members__)
+        raise UserError(f"--weights {path}: no such file; give a state-dict file, default, none, or one of {names}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged or foreign file
+        raise UserError(f"--weights {path} is not a readable PyTorch state dict ({type(error).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise UserError(f"--weights {path} holds no state dict (a mapping of parameter names to tensors)")
+    return state
+
+
+def imagenet_state_dict(arch: str, weights: str) -> dict[str, torch.Tensor] | None:
+    """``weights``: none (random backbone), default or a weights name (torchvision's, downloaded once), or a file."""
+    if weights == "none":
+        return None
+    available = get_model_weights(arch)
+    if weights == "default":
+        return download_state_dict(available.DEFAULT)
+    if weights in available.__members__:
+        return download_state_dict(available[weights])
+    return read_state_dict(Path(weights).expanduser(), arch)
+
+
+def load_backbone_state(backbone: nn.Module, state: dict[str, torch.Tensor], arch: str, source: str) -> None:
+    """Load every backbone tensor; the old head's are ignored (it is replaced), anything else must fit exactly."""
+    head_prefix = ARCHS[arch].head + "."
+    state = {name: value for name, value in state.items() if not name.startswith(head_prefix)}
+    problem = state_dict_mismatch(backbone.state_dict(), state)
+    if problem:
+        raise UserError(f"{source} does not fit torchvision's {arch}: {problem}; give weights of torchvision.models.{arch}")
+    backbone.load_state_dict(state)
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at the dotted ``path`` (e.g. classifier.6) and return what was there."""
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    old = getattr(parent, name)
+    setattr(parent, name, new)
+    return old
+
+
+def in_last_stage(parameter_name: str, arch: str) -> bool:
+    return any(parameter_name.startswith(prefix + ".") for prefix in ARCHS[arch].last_stage)
+
+
+def freeze(net: TransferNet, arch: str, finetune: str) -> None:
+    """Only the head trains (fc), also the last stage (layer4), or everything (all)."""
+    for name, parameter in net.backbone.named_parameters():
+        parameter.requires_grad = finetune == "all" or (finetune == "layer4" and in_last_stage(name, arch))
+
+
+def build_transfer_net(arch: str, weights: str = "default", image_size: int = 224, finetune: str = "fc") -> TransferNet:
+    """torchvision's ``arch`` with ``weights``, its ImageNet head swapped for a 10-way Linear, frozen per ``finetune``."""
+    state = imagenet_state_dict(arch, weights)
+    backbone = get_model(arch, weights=None)
+    imagenet_head = replace_module(backbone, ARCHS[arch].head, nn.Identity())
+    if state is not None:
+        load_backbone_state(backbone, state, arch, source=f"--weights {weights}")
+    net = TransferNet(backbone, nn.Linear(imagenet_head.in_features, NUM_CLASSES), image_size)
+    freeze(net, arch, finetune)
+    return net.train()  # the frozen parts to eval mode from the start
+
+
+# --------------------------------------------------------------------------------------------
+# Its registry entry: pretrained weights kept, the backbone slower than the head
+# --------------------------------------------------------------------------------------------
+def transfer_parameter_groups(backbone_lr_scale: float):
+    def groups(net: TransferNet, recipe: Recipe) -> list[dict[str, Any]]:
+        """The head first (its lr is the metrics' lr column), then the trainable backbone parameters, if any."""
+        head = [{"params": list(net.head.parameters())}]
+        backbone = [p for p in net.backbone.parameters() if p.requires_grad]
+        return head + ([{"params": backbone, "lr": recipe.lr * backbone_lr_scale}] if backbone else [])
+    return groups
+
+
+def transfer_model(net: TransferNet, recipe: Recipe, backbone_lr_scale: float) -> ModelSpec:
+    """The registry entry of a built ``net``: built once per run (its weights come from a download or a file)."""
+    return ModelSpec(lambda: net, recipe, TransferNet.__doc__.splitlines()[0], initialize=keep_weights,
+                     parameter_groups=transfer_parameter_groups(backbone_lr_scale))

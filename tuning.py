@@ -1,0 +1,333 @@
+"""The tuning study's pieces: search spaces, the study and its storage, the workers that share it, its outputs.
+
+hyperparameter_tune.py runs the study; this module holds what it is made of, so the script reads as the
+story of a study: open it, run trials until it holds --n-trials, write the outputs, retrain the winner.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import socket
+import time
+import warnings
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import matplotlib.pyplot as plt
+import numpy as np
+import optuna
+import torch
+from optuna.visualization import matplotlib as plots
+from optuna.trial import FrozenTrial, Trial, TrialState
+from torch import nn
+
+import engine
+from functions import UserError, write_atomically
+from models.study import README_RECIPE, CIFAR10Net, CIFAR10Net_7
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+DEFAULT_SPACE, DEFAULT_EPOCHS, DEFAULT_TRIALS = "readme", 5, 30
+HEARTBEAT_SECONDS, HEARTBEAT_GRACE_SECONDS = 60, 180
+OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError)
+# Workers that open a fresh storage at once race to create its tables and the study; the loser's
+# CREATE or INSERT meets the winner's, worded "already exists" (SQLite, PostgreSQL, MySQL), "UNIQUE
+# constraint failed" (SQLite), "violates unique constraint" (PostgreSQL) or "Duplicate entry" (MySQL).
+CREATION_RACE = ("already exists", "unique constraint", "duplicate")
+CREATION_ATTEMPTS = 5
+
+
+# --------------------------------------------------------------------------------------------
+# Search spaces
+# --------------------------------------------------------------------------------------------
+class TunableCIFAR10Net(CIFAR10Net):
+    """CIFAR10Net with dropout whose two convolutions' widths and kernel sizes are chosen too.
+
+    The defaults are CIFAR10Net's (20 filters 3x3, 40 filters 4x4), so the defaults give CIFAR10Net_7.
+    """
+
+    def __init__(self, conv1_width: int = 20, conv1_kernel: int = 3, conv2_width: int = 40, conv2_kernel: int = 4,
+                 fc1_size: int = 124, fc2_size: int = 64, dropout: float = 0.5):
+        super().__init__(fc1_size, fc2_size, dropout)
+        self.conv1 = nn.Conv2d(3, conv1_width, conv1_kernel)
+        self.bn1 = nn.BatchNorm2d(conv1_width)
+        self.conv2 = nn.Conv2d(conv1_width, conv2_width, conv2_kernel)
+        self.bn2 = nn.BatchNorm2d(conv2_width)
+        side = ((32 - conv1_kernel + 1) // 2 - conv2_kernel + 1) // 2  # each unpadded convolution, then a 2x2 pool
+        self.fc1 = nn.Linear(conv2_width * side * side, fc1_size)
+
+
+FC_SIZES = (32, 64, 128, 256, 512)
+BATCH_SIZES = (32, 64, 128, 256, 512)
+CONV1_WIDTHS, CONV1_KERNELS = (16, 20, 32, 48, 64), (3, 5)
+CONV2_WIDTHS, CONV2_KERNELS = (32, 40, 64, 96, 128), (3, 4, 5)
+
+
+def suggest_readme(trial: Trial) -> dict[str, Any]:
+    """The README's study: CIFAR10Net_7's layer sizes and dropout, and the recipe's lr, weight decay and batch size."""
+    return {
+        "fc1_size": trial.suggest_categorical("fc1_size", FC_SIZES),
+        "fc2_size": trial.suggest_categorical("fc2_size", FC_SIZES),
+        "dropout": trial.suggest_float("dropout", 0.1, 0.9),
+        "lr": trial.suggest_float("lr", 1e-4, 1e-1, log=True),
+        "weight_decay": trial.suggest_float("weight_decay", 5e-4, 1e-1, log=True),
+        "batch_size": trial.suggest_categorical("batch_size", BATCH_SIZES),
+    }
+
+
+def suggest_extended(trial: Trial) -> dict[str, Any]:
+    """The README's space, the two convolutions' shapes, and the optimiser with its own settings."""
+    params = suggest_readme(trial)
+    params.update(
+        conv1_width=trial.suggest_categorical("conv1_width", CONV1_WIDTHS),
+        conv1_kernel=trial.suggest_categorical("conv1_kernel", CONV1_KERNELS),
+        conv2_width=trial.suggest_categorical("conv2_width", CONV2_WIDTHS),
+        conv2_kernel=trial.suggest_categorical("conv2_kernel", CONV2_KERNELS),
+        optimizer=trial.suggest_categorical("optimizer", engine.OPTIMIZERS),
+    )
+    if params["optimizer"] == "sgd":
+        params["momentum"] = trial.suggest_float("momentum", 0.8, 0.99)
+    else:
+        params["beta1"] = trial.suggest_float("beta1", 0.8, 0.95)
+        params["beta2"] = trial.suggest_float("beta2", 0.99, 0.9999)
+    return params
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    suggest: Callable[[Trial], dict[str, Any]]
+    network: type[nn.Module]
+
+
+SPACES = {"readme": SearchSpace(suggest_readme, CIFAR10Net_7), "extended": SearchSpace(suggest_extended, TunableCIFAR10Net)}
+RECIPE_PARAMS = ("batch_size", "optimizer", "lr", "momentum", "weight_decay")
+BETA_PARAMS = ("beta1", "beta2")
+
+
+def recipe_for(params: dict[str, Any], epochs: int) -> engine.Recipe:
+    """The README's recipe with a trial's training hyperparameters."""
+    recipe = replace(README_RECIPE, epochs=epochs, **{name: params[name] for name in RECIPE_PARAMS if name in params})
+    if "beta1" in params:
+        recipe = replace(recipe, betas=(params["beta1"], params["beta2"]))
+    return recipe
+
+
+def network_for(space: str, params: dict[str, Any]) -> nn.Module:
+    """The space's network built with a trial's network hyperparameters (every parameter that is not the recipe's)."""
+    return SPACES[space].network(**{name: value for name, value in params.items() if name not in RECIPE_PARAMS + BETA_PARAMS})
+
+
+def model_for(space: str, params: dict[str, Any], epochs: int) -> engine.ModelSpec:
+    """The registry entry of a trial's configuration: CIFAR10Net_7's (its initialisation) with the trial's network and recipe."""
+    return replace(engine.model_spec("CIFAR10Net_7"), build=partial(network_for, space, params), recipe=recipe_for(params, epochs))
+
+
+# --------------------------------------------------------------------------------------------
+# The study and its storage
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StudySettings:
+    """What defines the tuning problem; stored with the study so that every worker and resume agrees."""
+
+    space: str
+    epochs: int
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def hide_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+def is_journal(storage: str) -> bool:
+    return storage.startswith("journal:") or storage.endswith(".log")
+
+
+def open_storage(storage: str) -> optuna.storages.BaseStorage:
+    """A journal file (``journal:PATH`` or ``PATH.log``), or a database URL with a heartbeat for its running trials."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat arguments
+        if is_journal(storage):
+            path = storage.removeprefix("journal:")
+            return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
+        return optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=HEARTBEAT_GRACE_SECONDS)
+
+
+def make_pruner(prune: bool) -> optuna.pruners.BasePruner:
+    return optuna.pruners.MedianPruner() if prune else optuna.pruners.NopPruner()
+
+
+def make_sampler(seed: int, trials_so_far: int) -> optuna.samplers.TPESampler:
+    """A TPE sampler seeded by --seed in a fresh study, and by --seed and the trials so far in a resumed one.
+
+    Reseeding a resumed study with --seed alone would replay the first run's random draws: its next
+    trial would repeat trial 0. The trials so far differ from one run of a study to the next.
+    """
+    sampler_seed = seed if trials_so_far == 0 else int(np.random.SeedSequence((seed, trials_so_far)).generate_state(1)[0])
+    return optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True)  # constant liar: workers avoid each other's running trials
+
+
+def is_creation_race(error: Exception) -> bool:
+    return any(words in str(error).lower() for words in CREATION_RACE)
+
+
+def open_study(storage_url: str, name: str, seed: int, prune: bool) -> optuna.Study:
+    """Create the study, or load it if it exists; an unusable storage is the user's to fix.
+
+    A worker that loses the race to create a fresh storage retries after a random pause, by which
+    time the winner has created it.
+    """
+    backoff = random.Random()  # seeded by the OS: workers forked from one process still pause differently
+    for attempt in range(1, CREATION_ATTEMPTS + 1):
+        try:
+            study = optuna.create_study(study_name=name, storage=open_storage(storage_url), pruner=make_pruner(prune),
+                                        direction="minimize", load_if_exists=True)
+            break
+        except Exception as error:  # database drivers raise many types (ImportError, OperationalError, ArgumentError, OSError, ...)
+            if attempt < CREATION_ATTEMPTS and is_creation_race(error):
+                time.sleep(attempt * backoff.uniform(0.05, 0.25))
+                continue
+            raise UserError(f"cannot open the study storage {hide_password(storage_url)}: {first_line(error)}; give a journal file "
+                            "(PATH.log), sqlite:///PATH.db, or a reachable postgresql:// or mysql:// URL with its driver installed") from None
+    study.sampler = make_sampler(seed, len(study.get_trials(deepcopy=False)))
+    return study
+
+
+def study_settings(study: optuna.Study, space: str | None, epochs: int | None) -> StudySettings:
+    """The study's stored settings; flags that contradict them are an error, missing flags take them."""
+    stored = study.user_attrs
+    for key, given in (("space", space), ("epochs", epochs)):
+        if key in stored and given is not None and given != stored[key]:
+            raise UserError(f"study {study.study_name!r} was tuned with --{key} {stored[key]}; continue it with that (or leave "
+                            f"--{key} out), or start another study with --study-name or --out-dir")
+    settings = StudySettings(space=stored.get("space", space or DEFAULT_SPACE), epochs=stored.get("epochs", epochs or DEFAULT_EPOCHS))
+    for key, value in asdict(settings).items():
+        study.set_user_attr(key, value)
+    return settings
+
+
+# --------------------------------------------------------------------------------------------
+# Workers: who runs which trial, and trials left behind by dead ones
+# --------------------------------------------------------------------------------------------
+def this_worker() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def process_exists(pid: int) -> bool:
+    if os.name == "nt":
+        return True  # on Windows os.kill(pid, 0) would end the process: assume it runs
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process
+    return True
+
+
+def fail_running_trials(study: optuna.Study, reason_for: Callable[[dict[str, Any]], str | None]) -> None:
+    """Mark FAIL, with a reason, the RUNNING trials whose worker ``reason_for`` gives one for."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker")
+        reason = reason_for(worker) if worker else None
+        if reason:
+            try:  # Optuna's public API sets attributes only on a trial of this process: use the storage, as fail_stale_trials does
+                study._storage.set_trial_user_attr(trial._trial_id, "reason", reason)
+                study.tell(trial.number, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # another worker marked it first
+
+
+def fail_abandoned_trials(study: optuna.Study) -> None:
+    """Mark FAIL the RUNNING trials whose worker ran on this machine and is gone (killed, or crashed)."""
+    fail_running_trials(study, lambda worker: f"its worker (process {worker['pid']}) ended mid-trial"
+                        if worker["host"] == socket.gethostname() and not process_exists(worker["pid"]) else None)
+
+
+def places_taken(study: optuna.Study, before: int | None = None) -> int:
+    """Trials that count towards --n-trials: finished ones, and running ones (numbered below ``before``, if given)."""
+    trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+    return sum(1 for t in trials if t.state in FINISHED or before is None or t.number < before)
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------
+def format_params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}" for name, value in params.items())
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return min(complete, key=lambda t: t.value) if complete else None
+
+
+TRIAL_COLUMNS = ("number", "state", "value", "duration_s", "epochs_run", "reason")
+FIGURES = {"optimization_history": 1, "param_importances": 2, "parallel_coordinate": 2, "slice": 2}  # name: complete trials it needs
+
+
+def write_trials_csv(study: optuna.Study, path: Path) -> None:
+    """One row per trial, one column per parameter any trial has."""
+    trials = study.get_trials(deepcopy=False)
+    param_names = list(dict.fromkeys(name for trial in trials for name in trial.params))
+    rows = [{"number": t.number, "state": t.state.name, "value": t.value,
+             "duration_s": round(t.duration.total_seconds(), 2) if t.duration else None,
+             "epochs_run": t.user_attrs.get("epochs_run"), "reason": t.user_attrs.get("reason", ""), **t.params} for t in trials]
+    engine.write_csv(path, rows, [*TRIAL_COLUMNS, *param_names])
+
+
+def best_record(study: optuna.Study, settings: StudySettings, best: FrozenTrial, retrain_epochs: int) -> dict[str, Any]:
+    network = SPACES[settings.space].network
+    return {
+        "study": study.study_name, "space": settings.space, "trial": best.number, "val_loss": best.value,
+        "epochs": settings.epochs, "params": best.params, "model": network.__name__,
+        "recipe": asdict(recipe_for(best.params, retrain_epochs)),
+    }
+
+
+def write_figures(study: optuna.Study, out_dir: Path) -> list[str]:
+    """Optuna's matplotlib figures the study has enough complete trials for; returns the files written."""
+    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    written = []
+    for name, needed in FIGURES.items():
+        if complete < needed:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the plots are "experimental", and an axis where all trials agree is "singular"
+            axes = getattr(plots, f"plot_{name}")(study)
+        figure = np.ravel(axes)[0].figure
+        width, height = figure.get_size_inches()
+        figure.set_size_inches(max(width, 1.3 * len(study.best_params) + 3), height)  # room for an axis per parameter
+        # bbox "tight" widens the image to Optuna's long, rotated labels instead of cutting them off
+        write_atomically(out_dir / f"{name}.png", lambda tmp: figure.savefig(tmp, dpi=120, format="png", bbox_inches="tight"))
+        plt.close(figure)
+        written.append(f"{name}.png")
+    return written
+
+
+def pruning_savings(study: optuna.Study, epochs: int) -> tuple[int, int]:
+    """Pruned trials and the epochs they did not run."""
+    pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+    return len(pruned), sum(epochs - trial.user_attrs.get("epochs_run", epochs) for trial in pruned)
+
+
+def write_outputs(study: optuna.Study, settings: StudySettings, out_dir: Path, retrain_epochs: int) -> None:
+    counts = {state: len(study.get_trials(deepcopy=False, states=(state,))) for state in (*FINISHED, TrialState.FAIL)}
+    pruned, saved = pruning_savings(study, settings.epochs)
+    print(f"Study {study.study_name!r}: {counts[TrialState.COMPLETE]} complete, {pruned} pruned, {counts[TrialState.FAIL]} failed trials; "
+          f"pruning saved {saved} of {settings.epochs * (counts[TrialState.COMPLETE] + pruned)} epochs")
+    write_trials_csv(study, out_dir / "trials.csv")
+    written = ["trials.csv"]
+    best = best_trial(study)
+    if best is None:
+        print("No trial has completed yet: no best_params.json and no figures")
+    else:
+        engine.write_json(out_dir / "best_params.json", best_record(study, settings, best, retrain_epochs))
+        written += ["best_params.json", *write_figures(study, out_dir)]
+        print(f"Best: trial {best.number}, validation loss {best.value:.4f}; {format_params(best.params)}")
+    print(f"Written to {out_dir}: {', '.join(written)}")
