@@ -1,26 +1,35 @@
-"""A yardstick for FastVGG: airbench94's complete method, run on the same data.
+"""A yardstick: airbench94's complete method, run on the same data, device and precision as our recipes.
 
     python -m benchmarks.bench_airbench_reference --data-dir ./data --seeds 0
     python -m benchmarks.bench_airbench_reference --data-dir ./data --full-train --seeds 0 1 2
 
-FastVGG (modified_models.py) trains airbench94's network with the parts of its method that the
-engine's flags express. This script runs the whole method (Keller Jordan, "94% on CIFAR-10 in 3.29
-seconds", 2024), written here from its description and outside the engine, so that what the data
-allows and what our recipe leaves out can be told apart:
+This script runs Keller Jordan's airbench94 method ("94% on CIFAR-10 in 3.29 seconds", 2024; its
+legacy/airbench94.py), written here from that source and outside the engine, so that what the data allows
+and what our recipes leave out can be told apart:
 
-- a frozen 2x2 stem whose filters whiten the training set's patches (its bias trains for 3 epochs);
+- a frozen 2x2 stem whose filters whiten the training set's patches (its bias trains for 3 epochs, at the
+  base learning rate: airbench94 picks the 64x group by the name ``norm``, which the stem does not have);
 - convolutions initialised to pass their input through (identity, "dirac", on the first channels);
 - BatchNorm weights frozen at 1, BatchNorm biases at 64x the learning rate (same weight decay per step);
 - learning rate and weight decay decoupled from batch size and momentum (per 1,024 summed losses);
 - a triangular schedule (0.2 -> 1 at 23% of the steps -> 0.07);
-- lookahead: from epoch 3, every 5 steps the weights are pulled to an average that tightens over training;
+- lookahead: an average of the weights kept from the first step; every 5 steps it moves towards the
+  network by 1 - 0.95^5 (step/total)^3 and the network is set to it, and at the last step the network
+  takes the average whole;
 - alternating flips (a random half flipped once, then every image flipped every other epoch) and 2-pixel
   reflect-padded random crops;
 - flip-translate test-time augmentation (the engine's ``--tta flip-translate``).
 
+Timed as airbench94 times itself: from normalising the training images, through the whitening set-up and
+the training, to the end of the final test pass with flip-translate TTA; the data is already on the
+device. Precision: airbench94 keeps fp16 weights with fp32 BatchNorm on its GPU; here the weights stay
+fp32 and ``--precision bf16-mixed`` runs the forward and backward passes under bf16 autocast (the
+default on CUDA; float32 elsewhere, as the engine's ``auto``). With ``--compile`` the network is
+compiled. On CUDA a first run with random labels warms up (chooses convolution algorithms, compiles) before the timed runs.
+
 Its published figure, 94.01% (mean of 1,000 runs on an A100), is on the official files with all
 50,000 training images: ``--full-train`` trains on them too; the default trains on the README's
-45,000-image split, as FastVGG does. Writes runs.csv into --out-dir.
+45,000-image split, as our recipes do. Writes runs.csv into --out-dir.
 """
 from __future__ import annotations
 
@@ -40,8 +49,9 @@ from models.fast import ConvGroup
 
 MOMENTUM, LABEL_SMOOTHING, LOGIT_SCALE = 0.85, 0.2, 1 / 9
 LR_PER_1024, WEIGHT_DECAY_PER_1024, NORM_BIAS_LR_SCALE = 11.5, 0.0153, 64.0
-STEM_BIAS_EPOCHS, LOOKAHEAD_START_EPOCH, LOOKAHEAD_EVERY, LOOKAHEAD_DECAY = 3, 3, 5, 0.95
-COLUMNS = ("seed", "train_images", "epochs", "width", "batch_size", "seconds", "test_plain", "test_flip", "test_flip_translate")
+STEM_BIAS_EPOCHS, LOOKAHEAD_EVERY, LOOKAHEAD_DECAY = 3, 5, 0.95
+COLUMNS = ("seed", "train_images", "epochs", "width", "batch_size", "precision", "seconds", "test_plain", "test_flip",
+           "test_flip_translate")
 
 
 class ScaleLogits(nn.Module):
@@ -86,10 +96,10 @@ def make_optimizer(net: nn.Sequential, batch_size: int) -> torch.optim.SGD:
     kilostep_scale = 1024 * (1 + 1 / (1 - MOMENTUM))
     lr = LR_PER_1024 / kilostep_scale
     decay_per_step = WEIGHT_DECAY_PER_1024 * batch_size / kilostep_scale
-    biases = [p for p in net.parameters() if p.ndim == 1 and p.requires_grad]  # BatchNorm biases and the stem's bias
-    others = [p for p in net.parameters() if p.ndim > 1 and p.requires_grad]
+    norm_biases = [m.bias for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    others = [p for p in net.parameters() if p.requires_grad and not any(p is bias for bias in norm_biases)]  # the stem's bias too
     bias_lr = lr * NORM_BIAS_LR_SCALE
-    return torch.optim.SGD([{"params": biases, "lr": bias_lr, "weight_decay": decay_per_step / bias_lr},
+    return torch.optim.SGD([{"params": norm_biases, "lr": bias_lr, "weight_decay": decay_per_step / bias_lr},
                             {"params": others, "lr": lr, "weight_decay": decay_per_step / lr}], momentum=MOMENTUM, nesterov=True)
 
 
@@ -98,6 +108,19 @@ def triangle(step: int, total_steps: int, start: float = 0.2, peak_at: float = 0
     if step < peak:
         return start + (1 - start) * step / peak
     return 1 + (end - 1) * (step - peak) / (total_steps - peak)
+
+
+def lookahead_decay(step: int, total_steps: int) -> float | None:
+    """How much of the average stays when the network is pulled to it after ``step`` steps; None: no pull then.
+
+    Every 5 steps, with a decay that grows with the cube of progress (the early average follows the network
+    closely); after the last step, 1: the network ends as the average.
+    """
+    if step >= total_steps:
+        return 1.0
+    if step % LOOKAHEAD_EVERY == 0:
+        return LOOKAHEAD_DECAY ** LOOKAHEAD_EVERY * (step / total_steps) ** 3
+    return None
 
 
 class Lookahead:
@@ -114,19 +137,27 @@ class Lookahead:
             state[key].copy_(average)
 
 
-def train_and_test(data: engine.SplitData, seed: int, epochs: float, width: int, batch_size: int, device: torch.device) -> dict:
-    """Train with the whole method, then measure the test set under each TTA mode; returns the runs.csv row."""
+def train_and_test(data: engine.SplitData, seed: int, epochs: float, width: int, batch_size: int, device: torch.device,
+                   precision: str = "32-true", compile: bool = False, labels: torch.Tensor | None = None) -> dict:
+    """Train with the whole method, then measure the test set under each TTA mode; returns the runs.csv row.
+
+    ``labels`` replaces the training labels (random ones for a warm-up run).
+    """
+    labels = data.train_labels if labels is None else labels
     torch.manual_seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
+    steps_per_epoch = len(data.train_images) // batch_size
+    total_steps = math.ceil(steps_per_epoch * epochs)
+    half_flipped = torch.rand(len(data.train_images), generator=generator, device=device) < 0.5
+    started = time.perf_counter()
     images = normalize(data.train_images.float() / 255, data.mean, data.std)
     net = airbench_net(width, images[:5000]).to(device)
+    if compile:
+        net.compile()
     optimizer = make_optimizer(net, batch_size)
-    steps_per_epoch = len(images) // batch_size
-    total_steps = math.ceil(steps_per_epoch * epochs)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: triangle(step, total_steps))
-    half_flipped = torch.rand(len(images), generator=generator, device=device) < 0.5
-    lookahead, step = None, 0
-    started = time.perf_counter()
+    lookahead, step = Lookahead(net), 0
     for epoch in range(math.ceil(epochs)):
         net[0].bias.requires_grad_(epoch < STEM_BIAS_EPOCHS)
         crop = sample_crop_params(len(images), generator, device, pad=2)
@@ -135,56 +166,60 @@ def train_and_test(data: engine.SplitData, seed: int, epochs: float, width: int,
         order = torch.randperm(len(images), generator=generator, device=device)
         net.train()
         for index in order[:steps_per_epoch * batch_size].view(steps_per_epoch, batch_size):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast:
                 logits = net(epoch_images[index]).float()
-            loss = F.cross_entropy(logits, data.train_labels[index], label_smoothing=LABEL_SMOOTHING, reduction="sum")
+            loss = F.cross_entropy(logits, labels[index], label_smoothing=LABEL_SMOOTHING, reduction="sum")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             step += 1
-            if epoch >= LOOKAHEAD_START_EPOCH and step % LOOKAHEAD_EVERY == 0:
-                if lookahead is None:
-                    lookahead = Lookahead(net)
-                else:
-                    lookahead.pull(net, LOOKAHEAD_DECAY ** LOOKAHEAD_EVERY * (step / total_steps) ** 3)
+            decay = lookahead_decay(step, total_steps)
+            if decay is not None:
+                lookahead.pull(net, decay)
             if step >= total_steps:
                 break
-        if lookahead is not None:
-            lookahead.pull(net, 1.0)  # the network ends every epoch on the average
         print(f"seed {seed} epoch {epoch + 1}: training loss {loss.item() / batch_size:.4f}, {time.perf_counter() - started:.1f} s", flush=True)
+    with autocast:
+        test = engine.accuracy_by_tta(net, data.test_images, data.test_labels, data.mean, data.std, tta="flip-translate")
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    test = engine.accuracy_by_tta(net, data.test_images, data.test_labels, data.mean, data.std, tta="flip-translate")
     return {"seed": seed, "train_images": len(images), "epochs": epochs, "width": width, "batch_size": batch_size,
-            "seconds": round(seconds, 1),
+            "precision": precision, "seconds": round(seconds, 1),
             "test_plain": test["none"], "test_flip": test["flip"], "test_flip_translate": test["flip-translate"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (default 0)")
+    parser.add_argument("--seeds", type=engine.non_negative_int, nargs="+", default=[0], help="seeds to run (default 0)")
     parser.add_argument("--epochs", type=engine.positive_float, default=9.9, help="passes over the training images (default 9.9, airbench94's)")
     parser.add_argument("--width", type=engine.positive_int, default=64, help="channels of the first stage; the others have 4x (default 64)")
     parser.add_argument("--batch-size", type=engine.positive_int, default=1024, help="images per step; lr and weight decay adapt (default 1024)")
     parser.add_argument("--full-train", action="store_true", help="train on all 50,000 training images, as airbench does (default: the 45,000 split)")
     engine.add_data_arguments(parser)
-    engine.add_device_arguments(parser, training=False)
+    engine.add_device_arguments(parser, distributed=False)
     parser.add_argument("--out-dir", default="runs/bench_airbench_reference", help="folder for runs.csv (default runs/bench_airbench_reference)")
     args = parser.parse_args()
 
     device = engine.training_device(args.device)
+    precision = engine.resolve_precision(args.precision, args.device)
+    if precision not in ("32-true", "bf16-mixed"):
+        raise engine.UserError(f"--precision {precision}: the yardstick runs 32-true or bf16-mixed")
+    torch.backends.cudnn.benchmark = True  # as airbench94: the fastest convolution algorithms for these fixed shapes
     arrays = engine.load_cifar10(args.data_dir, args.num_workers)
     data = engine.SplitData.from_arrays(arrays, args.limit_train)
     if args.full_train:  # airbench's setting: every training image (the split's statistics still normalise them)
         keep = slice(args.limit_train)
         data = replace(data, train_images=arrays.train_images[keep], train_labels=arrays.train_labels[keep])
     data = data.to(device)
-    print(f"Data: {data.source}; {len(data.train_images)} train / {len(data.test_images)} test images; {device}")
+    print(f"Data: {data.source}; {len(data.train_images)} train / {len(data.test_images)} test images; {device}, {precision}")
+    if device.type == "cuda":  # choosing convolution algorithms (and compiling) happens here, outside the timed runs
+        random_labels = torch.randint(0, 10, data.train_labels.shape, device=device)
+        train_and_test(data, 0, args.epochs, args.width, args.batch_size, device, precision, args.compile, labels=random_labels)
     rows = []
     for seed in args.seeds:
-        rows.append(train_and_test(data, seed, args.epochs, args.width, args.batch_size, device))
+        rows.append(train_and_test(data, seed, args.epochs, args.width, args.batch_size, device, precision, args.compile))
         r = rows[-1]
         print(f"seed {seed}: {r['epochs']} epochs in {r['seconds']:.1f} s; test {r['test_plain']:.4f}, with flip TTA {r['test_flip']:.4f}, "
               f"with flip-translate TTA {r['test_flip_translate']:.4f}", flush=True)

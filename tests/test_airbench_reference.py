@@ -25,7 +25,38 @@ def test_triangle_schedule_rises_peaks_and_falls():
     assert max(values) == 1.0 and values.index(1.0) == 230
 
 
+def test_the_stem_bias_learns_at_the_base_rate_and_only_batchnorm_biases_at_64x(split):
+    images = fn.normalize(split.train_images.float() / 255, split.mean, split.std)
+    net = reference.airbench_net(8, images)
+    bias_group, other_group = reference.make_optimizer(net, batch_size=1024).param_groups
+    norm_biases = [m.bias for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert [id(p) for p in bias_group["params"]] == [id(p) for p in norm_biases]
+    assert any(p is net[0].bias for p in other_group["params"])  # airbench94 groups by the name "norm": the stem is no norm
+    assert bias_group["lr"] == 64 * other_group["lr"]
+    assert bias_group["lr"] * bias_group["weight_decay"] == other_group["lr"] * other_group["weight_decay"]  # the same decay per step
+    assert not any(p is net[0].weight for group in (bias_group, other_group) for p in group["params"])  # the whitening filters stay
+
+
+def test_lookahead_pulls_every_five_steps_from_the_start_and_fully_at_the_end():
+    total = 100
+    pulls = {step: reference.lookahead_decay(step, total) for step in range(1, total + 1)}
+    assert [step for step, decay in pulls.items() if decay is not None] == list(range(5, 101, 5))
+    assert pulls[5] == 0.95 ** 5 * 0.05 ** 3 and pulls[50] == 0.95 ** 5 * 0.5 ** 3
+    assert pulls[100] == 1.0  # the network ends as the average
+
+
+def test_a_pull_moves_the_average_and_sets_the_network_to_it():
+    net = torch.nn.Linear(3, 2)
+    lookahead = reference.Lookahead(net)
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    lookahead.pull(net, decay=0.75)
+    torch.testing.assert_close(net.weight.detach(), start + 0.25)
+    torch.testing.assert_close(lookahead.average["weight"], start + 0.25)
+
+
 def test_short_run_learns_the_synthetic_task(split):
-    row = reference.train_and_test(split, seed=0, epochs=6, width=8, batch_size=32, device=torch.device("cpu"))
+    row = reference.train_and_test(split, seed=0, epochs=12, width=8, batch_size=32, device=torch.device("cpu"))
     assert row["train_images"] == len(split.train_images) and row["batch_size"] == 32
     assert row["test_plain"] > 0.5 and row["test_flip_translate"] > 0.5  # chance is 0.1
