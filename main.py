@@ -21,7 +21,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     engine.add_training_arguments(parser, README_RECIPE, run_name="CIFAR10Net")
     tsne.add_arguments(parser)
-    args = parser.parse_args()
+    args = engine.parse_arguments(parser, model="CIFAR10Net")
     config = engine.config_from_args(args, model="CIFAR10Net", recipe=README_RECIPE, run_name="CIFAR10Net")
     engine.train(config, engine.model_spec("CIFAR10Net"), analyses=tsne.analyses(config))
 

@@ -136,14 +136,16 @@ def compare(names: list[str], args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = parser.add_mutually_exclusive_group(required=True)
+    which = parser.add_mutually_exclusive_group()
     which.add_argument("--model", help=f"train one model: {', '.join(MODELS)}")
     which.add_argument("--models", nargs="+", metavar="NAME", help="train these models under identical settings and compare them")
     which.add_argument("--all", action="store_true", help="train and compare CIFAR10Net and the README's seven modified models")
     which.add_argument("--list", action="store_true", help="list the models with their parameter counts and exit")
     engine.add_training_arguments(parser, README_RECIPE, run_name="<model>, or runs/comparison with --all/--models")
     tsne.add_arguments(parser)
-    args = parser.parse_args()
+    args = engine.parse_arguments(parser)
+    if not (args.model or args.models or args.all or args.list):
+        parser.error("give --model NAME, --models NAME ..., --all or --list (or --config of a run)")
     if args.list:
         print_model_list()
         return

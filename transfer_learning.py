@@ -112,7 +112,8 @@ def cached_backbone_features(net: TransferNet, data: engine.SplitData, device: t
     print(f"Computing the frozen backbone's features once: {count} images at {net.image_size}x{net.image_size} px on {device}", flush=True)
     started = time.perf_counter()
     net.to(device, memory_format=torch.channels_last)
-    features = {name: engine.predict(net, images, labels, data.mean, data.std, with_features=True)["features"]
+    features = {name: engine.predict(net, images, labels, data.mean, data.std, with_features=True,
+                                     progress=f"features of the {name} images")["features"]
                 for name, (images, labels) in splits.items()}
     print(f"Features computed in {time.perf_counter() - started:.1f} s")
     write_feature_file(path, fingerprint, features)
@@ -187,7 +188,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=defaults.feature_cache,
                        help="with --finetune fc and --augment none, compute the frozen backbone's features once and train the head on them "
                        "(default on; --no-feature-cache runs the full backbone every epoch)")
-    return parser.parse_args(argv)
+    return engine.parse_arguments(parser, argv)
 
 
 def configure(args: argparse.Namespace) -> tuple[engine.RunConfig, TransferOptions]:

@@ -45,6 +45,8 @@ N_JOBS = 2
 KNN_NEIGHBOURS = 5
 KNN_FOLDS = 5
 SILHOUETTE_SAMPLE = 10_000  # the silhouette's cost is quadratic in the points: score a sample of at most this many
+OPENTSNE_ITERATIONS = 250 + 500  # openTSNE's defaults: early exaggeration, then the main optimisation
+PROGRESS_EVERY_ITERATIONS = 50
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,18 +106,35 @@ def resolve_method(method: str) -> str:
     return "opentsne"
 
 
-def embed(features: np.ndarray, method: str, seed: int) -> np.ndarray:
-    """Seeded 2-D t-SNE of ``features`` (points x dims) by "opentsne" or "sklearn"; float32 points x 2."""
+class IterationProgress:
+    """openTSNE's callback: a line at most every half minute saying how far its optimisation has come (a split's
+    t-SNE takes minutes on a small CPU)."""
+
+    def __init__(self, label: str):
+        self.lines = engine.ProgressLines(label, OPENTSNE_ITERATIONS, "iterations")
+        self.done = 0
+
+    def __call__(self, iteration: int, error: float, embedding) -> None:
+        self.done = min(self.done + PROGRESS_EVERY_ITERATIONS, OPENTSNE_ITERATIONS)
+        self.lines.report(self.done)
+
+
+def embed(features: np.ndarray, method: str, seed: int, label: str = "t-SNE") -> np.ndarray:
+    """Seeded 2-D t-SNE of ``features`` (points x dims) by "opentsne" or "sklearn"; float32 points x 2.
+
+    Progress goes to the output as it runs, under ``label``.
+    """
     if method == "opentsne":
         from openTSNE import TSNE
 
         # openTSNE's own choice of gradient: FFT-accelerated from 10,000 points (a whole split), Barnes-Hut
         # below, where FFT's fixed grid costs more than it saves (60 points: 20 s against 1 s).
-        tsne = TSNE(n_components=2, perplexity=PERPLEXITY, n_jobs=N_JOBS, random_state=seed)
+        tsne = TSNE(n_components=2, perplexity=PERPLEXITY, n_jobs=N_JOBS, random_state=seed,
+                    callbacks=IterationProgress(label), callbacks_every_iters=PROGRESS_EVERY_ITERATIONS)
         return np.asarray(tsne.fit(features), dtype=np.float32)
     from sklearn.manifold import TSNE
 
-    tsne = TSNE(n_components=2, perplexity=PERPLEXITY, n_jobs=N_JOBS, random_state=seed)
+    tsne = TSNE(n_components=2, perplexity=PERPLEXITY, n_jobs=N_JOBS, random_state=seed, verbose=1)  # its own progress lines
     return tsne.fit_transform(features).astype(np.float32)
 
 
@@ -131,10 +150,11 @@ def clustering_scores(features: np.ndarray, points: np.ndarray, labels: np.ndarr
     return {"silhouette_true_class_2d": float(silhouette), "knn_accuracy_features": float(knn.mean())}
 
 
-def embed_and_score(features: np.ndarray, labels: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+def embed_and_score(features: np.ndarray, labels: np.ndarray, method: str, seed: int,
+                    label: str = "t-SNE") -> tuple[np.ndarray, dict[str, Any]]:
     """The 2-D points and a report: points, method, seconds the t-SNE took, clustering scores."""
     started = time.perf_counter()
-    points = embed(features, method, seed)
+    points = embed(features, method, seed, label)
     seconds = time.perf_counter() - started
     report = {"points": len(points), "method": method, "tsne_seconds": round(seconds, 2)}
     return points, {**report, **clustering_scores(features, points, labels, seed)}
@@ -235,7 +255,8 @@ def analyse_split(predicted: dict[str, torch.Tensor], split: str, classes: tuple
     labels = predicted["labels"].numpy()
     index = stratified_sample(labels, config.tsne_samples, config.seed)
     features = predicted["features"].numpy()[index]
-    points, report = embed_and_score(features, labels[index], method, config.seed)
+    print(f"t-SNE of the {split} split: embedding {len(index):,} points by {method}", flush=True)
+    points, report = embed_and_score(features, labels[index], method, config.seed, label=f"t-SNE of the {split} split")
     embedding = Embedding(points, labels[index], predicted["logits"].argmax(1).numpy()[index], index,
                           tuple(classes), config.model, split, method)
     save_embedding(embedding, run_dir / f"tsne_{split}.npz")

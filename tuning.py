@@ -268,6 +268,7 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
 
 
 TRIAL_COLUMNS = ("number", "state", "value", "duration_s", "epochs_run", "reason")
+OBJECTIVE_NAME = "validation loss"  # what the figures call a trial's value (Optuna's own word is "Objective Value")
 FIGURES = {"optimization_history": 1, "param_importances": 2, "parallel_coordinate": 2, "slice": 2}  # name: complete trials it needs
 
 
@@ -299,7 +300,7 @@ def write_figures(study: optuna.Study, out_dir: Path) -> list[str]:
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the plots are "experimental", and an axis where all trials agree is "singular"
-            axes = getattr(plots, f"plot_{name}")(study)
+            axes = getattr(plots, f"plot_{name}")(study, target_name=OBJECTIVE_NAME)
         figure = np.ravel(axes)[0].figure
         width, height = figure.get_size_inches()
         figure.set_size_inches(max(width, 1.3 * len(study.best_params) + 3), height)  # room for an axis per parameter

@@ -89,6 +89,8 @@ class ImageClassifier(pl.LightningModule):
             "lr": self.trainer.optimizers[0].param_groups[0]["lr"],
         }
         self.log_dict({"val_loss": val_loss, "val_accuracy": val_acc}, prog_bar=True)
+        # Once an epoch, to the logger (TensorBoard by default): the metrics a user watches live.
+        self.log_dict({name: self.epoch_metrics[name] for name in ("train_loss", "train_accuracy", "lr")})
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         r = self.recipe

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import math
 import shlex
 import signal
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from engine.config import OPTIMIZERS, SCHEDULERS, TTA_MODES, Recipe, RunConfig
+from engine.config import LOGGERS, OPTIMIZERS, SCHEDULERS, TTA_MODES, Recipe, RunConfig
 from engine.devices import is_main_process
 from engine.errors import RunInterrupted, TrainingDiverged
 from functions import AUGMENTATIONS, UserError
@@ -120,7 +121,13 @@ def add_run_arguments(parser: argparse.ArgumentParser, run_name: str) -> None:
     group.add_argument("--resume", nargs="?", const="last", metavar="CKPT", help="continue an interrupted run: with no value, from last.ckpt in --out-dir; or from the checkpoint given")
     group.add_argument("--overwrite", action="store_true", help="replace the run already in --out-dir (without it, a folder that holds a run's results is "
                        "refused: continue it with --resume or choose another --out-dir)")
-    group.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar (the per-epoch line stays)")
+    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="show progress bars, or not; the per-epoch line is printed either way (default: bars only when the output "
+                            "is a terminal, so a log file gets clean lines)")
+    group.add_argument("--logger", choices=tuple(LOGGERS), default="tensorboard",
+                       help=f"where Lightning logs each epoch's metrics: {choices_help(LOGGERS)} (default tensorboard)")
+    group.add_argument("--config", metavar="CONFIG_JSON", help="run again with the settings of an earlier run (its run folder's "
+                       "config.json); flags given beside it override them; --out-dir, --resume and --overwrite are never taken from it")
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, recipe: Recipe, run_name: str) -> None:
@@ -132,6 +139,40 @@ def add_training_arguments(parser: argparse.ArgumentParser, recipe: Recipe, run_
 
 
 RECIPE_FLAGS = {f.name for f in fields(Recipe)}
+NOT_FROM_CONFIG = ("out_dir", "resume", "overwrite", "config", "progress")  # where, whether and how it shows: the new run's own choice
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """An earlier run's settings as flag defaults: config.json's recipe and run settings, and the extra settings a
+    script keeps beside it (transfer.json)."""
+    try:
+        saved = json.loads(path.read_text())
+        settings = {**saved.pop("recipe"), **saved}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise UserError(f"--config {path} is not a run's config.json ({type(error).__name__}); give <run folder>/config.json") from None
+    extra = path.parent / "transfer.json"
+    if extra.is_file():
+        settings.update(json.loads(extra.read_text()))
+    return {name: value for name, value in settings.items() if name not in NOT_FROM_CONFIG}
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None, model: str | None = None) -> argparse.Namespace:
+    """The command line; with --config, the earlier run's settings are the defaults that the flags given override.
+
+    ``model``: the one model this script trains; a config of another model is refused. Scripts that choose the model by
+    --model take the config's as its default.
+    """
+    config_only = argparse.ArgumentParser(add_help=False)
+    config_only.add_argument("--config")
+    path = config_only.parse_known_args(argv)[0].config
+    if path is not None:
+        settings = read_config(Path(path))
+        if model is not None and settings.get("model") != model:
+            raise UserError(f"--config {path} is a run of {settings.get('model')}, not {model}; give it to the script that trained it "
+                            f"(python modified_models.py --config {path} for a registered model)")
+        dests = {action.dest for action in parser._actions}
+        parser.set_defaults(**{name: value for name, value in settings.items() if name in dests})
+    return parser.parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace, model: str, recipe: Recipe, run_name: str) -> RunConfig:

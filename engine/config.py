@@ -14,6 +14,11 @@ SCHEDULERS = {
     "onecycle": "linear warm-up, then linear decay to 0, per step",
     "plateau": "halve the lr after an epoch without a lower validation loss",
 }
+LOGGERS = {
+    "tensorboard": "TensorBoard event files in <run folder>/tensorboard (tensorboard --logdir runs)",
+    "csv": "Lightning's CSV log in <run folder>/csv_log",
+    "none": "no logger (metrics.csv and curves.png are written all the same)",
+}
 TTA_MODES = {
     "none": "the image alone",
     "flip": "the image and its mirror image, averaged",
@@ -61,7 +66,8 @@ class RunConfig:
     compile: bool = False
     resume: str | None = None
     overwrite: bool = False
-    progress: bool = True
+    progress: bool | None = None  # None: progress bars only when the output is a terminal
+    logger: str = "tensorboard"
     tsne: bool = True
     tsne_samples: int | None = None
     tsne_method: str = "auto"

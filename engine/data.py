@@ -295,6 +295,12 @@ def download_cifar10(data_dir: Path) -> None:
     torchvision.datasets.CIFAR10(root=str(data_dir), train=True, download=True)
 
 
+def has_local_cifar10(data_dir: str | os.PathLike) -> bool:
+    """Whether ``data_dir`` holds CIFAR-10 (official batches or an image-folder tree), so that loading downloads nothing."""
+    data_dir = Path(data_dir)
+    return (data_dir / PYTHON_BATCHES_DIR).is_dir() or find_image_folder_root(data_dir) is not None
+
+
 def load_cifar10(data_dir: str | os.PathLike, workers: int = 2, checksums: dict[str, str] = OFFICIAL_MD5) -> CIFAR10Arrays:
     """The data set from ``data_dir``: official python batches, else an image-folder tree, else a download."""
     data_dir = Path(data_dir)

@@ -42,9 +42,13 @@ def warn_emulated_bf16() -> None:
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
+    """--precision; auto: bf16 mixed precision on a GPU that computes bf16 (Ampere and later), fp16 mixed precision with
+    loss scaling on an older one (a T4, say, where bf16 is emulated), float32 on a CPU."""
     device_type = training_device(accelerator).type
     if precision == "auto":
-        return "bf16-mixed" if device_type == "cuda" else "32-true"
+        if device_type != "cuda":
+            return "32-true"
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     if precision.startswith("bf16") and device_type == "cpu" and not cpu_has_bf16():
         warn_emulated_bf16()
     return precision

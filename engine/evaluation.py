@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.batches import EVAL_BATCH, EvalBatches
+from engine.progress import watched
 
 
 def tta_logits(net: nn.Module, images: torch.Tensor, logits: torch.Tensor, mode: str) -> dict[str, torch.Tensor]:
@@ -37,18 +38,20 @@ def tta_logits(net: nn.Module, images: torch.Tensor, logits: torch.Tensor, mode:
 
 @torch.no_grad()
 def predict(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-            tta: str = "none", with_features: bool = False) -> dict[str, Any]:
+            tta: str = "none", with_features: bool = False, progress: str | None = None) -> dict[str, Any]:
     """Logits (and penultimate features, from the same forward pass) of uint8 ``images``, normalised by ``mean`` and
     ``std``, in batches on the network's device, in eval mode.
 
     ``logits`` are averaged over the test-time views of ``tta``; ``logits_by_tta`` holds the logits of every mode
-    up to it, from the same forward passes. The features stay those of the image itself.
+    up to it, from the same forward passes. The features stay those of the image itself. ``progress`` names a
+    progress display (for a long pass: a large backbone on a CPU, say).
     """
     net.eval()
     device = next(net.parameters()).device
     by_tta: dict[str, list[torch.Tensor]] = {}
     features = []
-    for batch, _ in EvalBatches(images.to(device), labels, EVAL_BATCH, mean, std):
+    batches = EvalBatches(images.to(device), labels, EVAL_BATCH, mean, std)
+    for batch, _ in (batches if progress is None else watched(batches, len(batches), progress)):
         if with_features:
             penultimate = net.forward_features(batch)
             batch_logits = net.classify(penultimate).float()

@@ -16,7 +16,8 @@ from typing import Any, Protocol, Sequence
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch import nn
 
 from engine.batches import CIFAR10DataModule, SplitData, load_split
@@ -24,17 +25,22 @@ from engine.callbacks import ConfigInCheckpoint, DivergenceGuard, RunRecorder
 from engine.checkpoints import AtomicCheckpointIO, resume_checkpoint, saved_progress
 from engine.classifier import ImageClassifier
 from engine.config import RunConfig
-from engine.devices import resolve_accelerator, resolve_precision
+from engine.devices import is_main_process, resolve_accelerator, resolve_precision, training_device
 from engine.errors import RunInterrupted
 from engine.evaluation import predict, test_report
 from engine.plots import plot_confusion
+from engine.progress import EpochProgressBar, progress_enabled
 from engine.registry import ModelSpec
 from engine.run_folder import claim_run_folder, release_run_folder, write_json
 from functions import write_atomically
 
-# Lightning's advertisement and two warnings that say nothing to our users (a resumed run folder is not empty by design).
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "Tip:" not in str(record.msg))
+# Lightning's notes ("GPU available", tips, "max_epochs reached") say nothing the run's own lines do not (train prints the
+# device and precision); its warnings still show. Two warnings that say nothing to our users (a resumed run folder is
+# not empty by design).
+logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+# Metrics are logged once an epoch, not every n steps: a short epoch is no reason to warn.
+warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 # Frozen pretrained layers stay in eval mode on purpose (transfer learning): nothing to warn about.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -53,6 +59,13 @@ class Analysis(Protocol):
         """Analyse the trained ``net``; ``test`` is ``predict``'s output on the test split, with features."""
 
 
+def model_card(config: RunConfig, data: SplitData) -> dict[str, Any]:
+    """What using the trained network needs besides its weights (written as model.json): which model it is, the class
+    names in label order, and the normalisation its inputs had (the training split's statistics)."""
+    return {"model": config.model, "classes": list(data.classes), "mean": data.mean.tolist(), "std": data.std.tolist(),
+            "image_size": 32, "tta": config.recipe.tta}
+
+
 @dataclass
 class Fitted:
     """What ``fit`` leaves: the trained network, its per-epoch history, where it trained, and whether this process reports."""
@@ -61,6 +74,15 @@ class Fitted:
     history: list[dict[str, float]]
     device: torch.device
     is_global_zero: bool
+
+
+def make_logger(name: str, run_dir: Path) -> Logger | bool:
+    """Lightning's logger for --logger: each epoch's metrics where TensorBoard (or a CSV reader) finds them live."""
+    if name == "tensorboard":
+        return TensorBoardLogger(save_dir=run_dir, name="tensorboard", version="", default_hp_metric=False)
+    if name == "csv":
+        return CSVLogger(save_dir=run_dir, name="csv_log", version="")
+    return False
 
 
 def stop_extra_processes(trainer: pl.Trainer) -> None:
@@ -93,20 +115,23 @@ def fit(config: RunConfig, model: ModelSpec, data: SplitData, callbacks: Sequenc
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", asdict(config))
+    card = model_card(config, data)
+    write_json(run_dir / "model.json", card)
     recorder = RunRecorder(run_dir, config.model)
     all_callbacks: list[Callback] = [recorder, DivergenceGuard(), *callbacks]  # the guard first: a pruner never sees a NaN
     if checkpoints:
         # Two checkpoints: Lightning's save_last writes last.ckpt only in epochs where the monitored one saved.
-        all_callbacks += [ConfigInCheckpoint(config),
+        all_callbacks += [ConfigInCheckpoint(config, card),
                           ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val_loss", mode="min", enable_version_counter=False),
                           ModelCheckpoint(dirpath=run_dir, filename="last", save_on_train_epoch_end=True, enable_version_counter=False)]
-    if config.progress:
-        all_callbacks.append(TQDMProgressBar(refresh_rate=20))
+    progress = progress_enabled(config.progress)
+    if progress:
+        all_callbacks.append(EpochProgressBar(refresh_rate=20))
     trainer = pl.Trainer(
         max_epochs=recipe.epochs, accelerator=accelerator, devices=config.devices, strategy=config.strategy,
-        precision=resolve_precision(config.precision, accelerator), callbacks=all_callbacks, logger=False,
-        plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0, enable_model_summary=False,
-        enable_checkpointing=checkpoints, enable_progress_bar=config.progress, default_root_dir=run_dir,
+        precision=resolve_precision(config.precision, accelerator), callbacks=all_callbacks,
+        logger=make_logger(config.logger, run_dir), plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0,
+        enable_model_summary=False, enable_checkpointing=checkpoints, enable_progress_bar=progress, default_root_dir=run_dir,
     )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -128,7 +153,10 @@ def train(config: RunConfig, model: ModelSpec, data: SplitData | None = None, an
         data = data or load_split(config)
         for analysis in analyses:
             analysis.check(config, data)  # an analysis that cannot run fails now, not after the training
-        print(f"Data: {data.source}; {len(data.train_images)} train / {len(data.val_images)} validation / {len(data.test_images)} test images")
+        if is_main_process():
+            print(f"Data: {data.source}; {len(data.train_images)} train / {len(data.val_images)} validation / {len(data.test_images)} test images\n"
+                  f"Training {config.model} for {config.recipe.epochs} epochs on {training_device(config.device)}, "
+                  f"{resolve_precision(config.precision, config.device)} precision, into {run_dir}", flush=True)
         fitted = fit(config, model, data)
         if not fitted.is_global_zero:
             return {}
@@ -156,7 +184,8 @@ def finish_run(config: RunConfig, fitted: Fitted, data: SplitData, run_dir: Path
     plot_confusion(report, data.classes, run_dir / "confusion_matrix.png", config.model)
     print(f"Test accuracy of {config.model}: {report['test_accuracy']:.4f} on {report['num_test_images']} images"
           + (f" (with {config.recipe.tta} test-time augmentation)" if config.recipe.tta != "none" else ""))
-    print(f"Run folder {run_dir}: config.json, metrics.csv, curves.png, model.pth, best.ckpt, last.ckpt, test.json, confusion_matrix.png")
+    print(f"Run folder {run_dir}: config.json, model.json, metrics.csv, curves.png, model.pth, best.ckpt, last.ckpt, test.json, "
+          "confusion_matrix.png")
     for analysis in analyses:
         analysis.run(net, data, test, run_dir, config, fitted.device)
     return report

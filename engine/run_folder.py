@@ -21,7 +21,8 @@ from functions import UserError, is_temporary_copy, write_atomically
 
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr", "seconds")
 RESULT_FILES = ("metrics.csv", "last.ckpt", "best.ckpt", "model.pth", "test.json")
-RUN_OUTPUTS = ("config.json", *RESULT_FILES, "curves.png", "confusion_matrix.png", "tsne_*.png", "tsne_*.npz", "tsne_metrics.json")
+RUN_OUTPUTS = ("config.json", "model.json", *RESULT_FILES, "curves.png", "confusion_matrix.png", "tsne_*.png", "tsne_*.npz", "tsne_metrics.json",
+               "tensorboard", "csv_log", "evaluation-*.json", "evaluation-*-confusion.png")
 MIN_FREE_BYTES = 100 * 2**20  # a few checkpoints of the largest network here, written through temporary copies
 LOCK_FILE = ".lock"
 held_run_folders: dict[Path, tuple[FileLock, bool]] = {}  # folder: its lock, and whether this run created the folder
@@ -66,7 +67,7 @@ def keep_earlier_results(config: RunConfig, run_dir: Path) -> None:
                         f"another --out-dir, or replace it with --overwrite")
     for pattern in RUN_OUTPUTS:
         for path in run_dir.glob(pattern):
-            path.unlink()
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     print(f"--overwrite: removed the earlier run's files from {run_dir}")
 
 

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+import evaluate
 import hyperparameter_tune
 import main
 import modified_models
+import predict
 import transfer_learning
 import tsne
 from benchmarks import bench_airbench_reference, bench_fast
@@ -105,7 +107,8 @@ def test_project_imports_flow_one_way_and_never_hide_inside_a_function():
 
 
 @pytest.mark.parametrize("lower, higher", [
-    ("functions", "engine"), ("engine", "models"), ("engine", "tsne"), ("models", "tsne"),
+    ("functions", "engine"), ("engine", "models"), ("engine", "tsne"), ("models", "tsne"), ("engine", "saved_models"),
+    ("models", "saved_models"), ("saved_models", "predict"), ("saved_models", "evaluate"),
     ("engine", "main"), ("models", "main"), ("tsne", "main"),
 ])
 def test_no_layer_imports_one_above_it(lower, higher):
@@ -121,7 +124,8 @@ def test_every_module_can_be_read_in_one_sitting():
 
 
 SCRIPTS = {"main.py": main.main, "modified_models.py": modified_models.main, "transfer_learning.py": transfer_learning.main,
-           "tsne.py": tsne.main, "hyperparameter_tune.py": hyperparameter_tune.main, "bench_fast": bench_fast.main,
+           "tsne.py": tsne.main, "hyperparameter_tune.py": hyperparameter_tune.main, "predict.py": predict.main,
+           "evaluate.py": evaluate.main, "bench_fast": bench_fast.main,
            "bench_airbench_reference": bench_airbench_reference.main}
 
 

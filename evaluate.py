@@ -1,0 +1,95 @@
+"""Evaluate a saved model on the CIFAR-10 test set: test accuracy, per-class accuracy, the confusion matrix and its figure.
+
+    python evaluate.py --run runs/CIFAR10Net --data-dir ./data
+    python evaluate.py --run runs/FastVGG --checkpoint best.ckpt
+    python evaluate.py --checkpoint ~/study/CIFAR10Net_7.pth --model CIFAR10Net_7 --data-dir ./data --out-dir results
+
+Measures the 10,000 test images exactly as a training run does at its end (engine.predict, then engine.test_report),
+for a run's model.pth (its final weights: the same numbers as its test.json), its best.ckpt or last.ckpt, or a
+plain state dict saved by the original study's scripts (torch.save(net.state_dict(), path)) with --model.
+Inputs are normalised with the model card's mean and std (the run's model.json, or the card inside a checkpoint);
+a plain state dict has none, so the training split's statistics are computed from --data-dir, as training does.
+
+Prints the test accuracy and writes, beside the weights (or into --out-dir):
+    evaluation-<weights>.json            test_accuracy, per_class_accuracy, confusion_matrix, num_test_images, model,
+                                         checkpoint, tta, data (the keys of a run's test.json)
+    evaluation-<weights>-confusion.png   the confusion matrix
+where <weights> is the file's name without its suffix (model, best, last, ...). A run's own test.json and
+confusion_matrix.png are never touched; evaluating the same weights again replaces their evaluation files.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import engine
+import saved_models
+from functions import UserError
+from saved_models import ModelCard, SavedModel
+
+
+def evaluation_files(out_dir: Path, weights: Path) -> tuple[Path, Path]:
+    """evaluation-<stem>.json and its figure: names no run writes, so a run's own test.json is never replaced."""
+    return out_dir / f"evaluation-{weights.stem}.json", out_dir / f"evaluation-{weights.stem}-confusion.png"
+
+
+def check_same_classes(card: ModelCard, data: engine.SplitData, weights: Path) -> None:
+    """The labels of the data must mean what the model's outputs mean, or every number below is wrong."""
+    if tuple(card.classes) != tuple(data.classes):
+        raise UserError(f"{weights} was trained on the classes {', '.join(card.classes)} but the data has {', '.join(data.classes)} "
+                        f"(in label order); give --data-dir with the data it was trained on")
+
+
+def measure(saved: SavedModel, card: ModelCard, data: engine.SplitData, tta: str, device) -> dict[str, Any]:
+    """The test report of a training run's end: predictions of the test split, normalised by the card, under ``tta``."""
+    mean, std = card.normalisation
+    test = engine.predict(saved.net.to(device), data.test_images, data.test_labels, mean, std, tta=tta)
+    report = engine.test_report(test["labels"], test["logits"].argmax(1), data.classes)
+    report.update({"model": saved.name, "checkpoint": str(saved.weights), "tta": tta, "data": data.source})
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("model")
+    group.add_argument("--run", type=Path, metavar="DIR", help="run folder of a trained model: evaluates its model.pth (the final weights) "
+                       "with its model.json")
+    group.add_argument("--checkpoint", metavar="PATH", help="with --run: another weights file of the run folder, e.g. best.ckpt or last.ckpt; "
+                       "alone: a weights file, best.ckpt or last.ckpt (which carry their model card) or a model.pth (with model.json beside "
+                       "it, or --model)")
+    group.add_argument("--model", help="the network a plain state dict holds, e.g. CIFAR10Net_7 (python modified_models.py --list); only needed "
+                       "when no model.json comes with the weights")
+    group.add_argument("--tta", choices=tuple(engine.TTA_MODES), help="test-time augmentation, each test image's class scores from: "
+                       f"{'; '.join(f'{name}: {what}' for name, what in engine.TTA_MODES.items())} (default: the model's own, from its "
+                       "model card; none for a plain state dict)")
+    group.add_argument("--out-dir", help="folder for evaluation-<weights>.json and evaluation-<weights>-confusion.png "
+                       "(default: the folder of the weights)")
+    engine.add_data_arguments(parser, limit_train=False)
+    engine.add_device_arguments(parser, training=False)
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    if args.run is None and args.checkpoint is None:
+        raise UserError("give --run DIR (a run folder), or --checkpoint FILE (with --model NAME for a plain state dict)")
+    device = engine.training_device(args.device)
+    saved = saved_models.open_saved_model(args.run, args.checkpoint, args.model)  # a wrong file fails before the slow data load
+    out_dir = Path(args.out_dir) if args.out_dir else saved.weights.parent
+    engine.check_writable_folder(out_dir)
+    data = engine.load_split(engine.RunConfig(model=saved.name, data_dir=args.data_dir, num_workers=args.num_workers))
+    card = saved.card or saved_models.card_from_data(saved.name, data)
+    check_same_classes(card, data, saved.weights)
+    tta = args.tta or card.tta
+    report = measure(saved, card, data, tta, device)
+    report_file, figure_file = evaluation_files(out_dir, saved.weights)
+    engine.write_json(report_file, report)
+    engine.plot_confusion(report, data.classes, figure_file, f"{saved.name} ({saved.weights.name})")
+    print(f"Test accuracy of {saved.describe()}: {report['test_accuracy']:.4f} on {report['num_test_images']} images"
+          + (f" (with {tta} test-time augmentation)" if tta != "none" else ""))
+    print(f"Wrote {report_file} and {figure_file}")
+
+
+if __name__ == "__main__":
+    engine.run_cli(main)

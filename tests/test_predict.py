@@ -1,0 +1,399 @@
+"""Using a trained model: predict.py on the user's own images, evaluate.py on the test set, saved_models underneath."""
+from __future__ import annotations
+
+import csv
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import engine
+import evaluate
+import functions as fn
+import predict
+import saved_models
+from conftest import quick_config, synthetic_arrays, write_image_folder
+from models.transfer import TransferNet, build_transfer_net
+
+
+@dataclass
+class TinyRun:
+    """A CIFAR10Net trained 3 epochs on the synthetic data, and that data as an image-folder tree."""
+
+    run_dir: Path
+    split: engine.SplitData
+    data_dir: Path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> TinyRun:
+    root = tmp_path_factory.mktemp("tiny-run")
+    arrays = synthetic_arrays()
+    split = engine.SplitData.from_arrays(arrays)
+    config = quick_config(root, "CIFAR10Net", epochs=3, lr=3e-3)
+    engine.train(config, engine.model_spec("CIFAR10Net"), data=split)
+    return TinyRun(Path(config.out_dir), split, write_image_folder(root / "image-tree", arrays))
+
+
+def run_script(script, monkeypatch, capsys, *argv) -> tuple[int, str, str]:
+    """A script's command line in this process: exit status, stdout, stderr."""
+    monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", *map(str, argv)])
+    capsys.readouterr()  # what came before (the tiny run's training) is not this command's
+    try:
+        engine.run_cli(script.main)
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def trained_net(run_dir: Path, weights: str = "model.pth") -> torch.nn.Module:
+    """The run's CIFAR10Net with the weights of ``weights``, loaded by hand (not through saved_models)."""
+    state = torch.load(run_dir / weights, map_location="cpu", weights_only=True)
+    if "state_dict" in state:
+        state = {key.removeprefix("net."): value for key, value in state["state_dict"].items()}
+    net = engine.model_spec("CIFAR10Net").build()
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def card_normalisation(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    card = engine.read_json(run_dir / "model.json")
+    return torch.tensor(card["mean"]), torch.tensor(card["std"])
+
+
+def expected_probabilities(net, images: torch.Tensor, mean, std, tta: str = "none") -> torch.Tensor:
+    """The model's own answer on its own tensors: engine.predict on the uint8 images, softmaxed."""
+    return engine.predict(net, images, torch.zeros(len(images), dtype=torch.long), mean, std, tta=tta)["logits"].softmax(1)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    return Image.fromarray(image.permute(1, 2, 0).numpy())
+
+
+def from_pil(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+@pytest.fixture
+def photos(tmp_path, tiny_run) -> tuple[list[Path], torch.Tensor]:
+    """Four test images as files, and the uint8 tensors the model should see for them: a 32x32 PNG, one enlarged to a 64x64
+    PNG by nearest neighbour, one in grayscale ("L"; the model sees it as gray RGB) and a BMP."""
+    images = tiny_run.split.test_images[:4]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    paths = [folder / "a.png", folder / "b-64x64.png", folder / "c-gray.png", folder / "d.bmp"]
+    to_pil(images[0]).save(paths[0])
+    to_pil(images[1]).resize((64, 64), Image.Resampling.NEAREST).save(paths[1])
+    gray = to_pil(images[2]).convert("L")
+    gray.save(paths[2])
+    to_pil(images[3]).save(paths[3])
+    seen = torch.stack([images[0], images[1], from_pil(gray), images[3]])
+    return paths, seen
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def csv_probabilities(rows: list[dict[str, str]], classes: tuple[str, ...]) -> torch.Tensor:
+    """Every class's probability per row, from a CSV written with --top 10."""
+    table = torch.zeros(len(rows), len(classes), dtype=torch.float64)
+    for i, row in enumerate(rows):
+        for rank in range(1, len(classes) + 1):
+            table[i, classes.index(row[f"class_{rank}"])] = float(row[f"probability_{rank}"])
+    return table
+
+
+def report_of(net, split: engine.SplitData, mean=None, std=None, tta: str = "none") -> dict:
+    """The report a run makes at its end, of ``net`` on ``split``'s test images (normalised by ``split``'s statistics
+    unless ``mean`` and ``std`` are given)."""
+    mean, std = (split.mean, split.std) if mean is None else (torch.as_tensor(mean), torch.as_tensor(std))
+    test = engine.predict(net, split.test_images, split.test_labels, mean, std, tta=tta)
+    return engine.test_report(test["labels"], test["logits"].argmax(1), split.classes)
+
+
+def untrained(name: str, seed: int) -> torch.nn.Module:
+    """A freshly initialised network: its answers are far from perfect, so a wrong normalisation, view or weight shows."""
+    torch.manual_seed(seed)
+    net = engine.model_spec(name).build()
+    engine.model_spec(name).initialize(net)
+    return net.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Reading images
+# --------------------------------------------------------------------------------------------
+def test_an_image_enlarged_by_nearest_neighbour_is_downsized_back_to_its_own_pixels(tmp_path, arrays):
+    image = arrays.test_images[5]
+    for factor in (2, 3, 7):
+        path = tmp_path / f"x{factor}.png"
+        to_pil(image).resize((32 * factor, 32 * factor), Image.Resampling.NEAREST).save(path)
+        assert torch.equal(predict.read_image(path), image), factor
+
+
+def test_grayscale_16_bit_and_transparent_images_become_rgb_the_way_they_look(tmp_path, arrays):
+    gray = to_pil(arrays.test_images[0]).convert("L")
+    gray.save(tmp_path / "gray.png")
+    assert torch.equal(predict.read_image(tmp_path / "gray.png"), from_pil(gray))  # the gray value in every channel
+    deep = Image.fromarray(np.asarray(gray).astype(np.uint16) * 257)  # the same picture in 16 bits
+    deep.save(tmp_path / "gray16.png")
+    assert Image.open(tmp_path / "gray16.png").mode.startswith("I")
+    assert torch.equal(predict.read_image(tmp_path / "gray16.png"), from_pil(gray))
+    rgba = to_pil(arrays.test_images[1]).convert("RGBA")
+    alpha = Image.new("L", (32, 32), 255)
+    alpha.paste(0, (0, 0, 16, 32))  # the left half transparent
+    rgba.putalpha(alpha)
+    rgba.save(tmp_path / "half-transparent.png")
+    seen = predict.read_image(tmp_path / "half-transparent.png")
+    assert torch.all(seen[:, :, :16] == 255) and torch.equal(seen[:, :, 16:], arrays.test_images[1][:, :, 16:])
+
+
+# --------------------------------------------------------------------------------------------
+# predict.py
+# --------------------------------------------------------------------------------------------
+def test_predict_answers_with_the_models_own_classes_and_probabilities(monkeypatch, capsys, tmp_path, tiny_run, photos):
+    paths, seen = photos
+    expected = expected_probabilities(trained_net(tiny_run.run_dir), seen, *card_normalisation(tiny_run.run_dir))
+    code, out, err = run_script(predict, monkeypatch, capsys, "--run", tiny_run.run_dir, "--device", "cpu", "--top", 10,
+                                "--csv", tmp_path / "out.csv", *paths)
+    assert (code, err) == (0, "")
+    assert "resized to 32x32" in out
+    rows = read_csv(tmp_path / "out.csv")
+    assert [row["path"] for row in rows] == [str(path) for path in paths]
+    got = csv_probabilities(rows, fn.CLASSES)
+    assert torch.allclose(got, expected.double(), atol=2e-6)
+    assert torch.allclose(got.sum(1), torch.ones(len(paths), dtype=torch.float64), atol=1e-5)
+    # The printed lines: one per image, top class first, three classes by default.
+    code, out, _ = run_script(predict, monkeypatch, capsys, "--run", tiny_run.run_dir, "--device", "cpu", *paths)
+    lines = [line for line in out.splitlines() if line.startswith(str(paths[0].parent))]
+    assert [line.split(": ")[1].split()[0] for line in lines] == [fn.CLASSES[i] for i in expected.argmax(1)]
+    assert all(line.count("%") == 3 for line in lines)
+
+
+def test_predict_with_test_time_augmentation_answers_as_predict_does_under_it(monkeypatch, capsys, tmp_path, tiny_run, photos):
+    paths, seen = photos
+    net, normalisation = trained_net(tiny_run.run_dir), card_normalisation(tiny_run.run_dir)
+    for tta in ("flip", "flip-translate"):
+        code, out, err = run_script(predict, monkeypatch, capsys, "--run", tiny_run.run_dir, "--device", "cpu", "--top", 10,
+                                    "--tta", tta, "--csv", tmp_path / f"{tta}.csv", *paths)
+        assert code == 0 and f"{tta} test-time augmentation" in out
+        got = csv_probabilities(read_csv(tmp_path / f"{tta}.csv"), fn.CLASSES)
+        assert torch.allclose(got, expected_probabilities(net, seen, *normalisation, tta=tta).double(), atol=2e-6)
+        assert not torch.allclose(got, expected_probabilities(net, seen, *normalisation).double(), atol=1e-4)  # the views count
+
+
+def test_a_folder_gives_its_images_by_suffix_and_its_sub_folders_only_when_recursive(monkeypatch, capsys, tmp_path, tiny_run, photos):
+    paths, _ = photos
+    folder = paths[0].parent
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".hidden.png").write_bytes(b"not an image either")
+    (folder / "more").mkdir()
+    to_pil(tiny_run.split.test_images[9]).save(folder / "more" / "e.webp", lossless=True)
+    code, _, err = run_script(predict, monkeypatch, capsys, "--run", tiny_run.run_dir, "--device", "cpu", "--csv", tmp_path / "f.csv", folder)
+    assert (code, err) == (0, "")
+    assert [row["path"] for row in read_csv(tmp_path / "f.csv")] == [str(path) for path in sorted(paths)]
+    code, _, err = run_script(predict, monkeypatch, capsys, "--run", tiny_run.run_dir, "--device", "cpu", "--recursive",
+                              "--csv", tmp_path / "r.csv", folder, paths[0])  # paths[0] twice: predicted once
+    assert (code, err) == (0, "")
+    assert [row["path"] for row in read_csv(tmp_path / "r.csv")] == [str(path) for path in sorted([*paths, folder / "more" / "e.webp"])]
+
+
+def test_many_images_without_csv_print_a_summary_and_ask_for_csv(monkeypatch, capsys, tmp_path, tiny_run):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for index, image in enumerate(tiny_run.split.test_images[:predict.PRINTED_IMAGES + 1]):
+        to_pil(image).save(folder / f"{index:02d}.png")
+    code, out, err = run_script(predict, monkeypatch, capsys, "--run", tiny_run.run_dir, "--device", "cpu", folder)
+    assert (code, err) == (0, "")
+    assert f"Top class of {predict.PRINTED_IMAGES + 1} images:" in out and "--csv FILE" in out
+    assert str(folder / "00.png") not in out and not list(tmp_path.glob("*.csv"))  # no file the user did not ask for
+
+
+@pytest.mark.parametrize("case", ["text file", "damaged png in a folder", "missing file", "folder without images"])
+def test_a_file_that_is_no_image_is_one_line_and_exit_status_2(monkeypatch, capsys, tmp_path, tiny_run, case):
+    """A file named on the command line is read whatever its suffix; a folder's image files too; each failure names its file."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    to_pil(tiny_run.split.test_images[0]).save(folder / "fine.png")
+    if case == "text file":
+        bad = argument = tmp_path / "notes.txt"
+        bad.write_text("these are not pixels")
+    elif case == "damaged png in a folder":
+        bad, argument = folder / "broken.png", folder
+        bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    elif case == "missing file":
+        bad = argument = tmp_path / "nowhere.jpg"
+    else:
+        bad = argument = tmp_path / "empty"
+        bad.mkdir()
+        (bad / "readme.txt").write_text("no images here")
+    code, _, err = run_script(predict, monkeypatch, capsys, "--run", tiny_run.run_dir, "--device", "cpu", folder / "fine.png", argument)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and str(bad) in err
+
+
+def test_a_missing_run_folder_is_one_line_naming_run(monkeypatch, capsys, tmp_path, photos):
+    paths, _ = photos
+    monkeypatch.setattr(predict, "DEFAULT_RUN", tmp_path / "pretrained" / "FastVGG_narrow")
+    code, _, err = run_script(predict, monkeypatch, capsys, paths[0])  # the shipped model, not installed
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--run" in err and "FastVGG_narrow" in err
+    code, _, err = run_script(predict, monkeypatch, capsys, "--run", tmp_path / "no-such-run", paths[0])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--run" in err and "no-such-run" in err
+
+
+def test_a_checkpoint_alone_carries_its_model_card(monkeypatch, capsys, tmp_path, tiny_run, photos):
+    paths, seen = photos
+    expected = expected_probabilities(trained_net(tiny_run.run_dir, "best.ckpt"), seen, *card_normalisation(tiny_run.run_dir))
+    lonely = tmp_path / "elsewhere" / "best.ckpt"  # no model.json beside it: the card comes from the checkpoint
+    lonely.parent.mkdir()
+    lonely.write_bytes((tiny_run.run_dir / "best.ckpt").read_bytes())
+    for flags in (("--checkpoint", lonely), ("--run", tiny_run.run_dir, "--checkpoint", "best.ckpt")):
+        code, _, err = run_script(predict, monkeypatch, capsys, *flags, "--device", "cpu", "--top", 10, "--csv", tmp_path / "c.csv", *paths)
+        assert (code, err) == (0, "")
+        assert torch.allclose(csv_probabilities(read_csv(tmp_path / "c.csv"), fn.CLASSES), expected.double(), atol=2e-6)
+
+
+def test_a_plain_state_dict_takes_the_datas_statistics_or_cifar10s_published_ones(monkeypatch, capsys, tmp_path, tiny_run, photos):
+    paths, seen = photos
+    weights = tmp_path / "study" / "CIFAR10Net.pth"
+    weights.parent.mkdir()
+    torch.save(trained_net(tiny_run.run_dir).state_dict(), weights)
+    code, _, err = run_script(predict, monkeypatch, capsys, "--checkpoint", weights, "--device", "cpu", paths[0])
+    assert code == 2 and "--model" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run_script(predict, monkeypatch, capsys, "--checkpoint", weights, "--model", "CIFAR10Net", "--data-dir",
+                                tmp_path / "no-data", "--device", "cpu", "--top", 10, "--csv", tmp_path / "p.csv", *paths)
+    assert (code, err) == (0, "")
+    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "published" in notes[0] and not (tmp_path / "no-data").exists()  # said once; nothing downloaded
+    official = torch.tensor(saved_models.OFFICIAL_MEAN), torch.tensor(saved_models.OFFICIAL_STD)
+    expected = expected_probabilities(trained_net(tiny_run.run_dir), seen, *official)
+    assert torch.allclose(csv_probabilities(read_csv(tmp_path / "p.csv"), fn.CLASSES), expected.double(), atol=2e-6)
+    # With the data at hand, its training split's statistics, as training computes them; no note.
+    code, out, err = run_script(predict, monkeypatch, capsys, "--checkpoint", weights, "--model", "CIFAR10Net", "--data-dir",
+                                tiny_run.data_dir, "--device", "cpu", "--top", 10, "--csv", tmp_path / "d.csv", *paths)
+    assert (code, err) == (0, "") and "note:" not in out
+    data = engine.load_split(engine.RunConfig(model="CIFAR10Net", data_dir=str(tiny_run.data_dir)))
+    expected = expected_probabilities(trained_net(tiny_run.run_dir), seen, data.mean, data.std)
+    assert torch.allclose(csv_probabilities(read_csv(tmp_path / "d.csv"), fn.CLASSES), expected.double(), atol=2e-6)
+
+
+def test_a_transfer_learning_run_is_rebuilt_from_its_transfer_json(tmp_path):
+    torch.manual_seed(0)
+    net = build_transfer_net("resnet18", "none", 32, "fc").eval()
+    run_dir = tmp_path / "resnet18-transfer-fc"
+    run_dir.mkdir()
+    torch.save(net.state_dict(), run_dir / "model.pth")
+    card = {"model": "resnet18-transfer-fc", "classes": list(fn.CLASSES), "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+            "image_size": 32, "tta": "none"}
+    engine.write_json(run_dir / "model.json", card)
+    with pytest.raises(fn.UserError, match="transfer.json"):
+        saved_models.open_saved_model(run=run_dir)
+    engine.write_json(run_dir / "transfer.json", {"arch": "resnet18", "weights": "default", "image_size": 32, "finetune": "fc"})
+    saved = saved_models.open_saved_model(run=run_dir)
+    assert isinstance(saved.net, TransferNet) and saved.card.mean == (0.485, 0.456, 0.406)
+    assert all(torch.equal(value, net.state_dict()[key]) for key, value in saved.net.state_dict().items())
+
+
+def test_a_card_that_disagrees_with_model_or_is_damaged_is_one_line(tmp_path, tiny_run):
+    with pytest.raises(fn.UserError, match="not --model CIFAR10Net_7"):
+        saved_models.open_saved_model(run=tiny_run.run_dir, model="CIFAR10Net_7")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "model.pth").write_bytes((tiny_run.run_dir / "model.pth").read_bytes())
+    (copy / "model.json").write_text('{"model": "CIFAR10Net", "classes": ["cat"], "mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}')
+    with pytest.raises(fn.UserError, match="classes must be the 10 class names"):
+        saved_models.open_saved_model(run=copy)
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate.py
+# --------------------------------------------------------------------------------------------
+REPORT_KEYS = ("test_accuracy", "per_class_accuracy", "confusion_matrix", "num_test_images")
+
+
+def test_evaluating_a_runs_model_pth_reproduces_its_test_json(monkeypatch, capsys, tiny_run):
+    test_json = (tiny_run.run_dir / "test.json").read_bytes()
+    code, out, err = run_script(evaluate, monkeypatch, capsys, "--run", tiny_run.run_dir, "--data-dir", tiny_run.data_dir, "--device", "cpu")
+    assert (code, err) == (0, "")
+    evaluation = engine.read_json(tiny_run.run_dir / "evaluation-model.json")
+    recorded = engine.read_json(tiny_run.run_dir / "test.json")
+    assert {key: evaluation[key] for key in REPORT_KEYS} == {key: recorded[key] for key in REPORT_KEYS}
+    assert (evaluation["model"], evaluation["tta"], evaluation["checkpoint"]) == ("CIFAR10Net", "none", str(tiny_run.run_dir / "model.pth"))
+    assert f"{recorded['test_accuracy']:.4f}" in out
+    assert (tiny_run.run_dir / "evaluation-model-confusion.png").stat().st_size > 0
+    assert (tiny_run.run_dir / "test.json").read_bytes() == test_json  # the run's own results untouched
+
+
+def test_evaluate_normalises_by_the_model_card_not_by_the_data(monkeypatch, capsys, tmp_path, tiny_run):
+    """A card's mean and std are what the network was trained with; here they are made far from the data's own."""
+    copy = tmp_path / "run-copy"
+    copy.mkdir()
+    (copy / "model.pth").write_bytes((tiny_run.run_dir / "model.pth").read_bytes())
+    card = {**engine.read_json(tiny_run.run_dir / "model.json"), "mean": [0.1, 0.6, 0.3], "std": [0.5, 0.2, 0.9]}
+    engine.write_json(copy / "model.json", card)
+    code, _, err = run_script(evaluate, monkeypatch, capsys, "--run", copy, "--data-dir", tiny_run.data_dir, "--device", "cpu")
+    assert (code, err) == (0, "")
+    evaluation = {key: engine.read_json(copy / "evaluation-model.json")[key] for key in REPORT_KEYS}
+    assert evaluation == report_of(trained_net(copy), tiny_run.split, card["mean"], card["std"])
+    assert evaluation != report_of(trained_net(copy), tiny_run.split)  # so the check above tells the two apart
+
+
+def test_evaluating_best_ckpt_reports_the_weights_it_holds(monkeypatch, capsys, tmp_path, tiny_run):
+    """test.json measured model.pth, the final weights; best.ckpt holds the epoch of the lowest validation loss, the
+    same weights only when that epoch was the last one. A checkpoint given other weights shows which ones are measured."""
+    code, _, err = run_script(evaluate, monkeypatch, capsys, "--run", tiny_run.run_dir, "--checkpoint", "best.ckpt", "--data-dir",
+                              tiny_run.data_dir, "--device", "cpu", "--out-dir", tmp_path)
+    assert (code, err) == (0, "")
+    assert not (tiny_run.run_dir / "evaluation-best.json").exists()  # --out-dir respected
+    evaluation = {key: engine.read_json(tmp_path / "evaluation-best.json")[key] for key in REPORT_KEYS}
+    best = trained_net(tiny_run.run_dir, "best.ckpt")
+    assert evaluation == report_of(best, tiny_run.split)
+    final = trained_net(tiny_run.run_dir).state_dict()
+    recorded = engine.read_json(tiny_run.run_dir / "test.json")
+    if all(torch.equal(value, final[key]) for key, value in best.state_dict().items()):  # the last epoch was the best
+        assert evaluation == {key: recorded[key] for key in REPORT_KEYS}
+    checkpoint = torch.load(tiny_run.run_dir / "best.ckpt", map_location="cpu", weights_only=True)
+    other = untrained("CIFAR10Net", seed=5)
+    checkpoint["state_dict"] = {f"net.{key}": value for key, value in other.state_dict().items()}
+    torch.save(checkpoint, tmp_path / "other.ckpt")
+    code, _, err = run_script(evaluate, monkeypatch, capsys, "--checkpoint", tmp_path / "other.ckpt", "--data-dir", tiny_run.data_dir,
+                              "--device", "cpu")
+    assert (code, err) == (0, "")
+    evaluation = {key: engine.read_json(tmp_path / "evaluation-other.json")[key] for key in REPORT_KEYS}
+    assert evaluation == report_of(other, tiny_run.split) != {key: recorded[key] for key in REPORT_KEYS}
+
+
+def test_a_plain_state_dict_with_model_evaluates_with_the_datas_statistics(monkeypatch, capsys, tmp_path, tiny_run):
+    net = untrained("CIFAR10Net_7", seed=3)
+    weights = tmp_path / "CIFAR10Net_7.pth"
+    torch.save(net.state_dict(), weights)
+    code, out, err = run_script(evaluate, monkeypatch, capsys, "--checkpoint", weights, "--model", "CIFAR10Net_7", "--data-dir",
+                                tiny_run.data_dir, "--device", "cpu")
+    assert (code, err) == (0, "")
+    evaluation = {key: engine.read_json(tmp_path / "evaluation-CIFAR10Net_7.json")[key] for key in REPORT_KEYS}
+    data = engine.load_split(engine.RunConfig(model="CIFAR10Net_7", data_dir=str(tiny_run.data_dir)))  # its statistics, as training's
+    assert evaluation == report_of(net, data)
+    assert evaluation != report_of(net, data, saved_models.OFFICIAL_MEAN, saved_models.OFFICIAL_STD)  # the data's, not CIFAR-10's
+    code, out, err = run_script(evaluate, monkeypatch, capsys, "--checkpoint", weights, "--model", "CIFAR10Net_7", "--tta", "flip",
+                                "--data-dir", tiny_run.data_dir, "--device", "cpu", "--out-dir", tmp_path / "flip")
+    assert (code, err) == (0, "") and "with flip test-time augmentation" in out
+    evaluation = engine.read_json(tmp_path / "flip" / "evaluation-CIFAR10Net_7.json")
+    assert evaluation["tta"] == "flip"
+    assert {key: evaluation[key] for key in REPORT_KEYS} == report_of(net, data, tta="flip") != report_of(net, data)
+    code, _, err = run_script(evaluate, monkeypatch, capsys, "--checkpoint", weights, "--model", "CIFAR10Net_2", "--data-dir",
+                              tiny_run.data_dir, "--device", "cpu")  # (CIFAR10Net_7 has CIFAR10Net's very shapes: not a test of this)
+    assert code == 2 and "does not fit CIFAR10Net_2" in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_option_of_both_scripts_is_explained():
+    for parser in (predict.build_parser(), evaluate.build_parser()):
+        assert all(action.help for action in parser._actions), parser.prog
+    assert "32x32" in predict.build_parser().format_help()
