@@ -204,11 +204,17 @@ def apply_crop(images: torch.Tensor, params: dict[str, torch.Tensor], pad: int, 
 
 @dataclass(frozen=True)
 class Augmentation:
-    """A training augmentation: how each image's random parameters are drawn, and how a batch is transformed by them."""
+    """A training augmentation: how each image's random parameters are drawn, and how a batch is transformed by them.
+
+    ``alternating_flip``: the horizontal flip is no coin toss but alternates, each image mirrored in every other epoch
+    from a random start of its own (airbench): every image is seen both ways within two epochs, not just on average.
+    The batches, which know each image and the epoch, set the ``hflip`` parameter then.
+    """
 
     description: str
     sample: Callable[[int, torch.Generator, torch.device], dict[str, torch.Tensor]]
     apply: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+    alternating_flip: bool = False
 
 
 def no_parameters(n: int, generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
@@ -226,25 +232,31 @@ AUGMENTATIONS = {
                              partial(sample_crop_params, pad=4), partial(apply_crop, pad=4, mode="constant")),
     "light": Augmentation("random 32x32 crop of the 2-pixel reflect-padded image, horizontal flip: airbench's, for runs of a few epochs",
                           partial(sample_crop_params, pad=2), partial(apply_crop, pad=2, mode="reflect")),
+    "alternating": Augmentation("light's crop, with alternating flips: each image mirrored in every other epoch (airbench)",
+                                partial(sample_crop_params, pad=2), partial(apply_crop, pad=2, mode="reflect"), alternating_flip=True),
     "none": Augmentation("no augmentation", no_parameters, unchanged),
 }
 
 
-def augment(images: torch.Tensor, name: str, generator: torch.Generator) -> torch.Tensor:
-    """Augment float images in [0, 1] by ``AUGMENTATIONS[name]``; each image draws its own parameters."""
+def augment(images: torch.Tensor, name: str, generator: torch.Generator, hflip: torch.Tensor | None = None) -> torch.Tensor:
+    """Augment float images in [0, 1] by ``AUGMENTATIONS[name]``; each image draws its own parameters, but ``hflip``
+    (an alternating flip's choice per image) when given."""
     augmentation = AUGMENTATIONS[name]
-    return augmentation.apply(images, augmentation.sample(images.shape[0], generator, images.device))
+    params = augmentation.sample(images.shape[0], generator, images.device)
+    if hflip is not None:
+        params["hflip"] = hflip
+    return augmentation.apply(images, params)
 
 
 def model_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, augmentation: str = "none",
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, hflip: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 images -> [0, 1], augmented by ``augmentation``, normalised, channels-last (faster convolutions).
 
     Float tensors are inputs already made for the model (cached backbone features, say): unchanged.
     """
     if images.dtype != torch.uint8:
         return images
-    images = augment(images.float() / 255, augmentation, generator)
+    images = augment(images.float() / 255, augmentation, generator, hflip)
     return normalize(images, mean, std).contiguous(memory_format=torch.channels_last)
 
 

@@ -17,21 +17,22 @@ Modules, each one job (docs/DESIGN.md shows the layers):
     run          fit and train
 """
 from engine.batches import EVAL_BATCH, CIFAR10DataModule, EvalBatches, SplitData, TrainBatches, epoch_seed, load_split
-from engine.callbacks import DIVERGED_LOSS, ConfigInCheckpoint, DivergenceGuard, RunRecorder
+from engine.callbacks import DIVERGED_LOSS, ConfigInCheckpoint, DivergenceGuard, Lookahead, RunRecorder, lookahead_decay
 from engine.checkpoints import (AtomicCheckpointIO, load_weights, read_checkpoint, resume_checkpoint, saved_progress,
                                 state_dict_mismatch, weights_in)
 from engine.classifier import ImageClassifier, learning_rate_factor
 from engine.cli import (DEVICES, add_data_arguments, add_device_arguments, add_recipe_arguments, add_run_arguments,
                         add_training_arguments, beta, config_from_args, interrupted_message, non_negative_float, non_negative_int, parse_arguments,
                         positive_float, positive_int, resume_command, run_cli)
-from engine.config import LOGGERS, OPTIMIZERS, SCHEDULERS, TTA_MODES, Recipe, RunConfig
+from engine.config import LOGGERS, OPTIMIZERS, SCHEDULERS, TTA_MODES, WEIGHT_AVERAGES, Recipe, RunConfig
 from engine.data import CIFAR10Arrays, has_local_cifar10, image_error_reason, load_cifar10, split_train_val
 from engine.devices import cpu_has_bf16, is_main_process, resolve_accelerator, resolve_precision, training_device
 from engine.errors import RunInterrupted, TrainingDiverged
 from engine.evaluation import accuracy_by_tta, confusion_matrix, predict, test_report, tta_logits
 from engine.plots import plot_confusion, plot_curves, save_figure
 from engine.progress import ProgressLines, on_terminal, progress_enabled, watched
-from engine.registry import MODELS, ModelSpec, first_line, kaiming_normal, keep_weights, model_spec, one_group, register
+from engine.registry import (MODEL_OPTIONS, MODELS, ModelSpec, check_model_options, first_line, kaiming_normal, keep_weights,
+                             model_spec, one_group, register)
 from engine.run import Analysis, Fitted, finish_run, fit, train
 from engine.run_folder import (LOCK_FILE, RESULT_FILES, check_writable_folder, claim_run_folder, read_json, read_metrics_csv, release_run_folder,
                                write_csv, write_json, write_metrics_csv)

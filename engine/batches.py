@@ -14,9 +14,10 @@ import torch
 
 from engine.config import RunConfig
 from engine.data import CIFAR10Arrays, load_cifar10, split_train_val
-from functions import UserError, mean_std_per_channel, model_input
+from functions import AUGMENTATIONS, UserError, mean_std_per_channel, model_input
 
 EVAL_BATCH = 500  # images per evaluation batch: large, as nothing is kept for a backward pass
+TRAIN_ACCURACY_SAMPLE = 5000  # training images measured after each epoch when there is no validation split to match
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -40,17 +41,22 @@ class TrainBatches:
         self.seed, self.epoch = seed, epoch
         self.rank, self.world_size = rank, world_size
         self.chunk = batch_size * max(1, 2048 // batch_size)
+        self.first_flip = None  # for alternating flips: whether each image is mirrored in the even epochs
+        if AUGMENTATIONS[augmentation].alternating_flip:
+            start = torch.Generator(device=images.device).manual_seed(seed)  # the same in every epoch, and after a resume
+            self.first_flip = torch.rand(len(images), generator=start, device=images.device) < 0.5
 
     def __len__(self) -> int:
         return math.ceil(len(range(self.rank, len(self.images), self.world_size)) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        device = self.images.device
-        generator = torch.Generator(device=device).manual_seed(epoch_seed(self.seed, self.epoch()))
+        device, epoch = self.images.device, self.epoch()
+        generator = torch.Generator(device=device).manual_seed(epoch_seed(self.seed, epoch))
         order = torch.randperm(len(self.images), generator=generator, device=device)[self.rank::self.world_size]
         for start in range(0, len(order), self.chunk):
             index = order[start:start + self.chunk]
-            images = model_input(self.images[index], self.mean, self.std, self.augmentation, generator)
+            hflip = None if self.first_flip is None else self.first_flip[index] ^ bool(epoch % 2)
+            images = model_input(self.images[index], self.mean, self.std, self.augmentation, generator, hflip)
             labels = self.labels[index]
             for offset in range(0, len(index), self.batch_size):
                 yield images[offset:offset + self.batch_size], labels[offset:offset + self.batch_size]
@@ -89,8 +95,11 @@ class SplitData:
     source: str
 
     @classmethod
-    def from_arrays(cls, data: CIFAR10Arrays, limit_train: int | None = None) -> "SplitData":
+    def from_arrays(cls, data: CIFAR10Arrays, limit_train: int | None = None, validation: bool = True) -> "SplitData":
+        """The study's 45,000 / 5,000 split; without ``validation``, every training image trains (a final run)."""
         train_index, val_index = split_train_val(len(data.train_images))
+        if not validation:
+            train_index, val_index = torch.arange(len(data.train_images)), val_index[:0]
         if limit_train is not None:
             train_index = train_index[:limit_train]
         train_images = data.train_images[train_index]
@@ -105,8 +114,8 @@ class SplitData:
 def load_split(config: RunConfig) -> SplitData:
     if config.limit_train is not None and config.limit_train < 2:
         raise UserError(f"--limit-train {config.limit_train} leaves too few images to train on; give at least 2")
-    data = SplitData.from_arrays(load_cifar10(config.data_dir, config.num_workers), config.limit_train)
-    if len(data.train_images) < 2 or len(data.val_images) < 1:
+    data = SplitData.from_arrays(load_cifar10(config.data_dir, config.num_workers), config.limit_train, config.validation)
+    if len(data.train_images) < 2 or (config.validation and len(data.val_images) < 1):
         raise UserError(f"{config.data_dir} holds too few training images to split 90/10; it needs at least 20")
     return data
 
@@ -134,7 +143,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         return EvalBatches(images, labels, EVAL_BATCH, self.data.mean, self.data.std, **self.shard())
 
     def val_dataloader(self) -> list[EvalBatches]:
-        """The validation split, then a fixed training sample of the same size for train accuracy."""
+        """A fixed training sample for train accuracy (as large as the validation split), then the validation split, if any."""
         d = self.data
-        sample = len(d.val_images)
-        return [self.eval_batches(d.val_images, d.val_labels), self.eval_batches(d.train_images[:sample], d.train_labels[:sample])]
+        sample = len(d.val_images) or TRAIN_ACCURACY_SAMPLE
+        loaders = [self.eval_batches(d.train_images[:sample], d.train_labels[:sample])]
+        return loaders + ([self.eval_batches(d.val_images, d.val_labels)] if len(d.val_images) else [])

@@ -13,15 +13,26 @@ from torch import nn
 
 from engine.batches import epoch_seed
 from engine.config import Recipe
+from engine.optimizers import MuonSGD
 from engine.registry import ParameterGroups, one_group
 
 PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.5, 1  # the "plateau" schedule: halve the lr after an epoch without a better val_loss
+TRIANGLE_START, TRIANGLE_PEAK_AT, TRIANGLE_END = 0.2, 0.23, 0.07  # airbench94's triangle, as fractions of the peak lr
+DECOUPLED_EXAMPLES = 1024  # with --decoupled, --weight-decay is the decay per this many training examples
 
 
 def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, shape: str) -> float:
-    """Multiplier of the peak lr at ``step``: linear warm-up, then cosine or linear decay (or constant)."""
+    """Multiplier of the peak lr at ``step``: linear warm-up, then cosine or linear decay (or constant); or airbench's
+    linear decay without warm-up, or its triangle."""
     if shape == "none":
         return 1.0
+    if shape == "linear":
+        return 1.0 - step / total_steps
+    if shape == "triangle":
+        peak = int(TRIANGLE_PEAK_AT * total_steps)
+        if step < peak:
+            return TRIANGLE_START + (1 - TRIANGLE_START) * step / peak
+        return 1 + (TRIANGLE_END - 1) * (step - peak) / (total_steps - peak)
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -48,18 +59,25 @@ class ImageClassifier(pl.LightningModule):
         smoothing = self.recipe.label_smoothing if self.training else 0.0
         return F.cross_entropy(logits, labels, label_smoothing=smoothing, reduction=reduction)
 
+    def training_loss_reduction(self) -> str:
+        """The mean, or with --decoupled the sum over the batch: then the lr is a step per example, whatever the batch size."""
+        return "sum" if self.recipe.decoupled else "mean"
+
     def on_train_epoch_start(self) -> None:
         # Dropout draws from the global generator: seed it per epoch so a resumed run repeats the full one.
         torch.manual_seed(epoch_seed(self.seed, self.current_epoch) + 1)
         self.net.train()  # a network may keep parts in eval mode on purpose (frozen pretrained layers): its own train() knows
+        if hasattr(self.net, "start_epoch"):  # a network that changes itself between epochs (airbench's stem bias stops learning)
+            self.net.start_epoch(self.current_epoch)
         self.train_loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         self.train_count = 0
         self.epoch_started = time.perf_counter()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        loss = self.loss(self.net(images), labels)
-        self.train_loss_sum += loss.detach() * labels.numel()  # no .item(): no device sync per step
+        reduction = self.training_loss_reduction()
+        loss = self.loss(self.net(images), labels, reduction)
+        self.train_loss_sum += loss.detach() * (labels.numel() if reduction == "mean" else 1)  # no .item(): no device sync per step
         self.train_count += labels.numel()
         return loss
 
@@ -79,22 +97,40 @@ class ImageClassifier(pl.LightningModule):
         reduce = self.trainer.strategy.reduce
         sums = reduce(self.eval_sums, reduce_op="sum")
         train = reduce(torch.stack([self.train_loss_sum, self.train_loss_sum.new_tensor(self.train_count)]), reduce_op="sum")
-        val_loss, val_acc = (sums[0, 0] / sums[0, 2]).item(), (sums[0, 1] / sums[0, 2]).item()
+        validated = sums[1, 2] > 0  # no validation split: a final run on every training image
+        val_loss, val_acc = ((sums[1, 0] / sums[1, 2]).item(), (sums[1, 1] / sums[1, 2]).item()) if validated else (None, None)
         self.epoch_metrics = {
             "epoch": self.current_epoch + 1,
             "train_loss": (train[0] / train[1]).item(),
             "val_loss": val_loss,
-            "train_accuracy": (sums[1, 1] / sums[1, 2]).item(),
+            "train_accuracy": (sums[0, 1] / sums[0, 2]).item(),
             "val_accuracy": val_acc,
             "lr": self.trainer.optimizers[0].param_groups[0]["lr"],
         }
-        self.log_dict({"val_loss": val_loss, "val_accuracy": val_acc}, prog_bar=True)
+        if validated:
+            self.log_dict({"val_loss": val_loss, "val_accuracy": val_acc}, prog_bar=True)
         # Once an epoch, to the logger (TensorBoard by default): the metrics a user watches live.
         self.log_dict({name: self.epoch_metrics[name] for name in ("train_loss", "train_accuracy", "lr")})
 
-    def make_optimizer(self) -> torch.optim.Optimizer:
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """The model's parameter groups, with Muon's own group of convolution filters, and weight decay per step."""
         r = self.recipe
         groups = self.parameter_groups(self.net, r)
+        if r.optimizer == "muon":  # the 4-D parameters (convolution filters) of every group go to Muon
+            filters = [p for group in groups for p in group["params"] if p.ndim == 4]
+            groups = [dict(group, params=[p for p in group["params"] if p.ndim != 4]) for group in groups]
+            groups = [group for group in groups if group["params"]]
+            groups.append({"params": filters, "lr": r.muon_lr, "momentum": r.muon_momentum, "weight_decay": 0.0, "orthogonalize": True})
+        if r.decoupled:  # weight decay per 1,024 examples; PyTorch decays by lr x weight_decay, so divide by the group's lr
+            for group in groups:
+                group["weight_decay"] = group.get("weight_decay", r.weight_decay) * r.batch_size / DECOUPLED_EXAMPLES / group.get("lr", r.lr)
+        return groups
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        r = self.recipe
+        groups = self.optimizer_groups()
+        if r.optimizer == "muon":
+            return MuonSGD(groups, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay)
         if r.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, nesterov=True, weight_decay=r.weight_decay)
         optimizer_class = torch.optim.AdamW if r.optimizer == "adamw" else torch.optim.Adam

@@ -16,7 +16,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from engine.config import LOGGERS, OPTIMIZERS, SCHEDULERS, TTA_MODES, Recipe, RunConfig
+from engine.config import LOGGERS, OPTIMIZERS, SCHEDULERS, TTA_MODES, WEIGHT_AVERAGES, Recipe, RunConfig
 from engine.devices import is_main_process
 from engine.errors import RunInterrupted, TrainingDiverged
 from functions import AUGMENTATIONS, UserError
@@ -62,8 +62,13 @@ def beta(text: str) -> float:
     return value
 
 
+def on_off(value: bool) -> str:
+    return "on" if value else "off"
+
+
 def choices_help(table: dict[str, Any], describe: Callable[[Any], str] = str) -> str:
-    return "; ".join(f"{name}: {describe(value)}" for name, value in table.items())
+    """"name: description; ..." for a --help text (where argparse reads % as a format: "23%" is written "23%%")."""
+    return "; ".join(f"{name}: {describe(value)}" for name, value in table.items()).replace("%", "%%")
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,7 +80,8 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, recipe: Recipe) -> Non
     group = parser.add_argument_group("recipe (defaults: the README's recipe for this model)")
     group.add_argument("--epochs", type=positive_int, help=f"passes over the training split (default {r.epochs})")
     group.add_argument("--batch-size", type=positive_int, help=f"images per optimisation step (default {r.batch_size})")
-    group.add_argument("--optimizer", choices=OPTIMIZERS, help=f"adam, adamw, or sgd with Nesterov momentum (default {r.optimizer})")
+    group.add_argument("--optimizer", choices=OPTIMIZERS, help="adam, adamw, sgd with Nesterov momentum, or muon: Muon for the "
+                       f"convolution filters (see --muon-lr) and Nesterov SGD for the rest (default {r.optimizer})")
     group.add_argument("--lr", type=positive_float, help=f"peak learning rate (default {r.lr:g})")
     group.add_argument("--betas", type=beta, nargs=2, metavar=("BETA1", "BETA2"), help=f"Adam's betas (default {r.betas[0]} {r.betas[1]})")
     group.add_argument("--momentum", type=beta, help=f"SGD's Nesterov momentum (default {r.momentum})")
@@ -88,15 +94,33 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, recipe: Recipe) -> Non
     group.add_argument("--tta", choices=tuple(TTA_MODES), help=f"test-time augmentation, the class scores of each test image from: "
                        f"{choices_help(TTA_MODES)} (default {r.tta})")
 
+    group = parser.add_argument_group("recipe: airbench's pieces (docs/RESULTS.md measures each)")
+    group.add_argument("--decoupled", action=argparse.BooleanOptionalAction, help="sum the loss over the batch and read --weight-decay "
+                       "as the decay per 1,024 examples whatever the lr: airbench's form, where lr and weight decay keep their meaning "
+                       f"at any batch size (default {on_off(r.decoupled)})")
+    group.add_argument("--muon-lr", type=positive_float, help=f"with --optimizer muon, the lr of the convolution filters (default {r.muon_lr:g})")
+    group.add_argument("--muon-momentum", type=beta, help=f"with --optimizer muon, the filters' Nesterov momentum (default {r.muon_momentum})")
+    group.add_argument("--weight-average", choices=tuple(WEIGHT_AVERAGES), help=f"{choices_help(WEIGHT_AVERAGES)} (default {r.weight_average})")
+    group.add_argument("--whiten", action=argparse.BooleanOptionalAction, help="the first convolution whitens the training images' "
+                       f"2x2 patches and stays frozen, its bias learning for 3 epochs (airbench models) (default {on_off(r.whiten)})")
+    group.add_argument("--dirac", action=argparse.BooleanOptionalAction, help="the other convolutions start as identities on their "
+                       f"first channels (airbench models) (default {on_off(r.dirac)})")
+    group.add_argument("--freeze-norm-weights", action=argparse.BooleanOptionalAction, help="BatchNorm weights stay 1, only the "
+                       f"biases learn (airbench models) (default {on_off(r.freeze_norm_weights)})")
+    group.add_argument("--norm-bias-lr-scale", type=positive_float, help=f"BatchNorm biases learn at this multiple of --lr (airbench "
+                       f"models) (default {r.norm_bias_lr_scale:g})")
+
 
 def add_data_arguments(parser: argparse.ArgumentParser, limit_train: bool = True) -> None:
-    """--data-dir and --num-workers everywhere; --limit-train where the training split's size is free to choose."""
+    """--data-dir and --num-workers everywhere; --limit-train and --no-validation where the training split is free to choose."""
     group = parser.add_argument_group("data")
     group.add_argument("--data-dir", default="./data", help="folder with CIFAR-10: the official 'cifar-10-batches-py' folder, or an image-folder tree "
                        "train/<class>/*.png|jpg and test/<class>/... (the folder itself or one sub-folder); if neither is there, torchvision downloads "
                        "the official archive into it (default ./data)")
     if limit_train:
         group.add_argument("--limit-train", type=positive_int, metavar="N", help="train on only the first N images of the 45,000-image training split, for a quick look")
+        group.add_argument("--no-validation", dest="validation", action="store_false", help="train on all 50,000 training images, "
+                           "with no validation split (a final run: no validation loss, no best.ckpt; the test set as always)")
     group.add_argument("--num-workers", type=positive_int, default=2, help="threads that decode an image-folder tree the first time (later runs read the cache) (default 2)")
 
 

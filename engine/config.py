@@ -7,12 +7,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd", "muon")
 SCHEDULERS = {
     "none": "constant",
     "cosine": "linear warm-up, then cosine decay to 0, per step",
     "onecycle": "linear warm-up, then linear decay to 0, per step",
     "plateau": "halve the lr after an epoch without a lower validation loss",
+    "linear": "linear decay from the peak to 0, per step, no warm-up (airbench94_muon)",
+    "triangle": "0.2 of the peak, up to the peak at 23% of the steps, down to 0.07 of it at the end (airbench94)",
+}
+WEIGHT_AVERAGES = {
+    "none": "the network as trained",
+    "lookahead": "airbench94's lookahead: every 5 steps the network is pulled to an average of its weights that follows it "
+                 "closely at first and ever more slowly; at the end it is the average",
 }
 LOGGERS = {
     "tensorboard": "TensorBoard event files in <run folder>/tensorboard (tensorboard --logdir runs)",
@@ -43,6 +50,16 @@ class Recipe:
     warmup_epochs: float = 0.0
     augment: str = "readme"
     tta: str = "none"
+    # The pieces of airbench's method, each off unless a recipe asks for it (docs/RESULTS.md measures each).
+    decoupled: bool = False  # loss summed over the batch, weight decay per 1,024 examples whatever the lr (airbench's form)
+    muon_lr: float = 0.24  # with optimizer muon: the lr of the convolution filters, which Muon orthogonalises
+    muon_momentum: float = 0.6
+    weight_average: str = "none"
+    # Properties a model implements or not (its registry entry lists which): a recipe asking for one its model lacks is refused.
+    whiten: bool = False  # the first convolution whitens the training patches, frozen (its bias trains for 3 epochs)
+    dirac: bool = False  # the other convolutions start as identities on their first channels
+    freeze_norm_weights: bool = False  # BatchNorm weights stay 1: only the biases learn
+    norm_bias_lr_scale: float = 1.0  # BatchNorm biases learn at this multiple of the lr
 
 
 @dataclass
@@ -66,6 +83,7 @@ class RunConfig:
     compile: bool = False
     resume: str | None = None
     overwrite: bool = False
+    validation: bool = True  # False: train on all 50,000 training images, no validation split (a final run)
     progress: bool | None = None  # None: progress bars only when the output is a terminal
     logger: str = "tensorboard"
     tsne: bool = True

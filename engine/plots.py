@@ -24,7 +24,8 @@ def plot_curves(history: list[dict[str, float]], path: Path, title: str) -> None
     figure = Figure(figsize=(11, 4))
     for axis, key, label in zip(figure.subplots(1, 2), ("loss", "accuracy"), ("Loss", "Accuracy")):
         axis.plot(epochs, [row[f"train_{key}"] for row in history], marker=".", label="train")
-        axis.plot(epochs, [row[f"val_{key}"] for row in history], marker=".", label="validation")
+        if history[0][f"val_{key}"] is not None:  # a final run on every training image has no validation split
+            axis.plot(epochs, [row[f"val_{key}"] for row in history], marker=".", label="validation")
         axis.set_xlabel("epoch")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)

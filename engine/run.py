@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch import nn
 
 from engine.batches import CIFAR10DataModule, SplitData, load_split
-from engine.callbacks import ConfigInCheckpoint, DivergenceGuard, RunRecorder
+from engine.callbacks import ConfigInCheckpoint, DivergenceGuard, Lookahead, RunRecorder
 from engine.checkpoints import AtomicCheckpointIO, resume_checkpoint, saved_progress
 from engine.classifier import ImageClassifier
 from engine.config import RunConfig
@@ -30,7 +30,7 @@ from engine.errors import RunInterrupted
 from engine.evaluation import predict, test_report
 from engine.plots import plot_confusion
 from engine.progress import EpochProgressBar, progress_enabled
-from engine.registry import ModelSpec
+from engine.registry import ModelSpec, check_model_options
 from engine.run_folder import claim_run_folder, release_run_folder, write_json
 from functions import write_atomically
 
@@ -101,11 +101,12 @@ def fit(config: RunConfig, model: ModelSpec, data: SplitData, callbacks: Sequenc
     run_dir = Path(config.out_dir)
     accelerator = resolve_accelerator(config.device)
     ckpt_path = resume_checkpoint(config, run_dir)
+    check_model_options(config.model, model, config.recipe)
     net = model.build()
     pl.seed_everything(config.seed, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 parts on tensor-core GPUs
-    model.initialize(net)
+    model.initialize(net, data, config.recipe)
     if config.compile:
         net.compile()  # in place: the state dict keeps its plain names, so checkpoints load with or without it
     recipe = config.recipe
@@ -119,11 +120,15 @@ def fit(config: RunConfig, model: ModelSpec, data: SplitData, callbacks: Sequenc
     write_json(run_dir / "model.json", card)
     recorder = RunRecorder(run_dir, config.model)
     all_callbacks: list[Callback] = [recorder, DivergenceGuard(), *callbacks]  # the guard first: a pruner never sees a NaN
+    if recipe.weight_average == "lookahead":
+        all_callbacks.append(Lookahead(total_steps=recipe.epochs * module.steps_per_epoch))
     if checkpoints:
         # Two checkpoints: Lightning's save_last writes last.ckpt only in epochs where the monitored one saved.
         all_callbacks += [ConfigInCheckpoint(config, card),
-                          ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val_loss", mode="min", enable_version_counter=False),
                           ModelCheckpoint(dirpath=run_dir, filename="last", save_on_train_epoch_end=True, enable_version_counter=False)]
+        if config.validation:  # the best epoch is the one with the lowest validation loss: none without validation
+            all_callbacks.append(ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val_loss", mode="min",
+                                                 enable_version_counter=False))
     progress = progress_enabled(config.progress)
     if progress:
         all_callbacks.append(EpochProgressBar(refresh_rate=20))
@@ -147,6 +152,7 @@ def train(config: RunConfig, model: ModelSpec, data: SplitData | None = None, an
     Returns the test report (empty in the extra processes of data-parallel training).
     """
     resolve_accelerator(config.device)
+    check_model_options(config.model, model, config.recipe)
     run_dir = claim_run_folder(config)  # a busy or unusable folder fails before the slow data load
     try:
         resume_checkpoint(config, run_dir)
@@ -178,7 +184,7 @@ def finish_run(config: RunConfig, fitted: Fitted, data: SplitData, run_dir: Path
     report = test_report(test["labels"], test["logits"].argmax(1), data.classes)
     final = history[-1] if history else {}
     report.update({"model": config.model, "epochs": len(history), "tta": config.recipe.tta, "final_val_accuracy": final.get("val_accuracy"),
-                   "best_val_accuracy": max((row["val_accuracy"] for row in history), default=None),
+                   "best_val_accuracy": max((row["val_accuracy"] for row in history if row["val_accuracy"] is not None), default=None),
                    "data": data.source})
     write_json(run_dir / "test.json", report)
     plot_confusion(report, data.classes, run_dir / "confusion_matrix.png", config.model)

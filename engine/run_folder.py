@@ -132,6 +132,7 @@ def write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
     write_csv(path, history, METRIC_COLUMNS)
 
 
-def read_metrics_csv(path: Path) -> list[dict[str, float]]:
+def read_metrics_csv(path: Path) -> list[dict[str, float | None]]:
+    """metrics.csv as written; an empty cell (no validation split) reads as None."""
     with open(path, newline="") as handle:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+        return [{k: float(v) if v != "" else None for k, v in row.items()} for row in csv.DictReader(handle)]

@@ -20,10 +20,13 @@ class ConvGroup(nn.Sequential):
     Pooling right after the first convolution (airbench's order) runs the second one on a quarter of the pixels.
     """
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, norm_eps: float = 1e-5, norm_momentum: float = 0.1):
+        def norm() -> nn.BatchNorm2d:
+            return nn.BatchNorm2d(out_channels, eps=norm_eps, momentum=norm_momentum)
+
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(out_channels), nn.GELU(),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.GELU())
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.MaxPool2d(2), norm(), nn.GELU(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), norm(), nn.GELU())
 
 
 class FastVGG(nn.Module):

@@ -123,7 +123,7 @@ def untrained(name: str, seed: int) -> torch.nn.Module:
     """A freshly initialised network: its answers are far from perfect, so a wrong normalisation, view or weight shows."""
     torch.manual_seed(seed)
     net = engine.model_spec(name).build()
-    engine.model_spec(name).initialize(net)
+    engine.model_spec(name).initialize(net, None, engine.model_spec(name).recipe)
     return net.eval()
 
 

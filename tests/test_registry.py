@@ -44,7 +44,7 @@ def toy_initial_weights() -> dict[str, torch.Tensor]:
     return {name: 0.01 + 0.02 * torch.rand(shape, generator=generator) for name, shape in shapes.items()}
 
 
-def toy_initialize(net: ToyNet) -> None:
+def toy_initialize(net: ToyNet, data, recipe) -> None:
     with torch.no_grad():
         for name, tensor in toy_initial_weights().items():
             net.get_parameter(name).copy_(tensor)
@@ -103,7 +103,7 @@ def test_the_registry_lists_a_registered_model_with_its_description(monkeypatch,
 def test_the_study_models_start_kaiming_normal_and_train_in_one_group(split, tmp_path):
     spec = engine.model_spec("CIFAR10Net")
     net = spec.build()
-    spec.initialize(net)
+    spec.initialize(net, None, spec.recipe)
     assert all(not bias.any() for name, bias in net.named_parameters() if name.endswith("bias") and not name.startswith("bn"))
     assert net.fc1.weight.std().item() == pytest.approx((2 / net.fc1.in_features) ** 0.5, rel=0.1)  # Kaiming: gain sqrt(2), fan-in
     groups = spec.parameter_groups(net, spec.recipe)

@@ -91,7 +91,7 @@ def test_pretrained_layers_learn_at_the_scaled_rate_and_plateau_replaces_the_sch
     assert module.recipe.scheduler == "plateau"
     assert model.build() is net  # built once, with its pretrained weights, which the engine keeps
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    model.initialize(net)
+    model.initialize(net, None, recipe)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 

@@ -1,0 +1,147 @@
+"""Our fast recipe against airbench94 on the same data, device, precision, width and training images, side by side.
+
+    python -m benchmarks.bench_versus_airbench --data-dir ./data --width 32 --seeds 0 1 --precision bf16-mixed
+    python -m benchmarks.bench_versus_airbench --data-dir ./data --width 64 --full-train --seeds 0 1
+
+For each seed it runs both, one after the other in this process, alternating which goes first so that a machine
+whose speed drifts favours neither: the yardstick (``bench_airbench_reference``: airbench94's method outside the
+engine, timed as airbench94 times itself, from normalising the data to the end of the final TTA pass) and our recipe
+(``--model``, Airbench94_muon by default) trained by ``engine.train`` exactly as ``modified_models.py --model ...
+--no-tsne`` trains it, timed over everything that run does: the run folder, the whitening set-up, every epoch's
+validation, metrics and checkpoints, the final weights, the test set with the recipe's TTA, test.json and its figure.
+The data is loaded once, before either clock starts. Both sides report test accuracy with flip and with
+flip-translate TTA (the same weights, measured after the clock), wall time, milliseconds per training step, and the
+training arithmetic: FLOPs of one training step (forward and backward, torch.utils.flop_counter) times the steps.
+Writes runs.csv and runs.md into --out-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import engine
+import models  # noqa: F401  (registers every model)
+from benchmarks import bench_airbench_reference as reference
+from functions import write_atomically
+from models.airbench import AirbenchNet
+
+COLUMNS = ("method", "seed", "width", "train_images", "epochs", "batch_size", "precision", "seconds", "steps", "ms_per_step",
+           "training_pflops", "test_flip", "test_flip_translate")
+
+
+def training_step_flops(net: torch.nn.Module, batch_size: int, device: torch.device) -> int:
+    """FLOPs of one training step of ``net`` on a batch: the forward and the backward pass (the optimiser's are not counted)."""
+    images = torch.randn(batch_size, 3, 32, 32, device=device)
+    labels = torch.randint(0, 10, (batch_size,), device=device)
+    net = net.to(device).train()
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(net(images), labels).backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def run_reference(data: engine.SplitData, seed: int, args: argparse.Namespace, precision: str, device: torch.device) -> dict:
+    row = reference.train_and_test(data, seed, args.reference_epochs, args.width, args.reference_batch_size, device, precision, args.compile)
+    steps = math.ceil(len(data.train_images) // args.reference_batch_size * args.reference_epochs)
+    flops = training_step_flops(reference.airbench_net(args.width, torch.randn(8, 3, 32, 32)), args.reference_batch_size, device)
+    return {"method": "airbench94 (yardstick)", "seed": seed, "width": args.width, "train_images": row["train_images"], "epochs": row["epochs"],
+            "batch_size": row["batch_size"], "precision": precision, "seconds": row["seconds"], "steps": steps,
+            "ms_per_step": round(1000 * row["seconds"] / steps, 1), "training_pflops": round(flops * steps / 1e15, 4),
+            "test_flip": row["test_flip"], "test_flip_translate": row["test_flip_translate"]}
+
+
+def run_ours(data: engine.SplitData, seed: int, args: argparse.Namespace, precision: str, device: torch.device) -> dict:
+    spec = engine.model_spec(args.model)
+    spec = replace(spec, build=partial(AirbenchNet, widths=(args.width, 4 * args.width, 4 * args.width)))
+    recipe = replace(spec.recipe, epochs=args.epochs or spec.recipe.epochs)
+    config = engine.RunConfig(model=args.model, recipe=recipe, out_dir=str(Path(args.out_dir) / "runs" / f"ours-seed{seed}"), seed=seed,
+                              device=args.device, precision=precision, compile=args.compile, progress=False, tsne=False,
+                              validation=not args.full_train, overwrite=True)
+    started = time.perf_counter()
+    engine.train(config, spec, data=data)  # the whole run a user's command makes (with --no-tsne)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    net = spec.build()
+    net.load_state_dict(torch.load(Path(config.out_dir) / "model.pth", map_location=device, weights_only=True))
+    test = engine.accuracy_by_tta(net.to(device), data.test_images, data.test_labels, data.mean, data.std, tta="flip-translate")
+    steps = recipe.epochs * math.ceil(len(data.train_images) / recipe.batch_size)
+    flops = training_step_flops(spec.build(), recipe.batch_size, device)
+    return {"method": f"{args.model} (ours)", "seed": seed, "width": args.width, "train_images": len(data.train_images),
+            "epochs": recipe.epochs, "batch_size": recipe.batch_size, "precision": precision, "seconds": round(seconds, 1), "steps": steps,
+            "ms_per_step": round(1000 * seconds / steps, 1), "training_pflops": round(flops * steps / 1e15, 4),
+            "test_flip": test["flip"], "test_flip_translate": test["flip-translate"]}
+
+
+def write_tables(rows: list[dict], out_dir: Path, title: str) -> str:
+    engine.write_csv(out_dir / "runs.csv", rows, COLUMNS)
+    lines = [title, "", "| method | seed | images | epochs | seconds | ms/step | training PFLOPs | test (flip TTA) | test (flip-translate TTA) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['seed']} | {r['train_images']:,} | {r['epochs']} | {r['seconds']:.1f} | {r['ms_per_step']:.1f} | "
+                     f"{r['training_pflops']:.4f} | {r['test_flip']:.2%} | {r['test_flip_translate']:.2%} |")
+    means = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        group = [r for r in rows if r["method"] == method]
+        means[method] = {key: statistics.mean(r[key] for r in group) for key in ("seconds", "test_flip", "test_flip_translate")}
+        lines.append(f"| **{method}: mean of {len(group)}** | | | | {means[method]['seconds']:.1f} | | | {means[method]['test_flip']:.2%} | "
+                     f"{means[method]['test_flip_translate']:.2%} |")
+    if len(means) == 2:
+        (ref, ref_mean), (ours, ours_mean) = means.items()
+        lines += ["", f"time ratio ours / yardstick: {ours_mean['seconds'] / ref_mean['seconds']:.2f}x; accuracy difference (flip-translate): "
+                  f"{100 * (ours_mean['test_flip_translate'] - ref_mean['test_flip_translate']):+.2f} points"]
+    text = "\n".join(lines) + "\n"
+    write_atomically(out_dir / "runs.md", lambda tmp: tmp.write_text(text))
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="Airbench94_muon", help="our recipe: a registered airbench model (default Airbench94_muon)")
+    parser.add_argument("--width", type=engine.positive_int, default=64, help="channels of the first stage, the others 4x, both sides (default 64)")
+    parser.add_argument("--seeds", type=engine.non_negative_int, nargs="+", default=[0, 1], help="seeds (default 0 1)")
+    parser.add_argument("--epochs", type=engine.positive_int, help="our recipe's epochs (default: its own)")
+    parser.add_argument("--reference-epochs", type=engine.positive_float, default=9.9, help="the yardstick's epochs (default 9.9, airbench94's)")
+    parser.add_argument("--reference-batch-size", type=engine.positive_int, default=1024, help="the yardstick's batch (default 1024)")
+    parser.add_argument("--full-train", action="store_true", help="both train on all 50,000 training images (ours with --no-validation)")
+    parser.add_argument("--only", choices=("both", "ours", "reference"), default="both", help="run one side only (default both)")
+    engine.add_data_arguments(parser, limit_train=False)
+    engine.add_device_arguments(parser, distributed=False)
+    parser.add_argument("--out-dir", default="runs/bench_versus_airbench", help="folder for runs.csv, runs.md and our run folders")
+    args = parser.parse_args()
+
+    device = engine.training_device(args.device)
+    precision = engine.resolve_precision(args.precision, args.device)
+    if precision not in ("32-true", "bf16-mixed"):
+        raise engine.UserError(f"--precision {precision}: the yardstick runs 32-true or bf16-mixed; give one of them")
+    arrays = engine.load_cifar10(args.data_dir, args.num_workers)
+    data = engine.SplitData.from_arrays(arrays, validation=not args.full_train).to(device)  # loaded before either clock starts
+    print(f"Data: {data.source}; {len(data.train_images)} train / {len(data.test_images)} test images; {device}, {precision}")
+    sides = {"reference": run_reference, "ours": run_ours}
+    if args.only != "both":
+        sides = {args.only: sides[args.only]}
+    title = (f"{args.model} against airbench94, width {args.width}, {len(data.train_images):,} training images, {device}, {precision}"
+             + (", compiled" if args.compile else ""))
+    rows = []
+    for index, seed in enumerate(args.seeds):
+        order = list(sides.values()) if index % 2 == 0 else list(reversed(sides.values()))  # alternate who goes first
+        for side in order:
+            rows.append(side(data, seed, args, precision, device))
+            r = rows[-1]
+            print(f"{r['method']} seed {seed}: {r['seconds']:.1f} s, test with flip TTA {r['test_flip']:.4f}, "
+                  f"flip-translate {r['test_flip_translate']:.4f}", flush=True)
+            table = write_tables(rows, Path(args.out_dir), title)
+    print(table)
+
+
+if __name__ == "__main__":
+    engine.run_cli(main)

@@ -1,0 +1,59 @@
+"""Muon for convolution filters, Nesterov SGD for everything else, in one optimiser (airbench94_muon's pair).
+
+Muon (Keller Jordan, 2024) replaces a filter's momentum update by the nearest orthogonal matrix (a few Newton-Schulz
+iterations), so every direction of the filter moves at the same rate. ``torch.optim.Muon`` (torch 2.9+) does not serve
+here: it takes 2-D parameters only, Lightning's automatic optimisation takes one optimiser where airbench pairs Muon
+with SGD, and airbench's Muon also renormalises each filter before its step. So the few lines are written here; a
+group marked ``orthogonalize`` gets Muon, every other group Nesterov SGD with its own weight decay.
+"""
+from __future__ import annotations
+
+import torch
+
+# Newton-Schulz quintic coefficients chosen for the steepest slope at zero (Keller Jordan's): three iterations
+# leave singular values roughly in [0.5, 1.5], which trains as well as exact orthogonalisation.
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
+NEWTON_SCHULZ_STEPS = 3
+
+
+def orthogonalize(matrix: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS) -> torch.Tensor:
+    """``matrix`` with its singular values pushed towards 1 (U V^T of its SVD, approximately), in bf16 as airbench does."""
+    a, b, c = NEWTON_SCHULZ
+    x = matrix.bfloat16()
+    x = x / (x.norm() + 1e-7)  # the largest singular value at most 1, where the iteration converges
+    wide = x.size(0) <= x.size(1)
+    if not wide:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x if wide else x.T).to(matrix.dtype)
+
+
+class MuonSGD(torch.optim.Optimizer):
+    """Per group: ``orthogonalize`` True, Muon (Nesterov momentum, filter renormalised to norm sqrt(out channels), the
+    orthogonalised update times lr); else SGD with Nesterov momentum and weight decay."""
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "orthogonalize": False})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad if group["orthogonalize"] else p.grad.add(p, alpha=group["weight_decay"])
+                buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buffer.mul_(momentum).add_(grad)
+                update = grad.add(buffer, alpha=momentum)  # Nesterov
+                if group["orthogonalize"]:
+                    p.mul_(len(p) ** 0.5 / p.norm())  # each step from the same scale: the lr alone sets the step
+                    update = orthogonalize(update.reshape(len(update), -1)).view_as(p)
+                p.add_(update, alpha=-lr)
+        return loss

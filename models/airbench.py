@@ -1,0 +1,130 @@
+"""airbench94_muon's network and method (Keller Jordan, 2024), inside the toolkit: the fast recipe.
+
+The network is FastVGG's layout with airbench's stem and BatchNorm; what makes the method fast is spread over the
+engine's flags, each a field of the recipe below (``docs/RESULTS.md`` measures each one off in turn):
+
+    whiten                the 2x2 stem starts as the whitening of the training images' patches and stays frozen
+    dirac                 every 3x3 convolution starts as an identity on its first channels
+    freeze_norm_weights   BatchNorm weights stay 1; norm_bias_lr_scale sets the biases' own learning rate
+    optimizer muon        Muon (orthogonalised momentum) for the convolution filters, Nesterov SGD for the rest
+    decoupled             loss summed over the batch, weight decay per 1,024 examples whatever the lr
+    scheduler linear      straight down from the peak to 0
+    augment alternating   2-pixel reflect-padded crops, each image mirrored in every other epoch
+    tta flip-translate    six views of each test image
+
+airbench94 itself (SGD, lookahead, the triangle schedule) is ``benchmarks/bench_airbench_reference.py``, our yardstick.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine import ModelSpec, Recipe, register
+from functions import normalize
+from models.fast import ConvGroup
+
+# The method's numbers, after airbench94_muon.py, and why each.
+AIRBENCH_RECIPE = Recipe(
+    epochs=8,                      # airbench94_muon's: Muon reaches in 8 epochs what SGD reaches in 9.9
+    batch_size=2000,               # large batches: few steps, each cheap to orchestrate
+    optimizer="muon",
+    lr=0.67,                       # the head's lr (per example: the loss is summed), SGD
+    momentum=0.85,                 # SGD's Nesterov momentum, for the head and the biases
+    muon_lr=0.24, muon_momentum=0.6,  # the filters' Muon
+    weight_decay=0.002048,         # per 1,024 examples: 0.004 per step of 2,000 (2e-6 x batch, airbench's)
+    decoupled=True,
+    label_smoothing=0.2,
+    scheduler="linear",
+    augment="alternating",
+    tta="flip-translate",
+    whiten=True, dirac=True,
+    freeze_norm_weights=True,
+    norm_bias_lr_scale=0.053 / 0.67,  # the biases learn at 0.053, the head at 0.67
+)
+WHITEN_IMAGES = 5000        # training images whose 2x2 patches give the whitening filters: plenty for a 12x12 covariance
+WHITEN_EPS = 5e-4           # keeps the near-constant directions of the patches from being blown up
+WHITEN_BIAS_EPOCHS = 3      # the stem's bias learns this long, then freezes with the stem
+NORM_MOMENTUM, NORM_EPS = 0.4, 1e-12  # running statistics that follow fast-moving weights (airbench's "momentum 0.6")
+
+
+class AirbenchNet(nn.Module):
+    """airbench94's network: a 2x2 stem of 24 filters, three pooled stages of two 3x3 convs, max-pool, a linear head.
+
+    The head's scores are divided by its width (airbench94_muon's scaling; the head starts at unit-variance weights).
+    """
+
+    def __init__(self, widths: tuple[int, int, int] = (64, 256, 256)):
+        super().__init__()
+        self.whiten = nn.Conv2d(3, 24, 2, bias=True)
+        self.stages = nn.Sequential(*(ConvGroup(a, b, NORM_EPS, NORM_MOMENTUM) for a, b in zip((24, *widths[:2]), widths)))
+        self.pool = nn.MaxPool2d(3)
+        self.head = nn.Linear(widths[2], 10, bias=False)
+        self.whitened = False  # set by whitening: then the stem's bias stops learning after WHITEN_BIAS_EPOCHS
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled output of the last stage: the penultimate features the t-SNE analysis projects."""
+        return torch.flatten(self.pool(self.stages(nn.functional.gelu(self.whiten(x)))), 1)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features) / features.size(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.forward_features(x))
+
+    def start_epoch(self, epoch: int) -> None:
+        """The engine calls this as each epoch starts."""
+        if self.whitened:
+            self.whiten.bias.requires_grad_(epoch < WHITEN_BIAS_EPOCHS)
+
+
+def whitening_filters(images: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Tensor:
+    """24 filters of 2x2x3 from the eigenvectors of the patch covariance, scaled by 1/sqrt(eigenvalue), and their negatives:
+    their responses to the training patches are decorrelated, with unit variance."""
+    patches = images.unfold(2, 2, 1).unfold(3, 2, 1).transpose(1, 3).reshape(-1, 12).double()
+    eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+    scaled = (eigenvectors.T / torch.sqrt(eigenvalues + eps).unsqueeze(1)).reshape(12, 3, 2, 2).float()
+    return torch.cat((scaled, -scaled))
+
+
+@torch.no_grad()
+def initialize(net: AirbenchNet, data: Any, recipe: Recipe) -> None:
+    """Fresh default weights, then what the recipe asks for: the whitening stem, identity convolutions, frozen norms."""
+    for module in net.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+            module.reset_parameters()
+    net.head.weight.mul_(1 / net.head.weight.std())
+    if recipe.dirac:
+        for module in net.stages.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.dirac_(module.weight[:module.in_channels])  # an identity path through the first channels
+    if recipe.whiten:
+        images = normalize(data.train_images[:WHITEN_IMAGES].float() / 255, data.mean.to(data.train_images.device),
+                           data.std.to(data.train_images.device))
+        net.whiten.weight.copy_(whitening_filters(images))
+        net.whiten.weight.requires_grad_(False)
+        net.whiten.bias.zero_()
+        net.whitened = True
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.weight.requires_grad_(not recipe.freeze_norm_weights)
+
+
+def parameter_groups(net: AirbenchNet, recipe: Recipe) -> list[dict[str, Any]]:
+    """The biases (BatchNorm's and the stem's) at their own rate; everything else (the head; the filters, which Muon takes
+    over) at the recipe's."""
+    biases = [net.whiten.bias] + [m.bias for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    others = [p for p in net.parameters() if p.requires_grad and not any(p is bias for bias in biases)]
+    return [{"params": biases, "lr": recipe.lr * recipe.norm_bias_lr_scale}, {"params": others}]
+
+
+AIRBENCH_OPTIONS = frozenset({"whiten", "dirac", "freeze_norm_weights", "norm_bias_lr_scale"})
+register("Airbench94_muon", ModelSpec(AirbenchNet, AIRBENCH_RECIPE,
+                                      "airbench94_muon's network and method: whitened stem, identity convolutions, frozen BatchNorm "
+                                      "weights, Muon, alternating flips, flip-translate TTA; 8 epochs, batch 2,000.",
+                                      initialize, parameter_groups, AIRBENCH_OPTIONS))
+register("Airbench94_muon_narrow", ModelSpec(partial(AirbenchNet, widths=(32, 128, 128)), AIRBENCH_RECIPE,
+                                             "Airbench94_muon at half the width (32, 128, 128): a quarter of the arithmetic.",
+                                             initialize, parameter_groups, AIRBENCH_OPTIONS))

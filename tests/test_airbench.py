@@ -1,0 +1,170 @@
+"""The fast recipe's pieces inside the engine: whitening, identity convolutions, parameter groups, Muon, alternating flips,
+lookahead, the schedules, training on every image, and a short run that learns."""
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine
+import engine.batches
+import functions as fn
+import main as main_script
+from conftest import quick_config
+from models.airbench import AIRBENCH_RECIPE, AirbenchNet, initialize, parameter_groups, whitening_filters
+
+NARROW = (8, 16, 16)
+
+
+def airbench(split, recipe=AIRBENCH_RECIPE, widths=NARROW) -> AirbenchNet:
+    torch.manual_seed(0)
+    net = AirbenchNet(widths)
+    initialize(net, split, recipe)
+    return net
+
+
+def test_whitening_filters_give_identity_covariance_on_the_patches(split):
+    images = fn.normalize(split.train_images.float() / 255, split.mean, split.std)
+    filters = whitening_filters(images, eps=0.0)
+    assert filters.shape == (24, 3, 2, 2)
+    torch.testing.assert_close(filters[12:], -filters[:12])
+    responses = F.conv2d(images.double(), filters[:12].double()).permute(0, 2, 3, 1).reshape(-1, 12)
+    torch.testing.assert_close(responses.T @ responses / len(responses), torch.eye(12, dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+def test_the_whitened_stem_is_frozen_and_its_bias_learns_three_epochs(split):
+    net = airbench(split)
+    images = fn.normalize(split.train_images[:5000].float() / 255, split.mean, split.std)
+    torch.testing.assert_close(net.whiten.weight, whitening_filters(images))
+    assert not net.whiten.weight.requires_grad and not net.whiten.bias.any()
+    assert [(net.start_epoch(epoch), net.whiten.bias.requires_grad)[1] for epoch in range(5)] == [True, True, True, False, False]
+    plain = airbench(split, replace(AIRBENCH_RECIPE, whiten=False))
+    assert plain.whiten.weight.requires_grad and not torch.allclose(plain.whiten.weight, net.whiten.weight)
+    assert [(plain.start_epoch(epoch), plain.whiten.bias.requires_grad)[1] for epoch in range(5)] == [True] * 5
+
+
+def test_dirac_initialisation_passes_the_input_through_an_identity_shaped_conv(split):
+    net = airbench(split)
+    conv = net.stages[1][0]  # 8 -> 16 channels, 3x3, same padding: the first 8 output channels are the input
+    x = torch.randn(4, conv.in_channels, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x)[:, :conv.in_channels], x)
+    without = airbench(split, replace(AIRBENCH_RECIPE, dirac=False)).stages[1][0]
+    with torch.no_grad():
+        assert not torch.allclose(without(x)[:, :conv.in_channels], x)
+
+
+def test_the_optimiser_groups_carry_the_rates_and_decays_asked_for(split):
+    net = airbench(split)
+    module = engine.ImageClassifier(net, AIRBENCH_RECIPE, seed=0, steps_per_epoch=10, parameter_groups=parameter_groups)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, engine.optimizers.MuonSGD)
+    biases, others, filters = optimizer.param_groups
+    norm_biases = [m.bias for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert [id(p) for p in biases["params"]] == [id(net.whiten.bias)] + [id(p) for p in norm_biases]
+    assert [id(p) for p in others["params"]] == [id(net.head.weight)]  # BatchNorm weights frozen, the filters taken by Muon
+    assert {id(p) for p in filters["params"]} == {id(m.weight) for m in net.stages.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert (biases["lr"], others["lr"], filters["lr"]) == pytest.approx((0.053, 0.67, 0.24))
+    assert filters["orthogonalize"] and not biases["orthogonalize"] and filters["momentum"] == 0.6 and others["momentum"] == 0.85
+    per_step = AIRBENCH_RECIPE.weight_decay * AIRBENCH_RECIPE.batch_size / 1024  # 0.004: airbench94_muon's 2e-6 x batch 2000
+    assert per_step == pytest.approx(0.004)
+    assert biases["lr"] * biases["weight_decay"] == pytest.approx(per_step) == others["lr"] * others["weight_decay"]
+    assert filters["weight_decay"] == 0.0
+
+
+def test_muon_orthogonalises_the_update_and_keeps_each_filter_at_its_norm():
+    update = torch.randn(16, 72)
+    singular = torch.linalg.svdvals(engine.optimizers.orthogonalize(update).float())
+    assert singular.min() > 0.3 and singular.max() < 1.5  # pushed towards 1 (three quintic steps: roughly 0.5 to 1.5)
+    weight = torch.nn.Parameter(torch.randn(16, 8, 3, 3) * 5)
+    optimizer = engine.optimizers.MuonSGD([{"params": [weight], "orthogonalize": True, "lr": 0.1, "momentum": 0.6}], lr=1.0, momentum=0.9)
+    weight.grad = torch.randn_like(weight)
+    before = weight.detach().clone()
+    optimizer.step()
+    normalised = before * 4 / before.norm()  # sqrt(16 output channels)
+    step = normalised - weight.detach()
+    assert step.norm() == pytest.approx(0.1 * engine.optimizers.orthogonalize((weight.grad * 1.6).reshape(16, -1)).float().norm(), rel=1e-2)
+
+
+def test_each_image_is_flipped_in_alternate_epochs_from_its_own_start(monkeypatch, split):
+    ids = torch.arange(len(split.train_images))
+    seen: dict[int, list[bool]] = {}
+    flips = []
+    real = engine.batches.model_input
+    monkeypatch.setattr(engine.batches, "model_input",
+                        lambda images, mean, std, augmentation, generator, hflip: flips.append(hflip) or real(images, mean, std, augmentation,
+                                                                                                              generator, hflip))
+    for epoch in range(4):
+        batches = engine.TrainBatches(split.train_images, ids, 32, "alternating", split.mean, split.std, seed=3, epoch=lambda: epoch)
+        labels = torch.cat([labels for _, labels in batches])
+        for image, flipped in zip(labels.tolist(), torch.cat(flips).tolist()):
+            seen.setdefault(image, []).append(flipped)
+        flips.clear()
+    assert len(seen) == len(ids)
+    assert all(flipped[1] != flipped[0] and flipped[2] == flipped[0] and flipped[3] == flipped[1] for flipped in seen.values())
+    first = torch.tensor([flipped[0] for flipped in seen.values()], dtype=torch.float)
+    assert 0.3 < first.mean() < 0.7  # a random start per image, not one for all
+
+
+def test_the_weight_average_follows_its_formula():
+    net = torch.nn.Linear(3, 2)
+    module, trainer = SimpleNamespace(net=net), SimpleNamespace(global_step=0)
+    lookahead = engine.Lookahead(total_steps=20)
+    lookahead.on_train_start(trainer, module)
+    weights = net.weight.detach().clone()
+    average = weights.clone()
+    for step in range(1, 21):
+        with torch.no_grad():
+            net.weight.add_(1.0)  # a training step
+        weights = weights + 1.0
+        trainer.global_step = step
+        lookahead.on_train_batch_end(trainer, module)
+        decay = 1.0 if step == 20 else (0.95 ** 5 * (step / 20) ** 3 if step % 5 == 0 else None)
+        if decay is not None:  # the average moves towards the network, and the network is set to it
+            average = decay * average + (1 - decay) * weights
+            weights = average.clone()
+        torch.testing.assert_close(net.weight.detach(), weights)
+    torch.testing.assert_close(lookahead.average["weight"], average)
+    assert engine.lookahead_decay(20, 20) == 1.0 and engine.lookahead_decay(7, 20) is None
+
+
+def test_airbench_schedules_have_their_shape():
+    linear = [engine.learning_rate_factor(step, 100, 0, "linear") for step in (0, 50, 99)]
+    assert linear == pytest.approx([1.0, 0.5, 0.01])
+    triangle = [engine.learning_rate_factor(step, 100, 0, "triangle") for step in (0, 23, 100)]
+    assert triangle == pytest.approx([0.2, 1.0, 0.07])
+
+
+def test_training_on_every_image_writes_the_usual_outputs_without_a_validation_split(tmp_path, arrays):
+    data = engine.SplitData.from_arrays(arrays, validation=False)
+    assert len(data.train_images) == len(arrays.train_images) and len(data.val_images) == 0
+    config = replace(quick_config(tmp_path, epochs=2), validation=False)
+    report = engine.train(config, engine.model_spec("CIFAR10Net"), data=data)
+    run_dir = tmp_path / "run"
+    for name in ("model.pth", "last.ckpt", "test.json", "metrics.csv", "curves.png", "confusion_matrix.png", "model.json"):
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / "best.ckpt").exists()  # "best" is by validation loss: there is none
+    history = engine.read_metrics_csv(run_dir / "metrics.csv")
+    assert [row["val_loss"] for row in history] == [None, None] and all(row["train_accuracy"] is not None for row in history)
+    assert report["num_test_images"] == len(arrays.test_images) and report["best_val_accuracy"] is None
+
+
+def test_a_short_fast_recipe_run_learns_the_synthetic_task(tmp_path, split):
+    recipe = replace(AIRBENCH_RECIPE, epochs=4, batch_size=32)
+    config = engine.RunConfig(model="Airbench94_muon_narrow", recipe=recipe, out_dir=str(tmp_path / "run"), progress=False, tsne=False,
+                              device="cpu", logger="none")
+    report = engine.train(config, engine.model_spec("Airbench94_muon_narrow"), data=split)
+    history = engine.read_metrics_csv(tmp_path / "run/metrics.csv")
+    assert history[-1]["train_loss"] < history[0]["train_loss"] and report["test_accuracy"] > 0.5  # chance is 0.1
+
+
+def test_airbench_properties_on_a_model_without_them_are_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["main.py", "--whiten", "--out-dir", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as exit_info:
+        engine.run_cli(main_script.main)
+    assert exit_info.value.code == 2 and "--whiten is a property of the airbench models" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
