@@ -52,17 +52,8 @@ def measure(saved: SavedModel, card: ModelCard, data: engine.SplitData, tta: str
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_argument_group("model")
-    group.add_argument("--run", type=Path, metavar="DIR", help="run folder of a trained model: evaluates its model.pth (the final weights) "
-                       "with its model.json")
-    group.add_argument("--checkpoint", metavar="PATH", help="with --run: another weights file of the run folder, e.g. best.ckpt or last.ckpt; "
-                       "alone: a weights file, best.ckpt or last.ckpt (which carry their model card) or a model.pth (with model.json beside "
-                       "it, or --model)")
-    group.add_argument("--model", help="the network a plain state dict holds, e.g. CIFAR10Net_7 (python modified_models.py --list); only needed "
-                       "when no model.json comes with the weights")
-    group.add_argument("--tta", choices=tuple(engine.TTA_MODES), help="test-time augmentation, each test image's class scores from: "
-                       f"{'; '.join(f'{name}: {what}' for name, what in engine.TTA_MODES.items())} (default: the model's own, from its "
-                       "model card; none for a plain state dict)")
+    group = saved_models.add_arguments(parser, run_help="run folder of a trained model: evaluates its model.pth (the final weights) with "
+                                                        "its model.json")
     group.add_argument("--out-dir", help="folder for evaluation-<weights>.json and evaluation-<weights>-confusion.png "
                        "(default: the folder of the weights)")
     engine.add_data_arguments(parser, limit_train=False)

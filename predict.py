@@ -210,23 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
                              ".webp files (hidden ones aside). Every image is resized to 32x32 pixels, see above")
     parser.add_argument("--recursive", action="store_true",
                         help="also search the folders' sub-folders (default: only the files directly in each folder)")
-    group = parser.add_argument_group("model")
-    group.add_argument("--run", type=Path, metavar="DIR", help="run folder of a trained model: its model.json and model.pth (default "
-                       "pretrained/FastVGG_narrow beside predict.py, the shipped model, when neither --run nor --checkpoint is given)")
-    group.add_argument("--checkpoint", metavar="PATH", help="with --run: another weights file of the run folder, e.g. best.ckpt; alone: a "
-                       "weights file, best.ckpt or last.ckpt (which carry their model card) or a model.pth (with model.json beside it, "
-                       "or --model)")
-    group.add_argument("--model", help="the network a plain state dict holds, e.g. CIFAR10Net_7 (python modified_models.py --list); only "
-                       "needed when no model.json comes with the weights")
+    group = saved_models.add_arguments(parser, run_help="run folder of a trained model: its model.json and model.pth (default "
+                                       "pretrained/FastVGG_narrow beside predict.py, the shipped model, when neither --run nor --checkpoint is given)")
     group.add_argument("--data-dir", default="./data", help="only with --model, for weights without model.json: CIFAR-10 here (the "
                        "official batches or an image-folder tree, never downloaded) gives the normalisation statistics and class names; "
                        "without it, CIFAR-10's published statistics are used, with a note (default ./data)")
     group = parser.add_argument_group("prediction")
     group.add_argument("--top", type=engine.positive_int, default=3, metavar="K",
                        help="how many of the likeliest classes to show per image (default 3)")
-    group.add_argument("--tta", choices=tuple(engine.TTA_MODES), help="test-time augmentation, each image's class scores from: "
-                       f"{'; '.join(f'{name}: {what}' for name, what in engine.TTA_MODES.items())} "
-                       "(default: the model's own, from its model.json)")
     group.add_argument("--csv", metavar="FILE", help="also write one row per image: path, then class_1, probability_1, ... for the --top "
                        f"classes (replaced if it exists). Without it, more than {PRINTED_IMAGES} images print only a summary")
     engine.add_device_arguments(parser, training=False)

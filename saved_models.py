@@ -15,6 +15,7 @@ rebuilt from its transfer.json.
 """
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,3 +236,17 @@ def open_saved_model(run: str | Path | None = None, checkpoint: str | Path | Non
     name = model_name(card, card_file, model, saved, weights)
     net = engine.load_weights(build_network(name, folder), name, weights)
     return SavedModel(net, name, weights, card, card_file)
+
+
+def add_arguments(parser: argparse.ArgumentParser, run_help: str) -> argparse._ArgumentGroup:
+    """--run, --checkpoint, --model and --tta: which trained model answers, as predict.py and evaluate.py take them."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--run", type=Path, metavar="DIR", help=run_help)
+    group.add_argument("--checkpoint", metavar="PATH", help="with --run: another weights file of the run folder, e.g. best.ckpt or last.ckpt; "
+                       "alone: a weights file, best.ckpt or last.ckpt (which carry their model card) or a model.pth (with model.json beside "
+                       "it, or --model)")
+    group.add_argument("--model", help="the network a plain state dict holds, e.g. CIFAR10Net_7 (python modified_models.py --list); only needed "
+                       "when no model.json comes with the weights")
+    group.add_argument("--tta", choices=tuple(engine.TTA_MODES), help=f"test-time augmentation, each image's class scores from: "
+                       f"{engine.choices_help(engine.TTA_MODES)} (default: the model's own, from its model card; none for a plain state dict)")
+    return group

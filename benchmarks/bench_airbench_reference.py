@@ -190,6 +190,14 @@ def train_and_test(data: engine.SplitData, seed: int, epochs: float, width: int,
             "test_plain": test["none"], "test_flip": test["flip"], "test_flip_translate": test["flip-translate"]}
 
 
+def yardstick_precision(precision: str, device: str) -> str:
+    """--precision as the engine resolves it, if the yardstick runs it: float32, or bf16 autocast."""
+    precision = engine.resolve_precision(precision, device)
+    if precision not in ("32-true", "bf16-mixed"):
+        raise engine.UserError(f"--precision {precision}: the yardstick runs 32-true or bf16-mixed; give one of them")
+    return precision
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=engine.non_negative_int, nargs="+", default=[0], help="seeds to run (default 0)")
@@ -203,9 +211,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = engine.training_device(args.device)
-    precision = engine.resolve_precision(args.precision, args.device)
-    if precision not in ("32-true", "bf16-mixed"):
-        raise engine.UserError(f"--precision {precision}: the yardstick runs 32-true or bf16-mixed")
+    precision = yardstick_precision(args.precision, args.device)
     torch.backends.cudnn.benchmark = True  # as airbench94: the fastest convolution algorithms for these fixed shapes
     arrays = engine.load_cifar10(args.data_dir, args.num_workers)
     data = engine.SplitData.from_arrays(arrays, args.limit_train)

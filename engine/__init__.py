@@ -22,7 +22,7 @@ from engine.checkpoints import (AtomicCheckpointIO, load_weights, read_checkpoin
                                 state_dict_mismatch, weights_in)
 from engine.classifier import ImageClassifier, learning_rate_factor
 from engine.cli import (DEVICES, add_data_arguments, add_device_arguments, add_recipe_arguments, add_run_arguments,
-                        add_training_arguments, beta, config_from_args, interrupted_message, non_negative_float, non_negative_int, parse_arguments,
+                        add_training_arguments, beta, choices_help, config_from_args, interrupted_message, non_negative_float, non_negative_int, parse_arguments,
                         positive_float, positive_int, resume_command, run_cli)
 from engine.config import LOGGERS, OPTIMIZERS, SCHEDULERS, TTA_MODES, WEIGHT_AVERAGES, Recipe, RunConfig
 from engine.data import CIFAR10Arrays, has_local_cifar10, image_error_reason, load_cifar10, split_train_val

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +97,13 @@ def quick_config(tmp_path: Path, model: str = "CIFAR10Net", **recipe) -> engine.
 
     return engine.RunConfig(model=model, recipe=replace(engine.Recipe(), **base), out_dir=str(tmp_path / "run"),
                             progress=False, tsne=False, device="cpu")
+
+
+def run_script(monkeypatch, main, name: str, *argv: str) -> int:
+    """Run a script's ``main`` through engine.run_cli as its command line would, with ``argv``; its exit status."""
+    monkeypatch.setattr(sys, "argv", [name, *argv])
+    try:
+        engine.run_cli(main)
+    except SystemExit as exit_info:
+        return exit_info.code
+    return 0

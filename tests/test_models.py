@@ -1,12 +1,12 @@
 """The README's models: shapes, sizes, gradients, learning, registry, comparison runs."""
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
 from torch import nn
 
+import conftest
 import engine
 import modified_models as mm
 from main import CIFAR10Net
@@ -47,6 +47,8 @@ def fast_vgg(w0, w1, w2):
 
 EXPECTED_PARAMETERS["FastVGG"] = fast_vgg(64, 256, 256)
 EXPECTED_PARAMETERS["FastVGG_narrow"] = fast_vgg(32, 128, 128)
+EXPECTED_PARAMETERS["Airbench94_muon"] = fast_vgg(64, 256, 256) - bn(24)  # the same, but its whitening stem has no BatchNorm
+EXPECTED_PARAMETERS["Airbench94_muon_narrow"] = fast_vgg(32, 128, 128) - bn(24)
 
 
 @pytest.mark.parametrize("name", list(mm.MODELS))
@@ -102,12 +104,7 @@ def test_optim_model_carries_its_recipe():
 
 
 def run_script(monkeypatch, *argv):
-    monkeypatch.setattr(sys, "argv", ["modified_models.py", *argv])
-    try:
-        engine.run_cli(mm.main)
-    except SystemExit as exit_info:
-        return exit_info.code
-    return 0
+    return conftest.run_script(monkeypatch, mm.main, "modified_models.py", *argv)
 
 
 def test_list_and_unknown_model(monkeypatch, capsys):

@@ -20,7 +20,7 @@ import engine.progress
 import main as main_script
 import tsne
 import tuning
-from conftest import quick_config, write_image_folder
+from conftest import quick_config, run_script, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,12 +31,7 @@ def data_dir(tmp_path, arrays) -> Path:
 
 
 def run_main(monkeypatch, *argv) -> int:
-    monkeypatch.setattr(sys, "argv", ["main.py", *argv])
-    try:
-        engine.run_cli(main_script.main)
-    except SystemExit as exit_info:
-        return exit_info.code
-    return 0
+    return run_script(monkeypatch, main_script.main, "main.py", *argv)
 
 
 def test_piped_output_has_one_clean_line_per_epoch_and_forced_bars_count_epochs_from_one(tmp_path, data_dir):
