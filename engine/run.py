@@ -47,6 +47,9 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 # The logged validation metrics are computed from sums already reduced over all processes: syncing them again is redundant.
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val_")
 
+# What a finished run folder holds, in the order the closing line lists them.
+RUN_FILES = ("config.json", "model.json", "metrics.csv", "curves.png", "model.pth", "best.ckpt", "last.ckpt", "test.json", "confusion_matrix.png")
+
 
 class Analysis(Protocol):
     """Work a script hands to ``train`` to run at the end of the run, such as the t-SNE plots."""
@@ -190,8 +193,8 @@ def finish_run(config: RunConfig, fitted: Fitted, data: SplitData, run_dir: Path
     plot_confusion(report, data.classes, run_dir / "confusion_matrix.png", config.model)
     print(f"Test accuracy of {config.model}: {report['test_accuracy']:.4f} on {report['num_test_images']} images"
           + (f" (with {config.recipe.tta} test-time augmentation)" if config.recipe.tta != "none" else ""))
-    print(f"Run folder {run_dir}: config.json, model.json, metrics.csv, curves.png, model.pth, best.ckpt, last.ckpt, test.json, "
-          "confusion_matrix.png")
+    written = [name for name in RUN_FILES if (run_dir / name).exists()]  # no best.ckpt without a validation split
+    print(f"Run folder {run_dir}: {', '.join(written)}")
     for analysis in analyses:
         analysis.run(net, data, test, run_dir, config, fitted.device)
     return report

@@ -113,11 +113,11 @@ def initialize(net: AirbenchNet, data: Any, recipe: Recipe) -> None:
 
 
 def parameter_groups(net: AirbenchNet, recipe: Recipe) -> list[dict[str, Any]]:
-    """The biases (BatchNorm's and the stem's) at their own rate; everything else (the head; the filters, which Muon takes
-    over) at the recipe's."""
+    """Everything but the biases (the head; the filters, which Muon takes over) at the recipe's rate, first, so that it is
+    the lr metrics.csv records; the biases (BatchNorm's and the stem's) at their own."""
     biases = [net.whiten.bias] + [m.bias for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
     others = [p for p in net.parameters() if p.requires_grad and not any(p is bias for bias in biases)]
-    return [{"params": biases, "lr": recipe.lr * recipe.norm_bias_lr_scale}, {"params": others}]
+    return [{"params": others}, {"params": biases, "lr": recipe.lr * recipe.norm_bias_lr_scale}]
 
 
 AIRBENCH_OPTIONS = frozenset({"whiten", "dirac", "freeze_norm_weights", "norm_bias_lr_scale"})

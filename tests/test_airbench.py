@@ -63,7 +63,7 @@ def test_the_optimiser_groups_carry_the_rates_and_decays_asked_for(split):
     module = engine.ImageClassifier(net, AIRBENCH_RECIPE, seed=0, steps_per_epoch=10, parameter_groups=parameter_groups)
     optimizer = module.configure_optimizers()["optimizer"]
     assert isinstance(optimizer, engine.optimizers.MuonSGD)
-    biases, others, filters = optimizer.param_groups
+    others, biases, filters = optimizer.param_groups  # the recipe's rate first: metrics.csv's lr
     norm_biases = [m.bias for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert [id(p) for p in biases["params"]] == [id(net.whiten.bias)] + [id(p) for p in norm_biases]
     assert [id(p) for p in others["params"]] == [id(net.head.weight)]  # BatchNorm weights frozen, the filters taken by Muon
@@ -139,7 +139,7 @@ def test_airbench_schedules_have_their_shape():
     assert triangle == pytest.approx([0.2, 1.0, 0.07])
 
 
-def test_training_on_every_image_writes_the_usual_outputs_without_a_validation_split(tmp_path, arrays):
+def test_training_on_every_image_writes_the_usual_outputs_without_a_validation_split(tmp_path, arrays, capsys):
     data = engine.SplitData.from_arrays(arrays, validation=False)
     assert len(data.train_images) == len(arrays.train_images) and len(data.val_images) == 0
     config = replace(quick_config(tmp_path, epochs=2), validation=False)
@@ -148,6 +148,7 @@ def test_training_on_every_image_writes_the_usual_outputs_without_a_validation_s
     for name in ("model.pth", "last.ckpt", "test.json", "metrics.csv", "curves.png", "confusion_matrix.png", "model.json"):
         assert (run_dir / name).is_file(), name
     assert not (run_dir / "best.ckpt").exists()  # "best" is by validation loss: there is none
+    assert "best.ckpt" not in capsys.readouterr().out.splitlines()[-1]  # the closing line lists what was written
     history = engine.read_metrics_csv(run_dir / "metrics.csv")
     assert [row["val_loss"] for row in history] == [None, None] and all(row["train_accuracy"] is not None for row in history)
     assert report["num_test_images"] == len(arrays.test_images) and report["best_val_accuracy"] is None

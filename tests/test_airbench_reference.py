@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import functions as fn
+from conftest import run_script
 from benchmarks import bench_airbench_reference as reference
 
 
@@ -60,3 +61,13 @@ def test_short_run_learns_the_synthetic_task(split):
     row = reference.train_and_test(split, seed=0, epochs=12, width=8, batch_size=32, device=torch.device("cpu"))
     assert row["train_images"] == len(split.train_images) and row["batch_size"] == 32
     assert row["test_plain"] > 0.5 and row["test_flip_translate"] > 0.5  # chance is 0.1
+
+
+def test_no_validation_and_full_train_both_train_on_every_image(monkeypatch, tmp_path, image_folder):
+    seen = []
+    monkeypatch.setattr(reference, "train_and_test", lambda data, seed, *rest, **kw: seen.append(len(data.train_images)) or
+                        dict.fromkeys(reference.COLUMNS, 0.1) | {"seed": seed})
+    for flag in (None, "--no-validation", "--full-train"):
+        argv = ["--data-dir", str(image_folder), "--device", "cpu", "--out-dir", str(tmp_path / str(flag))] + ([flag] if flag else [])
+        assert run_script(monkeypatch, reference.main, "bench_airbench_reference.py", *argv) == 0
+    assert seen == [270, 300, 300]  # the study's 90% split, then all 300 synthetic training images

@@ -369,7 +369,7 @@ def test_training_batches_are_augmented_and_evaluation_batches_never(split):
     train_images, train_labels = next(iter(datamodule.train_dataloader()))
     originals = [plain[(split.train_labels == label).nonzero().squeeze(1)] for label in train_labels[:8]]
     assert not any(torch.allclose(image, candidate) for image, pool in zip(train_images, originals) for candidate in pool)
-    for batches, source in zip(datamodule.val_dataloader(), (split.val_images, split.train_images)):
+    for batches, source in zip(datamodule.val_dataloader(), (split.train_images, split.val_images)):
         images, _ = next(iter(batches))
         torch.testing.assert_close(images, fn.normalize(source[:len(images)].float() / 255, split.mean, split.std))
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -397,3 +398,14 @@ def test_every_option_of_both_scripts_is_explained():
     for parser in (predict.build_parser(), evaluate.build_parser()):
         assert all(action.help for action in parser._actions), parser.prog
     assert "32x32" in predict.build_parser().format_help()
+
+
+def test_the_shipped_model_answers_without_training(monkeypatch, capsys, tmp_path):
+    card = json.loads((predict.DEFAULT_RUN / "model.json").read_text())
+    assert card["model"] == "FastVGG_narrow" and json.loads((predict.DEFAULT_RUN / "test.json").read_text())["test_accuracy"] > 0.85
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(photo)
+    monkeypatch.setattr(sys, "argv", ["predict.py", str(photo)])
+    engine.run_cli(predict.main)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"{photo}: ") and line.count("%") == 3
