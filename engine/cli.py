@@ -133,7 +133,7 @@ def add_device_arguments(parser: argparse.ArgumentParser, training: bool = True,
     if distributed:
         group.add_argument("--devices", default="auto", help="how many devices, or which, passed to Lightning (e.g. 4, or 0,1) (default auto)")
         group.add_argument("--strategy", default="auto", help="Lightning's distribution strategy, e.g. ddp for data-parallel over several GPUs or nodes (default auto)")
-    group.add_argument("--precision", default="auto", help="Lightning precision, e.g. 32-true, bf16-mixed, 16-mixed (default auto: bf16-mixed on CUDA, else 32-true)")
+    group.add_argument("--precision", default="auto", help="Lightning precision, e.g. 32-true, bf16-mixed, 16-mixed (default auto: bf16-mixed on a CUDA GPU that computes bf16, 16-mixed on older ones, else 32-true)")
     group.add_argument("--compile", action="store_true", help="torch.compile the network: fuses its layers into fewer, faster kernels "
                        "after a one-off compilation (tens of seconds; needs a C++ compiler on CPU)")
 

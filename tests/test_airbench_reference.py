@@ -71,3 +71,10 @@ def test_no_validation_and_full_train_both_train_on_every_image(monkeypatch, tmp
         argv = ["--data-dir", str(image_folder), "--device", "cpu", "--out-dir", str(tmp_path / str(flag))] + ([flag] if flag else [])
         assert run_script(monkeypatch, reference.main, "bench_airbench_reference.py", *argv) == 0
     assert seen == [270, 300, 300]  # the study's 90% split, then all 300 synthetic training images
+
+
+def test_fewer_images_than_one_batch_is_one_clear_line(monkeypatch, tmp_path, image_folder, capsys):
+    argv = ["--data-dir", str(image_folder), "--device", "cpu", "--limit-train", "100", "--batch-size", "128", "--out-dir", str(tmp_path)]
+    assert run_script(monkeypatch, reference.main, "bench_airbench_reference.py", *argv) == 2
+    assert "100 training images do not fill one batch of 128" in capsys.readouterr().err
+    assert not (tmp_path / "runs.csv").exists()
