@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import engine
-from functions import UserError, apply_crop, normalize, sample_crop_params
+from functions import apply_crop, normalize, sample_crop_params
 from models.fast import ConvGroup
 
 MOMENTUM, LABEL_SMOOTHING, LOGIT_SCALE = 0.85, 0.2, 1 / 9
@@ -149,7 +149,7 @@ def train_and_test(data: engine.SplitData, seed: int, epochs: float, width: int,
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
     steps_per_epoch = len(data.train_images) // batch_size  # whole batches only, as airbench94
     if steps_per_epoch == 0:
-        raise UserError(f"{len(data.train_images)} training images do not fill one batch of {batch_size}: give a smaller --batch-size "
+        raise engine.UserError(f"{len(data.train_images)} training images do not fill one batch of {batch_size}: give a smaller --batch-size "
                         "or more images (--limit-train)")
     total_steps = math.ceil(steps_per_epoch * epochs)
     half_flipped = torch.rand(len(data.train_images), generator=generator, device=device) < 0.5
