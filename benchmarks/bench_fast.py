@@ -9,7 +9,7 @@ Every run trains through the engine exactly as ``modified_models --model <name>`
 time includes what a user's run includes (the per-epoch validation, the checkpoints), but not the
 data loading, which happens once. After each run it measures validation accuracy with the run's TTA
 (the number to choose settings by) and test accuracy under each TTA mode (none, flip, flip-translate),
-from one forward pass of each view.
+from one forward pass of each view. A run that diverges is a row that says so, and the benchmark goes on.
 
 With --compile the first run also compiles the network; its time is reported as the first run, and
 the runs after it start with the network already compiled and the data already on the device (how
@@ -55,7 +55,8 @@ AIRBENCH_ABLATIONS = {
     "no label smoothing": {"label_smoothing": "0"},
 }
 COLUMNS = ("variant", "seed", "epochs", "tta", "seconds", "val_accuracy", "val_tta", "test_plain", "test_flip", "test_flip_translate", "test_tta",
-           "first_run")
+           "first_run", "diverged")
+ACCURACY_COLUMNS = ("val_accuracy", "val_tta", "test_plain", "test_flip", "test_flip_translate")
 
 
 # Settings with a fixed set of values: a value outside it fails before any training.
@@ -104,9 +105,17 @@ def parse_vary(items: list[str]) -> list[dict[str, str]]:
 
 
 def measure(config: engine.RunConfig, data: engine.SplitData, variant: str, first_run: bool) -> tuple[dict, list[dict]]:
-    """Train one run, time it, and measure it; returns the table row and the per-epoch history."""
+    """Train one run, time it, and measure it; returns the table row and the per-epoch history (none if it diverged:
+    then the row says so, and the benchmark goes on with the next run)."""
     started = time.perf_counter()
-    fitted = engine.fit(config, engine.model_spec(config.model), data)
+    try:
+        fitted = engine.fit(config, engine.model_spec(config.model), data)
+    except engine.TrainingDiverged as diverged:
+        row = {"variant": variant, "seed": config.seed, "epochs": config.recipe.epochs, "tta": config.recipe.tta,
+               "seconds": round(time.perf_counter() - started, 2), "first_run": first_run,
+               "diverged": f"the {diverged.loss_name} is {diverged.value:.3g} after epoch {diverged.epoch}"}
+        print(f"{variant} seed {config.seed}: diverged, {row['diverged']}; the benchmark goes on", flush=True)
+        return row, []
     seconds = time.perf_counter() - started
     net = fitted.net.to(fitted.device)  # the data is already there (main moves it once)
     test = engine.accuracy_by_tta(net, data.test_images, data.test_labels, data.mean, data.std, tta="flip-translate")
@@ -117,7 +126,7 @@ def measure(config: engine.RunConfig, data: engine.SplitData, variant: str, firs
         "val_tta": engine.accuracy_by_tta(net, data.val_images, data.val_labels, data.mean, data.std, tta=config.recipe.tta)[config.recipe.tta],
         "test_plain": test["none"], "test_flip": test["flip"], "test_flip_translate": test["flip-translate"],
         "test_tta": test[config.recipe.tta],
-        "first_run": first_run,
+        "first_run": first_run, "diverged": "",
     }
     print(f"{variant} seed {config.seed}: {row['epochs']} epochs in {seconds:.1f} s; validation {row['val_accuracy']:.4f} "
           f"({config.recipe.tta} TTA {row['val_tta']:.4f}); test {row['test_plain']:.4f}, with flip TTA {row['test_flip']:.4f}, "
@@ -127,18 +136,19 @@ def measure(config: engine.RunConfig, data: engine.SplitData, variant: str, firs
 
 def write_table(rows: list[dict], out_dir: Path, title: str) -> str:
     engine.write_csv(out_dir / "runs.csv", rows, COLUMNS)
-    accuracy_columns = ("val_accuracy", "val_tta", "test_plain", "test_flip", "test_flip_translate")
     lines = [title, "", "| variant | seed | epochs | seconds | val acc | val acc (run's TTA) | test acc | test (flip TTA) | test (flip-translate TTA) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        accuracies = (f"diverged: {r['diverged']} |" + " |" * (len(ACCURACY_COLUMNS) - 1) if r["diverged"]
+                      else " | ".join(f"{r[key]:.2%}" for key in ACCURACY_COLUMNS) + " |")
         lines.append(f"| {r['variant']}{' (first run, compiles)' if r['first_run'] else ''} | {r['seed']} | {r['epochs']} | {r['seconds']:.1f} | "
-                     + " | ".join(f"{r[key]:.2%}" for key in accuracy_columns) + " |")
-    timed = [r for r in rows if not r["first_run"]]
-    for variant in dict.fromkeys(r["variant"] for r in timed):
-        group = [r for r in timed if r["variant"] == variant]
+                     + accuracies)
+    finished = [r for r in rows if not r["first_run"] and not r["diverged"]]
+    for variant in dict.fromkeys(r["variant"] for r in finished):
+        group = [r for r in finished if r["variant"] == variant]
         if len(group) > 1:
             lines.append(f"| **{variant}: mean of {len(group)}** | | {group[0]['epochs']} | {statistics.mean(r['seconds'] for r in group):.1f} | "
-                         + " | ".join(f"{statistics.mean(r[key] for r in group):.2%}" for key in accuracy_columns) + " |")
+                         + " | ".join(f"{statistics.mean(r[key] for r in group):.2%}" for key in ACCURACY_COLUMNS) + " |")
     text = "\n".join(lines) + "\n"
     write_atomically(out_dir / "runs.md", lambda tmp: tmp.write_text(text))
     return text
@@ -206,7 +216,8 @@ def main() -> None:
                 compiled.add(config.precision)
             row, history = measure(replace(config, seed=seed, out_dir=str(out_dir / "runs" / f"{len(rows):02d}")), data, name, first_run)
             rows.append(row)
-            curves.append((f"{name}, seed {seed}" + (" (first run)" if first_run else ""), history, row))
+            if history:
+                curves.append((f"{name}, seed {seed}" + (" (first run)" if first_run else ""), history, row))
             table = write_table(rows, out_dir, title)  # after every run: an interrupted benchmark keeps what it measured
             plot_time_accuracy(curves, out_dir / "time_accuracy.png", title)
     print(table + f"Written {out_dir}/runs.csv, runs.md and time_accuracy.png")

@@ -155,7 +155,7 @@ def test_training_on_every_image_writes_the_usual_outputs_without_a_validation_s
 
 
 def test_a_short_fast_recipe_run_learns_the_synthetic_task(tmp_path, split):
-    recipe = replace(AIRBENCH_RECIPE, epochs=4, batch_size=32)
+    recipe = replace(engine.model_spec("Airbench94_muon_narrow").recipe, epochs=4, batch_size=32)
     config = engine.RunConfig(model="Airbench94_muon_narrow", recipe=recipe, out_dir=str(tmp_path / "run"), progress=False, tsne=False,
                               device="cpu", logger="none")
     report = engine.train(config, engine.model_spec("Airbench94_muon_narrow"), data=split)

@@ -142,3 +142,18 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns_once(monkeypatch, capsys)
     monkeypatch.setattr(engine.devices, "cpu_has_bf16", lambda: True)
     engine.devices.warn_emulated_bf16.cache_clear()
     assert engine.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed" and capsys.readouterr().err == ""
+
+
+def test_benchmark_records_a_diverged_run_and_goes_on(monkeypatch, capsys, tmp_path, arrays):
+    from conftest import run_script, write_image_folder
+
+    data_dir = write_image_folder(tmp_path / "data", arrays)
+    status = run_script(monkeypatch, bench_fast.main, "bench_fast.py", "--model", "FastVGG_narrow", "--data-dir", str(data_dir), "--epochs", "1",
+                        "--seeds", "0", "--vary", "lr=1e9,0.05", "--vary", "batch_size=64", "--out-dir", str(tmp_path / "bench"))
+    assert status == 0
+    table = (tmp_path / "bench/runs.md").read_text().splitlines()
+    diverged, learned = [line for line in table if line.startswith("| lr=")]
+    assert "diverged: the training loss" in diverged or "diverged: the validation loss" in diverged
+    assert "diverged" not in learned and learned.count("%") == 5  # the run after the diverged one was trained and measured
+    rows = (tmp_path / "bench/runs.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[1].endswith("after epoch 1") and "lr=1e9" in capsys.readouterr().out
