@@ -73,7 +73,8 @@ def run_ours(data: engine.SplitData, seed: int, args: argparse.Namespace, precis
     seconds = time.perf_counter() - started
     net = spec.build()
     net.load_state_dict(torch.load(Path(config.out_dir) / "model.pth", map_location=device, weights_only=True))
-    test = engine.accuracy_by_tta(net.to(device), data.test_images, data.test_labels, data.mean, data.std, tta="flip-translate")
+    with engine.autocast_for(precision, device):  # as the run's own test pass, and the yardstick's
+        test = engine.accuracy_by_tta(net.to(device), data.test_images, data.test_labels, data.mean, data.std, tta="flip-translate")
     steps = recipe.epochs * math.ceil(len(data.train_images) / recipe.batch_size)
     flops = training_step_flops(spec.build(), recipe.batch_size, device)
     return {"method": f"{args.model} (ours)", "seed": seed, "width": args.width, "train_images": len(data.train_images),

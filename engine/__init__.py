@@ -11,7 +11,7 @@ Modules, each one job (docs/DESIGN.md shows the layers):
     run_folder   one run per folder (lock, --overwrite), JSON and CSV files
     evaluation   predict (with test-time augmentation), the test report
     plots        curves and confusion matrix
-    devices      accelerator, precision, which process owns the run
+    devices      accelerator, precision (and its autocast outside the Trainer), which process owns the run
     errors       RunInterrupted, TrainingDiverged
     cli          shared flags, config from flags, exit statuses (run_cli)
     run          fit and train
@@ -26,7 +26,7 @@ from engine.cli import (DEVICES, add_data_arguments, add_device_arguments, add_r
                         positive_float, positive_int, resume_command, run_cli)
 from engine.config import LOGGERS, OPTIMIZERS, SCHEDULERS, TTA_MODES, WEIGHT_AVERAGES, Recipe, RunConfig
 from engine.data import CIFAR10Arrays, has_local_cifar10, image_error_reason, load_cifar10, split_train_val
-from engine.devices import cpu_has_bf16, is_main_process, resolve_accelerator, resolve_precision, training_device
+from engine.devices import autocast_for, cpu_has_bf16, is_main_process, resolve_accelerator, resolve_precision, training_device
 from engine.errors import RunInterrupted, TrainingDiverged
 from engine.evaluation import accuracy_by_tta, confusion_matrix, predict, test_report, tta_logits
 from engine.plots import plot_confusion, plot_curves, save_figure

@@ -1,6 +1,7 @@
 """Where a run computes: the accelerator, the precision that pays on it, and which process owns the run."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -52,6 +53,16 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     if precision.startswith("bf16") and device_type == "cpu" and not cpu_has_bf16():
         warn_emulated_bf16()
     return precision
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast that Lightning runs a ``precision`` (as resolve_precision gives it) under, for the passes made outside
+    the Trainer: the test set after training is measured at the precision the run trained and validated at (a float32
+    pass costs several times a bf16 one on a CPU with AMX). The -true precisions keep the weights in their own dtype."""
+    dtypes = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+    if precision not in dtypes:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtypes[precision])
 
 
 def is_main_process() -> bool:

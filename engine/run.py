@@ -25,7 +25,7 @@ from engine.callbacks import ConfigInCheckpoint, DivergenceGuard, Lookahead, Run
 from engine.checkpoints import AtomicCheckpointIO, resume_checkpoint, saved_progress
 from engine.classifier import ImageClassifier
 from engine.config import RunConfig
-from engine.devices import is_main_process, resolve_accelerator, resolve_precision, training_device
+from engine.devices import autocast_for, is_main_process, resolve_accelerator, resolve_precision, training_device
 from engine.errors import RunInterrupted
 from engine.evaluation import predict, test_report
 from engine.plots import plot_confusion
@@ -71,11 +71,13 @@ def model_card(config: RunConfig, data: SplitData) -> dict[str, Any]:
 
 @dataclass
 class Fitted:
-    """What ``fit`` leaves: the trained network, its per-epoch history, where it trained, and whether this process reports."""
+    """What ``fit`` leaves: the trained network, its per-epoch history, where and at what precision it trained, and whether
+    this process reports."""
 
     net: nn.Module
     history: list[dict[str, float]]
     device: torch.device
+    precision: str
     is_global_zero: bool
 
 
@@ -135,9 +137,10 @@ def fit(config: RunConfig, model: ModelSpec, data: SplitData, callbacks: Sequenc
     progress = progress_enabled(config.progress)
     if progress:
         all_callbacks.append(EpochProgressBar(refresh_rate=20))
+    precision = resolve_precision(config.precision, accelerator)
     trainer = pl.Trainer(
         max_epochs=recipe.epochs, accelerator=accelerator, devices=config.devices, strategy=config.strategy,
-        precision=resolve_precision(config.precision, accelerator), callbacks=all_callbacks,
+        precision=precision, callbacks=all_callbacks,
         logger=make_logger(config.logger, run_dir), plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0,
         enable_model_summary=False, enable_checkpointing=checkpoints, enable_progress_bar=progress, default_root_dir=run_dir,
     )
@@ -146,7 +149,7 @@ def fit(config: RunConfig, model: ModelSpec, data: SplitData, callbacks: Sequenc
     except RunInterrupted:
         stop_extra_processes(trainer)
         raise
-    return Fitted(net, recorder.history, trainer.strategy.root_device, trainer.is_global_zero)
+    return Fitted(net, recorder.history, trainer.strategy.root_device, precision, trainer.is_global_zero)
 
 
 def train(config: RunConfig, model: ModelSpec, data: SplitData | None = None, analyses: Sequence[Analysis] = ()) -> dict[str, Any]:
@@ -182,8 +185,9 @@ def finish_run(config: RunConfig, fitted: Fitted, data: SplitData, run_dir: Path
     net, history = fitted.net.to(fitted.device), fitted.history
     state = {k: v.contiguous() for k, v in net.state_dict().items()}  # plain layout: loads anywhere
     write_atomically(run_dir / "model.pth", lambda tmp: torch.save(state, tmp))
-    test = predict(net, data.test_images, data.test_labels, data.mean, data.std, tta=config.recipe.tta,
-                   with_features=hasattr(net, "forward_features"))
+    with autocast_for(fitted.precision, fitted.device):  # the precision the run validated at
+        test = predict(net, data.test_images, data.test_labels, data.mean, data.std, tta=config.recipe.tta,
+                       with_features=hasattr(net, "forward_features"))
     report = test_report(test["labels"], test["logits"].argmax(1), data.classes)
     final = history[-1] if history else {}
     report.update({"model": config.model, "epochs": len(history), "tta": config.recipe.tta, "final_val_accuracy": final.get("val_accuracy"),

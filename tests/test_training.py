@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,19 @@ def test_main_trains_end_to_end_from_an_image_folder(monkeypatch, capsys, tmp_pa
     config = json.loads((tmp_path / "run/config.json").read_text())
     assert config["recipe"]["augment"] == "standard" and config["recipe"]["lr"] == 3e-3 and config["recipe"]["batch_size"] == 64
     assert report["epochs"] == 2 and report["test_accuracy"] > 0.3
+
+
+def test_the_test_pass_runs_at_the_precision_the_run_trained_at(monkeypatch, tmp_path, split):
+    """A bf16 run measures its test set under bf16 autocast, as Lightning validated it (a float32 pass costs several
+    times as much on a CPU with AMX); a float32 run in float32."""
+    autocast_during_test = []
+
+    def recording_predict(*args, **kwargs):
+        autocast_during_test.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return engine.predict(*args, **kwargs)
+
+    monkeypatch.setattr(engine.run, "predict", recording_predict)
+    for precision in ("bf16-mixed", "32-true"):
+        config = replace(quick_config(tmp_path / precision, epochs=1), precision=precision)
+        engine.train(config, engine.model_spec("CIFAR10Net"), data=split)
+    assert autocast_during_test == [torch.bfloat16, None]
