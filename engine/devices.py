@@ -57,8 +57,9 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The autocast that Lightning runs a ``precision`` (as resolve_precision gives it) under, for the passes made outside
-    the Trainer: the test set after training is measured at the precision the run trained and validated at (a float32
-    pass costs several times a bf16 one on a CPU with AMX). The -true precisions keep the weights in their own dtype."""
+    the Trainer: the test set after training is measured at the precision the run trained and validated at (in float32
+    it added about 15 s to a 3-minute bf16 run on a CPU with AMX, docs/RESULTS.md). The -true precisions keep the
+    weights in their own dtype."""
     dtypes = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
     if precision not in dtypes:
         return contextlib.nullcontext()
