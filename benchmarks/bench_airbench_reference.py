@@ -146,7 +146,7 @@ def train_and_test(data: engine.SplitData, seed: int, epochs: float, width: int,
     labels = data.train_labels if labels is None else labels
     torch.manual_seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
+    autocast = engine.autocast_for(precision, device)  # 32-true or bf16-mixed (yardstick_precision): none, or bf16 autocast
     steps_per_epoch = len(data.train_images) // batch_size  # whole batches only, as airbench94
     if steps_per_epoch == 0:
         raise engine.UserError(f"{len(data.train_images)} training images do not fill one batch of {batch_size}: give a smaller --batch-size "

@@ -108,25 +108,23 @@ def measure(config: engine.RunConfig, data: engine.SplitData, variant: str, firs
     """Train one run, time it, and measure it; returns the table row and the per-epoch history (none if it diverged:
     then the row says so, and the benchmark goes on with the next run)."""
     started = time.perf_counter()
+    run = {"variant": variant, "seed": config.seed, "epochs": config.recipe.epochs, "tta": config.recipe.tta, "first_run": first_run}
     try:
         fitted = engine.fit(config, engine.model_spec(config.model), data)
     except engine.TrainingDiverged as diverged:
-        row = {"variant": variant, "seed": config.seed, "epochs": config.recipe.epochs, "tta": config.recipe.tta,
-               "seconds": round(time.perf_counter() - started, 2), "first_run": first_run,
-               "diverged": f"the {diverged.loss_name} is {diverged.value:.3g} after epoch {diverged.epoch}"}
+        row = run | {"seconds": round(time.perf_counter() - started, 2),
+                     "diverged": f"the {diverged.loss_name} is {diverged.value:.3g} after epoch {diverged.epoch}"}
         print(f"{variant} seed {config.seed}: diverged, {row['diverged']}; the benchmark goes on", flush=True)
         return row, []
     seconds = time.perf_counter() - started
     net = fitted.net.to(fitted.device)  # the data is already there (main moves it once)
     test = engine.accuracy_by_tta(net, data.test_images, data.test_labels, data.mean, data.std, tta="flip-translate")
-    row = {
-        "variant": variant, "seed": config.seed, "epochs": config.recipe.epochs, "tta": config.recipe.tta,
+    row = run | {
         "seconds": round(seconds, 2),
         "val_accuracy": fitted.history[-1]["val_accuracy"],
         "val_tta": engine.accuracy_by_tta(net, data.val_images, data.val_labels, data.mean, data.std, tta=config.recipe.tta)[config.recipe.tta],
         "test_plain": test["none"], "test_flip": test["flip"], "test_flip_translate": test["flip-translate"],
-        "test_tta": test[config.recipe.tta],
-        "first_run": first_run, "diverged": "",
+        "test_tta": test[config.recipe.tta], "diverged": "",
     }
     print(f"{variant} seed {config.seed}: {row['epochs']} epochs in {seconds:.1f} s; validation {row['val_accuracy']:.4f} "
           f"({config.recipe.tta} TTA {row['val_tta']:.4f}); test {row['test_plain']:.4f}, with flip TTA {row['test_flip']:.4f}, "

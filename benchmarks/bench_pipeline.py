@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import engine
 from functions import get_accuracy, initialize_using_norm_kaiming, normalize
-from models.study import README_RECIPE, CIFAR10Net
+from models.study import CIFAR10Net
 
 
 def ours(data: engine.SplitData, tmp: Path, model: str, precision: str) -> float:
@@ -107,7 +107,7 @@ def floor(data: engine.SplitData, model: str, precision: str) -> float:
     sample = len(data.val_images)
     evaluation = (in_memory_batches(data.val_images, data.val_labels, engine.EVAL_BATCH, data)
                   + in_memory_batches(data.train_images[:sample], data.train_labels[:sample], engine.EVAL_BATCH, data))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
+    autocast = engine.autocast_for(precision, torch.device("cpu"))
     started = time.perf_counter()
     net.train()
     for inputs, labels in train:
