@@ -14,15 +14,14 @@ import engine
 import engine.batches
 import functions as fn
 import main as main_script
+import modified_models
 from conftest import quick_config
 from models.airbench import AIRBENCH_RECIPE, AirbenchNet, initialize, parameter_groups, whitening_filters
 
-NARROW = (8, 16, 16)
-
-
-def airbench(split, recipe=AIRBENCH_RECIPE, widths=NARROW) -> AirbenchNet:
+def airbench(split, recipe=AIRBENCH_RECIPE, **options) -> AirbenchNet:
+    """A small airbench network (first stage 8 filters) with the model's options, initialised as a run does."""
     torch.manual_seed(0)
-    net = AirbenchNet(widths)
+    net = AirbenchNet(width=8, **options)
     initialize(net, split, recipe)
     return net
 
@@ -42,18 +41,18 @@ def test_the_whitened_stem_is_frozen_and_its_bias_learns_three_epochs(split):
     torch.testing.assert_close(net.whiten.weight, whitening_filters(images))
     assert not net.whiten.weight.requires_grad and not net.whiten.bias.any()
     assert [(net.start_epoch(epoch), net.whiten.bias.requires_grad)[1] for epoch in range(5)] == [True, True, True, False, False]
-    plain = airbench(split, replace(AIRBENCH_RECIPE, whiten=False))
+    plain = airbench(split, whiten=False)
     assert plain.whiten.weight.requires_grad and not torch.allclose(plain.whiten.weight, net.whiten.weight)
     assert [(plain.start_epoch(epoch), plain.whiten.bias.requires_grad)[1] for epoch in range(5)] == [True] * 5
 
 
 def test_dirac_initialisation_passes_the_input_through_an_identity_shaped_conv(split):
     net = airbench(split)
-    conv = net.stages[1][0]  # 8 -> 16 channels, 3x3, same padding: the first 8 output channels are the input
+    conv = net.stages[1][0]  # 8 -> 32 channels, 3x3, same padding: the first 8 output channels are the input
     x = torch.randn(4, conv.in_channels, 6, 6)
     with torch.no_grad():
         torch.testing.assert_close(conv(x)[:, :conv.in_channels], x)
-    without = airbench(split, replace(AIRBENCH_RECIPE, dirac=False)).stages[1][0]
+    without = airbench(split, dirac=False).stages[1][0]
     with torch.no_grad():
         assert not torch.allclose(without(x)[:, :conv.in_channels], x)
 
@@ -87,7 +86,8 @@ def test_muon_orthogonalises_the_update_and_keeps_each_filter_at_its_norm():
     optimizer.step()
     normalised = before * 4 / before.norm()  # sqrt(16 output channels)
     step = normalised - weight.detach()
-    assert step.norm() == pytest.approx(0.1 * engine.optimizers.orthogonalize((weight.grad * 1.6).reshape(16, -1)).float().norm(), rel=1e-2)
+    assert step.norm().item() == pytest.approx(0.1 * engine.optimizers.orthogonalize((weight.grad * 1.6).reshape(16, -1)).float().norm().item(),
+                                             rel=1e-2)
 
 
 def test_each_image_is_flipped_in_alternate_epochs_from_its_own_start(monkeypatch, split):
@@ -163,9 +163,15 @@ def test_a_short_fast_recipe_run_learns_the_synthetic_task(tmp_path, split):
     assert history[-1]["train_loss"] < history[0]["train_loss"] and report["test_accuracy"] > 0.5  # chance is 0.1
 
 
-def test_airbench_properties_on_a_model_without_them_are_one_line(monkeypatch, capsys, tmp_path):
+def test_airbench_options_on_a_model_without_them_are_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(sys, "argv", ["main.py", "--whiten", "--out-dir", str(tmp_path / "run")])
     with pytest.raises(SystemExit) as exit_info:
         engine.run_cli(main_script.main)
-    assert exit_info.value.code == 2 and "--whiten is a property of the airbench models" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "unrecognized arguments: --whiten" in capsys.readouterr().err  # main.py trains CIFAR10Net only
+    monkeypatch.setattr(sys, "argv", ["modified_models.py", "--model", "FastVGG", "--no-whiten", "--out-dir", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as exit_info:
+        engine.run_cli(modified_models.main)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1 and "whiten is not an option of FastVGG (its options: width)" in error
+    assert not (tmp_path / "run").exists()
     assert not (tmp_path / "run").exists()

@@ -155,3 +155,21 @@ def test_a_flag_takes_the_same_choices_in_every_script(monkeypatch):
                  "--out-dir", "--resume", "--overwrite", "--no-tsne", "--tsne-samples", "--tsne-method"):
         assert len(set(seen[flag].values())) == 1, (flag, seen[flag])
     assert "plateau" in seen["--scheduler"]["main.py"][0]  # one set of schedules for every script, transfer learning's too
+
+
+def fenced_blocks(markdown: str, heading: str) -> list[str]:
+    """The command lines of the fenced code blocks under ``heading`` (up to the next heading of its level)."""
+    level = heading.split(" ")[0]
+    section = markdown.split(f"\n{heading}\n", 1)[1].split(f"\n{level} ", 1)[0]
+    return [line for block in section.split("```")[1::2] for line in block.splitlines()[1:] if line.strip()]
+
+
+def test_ci_runs_the_readmes_setup_and_test_commands_in_a_new_environment():
+    readme, ci = (REPO / "README.md").read_text(), (REPO / ".ci" / "run").read_text()
+    setup, test = fenced_blocks(readme, "## Setup and first run")[0], fenced_blocks(readme, "## Tests")[0]
+    assert (setup, test) == ("pip install -r requirements.txt", "python -m pytest -q")
+    commands = [line.strip() for line in ci.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert setup in commands and commands[-1] == test  # verbatim, the tests last
+    assert commands.index(setup) > next(i for i, line in enumerate(commands) if line.startswith("source ") and "venv/bin/activate" in line)
+    assert "python3 -m venv" in ci and "--system-site-packages" not in ci and "rm -rf" in ci
+    assert not (REPO / ".ci" / "constraints.txt").exists() and " -c " not in ci
