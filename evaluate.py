@@ -34,13 +34,6 @@ def evaluation_files(out_dir: Path, weights: Path) -> tuple[Path, Path]:
     return out_dir / f"evaluation-{weights.stem}.json", out_dir / f"evaluation-{weights.stem}-confusion.png"
 
 
-def check_same_classes(card: ModelCard, data: engine.SplitData, weights: Path) -> None:
-    """The labels of the data must mean what the model's outputs mean, or every number below is wrong."""
-    if tuple(card.classes) != tuple(data.classes):
-        raise UserError(f"{weights} was trained on the classes {', '.join(card.classes)} but the data has {', '.join(data.classes)} "
-                        f"(in label order); give --data-dir with the data it was trained on")
-
-
 def measure(saved: SavedModel, card: ModelCard, data: engine.SplitData, tta: str, device) -> dict[str, Any]:
     """The test report of a training run's end: predictions of the test split, normalised by the card, under ``tta``."""
     mean, std = card.normalisation
@@ -71,7 +64,7 @@ def main() -> None:
     engine.check_writable_folder(out_dir)
     data = engine.load_split(engine.RunConfig(model=saved.name, data_dir=args.data_dir, num_workers=args.num_workers))
     card = saved.card or saved_models.card_from_data(saved.name, data)
-    check_same_classes(card, data, saved.weights)
+    saved_models.check_same_classes(card, data, saved.weights)
     tta = args.tta or card.tta
     report = measure(saved, card, data, tta, device)
     report_file, figure_file = evaluation_files(out_dir, saved.weights)

@@ -54,8 +54,10 @@ machine stays RUNNING and holds its place; raise --n-trials by one to make up fo
 Outputs in --out-dir (default runs/tune): best_params.json (the best trial, its network and its
 full recipe), trials.csv (every trial: state, value, duration, epochs run, reason, parameters),
 optimization_history.png, param_importances.png (from 2 complete trials on), parallel_coordinate.png,
-slice.png, trials/<number>/ (each trial's curves), and with --retrain the run folder retrain/
-(as main.py's: metrics, curves, model.pth, test accuracy, t-SNE). Trials and the retraining run on
+slice.png, trials/<number>/ (each trial's network as a run folder: config.json, model.json,
+metrics.csv, curves, model.pth; python predict.py --run, evaluate.py --run and tsne.py --run take it,
+and python modified_models.py --config trials/<number>/config.json trains it again to the same numbers),
+and with --retrain the run folder retrain/ (as main.py's: metrics, curves, model.pth, test accuracy, t-SNE). Trials and the retraining run on
 one device each (Optuna's pruning callback does not support data-parallel training).
 """
 from __future__ import annotations
@@ -82,9 +84,9 @@ import engine
 import tsne
 from functions import UserError
 from models.study import README_RECIPE
-from tuning import (DEFAULT_EPOCHS, DEFAULT_SPACE, DEFAULT_TRIALS, FINISHED, OUT_OF_MEMORY, SPACES, StudySettings, best_trial,
-                    fail_abandoned_trials, fail_running_trials, first_line, format_params, hide_password, model_for, open_study,
-                    places_taken, recipe_for, study_settings, this_worker, write_outputs)
+from tuning import (DEFAULT_EPOCHS, DEFAULT_SPACE, DEFAULT_TRIALS, FINISHED, OUT_OF_MEMORY, SPACES, TUNED_MODEL, StudySettings,
+                    best_trial, fail_abandoned_trials, fail_running_trials, first_line, format_params, hide_password, open_study,
+                    places_taken, recipe_for, study_settings, this_worker, trial_config, write_outputs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,14 +117,14 @@ def make_objective(settings: StudySettings, base: engine.RunConfig, data: engine
         if places_taken(trial.study, before=trial.number) >= n_trials:
             trial.set_user_attr("reason", f"not needed: other workers' trials already make up --n-trials {n_trials}")
             raise NotNeeded(trial.user_attrs["reason"])
-        params = SPACES[settings.space].suggest(trial)
-        config = replace(base, recipe=recipe_for(params, settings.epochs), out_dir=str(trial_dir(Path(base.out_dir), trial.number)))
+        params = SPACES[settings.space](trial)
+        config = trial_config(base, params, settings.epochs, trial_dir(Path(base.out_dir), trial.number))
         counter = EpochCounter()
         # The engine's divergence guard runs before the pruning callback, so a diverged loss never reaches the pruner
         # (which ranks NaN as a number, and waits for its first five trials anyway).
         callbacks = (counter, PyTorchLightningPruningCallback(trial, monitor="val_loss")) if prune else (counter,)
         try:
-            fitted = engine.fit(config, model_for(settings.space, params, settings.epochs), data, callbacks=callbacks, checkpoints=False)
+            fitted = engine.fit(config, engine.model_spec(config.model), data, callbacks=callbacks, checkpoints=False)
         except engine.TrainingDiverged as error:  # no later epoch would rescue it: pruned at once, the study goes on
             trial.set_user_attr("reason", f"diverged: {error.loss_name} {error.value:.3g} after epoch {error.epoch}")
             raise optuna.TrialPruned(trial.user_attrs["reason"]) from None
@@ -135,6 +137,7 @@ def make_objective(settings: StudySettings, base: engine.RunConfig, data: engine
             raise
         finally:
             trial.set_user_attr("epochs_run", counter.epochs_run)
+        engine.save_weights(fitted.net, Path(config.out_dir))  # the trial's network, for predict.py, evaluate.py and tsne.py --run
         return fitted.history[-1]["val_loss"]
 
     return objective
@@ -185,14 +188,14 @@ def retrain(study: optuna.Study, settings: StudySettings, base: engine.RunConfig
     run_dir = Path(base.out_dir) / "retrain"
     record = json.loads(json.dumps({"study": study.study_name, "trial": best.number, "params": best.params}))
     same_trial = (run_dir / "trial.json").is_file() and engine.read_json(run_dir / "trial.json") == record
-    config = replace(base, recipe=recipe_for(best.params, epochs), out_dir=str(run_dir), progress=True,
+    config = replace(trial_config(base, best.params, epochs, run_dir), progress=True,
                      resume="last" if same_trial and (run_dir / "last.ckpt").is_file() else None,
                      overwrite=overwrite and not same_trial)
     engine.claim_run_folder(config)  # an earlier retraining of another trial stays unless --overwrite; then it is this trial's
     engine.write_json(run_dir / "trial.json", record)
     print(f"== Retraining trial {best.number} ({config.model}; {format_params(best.params)}) for {epochs} epochs in {run_dir}"
           + (": resuming" if config.resume else ""))
-    engine.train(config, model_for(settings.space, best.params, epochs), data=data or engine.load_split(config), analyses=tsne.analyses(config))
+    engine.train(config, engine.model_spec(config.model), data=data or engine.load_split(config), analyses=tsne.analyses(config))
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def base_config(args: argparse.Namespace, settings: StudySettings) -> engine.RunConfig:
     """Every trial's run settings; the trial fills in its recipe and run folder. One device: no data-parallel trials."""
-    return engine.RunConfig(model=SPACES[settings.space].network.__name__, recipe=recipe_for({}, settings.epochs),
+    return engine.RunConfig(model=TUNED_MODEL, recipe=recipe_for({}, settings.epochs),
                             data_dir=args.data_dir, out_dir=args.out_dir, seed=args.seed, limit_train=args.limit_train,
                             num_workers=args.num_workers, device=args.device, devices="1", precision=args.precision, compile=args.compile,
                             progress=False, tsne=args.tsne, tsne_samples=args.tsne_samples, tsne_method=args.tsne_method)

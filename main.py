@@ -20,9 +20,10 @@ from models.study import README_RECIPE, CIFAR10Net  # noqa: F401  (the study's n
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     engine.add_training_arguments(parser, README_RECIPE, run_name="CIFAR10Net")
+    engine.add_model_arguments(parser, {"CIFAR10Net": engine.model_spec("CIFAR10Net")})
     tsne.add_arguments(parser)
     args = engine.parse_arguments(parser, model="CIFAR10Net")
-    config = engine.config_from_args(args, model="CIFAR10Net", recipe=README_RECIPE, run_name="CIFAR10Net")
+    config = engine.config_from_args(args, model="CIFAR10Net", run_name="CIFAR10Net")
     engine.train(config, engine.model_spec("CIFAR10Net"), analyses=tsne.analyses(config))
 
 

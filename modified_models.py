@@ -36,17 +36,30 @@ from engine import MODELS, ModelSpec, model_spec  # noqa: F401  (the registry, u
 from models.fast import FAST_RECIPE, ConvGroup, FastVGG  # noqa: F401  (the models, under the study's names)
 from models.study import (README_MODELS, README_RECIPE, CIFAR10Net, CIFAR10Net_2, CIFAR10Net_3, CIFAR10Net_4,  # noqa: F401
                           CIFAR10Net_5, CIFAR10Net_6, CIFAR10Net_7, CIFAR10Net_optim)
-from functions import write_atomically
+from functions import UserError, write_atomically
 
 
 def parameter_count(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
+def trained_here() -> dict[str, ModelSpec]:
+    """The models this script trains: every registered model but those another script trains (TransferNet: transfer_learning.py)."""
+    return {name: spec for name, spec in MODELS.items() if spec.script == "modified_models.py"}
+
+
 def print_model_list() -> None:
     width = max(map(len, MODELS))
     for name, spec in MODELS.items():
-        print(f"{name:<{width}}  {parameter_count(spec.build()):>9,} parameters  {spec.description}")
+        trained_by = "" if spec.script == "modified_models.py" else f" (python {spec.script})"
+        options = f" Options: {', '.join(option.flag for option in spec.options)}." if spec.options else ""
+        print(f"{name:<{width}}  {parameter_count(spec.build()):>9,} parameters  {spec.description}{trained_by}{options}")
+
+
+def check_trained_here(name: str) -> None:
+    spec = model_spec(name)
+    if spec.script != "modified_models.py":
+        raise UserError(f"{name} is trained by {spec.script}; run python {spec.script} (its --help lists its options)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,10 +72,11 @@ COMPARISON_COLUMNS = ("model", "parameters", "epochs", "best_val_accuracy", "fin
 def comparison_row(name: str, run_dir: Path) -> dict[str, float | str]:
     history = engine.read_metrics_csv(run_dir / "metrics.csv")
     report = engine.read_json(run_dir / "test.json")
+    options = engine.read_json(run_dir / "config.json").get("model_options", {})
     final = history[-1]
     return {
         "model": name,
-        "parameters": parameter_count(MODELS[name].build()),
+        "parameters": parameter_count(MODELS[name].build(options, len(report["per_class_accuracy"]), name)),
         "epochs": len(history),
         "best_val_accuracy": max(row["val_accuracy"] for row in history),
         "final_val_accuracy": final["val_accuracy"],
@@ -120,7 +134,7 @@ def compare(names: list[str], args: argparse.Namespace) -> None:
         run_args.out_dir = str(run_dir)
         run_args.resume = "last" if (run_dir / "last.ckpt").is_file() and not args.overwrite else None
         print(f"== {name}" + (": resuming" if run_args.resume else ""))
-        config = engine.config_from_args(run_args, name, MODELS[name].recipe, name)
+        config = engine.config_from_args(run_args, name, name)
         try:
             if data is None:
                 engine.claim_run_folder(config)  # a busy folder fails before the data load
@@ -131,7 +145,7 @@ def compare(names: list[str], args: argparse.Namespace) -> None:
             raise
     rows = [comparison_row(name, out_dir / name) for name in names]
     histories = {name: engine.read_metrics_csv(out_dir / name / "metrics.csv") for name in names}
-    r = engine.config_from_args(args, names[0], README_RECIPE, "comparison").recipe
+    r = engine.config_from_args(args, names[0], "comparison").recipe
     setting = (f"{rows[0]['epochs']} epochs, augment={r.augment}, seed {args.seed}"
                + (f", {args.limit_train} training images" if args.limit_train else "") + "; recipe per model unless overridden")
     write_comparison(rows, histories, out_dir, setting)
@@ -142,11 +156,12 @@ def compare(names: list[str], args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--model", help=f"train one model: {', '.join(MODELS)}")
+    which.add_argument("--model", help=f"train one model: {', '.join(trained_here())}")
     which.add_argument("--models", nargs="+", metavar="NAME", help="train these models under identical settings and compare them")
     which.add_argument("--all", action="store_true", help="train and compare CIFAR10Net and the README's seven modified models")
     which.add_argument("--list", action="store_true", help="list the models with their parameter counts and exit")
     engine.add_training_arguments(parser, README_RECIPE, run_name="<model>, or runs/comparison with --all/--models")
+    engine.add_model_arguments(parser, trained_here())
     tsne.add_arguments(parser)
     args = engine.parse_arguments(parser)
     if not (args.model or args.models or args.all or args.list):
@@ -155,9 +170,9 @@ def main() -> None:
         print_model_list()
         return
     for name in [args.model] if args.model else (args.models or []):
-        model_spec(name)
+        check_trained_here(name)
     if args.model:
-        config = engine.config_from_args(args, args.model, MODELS[args.model].recipe, args.model)
+        config = engine.config_from_args(args, args.model, args.model)
         engine.train(config, MODELS[args.model], analyses=tsne.analyses(config))
     else:
         compare(list(README_MODELS) if args.all else args.models, args)

@@ -5,32 +5,33 @@
     saved_models.open_saved_model(checkpoint="elsewhere/best.ckpt")                 # the card inside the checkpoint
     saved_models.open_saved_model(checkpoint="CIFAR10Net_7.pth", model="CIFAR10Net_7")   # a plain state dict
 
-A run writes its model card as model.json (and into last.ckpt and best.ckpt as ``model_card``): the model's name,
-the class names in label order, the per-channel mean and std its inputs were normalised with, the image size and its
-test-time augmentation. A plain state dict saved by the original study's scripts has no card; ``card_from_data``
-makes one from the data (the training split's statistics, as training computes them), and ``card_from_data_dir``
-falls back on CIFAR-10's published statistics when no data is at hand. The weights are read with
-``weights_only=True`` and checked to fit before use (``engine.load_weights``); a transfer-learning run's network is
-rebuilt from its transfer.json.
+A run writes its model card (``engine.ModelCard``) as model.json and into last.ckpt and best.ckpt: the model's name
+and options, the class names in label order, the per-channel mean and std its inputs were normalised with, the image
+size, its test-time augmentation and what trained it. The network is rebuilt from the card's name and options, so a
+tuning trial, a transfer-learning run or an airbench run at another width loads like any other. A plain state dict
+saved by the original study's scripts has no card; ``card_from_data`` makes one from the data (the training split's
+statistics, as training computes them), and ``card_from_data_dir`` falls back on CIFAR-10's published statistics when
+no data is at hand. The weights are read with ``weights_only=True`` and checked to fit before use
+(``engine.load_weights``). Run folders of transfer learning written before TransferNet was a registered model name
+their network in transfer.json; they load too.
 """
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 import engine
 import models  # noqa: F401  (registers every model, so a card's or --model's name finds its network)
+from engine import ModelCard
 from functions import CLASSES, UserError
-from models.transfer import ARCHS, FINETUNE_CHOICES, build_transfer_net
 
 CARD_FILE = "model.json"
-TRANSFER_FILE = "transfer.json"
+LEGACY_TRANSFER_FILE = "transfer.json"  # a transfer-learning run's options, before TransferNet was a registered model
 DEFAULT_WEIGHTS = "model.pth"  # a run's final weights, as a plain state dict
 
 # CIFAR-10's published per-channel statistics of all 50,000 official training images, in [0, 1] units (population
@@ -44,59 +45,6 @@ OFFICIAL_STD = (0.2470, 0.2435, 0.2616)
 # --------------------------------------------------------------------------------------------
 # The model card
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelCard:
-    """What using a trained network needs besides its weights; a run writes it as model.json."""
-
-    model: str
-    classes: tuple[str, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    image_size: int = 32
-    tta: str = "none"
-
-    @property
-    def normalisation(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mean and std as the float32 tensors ``engine.predict`` takes (the very values training used)."""
-        return torch.tensor(self.mean, dtype=torch.float32), torch.tensor(self.std, dtype=torch.float32)
-
-    @classmethod
-    def from_dict(cls, card: Any, source: str) -> "ModelCard":
-        """The card read from ``source`` (a model.json, a checkpoint), checked; one line naming what is wrong otherwise."""
-        problem = card_problem(card)
-        if problem:
-            raise UserError(f"{source} is not a model card this toolkit wrote ({problem}); train the model again, or give its weights "
-                            f"with --checkpoint FILE --model NAME")
-        return cls(card["model"], tuple(card["classes"]), tuple(map(float, card["mean"])), tuple(map(float, card["std"])),
-                   int(card.get("image_size", 32)), card.get("tta", "none"))
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def card_problem(card: Any) -> str:
-    """What is wrong with a card; empty if nothing."""
-    if not isinstance(card, dict):
-        return f"a {type(card).__name__}, not a mapping"
-    if not isinstance(card.get("model"), str):
-        return "no model name"
-    classes = card.get("classes")
-    if not (isinstance(classes, list) and len(classes) == len(CLASSES) and all(isinstance(name, str) for name in classes)):
-        return f"classes must be the {len(CLASSES)} class names"
-    for key in ("mean", "std"):
-        values = card.get(key)
-        if not (isinstance(values, list) and len(values) == 3 and all(is_number(value) for value in values)):
-            return f"{key} must be 3 numbers, one per colour channel"
-    if not all(value > 0 for value in card["std"]):
-        return "std must be positive"
-    if not (isinstance(card.get("image_size", 32), int) and card.get("image_size", 32) > 0):
-        return "image_size must be a positive whole number"
-    if card.get("tta", "none") not in engine.TTA_MODES:
-        return f"tta must be one of {', '.join(engine.TTA_MODES)}"
-    return ""
-
-
 def read_json_file(path: Path) -> dict[str, Any]:
     try:
         return engine.read_json(path)
@@ -106,7 +54,7 @@ def read_json_file(path: Path) -> dict[str, Any]:
 
 def card_from_data(model: str, data: engine.SplitData, tta: str = "none") -> ModelCard:
     """A card for weights that came without one: the data's classes and its training split's statistics, as training uses."""
-    return ModelCard(model, tuple(data.classes), tuple(data.mean.tolist()), tuple(data.std.tolist()), image_size=32, tta=tta)
+    return ModelCard(model, tuple(data.classes), tuple(data.mean.tolist()), tuple(data.std.tolist()), tta=tta)
 
 
 def card_from_official_statistics(model: str) -> ModelCard:
@@ -185,25 +133,23 @@ def model_name(card: ModelCard | None, card_file: Path | None, model: str | None
 # --------------------------------------------------------------------------------------------
 # The network
 # --------------------------------------------------------------------------------------------
-def transfer_network(name: str, transfer_file: Path) -> nn.Module:
-    """A transfer-learning run's network, rebuilt from its transfer.json without downloading the ImageNet weights
-    (the saved weights replace them all)."""
-    options = read_json_file(transfer_file)
-    arch, finetune, image_size = (options.get(key) if isinstance(options, dict) else None for key in ("arch", "finetune", "image_size"))
-    if arch not in ARCHS or finetune not in FINETUNE_CHOICES or not isinstance(image_size, int) or image_size < 32:
-        raise UserError(f"{transfer_file} does not describe a transfer-learning network (arch {arch!r}, finetune {finetune!r}, "
-                        f"image_size {image_size!r}); copy it again from the run folder of {name}")
-    return build_transfer_net(arch, "none", image_size, finetune)
+def legacy_transfer_card(card: ModelCard, folder: Path) -> ModelCard:
+    """A card of a transfer-learning run written before TransferNet was registered (its model was named like
+    resnet18-transfer-fc, its options in transfer.json beside it) as today's card; any other card as it is."""
+    legacy = folder / LEGACY_TRANSFER_FILE
+    if card.model in engine.MODELS or not legacy.is_file():
+        return card
+    saved = read_json_file(legacy)
+    spec = engine.model_spec("TransferNet")
+    options = {name: value for name, value in saved.items() if spec.option(name)} if isinstance(saved, dict) else saved
+    return replace(card, model="TransferNet", options=options)
 
 
-def build_network(name: str, folder: Path) -> nn.Module:
-    """A registered model's network by its name; a transfer-learning run's from the transfer.json in ``folder``."""
-    if name in engine.MODELS:
-        return engine.model_spec(name).build()
-    if (folder / TRANSFER_FILE).is_file():
-        return transfer_network(name, folder / TRANSFER_FILE)
-    raise UserError(f"{name} is not a registered model and {folder} has no {TRANSFER_FILE} to rebuild a transfer-learning network from; "
-                    f"choose one of: {', '.join(engine.MODELS)}")
+def build_network(name: str, options: dict[str, Any], num_classes: int, source: str) -> nn.Module:
+    """The registered model ``name``'s network with the ``options`` its card records (checked) and ``num_classes`` outputs."""
+    if name not in engine.MODELS:
+        raise UserError(f"{source} names {name}, which is not a registered model; choose one of: {', '.join(engine.MODELS)}")
+    return engine.model_spec(name).build(options, num_classes, name, source=source)
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,7 +167,12 @@ class SavedModel:
     card_file: Path | None  # the model.json the card came from; None when the checkpoint carried it, or there is none
 
     def describe(self) -> str:
-        return f"{self.name} from {self.weights}" + (f" (card: {self.card_file})" if self.card_file else "")
+        options = self.card.options if self.card is not None else {}
+        changed = engine.model_spec(self.name).resolve(self.name, options, "its card")
+        defaults = engine.model_spec(self.name).resolve(self.name, {}, "its registry entry")
+        different = ", ".join(f"{key} {value}" for key, value in changed.items() if value != defaults[key])
+        return (f"{self.name}{f' ({different})' if different else ''} from {self.weights}"
+                + (f" (card: {self.card_file})" if self.card_file else ""))
 
 
 def open_saved_model(run: str | Path | None = None, checkpoint: str | Path | None = None, model: str | None = None) -> SavedModel:
@@ -233,13 +184,25 @@ def open_saved_model(run: str | Path | None = None, checkpoint: str | Path | Non
     saved = engine.read_checkpoint(weights)
     engine.weights_in(saved, weights)  # neither a state dict nor a checkpoint: say so before building anything
     card, card_file = find_card(saved, weights, folder)
+    if card is not None:
+        card = legacy_transfer_card(card, folder)
     name = model_name(card, card_file, model, saved, weights)
-    net = engine.load_weights(build_network(name, folder), name, weights)
+    source = f"the model card of {weights}" if card is not None else f"--model {name}"
+    net = build_network(name, card.options if card else {}, len(card.classes) if card else len(CLASSES), source)
+    net = engine.load_weights(net, name, weights)
     return SavedModel(net, name, weights, card, card_file)
 
 
-def add_arguments(parser: argparse.ArgumentParser, run_help: str) -> argparse._ArgumentGroup:
-    """--run, --checkpoint, --model and --tta: which trained model answers, as predict.py and evaluate.py take them."""
+def check_same_classes(card: ModelCard, data: engine.SplitData, weights: Path) -> None:
+    """The labels of the data must mean what the model's outputs mean, or every number measured on it is wrong."""
+    if tuple(card.classes) != tuple(data.classes):
+        raise UserError(f"{weights} was trained on the classes {', '.join(card.classes)} but the data has {', '.join(data.classes)} "
+                        f"(in label order); give --data-dir with the data it was trained on")
+
+
+def add_arguments(parser: argparse.ArgumentParser, run_help: str, tta: bool = True) -> argparse._ArgumentGroup:
+    """--run, --checkpoint, --model and (with ``tta``) --tta: which trained model answers, as predict.py, evaluate.py and
+    tsne.py take them."""
     group = parser.add_argument_group("model")
     group.add_argument("--run", type=Path, metavar="DIR", help=run_help)
     group.add_argument("--checkpoint", metavar="PATH", help="with --run: another weights file of the run folder, e.g. best.ckpt or last.ckpt; "
@@ -247,6 +210,7 @@ def add_arguments(parser: argparse.ArgumentParser, run_help: str) -> argparse._A
                        "it, or --model)")
     group.add_argument("--model", help="the network a plain state dict holds, e.g. CIFAR10Net_7 (python modified_models.py --list); only needed "
                        "when no model.json comes with the weights")
-    group.add_argument("--tta", choices=tuple(engine.TTA_MODES), help=f"test-time augmentation, each image's class scores from: "
-                       f"{engine.choices_help(engine.TTA_MODES)} (default: the model's own, from its model card; none for a plain state dict)")
+    if tta:
+        group.add_argument("--tta", choices=tuple(engine.TTA_MODES), help=f"test-time augmentation, each image's class scores from: "
+                           f"{engine.choices_help(engine.TTA_MODES)} (default: the model's own, from its model card; none for a plain state dict)")
     return group

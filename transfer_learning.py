@@ -9,7 +9,9 @@ parameter frozen, the 1000-way fc replaced by Linear(512, 10), images resized to
 lr 0.01 on the new layer only (no weight decay), batch 64. Images are normalised with the ImageNet
 statistics the pretrained weights expect, and resized in batches on the device inside the network.
 Per-epoch curves, test accuracy, model.pth and the rest of the run folder are main.py's, in
-runs/<arch>-transfer-<finetune>/ (plus transfer.json with these options).
+runs/<arch>-transfer-<finetune>/. The network is the registered model TransferNet: --arch, --weights,
+--image-size, --finetune, --backbone-lr-scale and --feature-cache are its options, recorded in
+config.json and the model card, so predict.py, evaluate.py and tsne.py rebuild it from the run folder.
 
 Two choices differ from the README, both flags:
 - Augmentation defaults to none. The README trained with its heavy augmentation (--augment readme
@@ -27,7 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,30 +38,18 @@ import torch
 import engine
 import tsne
 from functions import write_atomically
-from models.transfer import (ARCHS, FINETUNE_CHOICES, TRANSFER_RECIPE, TransferNet, build_transfer_net,  # noqa: F401
-                             pretrained_statistics, transfer_model)
+from models.transfer import ARCHS, FINETUNE_CHOICES, TRANSFER_RECIPE, TransferNet, pretrained_statistics  # noqa: F401
 
+MODEL = "TransferNet"
 FEATURE_FILE = "features.pt"
-
-
-@dataclass(frozen=True)
-class TransferOptions:
-    """This script's own flags; written to ``transfer.json`` in the run folder."""
-
-    arch: str = "resnet18"
-    weights: str = "default"
-    image_size: int = 224
-    finetune: str = "fc"
-    backbone_lr_scale: float = 0.1
-    feature_cache: bool = True
 
 
 # --------------------------------------------------------------------------------------------
 # The linear probe on cached features
 # --------------------------------------------------------------------------------------------
-def feature_cache_applies(options: TransferOptions, recipe: engine.Recipe, device: torch.device) -> bool:
+def feature_cache_applies(options: dict[str, Any], recipe: engine.Recipe) -> bool:
     """Features can be cached when nothing changes them between epochs: a frozen backbone and unaugmented images."""
-    if not options.feature_cache or options.finetune != "fc":
+    if not options["feature_cache"] or options["finetune"] != "fc":
         return False
     if recipe.augment != "none":
         print(f"note: --augment {recipe.augment} changes the images every epoch, so the backbone's features cannot be cached; "
@@ -126,80 +116,51 @@ def feature_split(data: engine.SplitData, features: dict[str, torch.Tensor]) -> 
                    test_images=features["test"].float(), source=f"{data.source}, as cached backbone features")
 
 
-def train_on_cached_features(config: engine.RunConfig, model: engine.ModelSpec, net: TransferNet, data: engine.SplitData,
-                             device: torch.device) -> dict[str, Any]:
-    """Train the head on cached features through the engine; checkpoints and model.pth still hold the whole net."""
+def train_on_cached_features(config: engine.RunConfig, net: TransferNet, data: engine.SplitData, device: torch.device) -> dict[str, Any]:
+    """Train the head on cached features of ``net``'s backbone through the engine; checkpoints and model.pth still hold the
+    whole net. The network the engine builds starts from the same backbone (the same options, weights and seed), and passes
+    features on unchanged (``TransferNet.forward_features``)."""
     features = feature_split(data, cached_backbone_features(net, data, device, Path(config.out_dir)))
-    net.takes_features = True
-    try:
-        return engine.train(config, model, data=features, analyses=tsne.analyses(config))
-    finally:
-        net.takes_features = False
+    return engine.train(config, engine.model_spec(MODEL), data=features, analyses=tsne.analyses(config))
 
 
 # --------------------------------------------------------------------------------------------
 # A whole run and the command line
 # --------------------------------------------------------------------------------------------
-def run_name(options: TransferOptions) -> str:
-    return f"{options.arch}-transfer-{options.finetune}"
+def run_name(options: dict[str, Any]) -> str:
+    return f"{options['arch']}-transfer-{options['finetune']}"
 
 
-def train_transfer(config: engine.RunConfig, options: TransferOptions, data: engine.SplitData | None = None) -> dict[str, Any]:
-    """Build the net, train it (on cached features when they cannot change), test it; returns the test report."""
+def train_transfer(config: engine.RunConfig, data: engine.SplitData | None = None) -> dict[str, Any]:
+    """Train the transfer network of ``config`` (on cached features when they cannot change), test it; returns the test report."""
     device = engine.training_device(config.device)
     engine.claim_run_folder(config)  # a busy or unusable folder fails before the slow parts
     engine.resume_checkpoint(config, Path(config.out_dir))
-    torch.manual_seed(config.seed)  # the new head's initialisation (and a random backbone's)
-    net = build_transfer_net(options.arch, options.weights, options.image_size, options.finetune)
-    mean, std = pretrained_statistics(options.arch)
-    data = replace(data or engine.load_split(config), mean=mean, std=std)
-    cached = feature_cache_applies(options, config.recipe, device)
-    engine.write_json(Path(config.out_dir) / "transfer.json", dict(asdict(options), trained_on_cached_features=cached))
-    model = transfer_model(net, config.recipe, options.backbone_lr_scale)
-    if cached:
-        return train_on_cached_features(config, model, net, data, device)
-    return engine.train(config, model, data=data, analyses=tsne.analyses(config))
-
-
-def image_size(text: str) -> int:
-    value = int(text)
-    if value < 32:
-        raise argparse.ArgumentTypeError(f"must be at least 32 (CIFAR-10's own size), got {text}")
-    return value
+    spec = engine.model_spec(MODEL)
+    net = spec.build(config.model_options, name=MODEL)
+    torch.manual_seed(config.seed)  # as engine.fit seeds before it initialises its own copy
+    spec.initialize(net, None, config.recipe)  # the pretrained weights: a failed download or a wrong file fails before the data load
+    data = engine.for_model(spec, config, data or engine.load_split(config))  # ImageNet's statistics, as the weights expect
+    if feature_cache_applies(config.model_options, config.recipe):
+        return train_on_cached_features(config, net, data, device)
+    return engine.train(config, spec, data=data, analyses=tsne.analyses(config))
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     engine.add_training_arguments(parser, TRANSFER_RECIPE, run_name="<arch>-transfer-<finetune>")
+    engine.add_model_arguments(parser, {MODEL: engine.model_spec(MODEL)})
     tsne.add_arguments(parser)
-    defaults = TransferOptions()
-    group = parser.add_argument_group("transfer learning")
-    group.add_argument("--arch", choices=tuple(ARCHS), default=defaults.arch, help=f"torchvision network (default {defaults.arch})")
-    group.add_argument("--weights", default=defaults.weights, help="default: torchvision's DEFAULT ImageNet weights for --arch (resnet18: "
-                       "IMAGENET1K_V1, the README's), downloaded once into the torch.hub cache; a weights name such as IMAGENET1K_V2; "
-                       "PATH: a local state-dict file of the torchvision network; none: a random backbone (default: default)")
-    group.add_argument("--image-size", type=image_size, default=defaults.image_size,
-                       help=f"side the 32x32 images are resized to, in batches on the device (default {defaults.image_size})")
-    group.add_argument("--finetune", choices=FINETUNE_CHOICES, default=defaults.finetune,
-                       help="what trains: fc, the new head only (the README); layer4, also the last stage (resnet layer4; for the others "
-                       "their last block and the pretrained layers after it); all, the whole network (default fc)")
-    group.add_argument("--backbone-lr-scale", type=engine.positive_float, default=defaults.backbone_lr_scale,
-                       help=f"learning rate of trained pretrained layers as a fraction of the head's (default {defaults.backbone_lr_scale})")
-    group.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=defaults.feature_cache,
-                       help="with --finetune fc and --augment none, compute the frozen backbone's features once and train the head on them "
-                       "(default on; --no-feature-cache runs the full backbone every epoch)")
-    return engine.parse_arguments(parser, argv)
+    return engine.parse_arguments(parser, argv, model=MODEL)
 
 
-def configure(args: argparse.Namespace) -> tuple[engine.RunConfig, TransferOptions]:
-    options = TransferOptions(arch=args.arch, weights=args.weights, image_size=args.image_size, finetune=args.finetune,
-                              backbone_lr_scale=args.backbone_lr_scale, feature_cache=args.feature_cache)
-    name = run_name(options)
-    return engine.config_from_args(args, model=name, recipe=TRANSFER_RECIPE, run_name=name), options
+def configure(args: argparse.Namespace) -> engine.RunConfig:
+    config = engine.config_from_args(args, MODEL, run_name=MODEL)
+    return config if args.out_dir else replace(config, out_dir=str(Path("runs") / run_name(config.model_options)))
 
 
 def main() -> None:
-    train_transfer(*configure(parse_arguments()))
+    train_transfer(configure(parse_arguments()))
 
 
 if __name__ == "__main__":

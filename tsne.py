@@ -1,6 +1,8 @@
 """t-SNE of a trained network's penultimate features: how well the classes separate.
 
-    python tsne.py --model CIFAR10Net_7 --checkpoint runs/CIFAR10Net_7/model.pth --data-dir ./data
+    python tsne.py --run runs/CIFAR10Net_7 --data-dir ./data
+    python tsne.py --run runs/tune/trials/0003 --checkpoint model.pth --data-dir ./data
+    python tsne.py --checkpoint ~/study/CIFAR_7.pth --model CIFAR10Net_7 --data-dir ./data
     python tsne.py --redraw runs/CIFAR10Net_7/tsne_test.npz
 
 For the test split and the 45,000-image training split: the features of the second-to-last layer,
@@ -10,7 +12,8 @@ colour map (tab10 by class label, the same in every layer and figure); misclassi
 black edge. Writes tsne_<split>.png (300 dpi), tsne_<split>.npz (the embedding with true and
 predicted labels, so the figure can be redrawn without recomputing) and tsne_metrics.json: the
 silhouette score by true class in the 2-D embedding and the cross-validated 5-NN accuracy in the
-original feature space.
+original feature space. The network is loaded as predict.py and evaluate.py load it (saved_models): rebuilt from
+the run's model card, with its options, and fed inputs normalised as it was trained.
 The training scripts hand the same analysis to the engine (``analyses``), which runs it at the end of
 every run unless given --no-tsne.
 """
@@ -20,7 +23,7 @@ import argparse
 import os
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +32,9 @@ import torch
 from torch import nn
 
 import engine
-import models  # noqa: F401  (registers every model, so --model finds each by name)
+import saved_models
 from functions import UserError, write_atomically
+from saved_models import SavedModel
 
 # A t-SNE is ~1,000 short parallel steps: OpenMP threads that spin-wait between them take the cores
 # from each other on a shared machine (2,000 points on a busy 2-core machine: 44 s spinning, 8 s
@@ -58,14 +62,19 @@ def split_predictions(net: nn.Module, data: engine.SplitData, split: str) -> dic
     return engine.predict(net, images, labels, data.mean, data.std, with_features=True)
 
 
-def load_model(name: str, checkpoint_path: Path) -> nn.Module:
-    """``name``'s network with the weights of ``checkpoint_path``, in eval mode; one clear error if they do not fit."""
-    net = engine.model_spec(name).build()
-    if not hasattr(net, "forward_features"):
-        raise UserError(f"{name} has no forward_features(), so its penultimate features cannot be taken; choose another --model")
-    if not checkpoint_path.is_file():
-        raise UserError(f"--checkpoint {checkpoint_path} does not exist; give a run's model.pth, best.ckpt or last.ckpt")
-    return engine.load_weights(net, name, checkpoint_path)
+def load_model_and_data(args: argparse.Namespace) -> tuple[SavedModel, engine.SplitData]:
+    """The saved model of --run / --checkpoint / --model, and the data normalised as its card says (a plain state dict's
+    card is made from the data, as training computes it). A wrong file fails before the slow data load."""
+    saved = saved_models.open_saved_model(args.run, args.checkpoint, args.model)
+    if not hasattr(saved.net, "forward_features"):
+        raise UserError(f"{saved.name} has no forward_features(), so its penultimate features cannot be taken; choose another model")
+    resolve_method(getattr(args, "tsne_method", "auto"))  # a missing openTSNE fails before the data load too
+    data = engine.load_split(engine.RunConfig(model=saved.name, data_dir=args.data_dir, num_workers=args.num_workers,
+                                              limit_train=args.limit_train))
+    card = saved.card or saved_models.card_from_data(saved.name, data)
+    saved_models.check_same_classes(card, data, saved.weights)
+    mean, std = card.normalisation
+    return saved, replace(data, mean=mean, std=std)
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,12 +327,11 @@ def add_arguments(parser: argparse.ArgumentParser, switch: bool = True) -> None:
                        help="t-SNE implementation: openTSNE's FFT-accelerated one, or scikit-learn's (default auto: openTSNE if installed)")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
-    """--model, --checkpoint, the data and the device: where the features come from (also the benchmark's)."""
-    group = parser.add_argument_group("features")
-    group.add_argument("--model", required=required, help="the network the checkpoint holds, e.g. CIFAR10Net_7 (python modified_models.py --list)")
-    group.add_argument("--checkpoint", required=required, metavar="PATH",
-                       help="its weights: a run's model.pth (plain state dict) or best.ckpt / last.ckpt (Lightning checkpoint)")
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--run, --checkpoint and --model (as predict.py and evaluate.py take them), the data and the device: where the
+    features come from (also the benchmark's)."""
+    group = saved_models.add_arguments(parser, run_help="run folder of a trained model: its model.pth (the final weights) with its "
+                                                        "model.json", tta=False)
     group.add_argument("--seed", type=engine.non_negative_int, default=0, help="seeds the sample and the t-SNE (default 0)")
     engine.add_data_arguments(parser)
     engine.add_device_arguments(parser, training=False)
@@ -331,14 +339,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser, required=False)
+    add_model_arguments(parser)
     add_arguments(parser, switch=False)
     group = parser.add_argument_group("output")
     group.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="which splits to embed (default test train)")
-    group.add_argument("--out-dir", help="folder for tsne_*.png, tsne_*.npz and tsne_metrics.json (default: the checkpoint's "
-                                         "folder; with --redraw, the .npz file's folder)")
+    group.add_argument("--out-dir", help="folder for tsne_*.png, tsne_*.npz and tsne_metrics.json (default: the folder of the "
+                                         "weights; with --redraw, the .npz file's folder)")
     group.add_argument("--redraw", metavar="NPZ", help="redraw tsne_<split>.png from a saved tsne_<split>.npz without recomputing; "
-                                                       "takes no --model or --checkpoint")
+                                                       "takes no --run, --checkpoint or --model")
     return parser
 
 
@@ -352,21 +360,19 @@ def main() -> None:
     parser = build_parser()
     args = parser.parse_args()
     if args.redraw:
-        if args.model or args.checkpoint:
-            parser.error("--redraw draws a saved file; give it without --model and --checkpoint")
+        if args.run or args.model or args.checkpoint:
+            parser.error("--redraw draws a saved file; give it without --run, --checkpoint and --model")
         redraw(Path(args.redraw), args.out_dir)
         return
-    if not (args.model and args.checkpoint):
-        parser.error("give --model and --checkpoint, or --redraw NPZ")
-    checkpoint = Path(args.checkpoint)
-    out_dir = Path(args.out_dir) if args.out_dir else checkpoint.parent
-    config = engine.RunConfig(model=args.model, data_dir=args.data_dir, out_dir=str(out_dir), seed=args.seed, device=args.device,
+    if not (args.run or args.checkpoint):
+        parser.error("give --run DIR (or --checkpoint FILE, with --model NAME for a plain state dict), or --redraw NPZ")
+    saved, data = load_model_and_data(args)
+    out_dir = Path(args.out_dir) if args.out_dir else saved.weights.parent
+    engine.check_writable_folder(out_dir)
+    config = engine.RunConfig(model=saved.name, data_dir=args.data_dir, out_dir=str(out_dir), seed=args.seed, device=args.device,
                               limit_train=args.limit_train, num_workers=args.num_workers,
                               tsne_samples=args.tsne_samples, tsne_method=args.tsne_method)
-    # A wrong checkpoint or a missing openTSNE fails before the slow data load.
-    net = load_model(args.model, checkpoint).to(engine.training_device(args.device))
-    resolve_method(config.tsne_method)
-    data = engine.load_split(config)
+    net = saved.net.to(engine.training_device(args.device))
     analyse_run(net, data, None, out_dir, config, splits=tuple(dict.fromkeys(args.splits)))
 
 

@@ -12,7 +12,6 @@ import socket
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,11 +21,10 @@ import optuna
 import torch
 from optuna.visualization import matplotlib as plots
 from optuna.trial import FrozenTrial, Trial, TrialState
-from torch import nn
 
 import engine
 from functions import UserError, write_atomically
-from models.study import README_RECIPE, CIFAR10Net, CIFAR10Net_7
+from models.study import README_RECIPE
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 DEFAULT_SPACE, DEFAULT_EPOCHS, DEFAULT_TRIALS = "readme", 5, 30
@@ -42,23 +40,6 @@ CREATION_ATTEMPTS = 5
 # --------------------------------------------------------------------------------------------
 # Search spaces
 # --------------------------------------------------------------------------------------------
-class TunableCIFAR10Net(CIFAR10Net):
-    """CIFAR10Net with dropout whose two convolutions' widths and kernel sizes are chosen too.
-
-    The defaults are CIFAR10Net's (20 filters 3x3, 40 filters 4x4), so the defaults give CIFAR10Net_7.
-    """
-
-    def __init__(self, conv1_width: int = 20, conv1_kernel: int = 3, conv2_width: int = 40, conv2_kernel: int = 4,
-                 fc1_size: int = 124, fc2_size: int = 64, dropout: float = 0.5):
-        super().__init__(fc1_size, fc2_size, dropout)
-        self.conv1 = nn.Conv2d(3, conv1_width, conv1_kernel)
-        self.bn1 = nn.BatchNorm2d(conv1_width)
-        self.conv2 = nn.Conv2d(conv1_width, conv2_width, conv2_kernel)
-        self.bn2 = nn.BatchNorm2d(conv2_width)
-        side = ((32 - conv1_kernel + 1) // 2 - conv2_kernel + 1) // 2  # each unpadded convolution, then a 2x2 pool
-        self.fc1 = nn.Linear(conv2_width * side * side, fc1_size)
-
-
 FC_SIZES = (32, 64, 128, 256, 512)
 BATCH_SIZES = (32, 64, 128, 256, 512)
 CONV1_WIDTHS, CONV1_KERNELS = (16, 20, 32, 48, 64), (3, 5)
@@ -97,13 +78,9 @@ def suggest_extended(trial: Trial) -> dict[str, Any]:
     return params
 
 
-@dataclass(frozen=True)
-class SearchSpace:
-    suggest: Callable[[Trial], dict[str, Any]]
-    network: type[nn.Module]
-
-
-SPACES = {"readme": SearchSpace(suggest_readme, CIFAR10Net_7), "extended": SearchSpace(suggest_extended, TunableCIFAR10Net)}
+# Each space draws CIFAR10Net_7's options (its layer sizes and dropout: what the network is) and recipe fields.
+TUNED_MODEL = "CIFAR10Net_7"
+SPACES: dict[str, Callable[[Trial], dict[str, Any]]] = {"readme": suggest_readme, "extended": suggest_extended}
 RECIPE_PARAMS = ("batch_size", "optimizer", "lr", "momentum", "weight_decay")
 BETA_PARAMS = ("beta1", "beta2")
 
@@ -116,14 +93,16 @@ def recipe_for(params: dict[str, Any], epochs: int) -> engine.Recipe:
     return recipe
 
 
-def network_for(space: str, params: dict[str, Any]) -> nn.Module:
-    """The space's network built with a trial's network hyperparameters (every parameter that is not the recipe's)."""
-    return SPACES[space].network(**{name: value for name, value in params.items() if name not in RECIPE_PARAMS + BETA_PARAMS})
+def options_for(params: dict[str, Any]) -> dict[str, Any]:
+    """CIFAR10Net_7's options with a trial's network hyperparameters (every parameter that is not the recipe's), checked."""
+    chosen = {name: value for name, value in params.items() if name not in RECIPE_PARAMS + BETA_PARAMS}
+    return engine.model_spec(TUNED_MODEL).resolve(TUNED_MODEL, chosen, "the trial's parameters")
 
 
-def model_for(space: str, params: dict[str, Any], epochs: int) -> engine.ModelSpec:
-    """The registry entry of a trial's configuration: CIFAR10Net_7's (its initialisation) with the trial's network and recipe."""
-    return replace(engine.model_spec("CIFAR10Net_7"), build=partial(network_for, space, params), recipe=recipe_for(params, epochs))
+def trial_config(base: engine.RunConfig, params: dict[str, Any], epochs: int, out_dir: Path) -> engine.RunConfig:
+    """The run a trial's configuration makes: CIFAR10Net_7 with the trial's options and recipe, in ``out_dir``. Its
+    config.json is what ``modified_models.py --config`` reruns."""
+    return replace(base, model=TUNED_MODEL, model_options=options_for(params), recipe=recipe_for(params, epochs), out_dir=str(out_dir))
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,10 +264,9 @@ def write_trials_csv(study: optuna.Study, path: Path) -> None:
 
 
 def best_record(study: optuna.Study, settings: StudySettings, best: FrozenTrial, retrain_epochs: int) -> dict[str, Any]:
-    network = SPACES[settings.space].network
     return {
         "study": study.study_name, "space": settings.space, "trial": best.number, "val_loss": best.value,
-        "epochs": settings.epochs, "params": best.params, "model": network.__name__,
+        "epochs": settings.epochs, "params": best.params, "model": TUNED_MODEL, "model_options": options_for(best.params),
         "recipe": asdict(recipe_for(best.params, retrain_epochs)),
     }
 

@@ -81,16 +81,23 @@ def setting_value(key: str, text: str, current, kind: type):
 
 
 def apply_settings(config: engine.RunConfig, settings: dict[str, str]) -> engine.RunConfig:
+    """``config`` with each setting changed: a recipe field, a model option of the model, or a run setting."""
     recipe_types, run_types = get_type_hints(engine.Recipe), get_type_hints(engine.RunConfig)
-    recipe_changes, run_changes = {}, {}
+    spec = engine.model_spec(config.model)
+    recipe_changes, option_changes, run_changes = {}, {}, {}
     for key, value in settings.items():
+        option = spec.option(key)
         if key in recipe_types:
             recipe_changes[key] = setting_value(key, value, getattr(config.recipe, key), recipe_types[key])
-        elif key in run_types and key != "recipe":
+        elif option is not None:
+            option_changes[key] = setting_value(key, value, config.model_options[key], option.kind)
+        elif key in run_types and key not in ("recipe", "model_options"):
             run_changes[key] = setting_value(key, value, getattr(config, key), run_types[key])
         else:
-            raise UserError(f"unknown setting {key!r}; use a recipe field ({', '.join(recipe_types)}) or precision, compile")
-    return replace(config, recipe=replace(config.recipe, **recipe_changes), **run_changes)
+            raise UserError(f"unknown setting {key!r}; use a recipe field ({', '.join(recipe_types)}), an option of {config.model} "
+                            f"({', '.join(option.name for option in spec.options) or 'none'}) or precision, compile")
+    options = spec.resolve(config.model, {**config.model_options, **option_changes}, "--vary")
+    return replace(config, recipe=replace(config.recipe, **recipe_changes), model_options=options, **run_changes)
 
 
 def parse_vary(items: list[str]) -> list[dict[str, str]]:
@@ -182,7 +189,8 @@ def main() -> None:
     parser.add_argument("--ablations", action="store_true", help="also run each ablation: for the airbench models, "
                         + "; ".join(AIRBENCH_ABLATIONS) + "; for the others, " + "; ".join(ABLATIONS))
     parser.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
-                        help="run every combination of these settings (recipe fields, or precision, compile...) instead of the recipe alone; repeatable")
+                        help="run every combination of these settings (recipe fields, the model's options, or precision, compile...) instead of the "
+                             "recipe alone; repeatable")
     engine.add_data_arguments(parser)
     engine.add_device_arguments(parser, distributed=False)
     parser.add_argument("--out-dir", default="runs/bench_fast", help="folder for the runs, runs.csv, runs.md and the figure (default runs/bench_fast)")
@@ -191,11 +199,11 @@ def main() -> None:
     spec = engine.model_spec(args.model)
     recipe = replace(spec.recipe, epochs=args.epochs or spec.recipe.epochs)
     out_dir = Path(args.out_dir)
-    base = engine.RunConfig(model=args.model, recipe=recipe, data_dir=args.data_dir, num_workers=args.num_workers, device=args.device,
+    base = engine.RunConfig(model=args.model, model_options=spec.resolve(args.model, {}, "defaults"), recipe=recipe, data_dir=args.data_dir, num_workers=args.num_workers, device=args.device,
                             precision=args.precision, compile=args.compile, limit_train=args.limit_train, progress=False, tsne=False)
     variants = {"recipe": {}} if not args.vary else {",".join(f"{k}={v}" for k, v in s.items()): s for s in parse_vary(args.vary)}
     if args.ablations:
-        variants.update(AIRBENCH_ABLATIONS if spec.recipe.whiten else ABLATIONS)
+        variants.update(AIRBENCH_ABLATIONS if spec.option("whiten") else ABLATIONS)
     configs = {name: apply_settings(base, settings) for name, settings in variants.items()}  # bad settings fail before any training
 
     device = engine.training_device(args.device)

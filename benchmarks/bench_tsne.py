@@ -1,6 +1,6 @@
 """Time openTSNE against scikit-learn's t-SNE on real CIFAR-10 features, and compare what they produce.
 
-    python -m benchmarks.bench_tsne --model CIFAR10Net_7 --checkpoint runs/CIFAR10Net_7/model.pth --data-dir ./data
+    python -m benchmarks.bench_tsne --run runs/CIFAR10Net_7 --data-dir ./data
 
 Takes a trained network's penultimate features as tsne.py does, then embeds the 10,000 test points
 with openTSNE and with scikit-learn (the original's implementation, 62 s on 2 cores), and the 45,000
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 import engine
 import tsne
@@ -32,17 +31,16 @@ def versions() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    tsne.add_model_arguments(parser, required=True)
+    tsne.add_model_arguments(parser)
     args = parser.parse_args()
     device = engine.training_device(args.device)
-    net = tsne.load_model(args.model, Path(args.checkpoint)).to(device)
-    data = engine.load_split(engine.RunConfig(model=args.model, data_dir=args.data_dir, num_workers=args.num_workers,
-                                                limit_train=args.limit_train))
+    saved, data = tsne.load_model_and_data(args)
+    net = saved.net.to(device)
     print(versions())
 
     started = time.perf_counter()
     predicted = {split: tsne.split_predictions(net, data, split) for split in tsne.SPLITS}
-    print(f"Features of {args.model}: {sum(len(p['labels']) for p in predicted.values()):,} images on {device} "
+    print(f"Features of {saved.name}: {sum(len(p['labels']) for p in predicted.values()):,} images on {device} "
           f"in {time.perf_counter() - started:.1f} s", flush=True)
 
     for split, method, target in CASES:

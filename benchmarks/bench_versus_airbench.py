@@ -21,7 +21,6 @@ import math
 import statistics
 import time
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,7 +31,6 @@ import engine
 import models  # noqa: F401  (registers every model)
 from benchmarks import bench_airbench_reference as reference
 from functions import write_atomically
-from models.airbench import AirbenchNet
 
 COLUMNS = ("method", "seed", "width", "train_images", "epochs", "batch_size", "precision", "seconds", "steps", "ms_per_step",
            "training_pflops", "test_flip", "test_flip_translate")
@@ -61,9 +59,9 @@ def run_reference(data: engine.SplitData, seed: int, args: argparse.Namespace, p
 
 def run_ours(data: engine.SplitData, seed: int, args: argparse.Namespace, precision: str, device: torch.device) -> dict:
     spec = engine.model_spec(args.model)
-    spec = replace(spec, build=partial(AirbenchNet, widths=(args.width, 4 * args.width, 4 * args.width)))
+    options = spec.resolve(args.model, {"width": args.width}, "--width")
     recipe = replace(spec.recipe, epochs=args.epochs or spec.recipe.epochs)
-    config = engine.RunConfig(model=args.model, recipe=recipe, out_dir=str(Path(args.out_dir) / "runs" / f"ours-seed{seed}"), seed=seed,
+    config = engine.RunConfig(model=args.model, model_options=options, recipe=recipe, out_dir=str(Path(args.out_dir) / "runs" / f"ours-seed{seed}"), seed=seed,
                               device=args.device, precision=precision, compile=args.compile, progress=False, tsne=False,
                               validation=not args.full_train, overwrite=True)
     started = time.perf_counter()
@@ -71,12 +69,12 @@ def run_ours(data: engine.SplitData, seed: int, args: argparse.Namespace, precis
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    net = spec.build()
+    net = spec.build(options)
     net.load_state_dict(torch.load(Path(config.out_dir) / "model.pth", map_location=device, weights_only=True))
     with engine.autocast_for(precision, device):  # as the run's own test pass, and the yardstick's
         test = engine.accuracy_by_tta(net.to(device), data.test_images, data.test_labels, data.mean, data.std, tta="flip-translate")
     steps = recipe.epochs * math.ceil(len(data.train_images) / recipe.batch_size)
-    flops = training_step_flops(spec.build(), recipe.batch_size, device)
+    flops = training_step_flops(spec.build(options), recipe.batch_size, device)
     return {"method": f"{args.model} (ours)", "seed": seed, "width": args.width, "train_images": len(data.train_images),
             "epochs": recipe.epochs, "batch_size": recipe.batch_size, "precision": precision, "seconds": round(seconds, 1), "steps": steps,
             "ms_per_step": round(1000 * seconds / steps, 1), "training_pflops": round(flops * steps / 1e15, 4),

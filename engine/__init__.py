@@ -4,7 +4,8 @@ Modules, each one job (docs/DESIGN.md shows the layers):
     config       Recipe and RunConfig: what decides a run
     data         reading CIFAR-10 from disk (official batches, image-folder tree and its cache, download)
     batches      the study's split, training and evaluation batches made on the device, the DataModule
-    registry     the model registry: build, recipe, initialisation, parameter groups, description
+    registry     the model registry: a model's options, build, recipe, initialisation, parameter groups, description
+    card         the model card: what a trained network is and needs, written by a run, read by saved_models
     classifier   the LightningModule: loss, optimiser over the model's parameter groups, schedules, metrics
     callbacks    per-epoch line and metrics.csv, divergence guard, config in checkpoints
     checkpoints  writing and reading checkpoints and weights safely; resume checks
@@ -18,10 +19,11 @@ Modules, each one job (docs/DESIGN.md shows the layers):
 """
 from engine.batches import EVAL_BATCH, CIFAR10DataModule, EvalBatches, SplitData, TrainBatches, epoch_seed, load_split
 from engine.callbacks import DIVERGED_LOSS, ConfigInCheckpoint, DivergenceGuard, Lookahead, RunRecorder, lookahead_decay
+from engine.card import ModelCard
 from engine.checkpoints import (AtomicCheckpointIO, load_weights, read_checkpoint, resume_checkpoint, saved_progress,
                                 state_dict_mismatch, weights_in)
 from engine.classifier import ImageClassifier, learning_rate_factor
-from engine.cli import (DEVICES, add_data_arguments, add_device_arguments, add_recipe_arguments, add_run_arguments,
+from engine.cli import (DEVICES, add_data_arguments, add_device_arguments, add_model_arguments, add_recipe_arguments, add_run_arguments,
                         add_training_arguments, beta, choices_help, config_from_args, interrupted_message, non_negative_float, non_negative_int, parse_arguments,
                         positive_float, positive_int, resume_command, run_cli)
 from engine.config import LOGGERS, OPTIMIZERS, SCHEDULERS, TTA_MODES, WEIGHT_AVERAGES, Recipe, RunConfig
@@ -31,9 +33,8 @@ from engine.errors import RunInterrupted, TrainingDiverged
 from engine.evaluation import accuracy_by_tta, confusion_matrix, predict, test_report, tta_logits
 from engine.plots import plot_confusion, plot_curves, save_figure
 from engine.progress import ProgressLines, on_terminal, progress_enabled, watched
-from engine.registry import (MODEL_OPTIONS, MODELS, ModelSpec, check_model_options, first_line, kaiming_normal, keep_weights,
-                             model_spec, one_group, register)
-from engine.run import Analysis, Fitted, finish_run, fit, train
+from engine.registry import MODELS, ModelOption, ModelSpec, first_line, kaiming_normal, model_spec, one_group, option_table, register, with_defaults
+from engine.run import Analysis, Fitted, finish_run, fit, for_model, model_card, save_weights, train
 from engine.run_folder import (LOCK_FILE, RESULT_FILES, check_writable_folder, claim_run_folder, read_json, read_metrics_csv, release_run_folder,
                                write_csv, write_json, write_metrics_csv)
 from functions import UserError

@@ -89,6 +89,11 @@ def resume_checkpoint(config: RunConfig, run_dir: Path) -> Path | None:
     if saved.get("model") != config.model:
         raise UserError(f"{path} is a checkpoint of {saved.get('model', 'an unknown model')}, not {config.model}; "
                         f"resume with the same --model, or start a new --out-dir")
+    options = saved.get("model_options", config.model_options)  # older checkpoints have none: their models had none
+    if options != config.model_options:
+        changed = sorted(name for name in {*options, *config.model_options} if options.get(name) != config.model_options.get(name))
+        raise UserError(f"{path} is a checkpoint of {config.model} with other model options ({', '.join(f'{name} {options.get(name)!r}' for name in changed)}); "
+                        f"resume with the options it was trained with, or start a new --out-dir")
     if saved.get("recipe", {}).get("epochs", config.recipe.epochs) > config.recipe.epochs:
         raise UserError(f"{path} was trained for more epochs than --epochs {config.recipe.epochs}; raise --epochs to continue")
     return path

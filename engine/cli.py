@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 from engine.config import LOGGERS, OPTIMIZERS, SCHEDULERS, TTA_MODES, WEIGHT_AVERAGES, Recipe, RunConfig
 from engine.devices import is_main_process
 from engine.errors import RunInterrupted, TrainingDiverged
+from engine.registry import MODELS, ModelSpec, model_spec, option_table
 from functions import AUGMENTATIONS, UserError
 
 DEVICES = ("auto", "cpu", "cuda", "gpu", "mps")
@@ -101,14 +102,34 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, recipe: Recipe) -> Non
     group.add_argument("--muon-lr", type=positive_float, help=f"with --optimizer muon, the lr of the convolution filters (default {r.muon_lr:g})")
     group.add_argument("--muon-momentum", type=beta, help=f"with --optimizer muon, the filters' Nesterov momentum (default {r.muon_momentum})")
     group.add_argument("--weight-average", choices=tuple(WEIGHT_AVERAGES), help=f"{choices_help(WEIGHT_AVERAGES)} (default {r.weight_average})")
-    group.add_argument("--whiten", action=argparse.BooleanOptionalAction, help="the first convolution whitens the training images' "
-                       f"2x2 patches and stays frozen, its bias learning for 3 epochs (airbench models) (default {on_off(r.whiten)})")
-    group.add_argument("--dirac", action=argparse.BooleanOptionalAction, help="the other convolutions start as identities on their "
-                       f"first channels (airbench models) (default {on_off(r.dirac)})")
-    group.add_argument("--freeze-norm-weights", action=argparse.BooleanOptionalAction, help="BatchNorm weights stay 1, only the "
-                       f"biases learn (airbench models) (default {on_off(r.freeze_norm_weights)})")
-    group.add_argument("--norm-bias-lr-scale", type=positive_float, help=f"BatchNorm biases learn at this multiple of --lr (airbench "
-                       f"models) (default {r.norm_bias_lr_scale:g})")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, specs: dict[str, ModelSpec]) -> None:
+    """A flag for each option of the models in ``specs`` (the models this script trains), defaulting to each model's own.
+
+    A flag whose option the chosen model does not have is refused when the run is configured (``config_from_args``)."""
+    table = option_table(specs)
+    if not table:
+        return
+    group = parser.add_argument_group("model options (what the network is; recorded in config.json and the model card)")
+    for name, (option, defaults) in table.items():
+        if len(specs) == 1 or len(set(map(repr, defaults.values()))) == 1 and len(defaults) == len(specs):
+            default = f"default {next(iter(defaults.values()))}"
+        else:
+            default = "models and defaults: " + ", ".join(f"{model} {value}" for model, value in defaults.items())
+        kwargs: dict[str, Any] = {"action": argparse.BooleanOptionalAction} if option.kind is bool else {"type": option.parse}
+        if option.kind is not bool and option.kind is not str:
+            kwargs["metavar"] = "N"
+        if option.choices is not None:
+            kwargs["choices"] = option.choices
+        group.add_argument(option.flag, dest=OPTION_PREFIX + name, **kwargs,
+                           help=f"{option.help}; {option.allowed()} ({default})".replace("%", "%%"))
+
+
+def model_options_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The model options given as flags (or by --config): the flags' values that are not None."""
+    return {name.removeprefix(OPTION_PREFIX): value for name, value in vars(args).items()
+            if name.startswith(OPTION_PREFIX) and value is not None}
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, limit_train: bool = True) -> None:
@@ -163,20 +184,35 @@ def add_training_arguments(parser: argparse.ArgumentParser, recipe: Recipe, run_
 
 
 RECIPE_FLAGS = {f.name for f in fields(Recipe)}
+OPTION_PREFIX = "model_option_"  # the argparse destination of a model option's flag
 NOT_FROM_CONFIG = ("out_dir", "resume", "overwrite", "config", "progress")  # where, whether and how it shows: the new run's own choice
 
 
+# Recipe fields that became model options (airbench's), as config.json files written before then hold them.
+FORMER_RECIPE_FIELDS = ("whiten", "dirac", "freeze_norm_weights", "norm_bias_lr_scale")
+
+
 def read_config(path: Path) -> dict[str, Any]:
-    """An earlier run's settings as flag defaults: config.json's recipe and run settings, and the extra settings a
-    script keeps beside it (transfer.json)."""
+    """An earlier run's settings as flag defaults: config.json's model options, recipe and run settings.
+
+    Only a run's config.json is taken: a file with other keys (a tuning study's best_params.json, say) is refused.
+    """
     try:
         saved = json.loads(path.read_text())
-        settings = {**saved.pop("recipe"), **saved}
+        recipe, options = saved.pop("recipe"), saved.pop("model_options", {})
+        settings = {**recipe, **saved}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise UserError(f"--config {path} is not a run's config.json ({type(error).__name__}); give <run folder>/config.json") from None
-    extra = path.parent / "transfer.json"
-    if extra.is_file():
-        settings.update(json.loads(extra.read_text()))
+    unknown = sorted(set(saved) - {f.name for f in fields(RunConfig)} | set(recipe) - RECIPE_FLAGS - set(FORMER_RECIPE_FIELDS))
+    if unknown or "model" not in saved or not isinstance(options, dict):
+        tuned = " (for a tuning study's winner: <out-dir>/retrain/config.json, or trials/<N>/config.json for one trial)" if "trial" in saved else ""
+        raise UserError(f"--config {path} is not a run's config.json (it has {', '.join(unknown) or 'no model'}); give the config.json "
+                        f"of a run folder{tuned}")
+    former = {name: settings.pop(name) for name in FORMER_RECIPE_FIELDS if name in settings}
+    spec = MODELS.get(saved["model"])
+    if former and not options and spec is not None and all(spec.option(name) for name in former):
+        options = former  # written before airbench's pieces were model options of the airbench models: they were its options
+    settings.update({OPTION_PREFIX + name: value for name, value in options.items()})
     return {name: value for name, value in settings.items() if name not in NOT_FROM_CONFIG}
 
 
@@ -199,14 +235,18 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None 
     return parser.parse_args(argv)
 
 
-def config_from_args(args: argparse.Namespace, model: str, recipe: Recipe, run_name: str) -> RunConfig:
-    """The recipe with every flag the user gave laid over it."""
+def config_from_args(args: argparse.Namespace, model: str, run_name: str) -> RunConfig:
+    """The registered ``model`` with its options and recipe, every flag the user gave (or --config gave) laid over them."""
+    spec = model_spec(model)
     given = {name: value for name, value in vars(args).items() if name in RECIPE_FLAGS and value is not None}
     if "betas" in given:
         given["betas"] = tuple(given["betas"])
+    source = f"--config {args.config} or the flags" if getattr(args, "config", None) else "the flags"
+    options = spec.resolve(model, model_options_given(args), source)
     settings = {f.name: getattr(args, f.name) for f in fields(RunConfig)
-                if f.name not in ("model", "recipe", "out_dir") and hasattr(args, f.name)}
-    return RunConfig(model=model, recipe=replace(recipe, **given), out_dir=args.out_dir or str(Path("runs") / run_name), **settings)
+                if f.name not in ("model", "model_options", "recipe", "out_dir") and hasattr(args, f.name)}
+    return RunConfig(model=model, model_options=options, recipe=replace(spec.recipe, **given),
+                     out_dir=args.out_dir or str(Path("runs") / run_name), **settings)
 
 
 # --------------------------------------------------------------------------------------------

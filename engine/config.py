@@ -1,11 +1,14 @@
 """What decides a run: the recipe (how a network is trained) and the run's settings, written to ``config.json``.
 
-The README's recipe for CIFAR10Net is ``Recipe()``; every other model's registry entry brings its own.
+The README's recipe for CIFAR10Net is ``Recipe()``; every other model's registry entry brings its own. What a network
+is (its layer sizes, airbench's whitened stem, ...) is not the recipe's: it is the model's options, declared in its
+registry entry and recorded in ``RunConfig.model_options``.
 The tables of named choices here are the ones every script's flags offer.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "muon")
 SCHEDULERS = {
@@ -55,11 +58,6 @@ class Recipe:
     muon_lr: float = 0.24  # with optimizer muon: the lr of the convolution filters, which Muon orthogonalises
     muon_momentum: float = 0.6
     weight_average: str = "none"
-    # Properties a model implements or not (its registry entry lists which): a recipe asking for one its model lacks is refused.
-    whiten: bool = False  # the first convolution whitens the training patches, frozen (its bias trains for 3 epochs)
-    dirac: bool = False  # the other convolutions start as identities on their first channels
-    freeze_norm_weights: bool = False  # BatchNorm weights stay 1: only the biases learn
-    norm_bias_lr_scale: float = 1.0  # BatchNorm biases learn at this multiple of the lr
 
 
 @dataclass
@@ -70,6 +68,7 @@ class RunConfig:
     """
 
     model: str
+    model_options: dict[str, Any] = field(default_factory=dict)  # every option of the model, given or default
     recipe: Recipe = field(default_factory=Recipe)
     data_dir: str = "./data"
     out_dir: str = ""

@@ -10,7 +10,7 @@ import logging
 import math
 import signal
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -30,7 +30,8 @@ from engine.errors import RunInterrupted
 from engine.evaluation import predict, test_report
 from engine.plots import plot_confusion
 from engine.progress import EpochProgressBar, progress_enabled
-from engine.registry import ModelSpec, check_model_options
+from engine.card import ModelCard, git_commit, library_versions
+from engine.registry import ModelSpec
 from engine.run_folder import claim_run_folder, release_run_folder, write_json
 from functions import write_atomically
 
@@ -62,11 +63,27 @@ class Analysis(Protocol):
         """Analyse the trained ``net``; ``test`` is ``predict``'s output on the test split, with features."""
 
 
-def model_card(config: RunConfig, data: SplitData) -> dict[str, Any]:
-    """What using the trained network needs besides its weights (written as model.json): which model it is, the class
-    names in label order, and the normalisation its inputs had (the training split's statistics)."""
-    return {"model": config.model, "classes": list(data.classes), "mean": data.mean.tolist(), "std": data.std.tolist(),
-            "image_size": 32, "tta": config.recipe.tta}
+def model_card(config: RunConfig, data: SplitData) -> ModelCard:
+    """What using the trained network needs besides its weights (written as model.json): which model it is with its
+    options, the class names in label order, the normalisation its inputs had, and what trained it."""
+    return ModelCard(config.model, tuple(data.classes), tuple(data.mean.tolist()), tuple(data.std.tolist()),
+                     options=dict(config.model_options), image_size=32, tta=config.recipe.tta, versions=library_versions(),
+                     commit=git_commit())
+
+
+def for_model(model: ModelSpec, config: RunConfig, data: SplitData) -> SplitData:
+    """``data`` normalised as ``model`` needs: with its own statistics where it has them (pretrained weights), else as loaded
+    (the training split's)."""
+    if model.input_statistics is None:
+        return data
+    mean, std = model.input_statistics(config.model_options)
+    return replace(data, mean=mean, std=std)
+
+
+def save_weights(net: nn.Module, run_dir: Path) -> None:
+    """The final weights as model.pth, a plain state dict in a plain layout that loads anywhere."""
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    write_atomically(run_dir / "model.pth", lambda tmp: torch.save(state, tmp))
 
 
 @dataclass
@@ -98,7 +115,8 @@ def stop_extra_processes(trainer: pl.Trainer) -> None:
 
 
 def fit(config: RunConfig, model: ModelSpec, data: SplitData, callbacks: Sequence[Callback] = (), checkpoints: bool = True) -> Fitted:
-    """Build ``model``, initialise it its own way and train it on ``data`` by ``config`` with a Lightning Trainer.
+    """Build ``model`` with ``config.model_options``, initialise it its own way and train it on ``data`` (normalised for the
+    model: ``for_model``) by ``config`` with a Lightning Trainer.
 
     ``callbacks`` are added to the Trainer's (hyperparameter tuning adds its pruning callback); ``checkpoints``
     writes last.ckpt after every epoch, and best.ckpt when the validation loss is the lowest so far.
@@ -106,9 +124,8 @@ def fit(config: RunConfig, model: ModelSpec, data: SplitData, callbacks: Sequenc
     run_dir = Path(config.out_dir)
     accelerator = resolve_accelerator(config.device)
     ckpt_path = resume_checkpoint(config, run_dir)
-    check_model_options(config.model, model, config.recipe)
-    net = model.build()
-    pl.seed_everything(config.seed, verbose=False)
+    net = model.build(config.model_options, len(data.classes), config.model, source="the run's model options")
+    pl.seed_everything(config.seed, verbose=False)  # after the build: initialisation draws from the seed, as always
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 parts on tensor-core GPUs
     model.initialize(net, data, config.recipe)
@@ -121,7 +138,7 @@ def fit(config: RunConfig, model: ModelSpec, data: SplitData, callbacks: Sequenc
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", asdict(config))
-    card = model_card(config, data)
+    card = model_card(config, data).to_dict()
     write_json(run_dir / "model.json", card)
     recorder = RunRecorder(run_dir, config.model)
     all_callbacks: list[Callback] = [recorder, DivergenceGuard(), *callbacks]  # the guard first: a pruner never sees a NaN
@@ -158,11 +175,10 @@ def train(config: RunConfig, model: ModelSpec, data: SplitData | None = None, an
     Returns the test report (empty in the extra processes of data-parallel training).
     """
     resolve_accelerator(config.device)
-    check_model_options(config.model, model, config.recipe)
     run_dir = claim_run_folder(config)  # a busy or unusable folder fails before the slow data load
     try:
         resume_checkpoint(config, run_dir)
-        data = data or load_split(config)
+        data = for_model(model, config, data or load_split(config))
         for analysis in analyses:
             analysis.check(config, data)  # an analysis that cannot run fails now, not after the training
         if is_main_process():
@@ -183,8 +199,7 @@ def train(config: RunConfig, model: ModelSpec, data: SplitData | None = None, an
 def finish_run(config: RunConfig, fitted: Fitted, data: SplitData, run_dir: Path, analyses: Sequence[Analysis] = ()) -> dict[str, Any]:
     """Save the final weights, measure the test set, draw the confusion matrix, then run the analyses."""
     net, history = fitted.net.to(fitted.device), fitted.history
-    state = {k: v.contiguous() for k, v in net.state_dict().items()}  # plain layout: loads anywhere
-    write_atomically(run_dir / "model.pth", lambda tmp: torch.save(state, tmp))
+    save_weights(net, run_dir)
     with autocast_for(fitted.precision, fitted.device):  # the precision the run validated at
         test = predict(net, data.test_images, data.test_labels, data.mean, data.std, tta=config.recipe.tta,
                        with_features=hasattr(net, "forward_features"))

@@ -1,11 +1,13 @@
 """airbench94_muon's network and method (Keller Jordan, 2024), inside the toolkit: the fast recipe.
 
-The network is FastVGG's layout with airbench's stem and BatchNorm; what makes the method fast is spread over the
-engine's flags, each a field of the recipe below (``docs/RESULTS.md`` measures each one off in turn):
+The network is FastVGG's layout with airbench's stem and BatchNorm. What makes the method fast is the network's own
+options (the first four below, flags of the airbench models only) and the recipe's fields (the rest); ``docs/RESULTS.md``
+measures each one off in turn:
 
     whiten                the 2x2 stem starts as the whitening of the training images' patches and stays frozen
     dirac                 every 3x3 convolution starts as an identity on its first channels
     freeze_norm_weights   BatchNorm weights stay 1; norm_bias_lr_scale sets the biases' own learning rate
+    width                 the first stage's filters (the other two have 4 times as many): 64 is airbench's
     optimizer muon        Muon (orthogonalised momentum) for the convolution filters, Nesterov SGD for the rest
     decoupled             loss summed over the batch, weight decay per 1,024 examples whatever the lr
     scheduler linear      straight down from the peak to 0
@@ -17,13 +19,12 @@ airbench94 itself (SGD, lookahead, the triangle schedule) is ``benchmarks/bench_
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from engine import ModelSpec, Recipe, register
+from engine import ModelOption, ModelSpec, Recipe, register, with_defaults
 from functions import normalize
 from models.fast import ConvGroup
 
@@ -41,15 +42,23 @@ AIRBENCH_RECIPE = Recipe(
     scheduler="linear",
     augment="alternating",
     tta="flip-translate",
-    whiten=True, dirac=True,
-    freeze_norm_weights=True,
-    norm_bias_lr_scale=0.053 / 0.67,  # the biases learn at 0.053, the head at 0.67
+)
+# The network's options, airbench94_muon's values (each a flag of the airbench models).
+AIRBENCH_OPTIONS = (
+    ModelOption("width", int, 64, "filters of the first stage; the other two have 4 times as many", low=1, high=1024),
+    ModelOption("whiten", bool, True, "the first convolution whitens the training images' 2x2 patches and stays frozen, its bias "
+                "learning for 3 epochs"),
+    ModelOption("dirac", bool, True, "the other convolutions start as identities on their first channels"),
+    ModelOption("freeze_norm_weights", bool, True, "BatchNorm weights stay 1, only the biases learn"),
+    ModelOption("norm_bias_lr_scale", float, 0.053 / 0.67, "BatchNorm biases (and the stem's) learn at this multiple of --lr "
+                "(airbench's 0.053 against the head's 0.67)", low=1e-4, high=100.0),
 )
 # At half the width, on the 2-core CPU, three changes measured there (docs/RESULTS.md, two seeds each): no identity
 # initialisation (it did not pay at this width), batches of 500 (the same arithmetic in four times the steps: 0.3 points
 # more validation accuracy than 2,000, and 0.91x the time of 1,000 on that CPU) and Muon's per-step rate lowered to
 # match (each Muon step has a fixed size: 0.24 / sqrt(4)).
-NARROW_RECIPE = replace(AIRBENCH_RECIPE, batch_size=500, muon_lr=0.12, dirac=False)
+NARROW_RECIPE = replace(AIRBENCH_RECIPE, batch_size=500, muon_lr=0.12)
+NARROW_OPTIONS = with_defaults(AIRBENCH_OPTIONS, width=32, dirac=False)
 WHITEN_IMAGES = 5000        # training images whose 2x2 patches give the whitening filters: plenty for a 12x12 covariance
 WHITEN_EPS = 5e-4           # keeps the near-constant directions of the patches from being blown up
 WHITEN_BIAS_EPOCHS = 3      # the stem's bias learns this long, then freezes with the stem
@@ -59,16 +68,21 @@ NORM_MOMENTUM, NORM_EPS = 0.4, 1e-12  # running statistics that follow fast-movi
 class AirbenchNet(nn.Module):
     """airbench94's network: a 2x2 stem of 24 filters, three pooled stages of two 3x3 convs, max-pool, a linear head.
 
-    The head's scores are divided by its width (airbench94_muon's scaling; the head starts at unit-variance weights).
+    The stages are ``width``, 4 x ``width`` and 4 x ``width`` wide. The head's scores are divided by its width (airbench94_muon's
+    scaling; the head starts at unit-variance weights). The other options say how ``initialize`` and ``parameter_groups``
+    treat the network (see the module's docstring); the network keeps them.
     """
 
-    def __init__(self, widths: tuple[int, int, int] = (64, 256, 256)):
+    def __init__(self, width: int = 64, whiten: bool = True, dirac: bool = True, freeze_norm_weights: bool = True,
+                 norm_bias_lr_scale: float = 0.053 / 0.67, num_classes: int = 10):
         super().__init__()
+        widths = (width, 4 * width, 4 * width)
         self.whiten = nn.Conv2d(3, 24, 2, bias=True)
         self.stages = nn.Sequential(*(ConvGroup(a, b, NORM_EPS, NORM_MOMENTUM) for a, b in zip((24, *widths[:2]), widths)))
         self.pool = nn.MaxPool2d(3)
-        self.head = nn.Linear(widths[2], 10, bias=False)
-        self.whitened = False  # set by whitening: then the stem's bias stops learning after WHITEN_BIAS_EPOCHS
+        self.head = nn.Linear(widths[2], num_classes, bias=False)
+        self.whitened, self.dirac = whiten, dirac  # with whitening, the stem's bias stops learning after WHITEN_BIAS_EPOCHS
+        self.freeze_norm_weights, self.norm_bias_lr_scale = freeze_norm_weights, norm_bias_lr_scale
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled output of the last stage: the penultimate features the t-SNE analysis projects."""
@@ -97,25 +111,24 @@ def whitening_filters(images: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Te
 
 @torch.no_grad()
 def initialize(net: AirbenchNet, data: Any, recipe: Recipe) -> None:
-    """Fresh default weights, then what the recipe asks for: the whitening stem, identity convolutions, frozen norms."""
+    """Fresh default weights, then what the network's options ask for: the whitening stem, identity convolutions, frozen norms."""
     for module in net.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
             module.reset_parameters()
     net.head.weight.mul_(1 / net.head.weight.std())
-    if recipe.dirac:
+    if net.dirac:
         for module in net.stages.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.dirac_(module.weight[:module.in_channels])  # an identity path through the first channels
-    if recipe.whiten:
+    if net.whitened:
         images = normalize(data.train_images[:WHITEN_IMAGES].float() / 255, data.mean.to(data.train_images.device),
                            data.std.to(data.train_images.device))
         net.whiten.weight.copy_(whitening_filters(images))
         net.whiten.weight.requires_grad_(False)
         net.whiten.bias.zero_()
-        net.whitened = True
     for module in net.modules():
         if isinstance(module, nn.BatchNorm2d):
-            module.weight.requires_grad_(not recipe.freeze_norm_weights)
+            module.weight.requires_grad_(not net.freeze_norm_weights)
 
 
 def parameter_groups(net: AirbenchNet, recipe: Recipe) -> list[dict[str, Any]]:
@@ -123,15 +136,14 @@ def parameter_groups(net: AirbenchNet, recipe: Recipe) -> list[dict[str, Any]]:
     the lr metrics.csv records; the biases (BatchNorm's and the stem's) at their own."""
     biases = [net.whiten.bias] + [m.bias for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
     others = [p for p in net.parameters() if p.requires_grad and not any(p is bias for bias in biases)]
-    return [{"params": others}, {"params": biases, "lr": recipe.lr * recipe.norm_bias_lr_scale}]
+    return [{"params": others}, {"params": biases, "lr": recipe.lr * net.norm_bias_lr_scale}]
 
 
-AIRBENCH_OPTIONS = frozenset({"whiten", "dirac", "freeze_norm_weights", "norm_bias_lr_scale"})
 register("Airbench94_muon", ModelSpec(AirbenchNet, AIRBENCH_RECIPE,
                                       "airbench94_muon's network and method: whitened stem, identity convolutions, frozen BatchNorm "
                                       "weights, Muon, alternating flips, flip-translate TTA; 8 epochs, batch 2,000.",
                                       initialize, parameter_groups, AIRBENCH_OPTIONS))
-register("Airbench94_muon_narrow", ModelSpec(partial(AirbenchNet, widths=(32, 128, 128)), NARROW_RECIPE,
+register("Airbench94_muon_narrow", ModelSpec(AirbenchNet, NARROW_RECIPE,
                                              "Airbench94_muon at half the width (32, 128, 128): a quarter of the arithmetic; "
                                              "batches of 500, Muon at 0.12, no identity initialisation (chosen at this width on a CPU).",
-                                             initialize, parameter_groups, AIRBENCH_OPTIONS))
+                                             initialize, parameter_groups, NARROW_OPTIONS))

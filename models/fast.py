@@ -6,12 +6,10 @@ benchmarks/bench_fast.py, each choice a flag.
 """
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import nn
 
-from engine import ModelSpec, Recipe, first_line, register
+from engine import ModelOption, ModelSpec, Recipe, first_line, register, with_defaults
 
 
 class ConvGroup(nn.Sequential):
@@ -32,16 +30,18 @@ class ConvGroup(nn.Sequential):
 class FastVGG(nn.Module):
     """A 7-conv BatchNorm VGG (2x2 stem, three pooled stages of two 3x3 convs), after Keller Jordan's airbench94.
 
-    32x32 -> 31 (stem) -> 15 -> 7 -> 3 -> max-pooled to 1x1; the class scores are scaled by ``logit_scale``
-    (airbench's 1/9), which keeps the early logits small so label-smoothed cross-entropy trains at a high lr.
+    32x32 -> 31 (stem) -> 15 -> 7 -> 3 -> max-pooled to 1x1; the stages are ``width``, 4 x ``width`` and 4 x ``width`` wide
+    (airbench's 64, 256, 256). The class scores are scaled by ``logit_scale`` (airbench's 1/9), which keeps the early logits
+    small so label-smoothed cross-entropy trains at a high lr.
     """
 
-    def __init__(self, widths: tuple[int, int, int] = (64, 256, 256), stem_width: int = 24, logit_scale: float = 1 / 9):
+    def __init__(self, width: int = 64, stem_width: int = 24, logit_scale: float = 1 / 9, num_classes: int = 10):
         super().__init__()
+        widths = (width, 4 * width, 4 * width)
         self.stem = nn.Sequential(nn.Conv2d(3, stem_width, 2), nn.BatchNorm2d(stem_width), nn.GELU())
         self.stages = nn.Sequential(ConvGroup(stem_width, widths[0]), ConvGroup(widths[0], widths[1]), ConvGroup(widths[1], widths[2]))
         self.pool = nn.AdaptiveMaxPool2d(1)
-        self.fc = nn.Linear(widths[2], 10, bias=False)
+        self.fc = nn.Linear(widths[2], num_classes, bias=False)
         self.logit_scale = logit_scale
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,6 +66,7 @@ def recipe_summary(r: Recipe) -> str:
             f"{r.augment} augmentation{f', {r.tta} TTA' if r.tta != 'none' else ''}.")
 
 
-register("FastVGG", ModelSpec(FastVGG, FAST_RECIPE, first_line(FastVGG) + " " + recipe_summary(FAST_RECIPE)))
-register("FastVGG_narrow", ModelSpec(partial(FastVGG, widths=(32, 128, 128)), FAST_RECIPE,
-                                     "FastVGG at half the width (32, 128, 128): a quarter of the arithmetic. " + recipe_summary(FAST_RECIPE)))
+FAST_OPTIONS = (ModelOption("width", int, 64, "filters of the first stage; the other two have 4 times as many", low=1, high=1024),)
+register("FastVGG", ModelSpec(FastVGG, FAST_RECIPE, first_line(FastVGG) + " " + recipe_summary(FAST_RECIPE), options=FAST_OPTIONS))
+register("FastVGG_narrow", ModelSpec(FastVGG, FAST_RECIPE, "FastVGG at half the width (32, 128, 128): a quarter of the arithmetic. "
+                                     + recipe_summary(FAST_RECIPE), options=with_defaults(FAST_OPTIONS, width=32)))

@@ -1,8 +1,11 @@
-"""Transfer learning's network: an ImageNet-trained torchvision backbone behind a batch resize, and a new 10-way head.
+"""Transfer learning's network: an ImageNet-trained torchvision backbone behind a batch resize, and a new head.
 
 The README's experiment is resnet18 with its ImageNet weights, every backbone parameter frozen and only the new
-head trained. ``transfer_model`` makes the registry entry of a built network: its pretrained weights are kept
-(no initialisation), and the backbone layers that train learn ``backbone_lr_scale`` times slower than the head.
+head trained. It is the registered model TransferNet, whose options say which backbone, which weights it starts from,
+the size images are resized to, what trains, how fast the backbone learns and whether transfer_learning.py caches the
+frozen backbone's features. Its initialisation loads the pretrained weights (a saved run's network is rebuilt from its
+options without them: its own weights replace them all), and its inputs are normalised with the statistics those
+weights were trained with.
 """
 from __future__ import annotations
 
@@ -16,10 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import get_model, get_model_weights
 
-from engine import ModelSpec, Recipe, keep_weights, state_dict_mismatch
-from functions import CLASSES, UserError
+from engine import ModelOption, ModelSpec, Recipe, register, state_dict_mismatch
+from functions import UserError
 
-NUM_CLASSES = len(CLASSES)
 FINETUNE_CHOICES = ("fc", "layer4", "all")
 
 # The README's optimiser (Adam, lr 0.01, no weight decay, batch 64); no augmentation and 10 epochs: see transfer_learning.py.
@@ -57,10 +59,10 @@ class TransferNet(nn.Module):
     in training mode, so their BatchNorm statistics and dropout do not change them either.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear, image_size: int):
+    def __init__(self, backbone: nn.Module, head: nn.Linear, image_size: int, arch: str, weights: str, backbone_lr_scale: float):
         super().__init__()
         self.backbone, self.head, self.image_size = backbone, head, image_size
-        self.takes_features = False  # True while the head trains on cached backbone features instead of images
+        self.arch, self.weights, self.backbone_lr_scale = arch, weights, backbone_lr_scale
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-2:] == (self.image_size, self.image_size):
@@ -68,9 +70,10 @@ class TransferNet(nn.Module):
         return F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=False)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The backbone's output, the head's input: what the t-SNE analysis projects."""
-        if self.takes_features:
-            return x.flatten(1)
+        """The backbone's output, the head's input: what the t-SNE analysis projects. Given features already (a batch of
+        vectors: transfer_learning.py's cache of the frozen backbone's features), it passes them on."""
+        if x.dim() == 2:
+            return x
         return self.backbone(self.resize(x)).flatten(1)
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
@@ -166,31 +169,58 @@ def freeze(net: TransferNet, arch: str, finetune: str) -> None:
         parameter.requires_grad = finetune == "all" or (finetune == "layer4" and in_last_stage(name, arch))
 
 
-def build_transfer_net(arch: str, weights: str = "default", image_size: int = 224, finetune: str = "fc") -> TransferNet:
-    """torchvision's ``arch`` with ``weights``, its ImageNet head swapped for a 10-way Linear, frozen per ``finetune``."""
-    state = imagenet_state_dict(arch, weights)
+def backbone_without_head(arch: str) -> tuple[nn.Module, int]:
+    """torchvision's ``arch`` with random weights and its ImageNet head removed, and the width of the features it gives."""
     backbone = get_model(arch, weights=None)
     imagenet_head = replace_module(backbone, ARCHS[arch].head, nn.Identity())
-    if state is not None:
-        load_backbone_state(backbone, state, arch, source=f"--weights {weights}")
-    net = TransferNet(backbone, nn.Linear(imagenet_head.in_features, NUM_CLASSES), image_size)
+    return backbone, imagenet_head.in_features
+
+
+def transfer_network(arch: str = "resnet18", weights: str = "default", image_size: int = 224, finetune: str = "fc",
+                     backbone_lr_scale: float = 0.1, feature_cache: bool = True, num_classes: int = 10) -> TransferNet:
+    """The network of the options: ``arch`` with a new ``num_classes``-way head, frozen per ``finetune``; its weights are
+    random until ``load_pretrained`` (a training run's initialisation) or a saved state dict replaces them.
+    ``feature_cache`` is transfer_learning.py's to read; the network is the same either way."""
+    backbone, features = backbone_without_head(arch)
+    net = TransferNet(backbone, nn.Linear(features, num_classes), image_size, arch, weights, backbone_lr_scale)
     freeze(net, arch, finetune)
     return net.train()  # the frozen parts to eval mode from the start
+
+
+@torch.no_grad()
+def load_pretrained(net: TransferNet, data: Any = None, recipe: Recipe | None = None) -> None:
+    """The registry's initialisation: a new head drawn from the run's seed, the backbone from its ``weights`` (with
+    ``none``, random weights drawn from the seed too)."""
+    net.head.reset_parameters()
+    state = imagenet_state_dict(net.arch, net.weights)
+    if state is None:
+        net.backbone.load_state_dict(backbone_without_head(net.arch)[0].state_dict())
+    else:
+        load_backbone_state(net.backbone, state, net.arch, source=f"--weights {net.weights}")
 
 
 # --------------------------------------------------------------------------------------------
 # Its registry entry: pretrained weights kept, the backbone slower than the head
 # --------------------------------------------------------------------------------------------
-def transfer_parameter_groups(backbone_lr_scale: float):
-    def groups(net: TransferNet, recipe: Recipe) -> list[dict[str, Any]]:
-        """The head first (its lr is the metrics' lr column), then the trainable backbone parameters, if any."""
-        head = [{"params": list(net.head.parameters())}]
-        backbone = [p for p in net.backbone.parameters() if p.requires_grad]
-        return head + ([{"params": backbone, "lr": recipe.lr * backbone_lr_scale}] if backbone else [])
-    return groups
+def parameter_groups(net: TransferNet, recipe: Recipe) -> list[dict[str, Any]]:
+    """The head first (its lr is the metrics' lr column), then the trainable backbone parameters, if any."""
+    head = [{"params": list(net.head.parameters())}]
+    backbone = [p for p in net.backbone.parameters() if p.requires_grad]
+    return head + ([{"params": backbone, "lr": recipe.lr * net.backbone_lr_scale}] if backbone else [])
 
 
-def transfer_model(net: TransferNet, recipe: Recipe, backbone_lr_scale: float) -> ModelSpec:
-    """The registry entry of a built ``net``: built once per run (its weights come from a download or a file)."""
-    return ModelSpec(lambda: net, recipe, TransferNet.__doc__.splitlines()[0], initialize=keep_weights,
-                     parameter_groups=transfer_parameter_groups(backbone_lr_scale))
+TRANSFER_OPTIONS = (
+    ModelOption("arch", str, "resnet18", "torchvision network", choices=tuple(ARCHS)),
+    ModelOption("weights", str, "default", "what the backbone starts from: default, torchvision's DEFAULT ImageNet weights for --arch "
+                "(resnet18: IMAGENET1K_V1, the README's), downloaded once into the torch.hub cache; a weights name such as IMAGENET1K_V2; "
+                "PATH, a local state-dict file of the torchvision network; none, a random backbone"),
+    ModelOption("image_size", int, 224, "side the 32x32 images are resized to, in batches on the device", low=32, high=1024),
+    ModelOption("finetune", str, "fc", "what trains: fc, the new head only (the README); layer4, also the last stage (resnet layer4; "
+                "for the others their last block and the pretrained layers after it); all, the whole network", choices=FINETUNE_CHOICES),
+    ModelOption("backbone_lr_scale", float, 0.1, "learning rate of trained pretrained layers as a fraction of the head's", low=1e-6, high=10.0),
+    ModelOption("feature_cache", bool, True, "with --finetune fc and --augment none, compute the frozen backbone's features once and "
+                "train the head on them (--no-feature-cache runs the full backbone every epoch)"),
+)
+register("TransferNet", ModelSpec(transfer_network, TRANSFER_RECIPE, TransferNet.__doc__.splitlines()[0], initialize=load_pretrained,
+                                  parameter_groups=parameter_groups, options=TRANSFER_OPTIONS,
+                                  input_statistics=lambda options: pretrained_statistics(options["arch"]), script="transfer_learning.py"))

@@ -107,3 +107,25 @@ def run_script(monkeypatch, main, name: str, *argv: str) -> int:
     except SystemExit as exit_info:
         return exit_info.code
     return 0
+
+
+def run_command(script, monkeypatch, capsys, *argv) -> tuple[int, str, str]:
+    """A script's command line in this process: exit status, stdout, stderr."""
+    monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", *map(str, argv)])
+    capsys.readouterr()  # what came before is not this command's
+    try:
+        engine.run_cli(script.main)
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def transfer_net(finetune: str = "fc", image_size: int = 32, weights: str = "none", arch: str = "resnet18", seed: int = 0):
+    """The TransferNet a seed-``seed`` run starts from: built from its options, then initialised under the seed, as engine.fit does."""
+    spec = engine.model_spec("TransferNet")
+    net = spec.build({"arch": arch, "weights": weights, "image_size": image_size, "finetune": finetune})
+    torch.manual_seed(seed)
+    spec.initialize(net, None, spec.recipe)
+    return net

@@ -51,20 +51,21 @@ EXPECTED_PARAMETERS["Airbench94_muon"] = fast_vgg(64, 256, 256) - bn(24)  # the 
 EXPECTED_PARAMETERS["Airbench94_muon_narrow"] = fast_vgg(32, 128, 128) - bn(24)
 
 
-@pytest.mark.parametrize("name", list(mm.MODELS))
+@pytest.mark.parametrize("name", list(mm.trained_here()))  # TransferNet: tests/test_transfer.py
 def test_model_shapes_size_gradients(name):
     net = mm.MODELS[name].build()
     assert mm.parameter_count(net) == EXPECTED_PARAMETERS[name]
     x = torch.randn(6, 3, 32, 32)
     logits = net(x)
     assert logits.shape == (6, 10)
+    assert mm.MODELS[name].build(num_classes=3)(x).shape == (6, 3)  # the last layer follows the classes
     logits.sum().backward()
     assert all(p.grad is not None for p in net.parameters())
     net.eval()
     torch.testing.assert_close(net.classify(net.forward_features(x)), net(x))
 
 
-@pytest.mark.parametrize("name", list(mm.MODELS))
+@pytest.mark.parametrize("name", list(mm.trained_here()))
 def test_model_overfits_a_tiny_batch(name):
     torch.manual_seed(0)
     net = mm.MODELS[name].build()

@@ -12,6 +12,7 @@ import torchvision
 
 import engine
 import transfer_learning as tl
+from conftest import transfer_net
 from models.transfer import freeze
 
 
@@ -23,8 +24,7 @@ def run_flags(out_dir: Path, *flags: str) -> list[str]:
 
 def train(split: engine.SplitData, out_dir: Path, *flags: str) -> dict[str, torch.Tensor]:
     """One run through the command-line flags on the synthetic split; returns the saved model.pth."""
-    config, options = tl.configure(tl.parse_arguments(run_flags(out_dir, *flags)))
-    tl.train_transfer(config, options, data=split)
+    tl.train_transfer(tl.configure(tl.parse_arguments(run_flags(out_dir, *flags))), data=split)
     return torch.load(out_dir / "model.pth", weights_only=True)
 
 
@@ -33,14 +33,13 @@ def first_training_images(split: engine.SplitData, count: int) -> engine.SplitDa
 
 
 def initial_state(finetune: str = "fc", image_size: int = 32) -> dict[str, torch.Tensor]:
-    """The weights a seed-0 run starts from: train_transfer seeds with --seed before building the net."""
-    torch.manual_seed(0)
-    return {k: v.clone() for k, v in tl.build_transfer_net("resnet18", "none", image_size, finetune).state_dict().items()}
+    """The weights a seed-0 run starts from."""
+    return {k: v.clone() for k, v in transfer_net(finetune, image_size).state_dict().items()}
 
 
 def backbone_parameter_names(finetune: str = "fc") -> tuple[set[str], set[str]]:
     """All backbone parameter names and those that --finetune trains, as state-dict keys of the whole net."""
-    net = tl.build_transfer_net("resnet18", "none", 32, finetune)
+    net = transfer_net(finetune)
     named = [(f"backbone.{name}", p) for name, p in net.backbone.named_parameters()]
     return {name for name, _ in named}, {name for name, p in named if p.requires_grad}
 
@@ -62,7 +61,9 @@ def test_frozen_backbone_is_bit_identical_after_training_while_the_head_learns(t
     output = capsys.readouterr().out
     assert "note: --augment standard changes the images every epoch, so the backbone's features cannot be cached" in output
     assert len(engine.read_metrics_csv(tmp_path / "run" / "metrics.csv")) == 2
-    assert engine.read_json(tmp_path / "run" / "transfer.json")["trained_on_cached_features"] is False
+    assert not (tmp_path / "run" / tl.FEATURE_FILE).exists()
+    assert engine.read_json(tmp_path / "run" / "config.json")["model_options"] == {
+        "arch": "resnet18", "weights": "none", "image_size": 32, "finetune": "fc", "backbone_lr_scale": 0.1, "feature_cache": True}
 
 
 @pytest.mark.parametrize("finetune", tl.FINETUNE_CHOICES)
@@ -78,9 +79,9 @@ def test_each_finetune_mode_trains_exactly_the_parameters_it_names(tmp_path, spl
 
 
 def test_pretrained_layers_learn_at_the_scaled_rate_and_plateau_replaces_the_schedule():
-    net = tl.build_transfer_net("resnet18", "none", 32, "layer4")
+    net = transfer_net("layer4")
     recipe = engine.Recipe(lr=0.01, scheduler="plateau", warmup_epochs=1)
-    model = tl.transfer_model(net, recipe, backbone_lr_scale=0.1)
+    model = engine.model_spec("TransferNet")
     head, backbone = model.parameter_groups(net, recipe)
     assert [id(p) for p in head["params"]] == [id(p) for p in net.head.parameters()]
     assert [id(p) for p in backbone["params"]] == [id(p) for p in net.backbone.layer4.parameters()]
@@ -89,10 +90,6 @@ def test_pretrained_layers_learn_at_the_scaled_rate_and_plateau_replaces_the_sch
     assert isinstance(configured["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.ReduceLROnPlateau)
     assert [g["lr"] for g in configured["optimizer"].param_groups] == pytest.approx([0.01, 0.001])
     assert module.recipe.scheduler == "plateau"
-    assert model.build() is net  # built once, with its pretrained weights, which the engine keeps
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    model.initialize(net, None, recipe)
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
 def test_cached_and_uncached_linear_probes_agree(tmp_path, split, capsys):
@@ -121,7 +118,7 @@ def test_weights_path_loads_a_local_state_dict(tmp_path):
     saved = torchvision.models.resnet18().state_dict()
     path = tmp_path / "resnet18-local.pth"
     torch.save(saved, path)
-    net = tl.build_transfer_net("resnet18", str(path), 32)
+    net = transfer_net(weights=str(path))
     loaded = net.backbone.state_dict()
     assert loaded.keys() == {k for k in saved if not k.startswith("fc.")}
     assert all(torch.equal(loaded[k], saved[k]) for k in loaded)
@@ -145,7 +142,7 @@ def test_a_weights_file_that_does_not_fit_is_refused_with_exit_2(tmp_path, monke
 
 @pytest.mark.parametrize("arch", list(tl.ARCHS))
 def test_each_arch_builds_with_a_10_way_head(arch):
-    net = tl.build_transfer_net(arch, "none", 32).eval()
+    net = transfer_net(arch=arch).eval()
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         features = net.forward_features(images)

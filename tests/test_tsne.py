@@ -16,6 +16,7 @@ from torch import nn
 
 import engine
 import functions as fn
+import saved_models
 import tsne
 from conftest import quick_config
 from functions import UserError
@@ -213,7 +214,7 @@ def test_cli_embeds_the_splits_asked_for_from_a_checkpoint(tmp_path, monkeypatch
 def test_lightning_checkpoint_loads_with_its_net_prefix(tmp_path):
     trained = CIFAR10Net_7()
     torch.save({"state_dict": {f"net.{k}": v for k, v in trained.state_dict().items()}, "epoch": 1}, tmp_path / "last.ckpt")
-    loaded = tsne.load_model("CIFAR10Net_7", tmp_path / "last.ckpt")
+    loaded = saved_models.open_saved_model(checkpoint=tmp_path / "last.ckpt", model="CIFAR10Net_7").net
     assert not loaded.training
     for key, value in trained.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
@@ -235,10 +236,10 @@ def test_lightning_checkpoint_of_another_model_names_it(tmp_path, monkeypatch, c
     assert len(lines) == 1 and "trained as CIFAR10Net_2" in lines[0] and "unexpected" in lines[0]
 
 
-@pytest.mark.parametrize("model, message", [("ResNet50", "unknown model 'ResNet50'"), ("Plain", "no forward_features")])
+@pytest.mark.parametrize("model, message", [("ResNet50", "ResNet50, which is not a registered model"), ("Plain", "no forward_features")])
 def test_unusable_model_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, model, message):
-    monkeypatch.setitem(MODELS, "Plain", ModelSpec(lambda: nn.Linear(3, 10), engine.Recipe(), "no penultimate layer"))
-    torch.save(CIFAR10Net_7().state_dict(), tmp_path / "model.pth")
+    monkeypatch.setitem(MODELS, "Plain", ModelSpec(lambda num_classes: nn.Linear(3, num_classes), engine.Recipe(), "no penultimate layer"))
+    torch.save((nn.Linear(3, 10) if model == "Plain" else CIFAR10Net_7()).state_dict(), tmp_path / "model.pth")
     assert run_cli(monkeypatch, "--model", model, "--checkpoint", tmp_path / "model.pth") == 2
     lines = error_lines(capsys)
     assert len(lines) == 1 and message in lines[0]
@@ -254,6 +255,6 @@ def test_help_explains_every_option():
     parser = tsne.build_parser()
     assert all(action.help for action in parser._actions)
     text = parser.format_help()
-    for option in ("--model", "--checkpoint", "--data-dir", "--device", "--seed", "--splits", "--tsne-samples",
+    for option in ("--run", "--model", "--checkpoint", "--data-dir", "--device", "--seed", "--splits", "--tsne-samples",
                    "--tsne-method", "--out-dir", "--redraw"):
         assert option in text

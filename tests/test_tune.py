@@ -387,7 +387,7 @@ def sample(space: str, n: int) -> list[dict]:
     samples = []
     for _ in range(n):
         trial = study.ask()
-        samples.append(tuning.SPACES[space].suggest(trial))
+        samples.append(tuning.SPACES[space](trial))
         assert samples[-1] == trial.params
         study.tell(trial, 0.0)
     return samples
@@ -409,7 +409,8 @@ def test_readme_space_is_the_readme_study():
     assert {params["fc1_size"] for params in samples} == {32, 64, 128, 256, 512}
     recipe = tuning.recipe_for(samples[0], epochs=5)
     assert (recipe.epochs, recipe.lr, recipe.batch_size, recipe.optimizer) == (5, samples[0]["lr"], samples[0]["batch_size"], "adam")
-    assert isinstance(tuning.network_for("readme", samples[0]), CIFAR10Net_7)
+    net = engine.model_spec("CIFAR10Net_7").build(tuning.options_for(samples[0]))
+    assert isinstance(net, CIFAR10Net_7) and net.fc1.out_features == samples[0]["fc1_size"] and net.dropout.p == samples[0]["dropout"]
 
 
 def test_extended_space_adds_convolutions_and_optimisers_and_every_network_builds():
@@ -428,15 +429,16 @@ def test_extended_space_adds_convolutions_and_optimisers_and_every_network_build
             assert recipe.betas == (params["beta1"], params["beta2"])
         kernels = (params["conv1_kernel"], params["conv2_kernel"])
         if kernels not in shapes_built:
-            net = tuning.network_for("extended", params).eval()
+            net = engine.model_spec("CIFAR10Net_7").build(tuning.options_for(params)).eval()
             assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
             assert net.forward_features(torch.zeros(2, 3, 32, 32)).shape == (2, params["fc2_size"])
             shapes_built.add(kernels)
     assert len(shapes_built) == 6 and {params["optimizer"] for params in samples} == {"adam", "adamw", "sgd"}
 
 
-def test_tunable_network_with_its_defaults_is_cifar10net_7():
-    def shapes(net):
-        return {name: tuple(p.shape) for name, p in net.state_dict().items()}
-
-    assert shapes(tuning.TunableCIFAR10Net()) == shapes(CIFAR10Net_7())
+def test_cifar10net_7_with_its_default_options_is_the_readmes():
+    net = engine.model_spec("CIFAR10Net_7").build()
+    shapes = {name: tuple(p.shape) for name, p in net.state_dict().items()}
+    assert (shapes["conv1.weight"], shapes["conv2.weight"], shapes["fc1.weight"], shapes["fc2.weight"], shapes["fc3.weight"]) == (
+        (20, 3, 3, 3), (40, 20, 4, 4), (124, 1440), (64, 124), (10, 64))
+    assert net.dropout.p == 0.5
