@@ -69,7 +69,13 @@ COMPARISON_COLUMNS = ("model", "parameters", "epochs", "best_val_accuracy", "fin
                       "final_val_loss", "test_accuracy", "train_val_gap", "seconds_per_epoch")
 
 
-def comparison_row(name: str, run_dir: Path) -> dict[str, float | str]:
+def best(values: list[float | None], pick) -> float | None:
+    """``pick`` (max or min) of the values there are; None without any (a run with no validation split)."""
+    present = [value for value in values if value is not None]
+    return pick(present) if present else None
+
+
+def comparison_row(name: str, run_dir: Path) -> dict[str, float | str | None]:
     history = engine.read_metrics_csv(run_dir / "metrics.csv")
     report = engine.read_json(run_dir / "test.json")
     options = engine.read_json(run_dir / "config.json").get("model_options", {})
@@ -78,14 +84,18 @@ def comparison_row(name: str, run_dir: Path) -> dict[str, float | str]:
         "model": name,
         "parameters": parameter_count(MODELS[name].build(options, len(report["per_class_accuracy"]), name)),
         "epochs": len(history),
-        "best_val_accuracy": max(row["val_accuracy"] for row in history),
+        "best_val_accuracy": best([row["val_accuracy"] for row in history], max),
         "final_val_accuracy": final["val_accuracy"],
-        "best_val_loss": min(row["val_loss"] for row in history),
+        "best_val_loss": best([row["val_loss"] for row in history], min),
         "final_val_loss": final["val_loss"],
         "test_accuracy": report["test_accuracy"],
-        "train_val_gap": final["train_accuracy"] - final["val_accuracy"],
+        "train_val_gap": None if final["val_accuracy"] is None else final["train_accuracy"] - final["val_accuracy"],
         "seconds_per_epoch": sum(row["seconds"] for row in history) / len(history),
     }
+
+
+def cell(value: float | None, form: str) -> str:
+    return "n/a" if value is None else format(value, form)
 
 
 def write_comparison(rows: list[dict], histories: dict[str, list[dict]], out_dir: Path, setting: str) -> None:
@@ -94,9 +104,9 @@ def write_comparison(rows: list[dict], histories: dict[str, list[dict]], out_dir
              "| model | parameters | best val acc | final val acc | best val loss | final val loss | test acc | train-val gap | s/epoch |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['parameters']:,} | {r['best_val_accuracy']:.2%} | {r['final_val_accuracy']:.2%} | "
-                     f"{r['best_val_loss']:.3f} | {r['final_val_loss']:.3f} | {r['test_accuracy']:.2%} | "
-                     f"{r['train_val_gap']:+.2%} | {r['seconds_per_epoch']:.1f} |")
+        lines.append(f"| {r['model']} | {r['parameters']:,} | {cell(r['best_val_accuracy'], '.2%')} | {cell(r['final_val_accuracy'], '.2%')} | "
+                     f"{cell(r['best_val_loss'], '.3f')} | {cell(r['final_val_loss'], '.3f')} | {r['test_accuracy']:.2%} | "
+                     f"{cell(r['train_val_gap'], '+.2%')} | {r['seconds_per_epoch']:.1f} |")
     write_atomically(out_dir / "comparison.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     plot_comparison(histories, out_dir / "comparison.png", setting)
 
@@ -109,8 +119,10 @@ def plot_comparison(histories: dict[str, list[dict]], path: Path, setting: str) 
     for index, (name, history) in enumerate(histories.items()):
         epochs = [row["epoch"] for row in history]
         for axis, key in zip(axes, ("loss", "accuracy")):
-            axis.plot(epochs, [row[f"val_{key}"] for row in history], color=colours(index), label=name)
-            axis.plot(epochs, [row[f"train_{key}"] for row in history], color=colours(index), linestyle="--", alpha=0.6)
+            if history[0][f"val_{key}"] is not None:  # no validation curve for a run on every training image
+                axis.plot(epochs, [row[f"val_{key}"] for row in history], color=colours(index), label=name)
+            axis.plot(epochs, [row[f"train_{key}"] for row in history], color=colours(index), linestyle="--", alpha=0.6,
+                      label=None if history[0][f"val_{key}"] is not None else name)
     for axis, key in zip(axes, ("Loss", "Accuracy")):
         axis.set_xlabel("epoch")
         axis.set_ylabel(f"{key} (solid: validation, dashed: training)")
@@ -121,20 +133,38 @@ def plot_comparison(histories: dict[str, list[dict]], path: Path, setting: str) 
     engine.save_figure(figure, path)
 
 
+def comparison_args(args: argparse.Namespace, run_dir: Path, resume: str | None) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "out_dir": str(run_dir), "resume": resume})
+
+
+def check_same_setting(names: list[str], args: argparse.Namespace, out_dir: Path) -> None:
+    """A comparison never mixes settings: each model already in ``out_dir`` must have trained as these flags ask."""
+    for name in names:
+        earlier = out_dir / name / "config.json"
+        if args.overwrite or not earlier.is_file():
+            continue
+        asked = engine.config_from_args(comparison_args(args, out_dir / name, None), name, name)
+        differences = engine.differences_from(asked, engine.read_json(earlier), str(earlier))
+        if differences:
+            raise UserError(f"{out_dir} holds a comparison trained with other settings ({name}: {differences[0]}); a comparison never mixes "
+                            f"settings: rerun it with the flags it was trained with, give another --out-dir, or --overwrite to train every "
+                            f"model again")
+
+
 def compare(names: list[str], args: argparse.Namespace) -> None:
-    """Train each model under the same flags into --out-dir/<model>; finished models are not trained again (unless --overwrite)."""
+    """Train each model under the same flags into --out-dir/<model>; finished models are not trained again (unless --overwrite).
+    Models already there must have trained with the same settings (``check_same_setting``)."""
     out_dir = Path(args.out_dir or "runs/comparison")
+    check_same_setting(names, args, out_dir)
     data = None
     for name in names:
         run_dir = out_dir / name
         if (run_dir / "test.json").is_file() and not args.overwrite:
-            print(f"== {name}: finished earlier, kept ({run_dir})")
+            print(f"== {name}: finished earlier with these settings, kept ({run_dir})")
             continue
-        run_args = argparse.Namespace(**vars(args))
-        run_args.out_dir = str(run_dir)
-        run_args.resume = "last" if (run_dir / "last.ckpt").is_file() and not args.overwrite else None
-        print(f"== {name}" + (": resuming" if run_args.resume else ""))
-        config = engine.config_from_args(run_args, name, name)
+        resume = "last" if (run_dir / "last.ckpt").is_file() and not args.overwrite else None
+        print(f"== {name}" + (": resuming" if resume else ""))
+        config = engine.config_from_args(comparison_args(args, run_dir, resume), name, name)
         try:
             if data is None:
                 engine.claim_run_folder(config)  # a busy folder fails before the data load

@@ -13,7 +13,8 @@ Modules, each one job (docs/DESIGN.md shows the layers):
     evaluation   predict (with test-time augmentation), the test report
     plots        curves and confusion matrix
     devices      accelerator, precision (and its autocast outside the Trainer), which process owns the run
-    errors       RunInterrupted, TrainingDiverged
+    errors       RunInterrupted, TrainingDiverged, DiskFull
+    settings     one check for settings from flags, --config and --resume's checkpoint; what --resume may change
     cli          shared flags, config from flags, exit statuses (run_cli)
     run          fit and train
 """
@@ -24,12 +25,12 @@ from engine.checkpoints import (AtomicCheckpointIO, load_weights, read_checkpoin
                                 state_dict_mismatch, weights_in)
 from engine.classifier import ImageClassifier, learning_rate_factor
 from engine.cli import (DEVICES, add_data_arguments, add_device_arguments, add_model_arguments, add_recipe_arguments, add_run_arguments,
-                        add_training_arguments, beta, choices_help, config_from_args, interrupted_message, non_negative_float, non_negative_int, parse_arguments,
+                        add_training_arguments, beta, choices_help, config_from_args, differences_from, interrupted_message, non_negative_float, non_negative_int, parse_arguments,
                         positive_float, positive_int, resume_command, run_cli)
-from engine.config import LOGGERS, OPTIMIZERS, SCHEDULERS, TTA_MODES, WEIGHT_AVERAGES, Recipe, RunConfig
+from engine.config import LOGGERS, OPTIMIZERS, PRECISIONS, SCHEDULERS, TTA_MODES, WEIGHT_AVERAGES, Recipe, RunConfig
 from engine.data import CIFAR10Arrays, has_local_cifar10, image_error_reason, load_cifar10, split_train_val
 from engine.devices import autocast_for, cpu_has_bf16, is_main_process, resolve_accelerator, resolve_precision, training_device
-from engine.errors import RunInterrupted, TrainingDiverged
+from engine.errors import DiskFull, RunInterrupted, TrainingDiverged
 from engine.evaluation import accuracy_by_tta, confusion_matrix, predict, test_report, tta_logits
 from engine.plots import plot_confusion, plot_curves, save_figure
 from engine.progress import ProgressLines, on_terminal, progress_enabled, watched

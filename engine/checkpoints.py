@@ -74,18 +74,27 @@ def load_weights(net: nn.Module, name: str, path: Path) -> nn.Module:
     return net.eval()
 
 
+def resume_path(config: RunConfig) -> Path:
+    """The checkpoint --resume names: last.ckpt in the run folder, or the file given."""
+    return Path(config.out_dir) / "last.ckpt" if config.resume == "last" else Path(config.resume)
+
+
 def resume_checkpoint(config: RunConfig, run_dir: Path) -> Path | None:
     """The checkpoint --resume asks for, checked to be a training checkpoint of this model; None without --resume."""
     if config.resume is None:
         return None
-    path = run_dir / "last.ckpt" if config.resume == "last" else Path(config.resume)
+    path = resume_path(config)
     if config.resume == "last" and not path.is_file():
-        raise UserError(f"nothing to resume: {run_dir} has no last.ckpt; give --out-dir of the interrupted run, or drop --resume")
+        raise UserError(f"nothing to resume: {run_dir} has no last.ckpt (no epoch finished there); drop --resume to start the run again "
+                        f"(with --overwrite if the folder holds its first files), or give --out-dir of the interrupted run")
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         held = "a plain state dict (model.pth)" if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}"
         raise UserError(f"{path} holds {held}, not a training checkpoint; resume from a run's last.ckpt or best.ckpt")
     saved = checkpoint.get("run_config", {})
+    if not isinstance(saved, dict) or not isinstance(saved.get("recipe", {}), dict):
+        raise UserError(f"{path} holds damaged run settings (run_config is a {type(saved).__name__}); resume from another checkpoint "
+                        f"of the run, or start it again with --overwrite")
     if saved.get("model") != config.model:
         raise UserError(f"{path} is a checkpoint of {saved.get('model', 'an unknown model')}, not {config.model}; "
                         f"resume with the same --model, or start a new --out-dir")

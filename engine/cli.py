@@ -12,14 +12,17 @@ import math
 import shlex
 import signal
 import sys
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from engine.config import LOGGERS, OPTIMIZERS, SCHEDULERS, TTA_MODES, WEIGHT_AVERAGES, Recipe, RunConfig
+from engine.config import LOGGERS, OPTIMIZERS, PRECISIONS, SCHEDULERS, TTA_MODES, WEIGHT_AVERAGES, Recipe, RunConfig
 from engine.devices import is_main_process
-from engine.errors import RunInterrupted, TrainingDiverged
+from engine.errors import DiskFull, RunInterrupted, TrainingDiverged
+from engine.checkpoints import read_checkpoint, resume_path
 from engine.registry import MODELS, ModelSpec, model_spec, option_table
+from engine.settings import (MODEL_OPTION, NOT_COMPARED, RESUME_MAY_CHANGE, Settings, changed_settings, describe_change, flattened,
+                             given_flags, normalised)
 from functions import AUGMENTATIONS, UserError
 
 DEVICES = ("auto", "cpu", "cuda", "gpu", "mps")
@@ -122,14 +125,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, specs: dict[str, ModelS
             kwargs["metavar"] = "N"
         if option.choices is not None:
             kwargs["choices"] = option.choices
-        group.add_argument(option.flag, dest=OPTION_PREFIX + name, **kwargs,
+        group.add_argument(option.flag, dest=MODEL_OPTION + name, **kwargs,
                            help=f"{option.help}; {option.allowed()} ({default})".replace("%", "%%"))
 
 
 def model_options_given(args: argparse.Namespace) -> dict[str, Any]:
     """The model options given as flags (or by --config): the flags' values that are not None."""
-    return {name.removeprefix(OPTION_PREFIX): value for name, value in vars(args).items()
-            if name.startswith(OPTION_PREFIX) and value is not None}
+    return {name.removeprefix(MODEL_OPTION): value for name, value in vars(args).items()
+            if name.startswith(MODEL_OPTION) and value is not None}
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, limit_train: bool = True) -> None:
@@ -154,7 +157,9 @@ def add_device_arguments(parser: argparse.ArgumentParser, training: bool = True,
     if distributed:
         group.add_argument("--devices", default="auto", help="how many devices, or which, passed to Lightning (e.g. 4, or 0,1) (default auto)")
         group.add_argument("--strategy", default="auto", help="Lightning's distribution strategy, e.g. ddp for data-parallel over several GPUs or nodes (default auto)")
-    group.add_argument("--precision", default="auto", help="Lightning precision, e.g. 32-true, bf16-mixed, 16-mixed (default auto: bf16-mixed on a CUDA GPU that computes bf16, 16-mixed on older ones, else 32-true)")
+    group.add_argument("--precision", default="auto", choices=PRECISIONS, metavar="PRECISION",
+                       help="Lightning precision: " + ", ".join(PRECISIONS[1:]) + " (default auto: bf16-mixed on a CUDA GPU that computes "
+                            "bf16, 16-mixed on older ones, else 32-true)")
     group.add_argument("--compile", action="store_true", help="torch.compile the network: fuses its layers into fewer, faster kernels "
                        "after a one-off compilation (tens of seconds; needs a C++ compiler on CPU)")
 
@@ -163,7 +168,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, run_name: str) -> None:
     group = parser.add_argument_group("run")
     group.add_argument("--out-dir", help=f"run folder for every output (default runs/{run_name})")
     group.add_argument("--seed", type=non_negative_int, default=0, help="seeds initialisation, shuffling, augmentation and dropout; the 45k/5k split is always the README's (default 0)")
-    group.add_argument("--resume", nargs="?", const="last", metavar="CKPT", help="continue an interrupted run: with no value, from last.ckpt in --out-dir; or from the checkpoint given")
+    group.add_argument("--resume", nargs="?", const="last", metavar="CKPT", help="continue the run in --out-dir with its own settings: with no "
+                       "value, from its last.ckpt; or from the checkpoint given. Only how the rest of it runs may change: "
+                       + ", ".join("--" + name.replace("_", "-") for name in RESUME_MAY_CHANGE).replace("--tsne,", "--no-tsne,")
+                       + " (recorded in config.json); any other flag that differs from the run's is refused")
     group.add_argument("--overwrite", action="store_true", help="replace the run already in --out-dir (without it, a folder that holds a run's results is "
                        "refused: continue it with --resume or choose another --out-dir)")
     group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -172,7 +180,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, run_name: str) -> None:
     group.add_argument("--logger", choices=tuple(LOGGERS), default="tensorboard",
                        help=f"where Lightning logs each epoch's metrics: {choices_help(LOGGERS)} (default tensorboard)")
     group.add_argument("--config", metavar="CONFIG_JSON", help="run again with the settings of an earlier run (its run folder's "
-                       "config.json); flags given beside it override them; --out-dir, --resume and --overwrite are never taken from it")
+                       "config.json, checked as the flags are); flags given beside it override them; --out-dir, --resume, --overwrite and "
+                       "--progress are never taken from it")
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, recipe: Recipe, run_name: str) -> None:
@@ -184,69 +193,122 @@ def add_training_arguments(parser: argparse.ArgumentParser, recipe: Recipe, run_
 
 
 RECIPE_FLAGS = {f.name for f in fields(Recipe)}
-OPTION_PREFIX = "model_option_"  # the argparse destination of a model option's flag
-NOT_FROM_CONFIG = ("out_dir", "resume", "overwrite", "config", "progress")  # where, whether and how it shows: the new run's own choice
-
-
+NOT_FROM_CONFIG = ("out_dir", "resume", "overwrite", "config", "progress", "changes")  # where, whether and how it shows: the new run's own
 # Recipe fields that became model options (airbench's), as config.json files written before then hold them.
 FORMER_RECIPE_FIELDS = ("whiten", "dirac", "freeze_norm_weights", "norm_bias_lr_scale")
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    """An earlier run's settings as flag defaults: config.json's model options, recipe and run settings.
-
-    Only a run's config.json is taken: a file with other keys (a tuning study's best_params.json, say) is refused.
-    """
-    try:
-        saved = json.loads(path.read_text())
-        recipe, options = saved.pop("recipe"), saved.pop("model_options", {})
-        settings = {**recipe, **saved}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise UserError(f"--config {path} is not a run's config.json ({type(error).__name__}); give <run folder>/config.json") from None
-    unknown = sorted(set(saved) - {f.name for f in fields(RunConfig)} | set(recipe) - RECIPE_FLAGS - set(FORMER_RECIPE_FIELDS))
-    if unknown or "model" not in saved or not isinstance(options, dict):
+def run_settings(saved: Any, source: str) -> dict[str, Any]:
+    """A run's settings as config.json and checkpoints hold them, keyed by argparse destination; a file that is not a run's
+    settings (a tuning study's best_params.json, say) or has a key no run has is refused with one line."""
+    if not isinstance(saved, dict):
+        raise UserError(f"{source} is not a run's settings (a {type(saved).__name__}, not a mapping); give <run folder>/config.json")
+    recipe = saved.get("recipe", {})
+    unknown = sorted(set(saved) - {f.name for f in fields(RunConfig)} | set(recipe if isinstance(recipe, dict) else ())
+                     - RECIPE_FLAGS - set(FORMER_RECIPE_FIELDS))
+    if unknown or "model" not in saved:
         tuned = " (for a tuning study's winner: <out-dir>/retrain/config.json, or trials/<N>/config.json for one trial)" if "trial" in saved else ""
-        raise UserError(f"--config {path} is not a run's config.json (it has {', '.join(unknown) or 'no model'}); give the config.json "
+        raise UserError(f"{source} is not a run's config.json (it has {', '.join(unknown) or 'no model'}); give the config.json "
                         f"of a run folder{tuned}")
+    settings = flattened(saved, source)
     former = {name: settings.pop(name) for name in FORMER_RECIPE_FIELDS if name in settings}
     spec = MODELS.get(saved["model"])
-    if former and not options and spec is not None and all(spec.option(name) for name in former):
-        options = former  # written before airbench's pieces were model options of the airbench models: they were its options
-    settings.update({OPTION_PREFIX + name: value for name, value in options.items()})
+    if former and not saved.get("model_options") and spec is not None and all(spec.option(name) for name in former):
+        # written before airbench's pieces were model options of the airbench models: they were its options
+        settings.update({MODEL_OPTION + name: value for name, value in former.items()})
+    return settings
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """An earlier run's settings from its config.json, as flag defaults."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"--config {path} cannot be read as a run's config.json ({type(error).__name__}); give <run folder>/config.json") from None
+    settings = run_settings(saved, f"--config {path}")
     return {name: value for name, value in settings.items() if name not in NOT_FROM_CONFIG}
 
 
 def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None, model: str | None = None) -> argparse.Namespace:
-    """The command line; with --config, the earlier run's settings are the defaults that the flags given override.
+    """The command line; with --config, the earlier run's settings (checked as their flags check them) are the defaults
+    that the flags given override. ``args.settings`` keeps the parser and the flags given, for --resume's checks.
 
     ``model``: the one model this script trains; a config of another model is refused. Scripts that choose the model by
     --model take the config's as its default.
     """
+    settings = Settings(parser, given_flags(parser, argv))
     config_only = argparse.ArgumentParser(add_help=False)
     config_only.add_argument("--config")
     path = config_only.parse_known_args(argv)[0].config
     if path is not None:
-        settings = read_config(Path(path))
-        if model is not None and settings.get("model") != model:
-            raise UserError(f"--config {path} is a run of {settings.get('model')}, not {model}; give it to the script that trained it "
+        saved = read_config(Path(path))
+        if model is not None and saved.get("model") != model:
+            raise UserError(f"--config {path} is a run of {saved.get('model')}, not {model}; give it to the script that trained it "
                             f"(python modified_models.py --config {path} for a registered model)")
-        dests = {action.dest for action in parser._actions}
-        parser.set_defaults(**{name: value for name, value in settings.items() if name in dests})
-    return parser.parse_args(argv)
+        parser.set_defaults(**settings.check(saved, f"--config {path}"))
+    args = parser.parse_args(argv)
+    args.settings = settings
+    return args
 
 
-def config_from_args(args: argparse.Namespace, model: str, run_name: str) -> RunConfig:
-    """The registered ``model`` with its options and recipe, every flag the user gave (or --config gave) laid over them."""
+def run_config(args: argparse.Namespace, model: str, run_name: str) -> RunConfig:
+    """The registered ``model`` with its options and recipe, every setting in ``args`` laid over them."""
     spec = model_spec(model)
-    given = {name: value for name, value in vars(args).items() if name in RECIPE_FLAGS and value is not None}
-    if "betas" in given:
-        given["betas"] = tuple(given["betas"])
+    recipe = {name: value for name, value in vars(args).items() if name in RECIPE_FLAGS and value is not None}
+    if "betas" in recipe:
+        recipe["betas"] = tuple(recipe["betas"])
     source = f"--config {args.config} or the flags" if getattr(args, "config", None) else "the flags"
     options = spec.resolve(model, model_options_given(args), source)
     settings = {f.name: getattr(args, f.name) for f in fields(RunConfig)
                 if f.name not in ("model", "model_options", "recipe", "out_dir") and hasattr(args, f.name)}
-    return RunConfig(model=model, model_options=options, recipe=replace(spec.recipe, **given),
+    return RunConfig(model=model, model_options=options, recipe=replace(spec.recipe, **recipe),
                      out_dir=args.out_dir or str(Path("runs") / run_name), **settings)
+
+
+def config_from_args(args: argparse.Namespace, model: str, run_name: str) -> RunConfig:
+    """The run the command line describes; with --resume, the run in --out-dir as it was trained (``resumed``)."""
+    config = run_config(args, model, run_name)
+    return resumed(config, args, model, run_name) if config.resume is not None else config
+
+
+def resumed(config: RunConfig, args: argparse.Namespace, model: str, run_name: str) -> RunConfig:
+    """The run --resume continues, with its own settings from its checkpoint: a flag given that would change what its
+    finished epochs meant is refused; one of ``RESUME_MAY_CHANGE`` is taken and recorded as a change after epoch k."""
+    path = resume_path(config)
+    checkpoint = read_checkpoint(path) if path.is_file() else None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("run_config"), dict) or checkpoint["run_config"].get("model") != model:
+        return config  # nothing to continue, no settings to continue with, or another model's: resume_checkpoint says which
+    source = f"the settings in {path}"
+    saved = args.settings.check(run_settings(checkpoint["run_config"], source), source)
+    now = {**vars(args), **flattened(asdict(config), "the command line")}
+    given = args.settings.given - {"resume", "out_dir", "overwrite", "config"}
+    refused = [dest for dest in changed_settings(now, saved, given) if dest not in RESUME_MAY_CHANGE]
+    if refused:
+        flag = args.settings.action(refused[0]).option_strings[0]
+        raise UserError(f"--resume continues the run in {config.out_dir} as it was trained, and {flag} would change what its finished "
+                        f"epochs meant: {describe_change(refused[0], now[refused[0]], saved[refused[0]])}; leave {flag} out to continue it, "
+                        f"or train a new run with another --out-dir (or --overwrite). --resume may change: "
+                        f"{', '.join(args.settings.action(dest).option_strings[0] for dest in RESUME_MAY_CHANGE if args.settings.action(dest))}")
+    merged = argparse.Namespace(**{**vars(args), **{dest: value for dest, value in saved.items()
+                                                    if dest not in given and dest not in NOT_COMPARED}})
+    epochs_done = int(checkpoint.get("epoch", -1)) + 1
+    changes = list(checkpoint["run_config"].get("changes", [])) + [
+        {"after_epoch": epochs_done, "setting": dest, "from": normalised(saved[dest]), "to": normalised(now[dest])}
+        for dest in changed_settings(now, saved, given)]
+    config = replace(run_config(merged, model, run_name), out_dir=config.out_dir, resume=config.resume, changes=changes)
+    finished = Path(config.out_dir, "test.json").is_file() and epochs_done >= config.recipe.epochs
+    if finished and config.resume == "last":
+        raise UserError(f"{config.out_dir} holds a finished run of {epochs_done} epochs; to train it further give --resume with --epochs "
+                        f"above {epochs_done}, or start it again with --overwrite")
+    return config
+
+
+def differences_from(config: RunConfig, saved: Any, source: str) -> list[str]:
+    """What differs between the run ``config`` describes and the run settings ``saved`` (a config.json's), apart from how it
+    runs (``RESUME_MAY_CHANGE`` but the epochs): one description each, e.g. 'lr 0.01 (it has 0.001)'."""
+    before, now = run_settings(saved, source), flattened(asdict(config), "the command line")
+    how_it_runs = set(RESUME_MAY_CHANGE) - {"epochs"}
+    return [describe_change(dest, now[dest], before[dest]) for dest in changed_settings(now, before, set(now) - how_it_runs)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,8 +318,8 @@ def raise_interrupted(signum: int, frame) -> None:
     raise RunInterrupted(signum)
 
 
-def resume_command(argv: list[str]) -> str:
-    """The command line that continues the run ``argv`` started: the same flags, without --overwrite, with --resume."""
+def restart_command(argv: list[str]) -> str:
+    """The command line ``argv`` without --overwrite and --resume (and its checkpoint): starts the run in its folder again."""
     args, skip_value = [], False
     for arg in argv[1:]:
         if skip_value and not arg.startswith("-"):
@@ -267,7 +329,12 @@ def resume_command(argv: list[str]) -> str:
         if arg in ("--overwrite", "--resume") or arg.startswith("--resume="):
             continue
         args.append(arg)
-    return shlex.join(["python", argv[0], *args, "--resume"])
+    return shlex.join(["python", argv[0], *args])
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues the run ``argv`` started: the same flags, without --overwrite, with --resume."""
+    return f"{restart_command(argv)} --resume"
 
 
 def interrupted_message(interrupt: RunInterrupted) -> str:
@@ -292,11 +359,17 @@ def run_cli(main: Callable[[], Any]) -> None:
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except DiskFull as full:
+        way_on = (f"continue with: {resume_command(sys.argv)}" if full.resumable
+                  else f"start it again (no epoch was saved yet) with: {restart_command(sys.argv)}")
+        print(f"error: the disk is full ({full.path}); the files written before stay as they were: free some space, then {way_on}",
+              file=sys.stderr)
+        sys.exit(1)
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         print(f"error: the disk is full ({error.filename or error}); the files written before stay as they were: free some space, "
-              f"then continue with: {resume_command(sys.argv)}", file=sys.stderr)
+              f"then run the same command again", file=sys.stderr)
         sys.exit(1)
     except (RunInterrupted, KeyboardInterrupt) as interrupt:
         if not isinstance(interrupt, RunInterrupted):

@@ -29,6 +29,10 @@ LOGGERS = {
     "csv": "Lightning's CSV log in <run folder>/csv_log",
     "none": "no logger (metrics.csv and curves.png are written all the same)",
 }
+# --precision: auto (ours: the precision that pays on the device) and every value Lightning 2.x accepts (its aliases too);
+# tests/test_settings.py checks this against Lightning's own list, so a bad value fails at the command line, not in the Trainer.
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
+              "transformer-engine-float16", "32", "16", "bf16", "64")
 TTA_MODES = {
     "none": "the image alone",
     "flip": "the image and its mirror image, averaged",
@@ -88,3 +92,4 @@ class RunConfig:
     tsne: bool = True
     tsne_samples: int | None = None
     tsne_method: str = "auto"
+    changes: list[dict[str, Any]] = field(default_factory=list)  # what each --resume changed, after which epoch

@@ -26,3 +26,12 @@ class TrainingDiverged(Exception):
                          f"(--lr, now {lr:g}) and start again; no model.pth was written"
                          + (", last.ckpt keeps the last good epoch" if epoch > 1 else ""))
         self.loss_name, self.value, self.epoch = loss_name, value, epoch
+
+
+class DiskFull(Exception):
+    """The disk filled up during a run. ``resumable``: a checkpoint was written before, so --resume continues the run;
+    without one, the same command starts it again."""
+
+    def __init__(self, path: str, resumable: bool):
+        super().__init__(path)
+        self.path, self.resumable = path, resumable

@@ -6,6 +6,7 @@ analyses the script handed in (the t-SNE plots, say). The scripts only choose th
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import signal
@@ -26,7 +27,7 @@ from engine.checkpoints import AtomicCheckpointIO, resume_checkpoint, saved_prog
 from engine.classifier import ImageClassifier
 from engine.config import RunConfig
 from engine.devices import autocast_for, is_main_process, resolve_accelerator, resolve_precision, training_device
-from engine.errors import RunInterrupted
+from engine.errors import DiskFull, RunInterrupted
 from engine.evaluation import predict, test_report
 from engine.plots import plot_confusion
 from engine.progress import EpochProgressBar, progress_enabled
@@ -192,6 +193,10 @@ def train(config: RunConfig, model: ModelSpec, data: SplitData | None = None, an
     except RunInterrupted as interrupt:
         interrupt.saved = interrupt.saved or saved_progress(config, run_dir)
         raise
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFull(error.filename or str(error), resumable=(run_dir / "last.ckpt").is_file()) from error
     finally:
         release_run_folder(run_dir)
 

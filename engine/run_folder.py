@@ -56,18 +56,30 @@ def continues_this_folder(config: RunConfig, run_dir: Path) -> bool:
     return config.resume == "last" or (config.resume is not None and Path(config.resume).resolve().parent == run_dir.resolve())
 
 
-def keep_earlier_results(config: RunConfig, run_dir: Path) -> None:
-    """Refuse a folder that holds another run's results, unless this run continues it (--resume) or replaces it (--overwrite)."""
-    results = [name for name in RESULT_FILES if (run_dir / name).exists()]
-    if not results or continues_this_folder(config, run_dir):
-        return
-    if not config.overwrite:
-        state = "a finished" if (run_dir / "test.json").exists() else "an unfinished"
-        raise UserError(f"{run_dir} holds {state} run ({', '.join(results)}); continue it with --resume, keep it and give "
-                        f"another --out-dir, or replace it with --overwrite")
+def remove_run_outputs(run_dir: Path) -> None:
     for pattern in RUN_OUTPUTS:
         for path in run_dir.glob(pattern):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def keep_earlier_results(config: RunConfig, run_dir: Path) -> None:
+    """Refuse a folder that holds another run's results, unless this run continues it (--resume) or replaces it (--overwrite).
+
+    A run that stopped before its first checkpoint (the disk filled up, say) left nothing to continue or keep: its files
+    are removed and the folder reused, so the same command starts it again."""
+    results = [name for name in RESULT_FILES if (run_dir / name).exists()]
+    if not results or continues_this_folder(config, run_dir):
+        return
+    if not config.overwrite and results == ["metrics.csv"]:
+        remove_run_outputs(run_dir)
+        print(f"{run_dir} held a run that stopped before its first checkpoint (nothing to continue): starting it again")
+        return
+    if not config.overwrite:
+        finished = (run_dir / "test.json").exists()
+        way_on = ("train it further with --resume --epochs N (more epochs than it has)" if finished else "continue it with --resume")
+        raise UserError(f"{run_dir} holds {'a finished' if finished else 'an unfinished'} run ({', '.join(results)}); {way_on}, keep it "
+                        f"and give another --out-dir, or replace it with --overwrite")
+    remove_run_outputs(run_dir)
     print(f"--overwrite: removed the earlier run's files from {run_dir}")
 
 

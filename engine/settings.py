@@ -1,0 +1,127 @@
+"""One check for a run's settings, wherever they come from: the command line, a --config file, or the checkpoint that
+--resume continues.
+
+A value read from a file passes exactly the check its flag's text would: the flag's own type (which holds its range),
+its choices, its number of values, on/off for a switch. So the command line's parser is the one schema; a bad value is
+one line naming the key, the file and the fix, before anything is written. (jsonargparse or pydantic would need a second
+schema of the same settings, kept in step with the flags by hand: the flags already say everything.)
+
+--resume continues the run that is there: its settings come from its checkpoint, and a flag that would change what its
+finished epochs meant (the model or its options, the recipe, the data, the seed) is refused. What may change is how
+the rest of it runs (``RESUME_MAY_CHANGE``: more epochs, where and how fast it computes, what it shows); such a change
+is recorded in config.json as made after epoch k.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from functions import UserError
+
+# What --resume may change, and what it records as a change: how the remaining epochs run, not what they mean.
+RESUME_MAY_CHANGE = ("epochs", "device", "devices", "strategy", "precision", "compile", "num_workers", "progress", "logger",
+                     "tsne", "tsne_samples", "tsne_method")
+NOT_COMPARED = ("out_dir", "resume", "overwrite", "config", "changes")  # where and whether a run goes: never a setting of its own
+
+
+def is_switch(action: argparse.Action) -> bool:
+    """store_true, store_false, or --x/--no-x."""
+    return isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction))
+
+
+def value_problem(action: argparse.Action, value: Any) -> tuple[str, Any]:
+    """Why a value from a file is not one the flag takes (empty if it is), and the value as the flag would give it."""
+    if value is None:
+        return ("" if action.default is None else "it takes a value, not null"), None
+    if is_switch(action):
+        return ("" if isinstance(value, bool) else "it is a switch: true or false"), value
+    if isinstance(action.nargs, int):
+        if not isinstance(value, list) or len(value) != action.nargs:
+            return f"it takes a list of {action.nargs} values", value
+        checked = [value_problem(argparse.Action([], action.dest, type=action.type, choices=action.choices), item) for item in value]
+        problem = next((problem for problem, _ in checked if problem), "")
+        return problem, [item for _, item in checked]
+    if isinstance(value, (bool, list, dict)) or (action.type is None and not isinstance(value, str)):
+        return f"a {type(value).__name__} is not a value it takes", value
+    if action.type is not None:
+        try:
+            value = action.type(str(value))
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
+            return str(error) or f"not a value it takes, got {value}", value
+    if action.choices is not None and value not in action.choices:
+        return f"choose one of {', '.join(map(str, action.choices))}", value
+    return "", value
+
+
+@dataclass
+class Settings:
+    """A script's command line as the schema of its settings, and the flags the user gave on it."""
+
+    parser: argparse.ArgumentParser
+    given: frozenset[str]  # argparse destinations of the flags on the command line
+
+    def action(self, dest: str) -> argparse.Action | None:
+        return next((action for action in self.parser._actions if action.dest == dest and action.option_strings), None)
+
+    def check(self, values: dict[str, Any], source: str) -> dict[str, Any]:
+        """``values`` (argparse destinations) checked as their flags check them; those this script has no flag for are left
+        out. One line for the first bad one."""
+        checked = {}
+        for dest, value in values.items():
+            action = self.action(dest)
+            if action is None:
+                continue
+            problem, checked[dest] = value_problem(action, value)
+            if problem:
+                flag = action.option_strings[-1] if is_switch(action) and value is False else action.option_strings[0]
+                raise UserError(f"{source}: {dest.removeprefix(MODEL_OPTION)} = {json.dumps(value)} is not a value {flag} takes "
+                                f"({problem}); correct it there, or give {flag} on the command line")
+        return checked
+
+
+MODEL_OPTION = "model_option_"  # the argparse destination of a model option's flag: model_option_<name>
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> frozenset[str]:
+    """The destinations of the flags on the command line (a parse in which nothing has a default)."""
+    bare = copy.copy(parser)
+    bare._actions = [copy.copy(action) for action in parser._actions]
+    bare._defaults = {}
+    for action in bare._actions:
+        action.default = argparse.SUPPRESS
+    bare._option_string_actions = {option: action for action in bare._actions for option in action.option_strings}
+    return frozenset(vars(bare.parse_known_args(argv)[0]))
+
+
+def flattened(saved: dict[str, Any], source: str) -> dict[str, Any]:
+    """A run's settings as written in config.json or a checkpoint, keyed by argparse destination: recipe fields and run
+    settings by their names, model options as model_option_<name>."""
+    recipe, options = saved.get("recipe", {}), saved.get("model_options", {})
+    if not isinstance(recipe, dict) or not isinstance(options, dict):
+        raise UserError(f"{source}: recipe and model_options must be mappings of names to values; copy the file again from its run folder")
+    rest = {key: value for key, value in saved.items() if key not in ("recipe", "model_options")}
+    return {**recipe, **rest, **{MODEL_OPTION + name: value for name, value in options.items()}}
+
+
+def normalised(value: Any) -> Any:
+    """A value as JSON writes it (tuples as lists), so a flag's value and a file's compare equal when they are."""
+    return json.loads(json.dumps(value))
+
+
+def same_setting(dest: str, a: Any, b: Any) -> bool:
+    if dest == "data_dir" and isinstance(a, str) and isinstance(b, str):
+        return Path(a).resolve() == Path(b).resolve()
+    return normalised(a) == normalised(b)
+
+
+def changed_settings(now: dict[str, Any], before: dict[str, Any], dests: frozenset[str] | set[str]) -> list[str]:
+    """The destinations among ``dests`` whose value in ``now`` differs from ``before``'s."""
+    return [dest for dest in dests if dest in before and dest not in NOT_COMPARED and not same_setting(dest, now.get(dest), before[dest])]
+
+
+def describe_change(dest: str, now: Any, before: Any) -> str:
+    return f"{dest.removeprefix(MODEL_OPTION)} {json.dumps(normalised(now))} (it has {json.dumps(normalised(before))})"
