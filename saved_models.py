@@ -170,7 +170,8 @@ class SavedModel:
         options = self.card.options if self.card is not None else {}
         changed = engine.model_spec(self.name).resolve(self.name, options, "its card")
         defaults = engine.model_spec(self.name).resolve(self.name, {}, "its registry entry")
-        different = ", ".join(f"{key} {value}" for key, value in changed.items() if value != defaults[key])
+        different = ", ".join(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}"
+                              for key, value in changed.items() if value != defaults[key])
         return (f"{self.name}{f' ({different})' if different else ''} from {self.weights}"
                 + (f" (card: {self.card_file})" if self.card_file else ""))
 

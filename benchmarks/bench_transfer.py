@@ -99,9 +99,9 @@ def our_linear_probe(data: engine.SplitData, epochs: int, device: str, feature_c
     with tempfile.TemporaryDirectory() as run_dir:
         args = tl.parse_arguments(["--weights", "none", "--epochs", str(epochs), "--device", device, "--out-dir", run_dir,
                                    "--no-progress", "--no-tsne", "--feature-cache" if feature_cache else "--no-feature-cache"])
-        config, options = tl.configure(args)
+        config = tl.configure(args)
         started = time.perf_counter()
-        tl.train_transfer(config, options, data=data)
+        tl.train_transfer(config, data=data)
         whole_run = time.perf_counter() - started
         history = engine.read_metrics_csv(Path(run_dir) / "metrics.csv")
     final = history[-1]

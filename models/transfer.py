@@ -221,6 +221,7 @@ TRANSFER_OPTIONS = (
     ModelOption("feature_cache", bool, True, "with --finetune fc and --augment none, compute the frozen backbone's features once and "
                 "train the head on them (--no-feature-cache runs the full backbone every epoch)"),
 )
-register("TransferNet", ModelSpec(transfer_network, TRANSFER_RECIPE, TransferNet.__doc__.splitlines()[0], initialize=load_pretrained,
+register("TransferNet", ModelSpec(transfer_network, TRANSFER_RECIPE, "Transfer learning: an ImageNet-trained torchvision backbone (resnet18 by "
+                                  "default, frozen) behind a batch resize, and a new head.", initialize=load_pretrained,
                                   parameter_groups=parameter_groups, options=TRANSFER_OPTIONS,
                                   input_statistics=lambda options: pretrained_statistics(options["arch"]), script="transfer_learning.py"))
