@@ -1,9 +1,11 @@
 """Small synthetic CIFAR-10 look-alikes: learnable, written in both on-disk layouts, no network."""
 from __future__ import annotations
 
+import errno
 import pickle
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -107,6 +109,18 @@ def run_script(monkeypatch, main, name: str, *argv: str) -> int:
     except SystemExit as exit_info:
         return exit_info.code
     return 0
+
+
+def disk_full_when(full: Callable[[Path], bool]) -> Callable[[Path, Callable[[Path], None]], None]:
+    """A ``write_atomically`` that fails as a full disk does (ENOSPC) for the paths ``full`` picks, and writes the others."""
+    real_write = fn.write_atomically
+
+    def write(path: Path, writer: Callable[[Path], None]) -> None:
+        if full(Path(path)):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_write(path, writer)
+
+    return write
 
 
 def run_command(script, monkeypatch, capsys, *argv) -> tuple[int, str, str]:

@@ -18,7 +18,7 @@ import torch
 import engine
 import functions as fn
 import main as main_script
-from conftest import quick_config, write_image_folder
+from conftest import disk_full_when, quick_config, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK_FLAGS = ("--epochs", "2", "--batch-size", "32", "--augment", "none", "--no-tsne", "--no-progress", "--device", "cpu")
@@ -253,14 +253,7 @@ def test_an_unusable_out_dir_is_one_line_before_the_data_load(monkeypatch, capsy
 
 
 def test_a_disk_that_fills_up_mid_run_is_one_line(monkeypatch, capsys, tmp_path, data_dir):
-    real_write = fn.write_atomically
-
-    def disk_full_at_the_final_model(path, write):
-        if Path(path).name == "model.pth":
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real_write(path, write)
-
-    monkeypatch.setattr(engine.run, "write_atomically", disk_full_at_the_final_model)
+    monkeypatch.setattr(engine.run, "write_atomically", disk_full_when(lambda path: path.name == "model.pth"))
     code, err = run_main(monkeypatch, capsys, "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "run"), *QUICK_FLAGS)
     assert code == 1 and err.count("\n") == 1 and "disk is full" in err and "--resume" in err
     assert (tmp_path / "run/last.ckpt").is_file()

@@ -1,7 +1,6 @@
 """One check for settings from flags, --config and --resume; comparisons that never mix settings; every stop leaves a way on."""
 from __future__ import annotations
 
-import errno
 import json
 import shlex
 import signal
@@ -14,10 +13,9 @@ from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT_STR, _
 
 import engine
 import engine.checkpoints
-import functions as fn
 import main
 import modified_models
-from conftest import quick_config, run_command, write_image_folder
+from conftest import disk_full_when, quick_config, run_command, write_image_folder
 
 QUICK = ("--batch-size", "32", "--augment", "none", "--no-tsne", "--no-progress", "--device", "cpu", "--logger", "none")
 METRIC_COLUMNS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr")
@@ -165,16 +163,9 @@ def test_a_comparison_without_validation_works_and_a_rerun_with_other_settings_i
 # Every stop leaves a way on
 # --------------------------------------------------------------------------------------------
 def test_a_full_disk_before_the_first_checkpoint_names_a_command_that_finishes_the_run(tmp_path, monkeypatch, capsys, data_dir):
-    real_write = fn.write_atomically
-
-    def disk_full_at_the_first_checkpoint(path, write):
-        if Path(path).suffix == ".ckpt":
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real_write(path, write)
-
     flags = ("--data-dir", str(data_dir), "--epochs", "2", "--limit-train", "100", *QUICK, "--out-dir", str(tmp_path / "run"))
     with monkeypatch.context() as patch:
-        patch.setattr(engine.checkpoints, "write_atomically", disk_full_at_the_first_checkpoint)
+        patch.setattr(engine.checkpoints, "write_atomically", disk_full_when(lambda path: path.suffix == ".ckpt"))
         code, out, err = run_command(main, monkeypatch, capsys, *flags)
     assert code == 1 and err.count("\n") == 1 and "disk is full" in err and "--resume" not in err
     command = shlex.split(err.split("start it again (no epoch was saved yet) with: ", 1)[1])
