@@ -47,9 +47,19 @@ postgresql:// means psycopg 3. MySQL works the same: mysql+pymysql://... after p
 
 A killed worker leaves its trial RUNNING in the storage. Such a trial is marked FAIL, with the reason,
 and does not count: at once when its worker ran on this machine (its process is gone), and, with a
-database storage (SQLite, PostgreSQL, MySQL), once its worker's heartbeat has been silent for
-3 minutes, wherever it ran. A journal file has no heartbeat: a trial of a worker killed on another
-machine stays RUNNING and holds its place; raise --n-trials by one to make up for it.
+database storage (SQLite, PostgreSQL, MySQL), once its worker's heartbeat (recorded every --heartbeat
+seconds, default 60) has been silent for --heartbeat-grace seconds (default 180), wherever it ran. A
+worker whose remaining places are all held by other workers' running trials waits (and says so in one
+line): each of them finishes, or goes silent, is failed and is replaced by a trial of the waiting
+worker, so the study always ends with exactly --n-trials finished trials. A journal file has no
+heartbeat: a trial of a worker killed on another machine stays RUNNING and holds its place; raise
+--n-trials by one to make up for it.
+
+A worker rides out its database server's restart, a failover or a dropped connection: every call to
+the database is retried with backoff (1, 2, 4, ... up to 30 s; one line on stderr per retry) for at
+most --db-patience seconds (default 600), while the running trial goes on; its result is stored once
+the server is back. Past that the worker stops with one line and exit status 1; its unfinished trial
+is failed when the command is run again.
 
 Outputs in --out-dir (default runs/tune): best_params.json (the best trial, its network and its
 full recipe), trials.csv (every trial: state, value, duration, epochs run, reason, parameters),
@@ -84,9 +94,10 @@ import engine
 import tsne
 from functions import UserError
 from models.study import README_RECIPE
+from study_storage import DatabaseUnavailable, StorageSettings, first_line, hide_password, is_journal
 from tuning import (DEFAULT_EPOCHS, DEFAULT_SPACE, DEFAULT_TRIALS, FINISHED, OUT_OF_MEMORY, SPACES, TUNED_MODEL, StudySettings,
-                    best_trial, fail_abandoned_trials, fail_running_trials, first_line, format_params, hide_password, open_study,
-                    places_taken, recipe_for, study_settings, this_worker, trial_config, write_outputs)
+                    best_trial, fail_abandoned_trials, fail_running_trials, fail_silent_trials, format_params, open_study, places_taken,
+                    recipe_for, study_settings, this_worker, trial_config, write_outputs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,6 +115,9 @@ class EpochCounter(Callback):
 
     def on_validation_start(self, trainer, module) -> None:
         self.epochs_run += 1
+
+
+WAIT_POLL_SECONDS = 5.0  # how often a waiting worker looks at the other workers' running trials
 
 
 def trial_dir(out_dir: Path, number: int) -> Path:
@@ -158,21 +172,43 @@ def trial_line(trial: FrozenTrial, epochs: int, best: FrozenTrial | None) -> str
     return line + (f"; best so far: trial {best.number}, {best.value:.4f}" if best else "")
 
 
-def run_trials(study: optuna.Study, objective: Callable[[Trial], float], n_trials: int, epochs: int, timeout: float | None) -> None:
-    """Start trials, one at a time, while the study needs more and --timeout has not passed.
+def wait_line(study: optuna.Study, grace: float) -> str:
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    where = ", ".join(f"trial {t.number} on {t.user_attrs.get('worker', {}).get('host', '?')}" for t in running[:3])
+    return (f"Waiting for {len(running)} trial(s) running on other workers ({where}): each finishes, or is failed once its heartbeat "
+            f"has been silent for {grace:.0f} s (--heartbeat-grace) and run again here")
 
-    Checking before each trial stops a worker that other workers' running trials already make up for;
-    two workers that still start the last place at once are settled in the objective (``NotNeeded``).
+
+def run_trials(study: optuna.Study, objective: Callable[[Trial], float], n_trials: int, epochs: int, timeout: float | None,
+               grace: float | None = None) -> None:
+    """Start trials, one at a time, until the study holds ``n_trials`` finished ones or --timeout has passed.
+
+    Checking before each trial keeps a worker from starting one that other workers' running trials already make up for;
+    two workers that still start the last place at once are settled in the objective (``NotNeeded``). When the running
+    trials of other workers make up the rest, this worker waits: each either finishes, or its heartbeat stays silent for
+    ``grace`` seconds (its worker died, wherever it ran), it is failed, and this worker runs a trial in its place. A
+    journal file (``grace`` None) has no heartbeat to tell a dead worker from a slow one: there the worker stops.
     """
     deadline = time.monotonic() + (timeout if timeout is not None else math.inf)
+    waiting = False
 
     def report(study: optuna.Study, trial: FrozenTrial) -> None:
         print(trial_line(trial, epochs, best_trial(study)), flush=True)
 
     while time.monotonic() < deadline:
         fail_abandoned_trials(study)
-        if places_taken(study) >= n_trials:
+        fail_silent_trials(study)
+        if len(study.get_trials(deepcopy=False, states=FINISHED)) >= n_trials:
             return
+        if places_taken(study) >= n_trials:
+            if grace is None:
+                return
+            if not waiting:
+                print(wait_line(study, grace), flush=True)
+            waiting = True
+            time.sleep(min(WAIT_POLL_SECONDS, grace))
+            continue
+        waiting = False
         study.optimize(objective, n_trials=1, catch=(NotNeeded, *OUT_OF_MEMORY), callbacks=[report], gc_after_trial=True)
 
 
@@ -220,6 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "postgresql:// or mysql:// URL shared by workers on several machines (default sqlite:///<out-dir>/study.db)")
     group.add_argument("--study-name", default="CIFAR10Net_7", metavar="NAME",
                        help="the study's name in the storage (default CIFAR10Net_7)")
+    group.add_argument("--heartbeat", type=engine.positive_float, default=StorageSettings.heartbeat, metavar="SECONDS",
+                       help="with a database storage, how often a worker records that its trial still runs (default "
+                            f"{StorageSettings.heartbeat:g}); give every worker of a study the same")
+    group.add_argument("--heartbeat-grace", type=engine.positive_float, default=StorageSettings.grace, metavar="SECONDS",
+                       help="a running trial whose heartbeat has been silent this long is failed (its worker died, on any machine) "
+                            f"and another worker runs one in its place; more than --heartbeat (default {StorageSettings.grace:g})")
+    group.add_argument("--db-patience", type=engine.positive_float, default=StorageSettings.patience, metavar="SECONDS",
+                       help="how long a worker retries, with backoff, while the study's database server cannot be reached (a "
+                            "restart, a failover, a dropped connection); the running trial goes on and reports when it is back. "
+                            f"Past it the worker stops with exit status 1 (default {StorageSettings.patience:g})")
     group.add_argument("--seed", type=engine.non_negative_int, default=0, metavar="N",
                        help="seeds the TPE sampler (in a resumed study, with the number of trials so far) and each trial's "
                             "training; give parallel workers different seeds (default 0)")
@@ -248,7 +294,18 @@ def base_config(args: argparse.Namespace, settings: StudySettings) -> engine.Run
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        tune(argv)
+    except DatabaseUnavailable as error:  # the worker's trial stays RUNNING: the next start fails it (fail_abandoned_trials)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+def tune(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.heartbeat_grace <= args.heartbeat:
+        raise UserError(f"--heartbeat-grace {args.heartbeat_grace:g} must be longer than --heartbeat {args.heartbeat:g}: a live worker's "
+                        f"trial would be failed between two heartbeats")
     engine.resolve_accelerator(args.device)  # a missing GPU fails before the study and the data
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets our one line instead
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # no per-trial "GPU available" lines
@@ -259,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.storage is None:
         out_dir.mkdir(parents=True, exist_ok=True)  # for the default SQLite file
     storage_url = args.storage or f"sqlite:///{out_dir / 'study.db'}"
-    study = open_study(storage_url, args.study_name, args.seed, args.prune)
+    storage_settings = StorageSettings(heartbeat=args.heartbeat, grace=args.heartbeat_grace, patience=args.db_patience)
+    study = open_study(storage_url, args.study_name, args.seed, args.prune, storage_settings)
     settings = study_settings(study, args.space, args.epochs)
     fail_abandoned_trials(study)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
@@ -267,14 +325,15 @@ def main(argv: list[str] | None = None) -> None:
           f"space {settings.space}, epochs per trial {settings.epochs}, pruning {'on' if args.prune else 'off'}")
     base = base_config(args, settings)
     data = None
-    if places_taken(study) < args.n_trials:
+    if finished < args.n_trials:
         data = engine.load_split(base)
         print(f"Data: {data.source}; {len(data.train_images)} train / {len(data.val_images)} validation images")
         try:
-            run_trials(study, make_objective(settings, base, data, args.n_trials, args.prune), args.n_trials, settings.epochs, args.timeout)
+            run_trials(study, make_objective(settings, base, data, args.n_trials, args.prune), args.n_trials, settings.epochs, args.timeout,
+                       grace=None if is_journal(storage_url) else args.heartbeat_grace)
         except engine.RunInterrupted as interrupt:  # a signal passes Optuna by, leaving the trial RUNNING: it fails here, with the reason
             reason = f"interrupted by {interrupt}"
-            fail_running_trials(study, lambda worker: reason if worker == this_worker() else None)
+            fail_running_trials(study, lambda trial, worker: reason if worker == this_worker() else None)
             write_outputs(study, settings, out_dir, args.retrain_epochs)
             interrupt.saved = f"the finished trials are kept in {hide_password(storage_url)}"
             interrupt.continue_command = shlex.join(["python", *sys.argv])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import socket
 import time
 import warnings
@@ -25,10 +24,10 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 import engine
 from functions import UserError, write_atomically
 from models.study import README_RECIPE
+from study_storage import StorageSettings, first_line, hide_password, open_storage
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 DEFAULT_SPACE, DEFAULT_EPOCHS, DEFAULT_TRIALS = "readme", 5, 30
-HEARTBEAT_SECONDS, HEARTBEAT_GRACE_SECONDS = 60, 180
 OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError)
 # Workers that open a fresh storage at once race to create its tables and the study; the loser's
 # CREATE or INSERT meets the winner's, worded "already exists" (SQLite, PostgreSQL, MySQL), "UNIQUE
@@ -116,29 +115,6 @@ class StudySettings:
     epochs: int
 
 
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def hide_password(url: str) -> str:
-    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
-
-
-def is_journal(storage: str) -> bool:
-    return storage.startswith("journal:") or storage.endswith(".log")
-
-
-def open_storage(storage: str) -> optuna.storages.BaseStorage:
-    """A journal file (``journal:PATH`` or ``PATH.log``), or a database URL with a heartbeat for its running trials."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat arguments
-        if is_journal(storage):
-            path = storage.removeprefix("journal:")
-            return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
-        return optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=HEARTBEAT_GRACE_SECONDS)
-
-
 def make_pruner(prune: bool) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner() if prune else optuna.pruners.NopPruner()
 
@@ -157,7 +133,7 @@ def is_creation_race(error: Exception) -> bool:
     return any(words in str(error).lower() for words in CREATION_RACE)
 
 
-def open_study(storage_url: str, name: str, seed: int, prune: bool) -> optuna.Study:
+def open_study(storage_url: str, name: str, seed: int, prune: bool, settings: StorageSettings = StorageSettings()) -> optuna.Study:
     """Create the study, or load it if it exists; an unusable storage is the user's to fix.
 
     A worker that loses the race to create a fresh storage retries after a random pause, by which
@@ -166,7 +142,7 @@ def open_study(storage_url: str, name: str, seed: int, prune: bool) -> optuna.St
     backoff = random.Random()  # seeded by the OS: workers forked from one process still pause differently
     for attempt in range(1, CREATION_ATTEMPTS + 1):
         try:
-            study = optuna.create_study(study_name=name, storage=open_storage(storage_url), pruner=make_pruner(prune),
+            study = optuna.create_study(study_name=name, storage=open_storage(storage_url, settings), pruner=make_pruner(prune),
                                         direction="minimize", load_if_exists=True)
             break
         except Exception as error:  # database drivers raise many types (ImportError, OperationalError, ArgumentError, OSError, ...)
@@ -211,11 +187,11 @@ def process_exists(pid: int) -> bool:
     return True
 
 
-def fail_running_trials(study: optuna.Study, reason_for: Callable[[dict[str, Any]], str | None]) -> None:
-    """Mark FAIL, with a reason, the RUNNING trials whose worker ``reason_for`` gives one for."""
+def fail_running_trials(study: optuna.Study, reason_for: Callable[[FrozenTrial, dict[str, Any]], str | None]) -> None:
+    """Mark FAIL, with a reason, the RUNNING trials that ``reason_for`` (given the trial and its worker) gives one for."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker")
-        reason = reason_for(worker) if worker else None
+        reason = reason_for(trial, worker) if worker else None
         if reason:
             try:  # Optuna's public API sets attributes only on a trial of this process: use the storage, as fail_stale_trials does
                 study._storage.set_trial_user_attr(trial._trial_id, "reason", reason)
@@ -226,8 +202,20 @@ def fail_running_trials(study: optuna.Study, reason_for: Callable[[dict[str, Any
 
 def fail_abandoned_trials(study: optuna.Study) -> None:
     """Mark FAIL the RUNNING trials whose worker ran on this machine and is gone (killed, or crashed)."""
-    fail_running_trials(study, lambda worker: f"its worker (process {worker['pid']}) ended mid-trial"
+    fail_running_trials(study, lambda trial, worker: f"its worker (process {worker['pid']}) ended mid-trial"
                         if worker["host"] == socket.gethostname() and not process_exists(worker["pid"]) else None)
+
+
+def fail_silent_trials(study: optuna.Study) -> None:
+    """Mark FAIL the RUNNING trials whose heartbeat has been silent for the grace period, wherever their worker ran (a
+    database storage's heartbeat; a journal file has none). Optuna's own fail_stale_trials fails them before a reason can
+    be recorded, so its look-up of the silent trials (private) is used here instead."""
+    storage = study._storage
+    if not optuna.storages._heartbeat.is_heartbeat_enabled(storage):
+        return
+    silent = set(storage._get_stale_trial_ids(study._study_id))
+    fail_running_trials(study, lambda trial, worker: f"its worker ({worker['host']}, process {worker['pid']}) sent no heartbeat "
+                        f"for the grace period (--heartbeat-grace)" if trial._trial_id in silent else None)
 
 
 def places_taken(study: optuna.Study, before: int | None = None) -> int:

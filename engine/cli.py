@@ -157,6 +157,10 @@ def add_device_arguments(parser: argparse.ArgumentParser, training: bool = True,
     if distributed:
         group.add_argument("--devices", default="auto", help="how many devices, or which, passed to Lightning (e.g. 4, or 0,1) (default auto)")
         group.add_argument("--strategy", default="auto", help="Lightning's distribution strategy, e.g. ddp for data-parallel over several GPUs or nodes (default auto)")
+        group.add_argument("--num-nodes", type=positive_int, default=1, metavar="N",
+                           help="machines that train this one model together, each with --devices devices (use --strategy ddp; start the "
+                                "command on every node, with torchrun or Slurm as the README shows, the run folder on a filesystem all "
+                                "nodes share) (default 1)")
     group.add_argument("--precision", default="auto", choices=PRECISIONS, metavar="PRECISION",
                        help="Lightning precision: " + ", ".join(PRECISIONS[1:]) + " (default auto: bf16-mixed on a CUDA GPU that computes "
                             "bf16, 16-mixed on older ones, else 32-true)")

@@ -82,6 +82,7 @@ class RunConfig:
     device: str = "auto"
     devices: str = "auto"
     strategy: str = "auto"
+    num_nodes: int = 1
     precision: str = "auto"
     compile: bool = False
     resume: str | None = None

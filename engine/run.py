@@ -137,10 +137,11 @@ def fit(config: RunConfig, model: ModelSpec, data: SplitData, callbacks: Sequenc
     module = ImageClassifier(net, recipe, config.seed, steps_per_epoch=math.ceil(len(data.train_images) / recipe.batch_size),
                              parameter_groups=model.parameter_groups)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", asdict(config))
     card = model_card(config, data).to_dict()
-    write_json(run_dir / "model.json", card)
+    if is_main_process():  # one writer, whatever the number of processes and nodes
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", asdict(config))
+        write_json(run_dir / "model.json", card)
     recorder = RunRecorder(run_dir, config.model)
     all_callbacks: list[Callback] = [recorder, DivergenceGuard(), *callbacks]  # the guard first: a pruner never sees a NaN
     if recipe.weight_average == "lookahead":
@@ -157,7 +158,7 @@ def fit(config: RunConfig, model: ModelSpec, data: SplitData, callbacks: Sequenc
         all_callbacks.append(EpochProgressBar(refresh_rate=20))
     precision = resolve_precision(config.precision, accelerator)
     trainer = pl.Trainer(
-        max_epochs=recipe.epochs, accelerator=accelerator, devices=config.devices, strategy=config.strategy,
+        max_epochs=recipe.epochs, accelerator=accelerator, devices=config.devices, num_nodes=config.num_nodes, strategy=config.strategy,
         precision=precision, callbacks=all_callbacks,
         logger=make_logger(config.logger, run_dir), plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0,
         enable_model_summary=False, enable_checkpointing=checkpoints, enable_progress_bar=progress, default_root_dir=run_dir,

@@ -57,34 +57,51 @@ def failure(program: str, result: subprocess.CompletedProcess, log: Path) -> str
     return "; ".join([f"{program} failed: {said[0] if said else f'exit status {result.returncode}'}", *fatal])
 
 
+class Server:
+    """A running throwaway server: its database's URL, and stop/start to restart it as a failover would."""
+
+    def __init__(self, root: Path, bin_dir: Path, as_server_user: dict[str, Any]):
+        self.root, self.bin_dir, self.as_server_user = root, bin_dir, as_server_user
+        self.data_dir, self.log, self.port = root / "data", root / "server.log", free_port()
+        self.url = f"postgresql+psycopg2://{SERVER_USER}@127.0.0.1:{self.port}/{DATABASE}"  # as hyperparameter_tune.py's docstring names the driver
+
+    def run(self, *command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.bin_dir / command[0]), *command[1:]], cwd=self.root, capture_output=True, text=True, **self.as_server_user)
+
+    def checked(self, *command: str) -> None:
+        result = self.run(*command)
+        if result.returncode != 0:
+            raise ServerUnavailable(failure(command[0], result, self.log))
+
+    def start(self) -> None:
+        self.checked("pg_ctl", "start", "-D", str(self.data_dir), "-l", str(self.log), "-w", "-t", "60",
+                     "-o", f"-h 127.0.0.1 -p {self.port} -k {shlex.quote(str(self.root))} -F")  # -F: no fsync, the data is thrown away
+
+    def stop(self, mode: str = "fast") -> None:
+        if (self.data_dir / "postmaster.pid").exists():
+            self.run("pg_ctl", "stop", "-D", str(self.data_dir), "-m", mode, "-w")
+
+
 @contextlib.contextmanager
-def running_server() -> Iterator[str]:
-    """Start a server and yield the URL of an empty database on it; stop the server and delete its files on exit."""
+def running_server() -> Iterator[Server]:
+    """Start a server with an empty database; stop it and delete its files on exit."""
     bin_dir, as_server_user = server_bin_dir(), server_user()
     root = Path(tempfile.mkdtemp(prefix="test-postgres-"))  # in /tmp, not under pytest's root-only folders: the server user reaches it
-    if "user" in as_server_user:
-        os.chown(root, as_server_user["user"], as_server_user["group"])
-    data_dir, log, port = root / "data", root / "server.log", free_port()
-
-    def run(*command: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(bin_dir / command[0]), *command[1:]], cwd=root, capture_output=True, text=True, **as_server_user)
-
+    server = Server(root, bin_dir, as_server_user)
     try:
-        for command in (("initdb", "-D", str(data_dir), "--auth=trust", f"--username={SERVER_USER}", "--no-locale", "--encoding=UTF8", "--no-sync"),
-                        ("pg_ctl", "start", "-D", str(data_dir), "-l", str(log), "-w", "-t", "60",
-                         "-o", f"-h 127.0.0.1 -p {port} -k {shlex.quote(str(root))} -F")):  # -F: no fsync, the data is thrown away
-            result = run(*command)
-            if result.returncode != 0:
-                raise ServerUnavailable(failure(command[0], result, log))
+        if "user" in server.as_server_user:
+            os.chown(root, server.as_server_user["user"], server.as_server_user["group"])
+        server.checked("initdb", "-D", str(server.data_dir), "--auth=trust", f"--username={SERVER_USER}", "--no-locale", "--encoding=UTF8",
+                       "--no-sync")
+        server.start()
         import psycopg2  # here, not at the top: without the driver only the tests that use a server fail
 
-        connection = psycopg2.connect(host="127.0.0.1", port=port, user=SERVER_USER, dbname="postgres")
+        connection = psycopg2.connect(host="127.0.0.1", port=server.port, user=SERVER_USER, dbname="postgres")
         connection.autocommit = True  # CREATE DATABASE cannot run in a transaction
         with connection.cursor() as cursor:
             cursor.execute(f"CREATE DATABASE {DATABASE}")
         connection.close()
-        yield f"postgresql+psycopg2://{SERVER_USER}@127.0.0.1:{port}/{DATABASE}"  # as hyperparameter_tune.py's docstring names the driver
+        yield server
     finally:
-        if (data_dir / "postmaster.pid").exists():
-            run("pg_ctl", "stop", "-D", str(data_dir), "-m", "immediate")
+        server.stop("immediate")
         shutil.rmtree(root, ignore_errors=True)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -37,6 +39,29 @@ def test_two_process_data_parallel_run_on_the_cpu_learns(tmp_path, image_folder)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     report = json.loads((tmp_path / "run/test.json").read_text())
     assert report["num_test_images"] == 100 and report["test_accuracy"] > 0.5  # chance is 0.1
+
+
+def test_two_nodes_train_one_model_into_one_run_folder(tmp_path, image_folder):
+    """Two nodes as separate process groups on this machine, started as a cluster starts them (MASTER_ADDR, MASTER_PORT and
+    NODE_RANK; gloo over 127.0.0.1), one device each, sharing the run folder: one model, one set of files, written by node 0."""
+    main_py = Path(__file__).resolve().parents[1] / "main.py"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, str(main_py), "--data-dir", str(image_folder), "--device", "cpu", "--devices", "1", "--num-nodes", "2",
+               "--strategy", "ddp", "--epochs", "3", "--lr", "3e-3", "--batch-size", "16", "--augment", "none", "--no-tsne", "--no-progress",
+               "--out-dir", str(tmp_path / "run")]
+    nodes = [subprocess.Popen(command, env=dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK=str(rank),
+                                                OMP_NUM_THREADS="1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert "After epoch 3" in outputs[0][0] and "Test accuracy" in outputs[0][0]
+    assert "After epoch" not in outputs[1][0] and "Test accuracy" not in outputs[1][0]  # node 1 trains, node 0 alone reports and writes
+    history = engine.read_metrics_csv(tmp_path / "run/metrics.csv")
+    assert [row["epoch"] for row in history] == [1, 2, 3] and history[-1]["train_loss"] < history[0]["train_loss"]
+    assert json.loads((tmp_path / "run/config.json").read_text())["num_nodes"] == 2
+    assert json.loads((tmp_path / "run/test.json").read_text())["num_test_images"] == 100
 
 
 def test_short_run_learns_and_writes_the_run_folder(tmp_path, split):

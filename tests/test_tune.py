@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 
 import engine
 import hyperparameter_tune as tune
+import study_storage
 import tuning
 import postgres
 from conftest import synthetic_arrays
@@ -32,10 +33,12 @@ SMALL = dict(n_train=100, n_test=20)  # 90 training images: a trial takes a seco
 # A worker process that tunes on the synthetic data instead of CIFAR-10 (it imports the project and the tests' helpers
 # as the tests do: start_worker puts both on its PYTHONPATH).
 WORKER_SCRIPT = f"""
-import sys
+import os, socket, sys
 import engine
 from conftest import synthetic_arrays
 engine.load_split = lambda config: engine.SplitData.from_arrays(synthetic_arrays(**{SMALL!r}))
+if "WORKER_HOST" in os.environ:  # the test's stand-in for a worker on another machine
+    socket.gethostname = lambda: os.environ["WORKER_HOST"]
 import hyperparameter_tune
 engine.run_cli(lambda: hyperparameter_tune.main(sys.argv[1:]))
 """
@@ -63,24 +66,26 @@ def read_trials(out_dir: Path) -> list[dict[str, str]]:
 
 
 def load_study(storage: str | Path) -> optuna.Study:
-    return optuna.load_study(study_name=STUDY, storage=tuning.open_storage(str(storage)))
+    return optuna.load_study(study_name=STUDY, storage=study_storage.open_storage(str(storage)))
 
 
 @pytest.fixture(scope="session")
 def postgresql_url() -> Iterator[str]:
     """An empty database on a PostgreSQL server of its own, for the whole session; skips where no server can run."""
     try:
-        with postgres.running_server() as url:
-            yield url
+        with postgres.running_server() as server:
+            yield server.url
     except postgres.ServerUnavailable as reason:
         pytest.skip(f"no PostgreSQL server: {reason}")
 
 
-def start_worker(tmp_path: Path, *args: str) -> subprocess.Popen:
+def start_worker(tmp_path: Path, *args: str, host: str | None = None) -> subprocess.Popen:
+    """A worker process on the synthetic data; with ``host``, as if it ran on a machine of that name."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1",  # two workers share the machine's cores
-               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+               **({"WORKER_HOST": host} if host else {}))
     return subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
@@ -335,6 +340,59 @@ def test_a_worker_killed_mid_trial_on_postgresql_loses_that_trial_as_failed(no_f
     rows = read_trials(out)
     assert [row["state"] for row in rows] == ["FAIL"]
     assert rows[0]["reason"] == f"its worker (process {worker.pid}) ended mid-trial"
+
+
+def wait_until_it_runs_a_trial(worker: subprocess.Popen, storage: str, name: str) -> None:
+    deadline = time.monotonic() + 120
+    while not runs_a_trial(worker, storage, name):
+        assert worker.poll() is None and time.monotonic() < deadline, worker.communicate()[0]
+        time.sleep(0.2)
+
+
+FAST_HEARTBEAT = ("--heartbeat", "1", "--heartbeat-grace", "4")
+
+
+def test_a_worker_dead_on_another_machine_is_replaced_and_the_study_ends_with_exactly_n_trials(no_figures, tmp_path, postgresql_url,
+                                                                                              capsys):
+    name, out = "dead-elsewhere", tmp_path / "tune"
+    common = ("--storage", postgresql_url, "--study-name", name, "--n-trials", "3", *FAST_HEARTBEAT)
+    dead = start_worker(tmp_path, *flags(tmp_path / "a", *common, "--epochs", "1000", "--seed", "1"), host="nodeA")
+    try:
+        wait_until_it_runs_a_trial(dead, postgresql_url, name)
+        dead.send_signal(signal.SIGKILL)  # on "nodeA": this machine cannot see that its process is gone
+    finally:
+        dead.kill()
+        dead.communicate()
+    study = optuna.load_study(study_name=name, storage=postgresql_url)
+    study.set_user_attr("epochs", 1)  # the survivor's trials take a second (the dead worker's would have taken 1000 epochs)
+    tune.main(flags(out, *common, "--seed", "2"))
+    printed = capsys.readouterr().out
+    assert "Waiting for 1 trial(s) running on other workers (trial 0 on nodeA)" in printed
+    trials = study.get_trials()
+    assert len([t for t in trials if t.state in tuning.FINISHED]) == 3 and not [t for t in trials if t.state == TrialState.RUNNING]
+    assert trials[0].state == TrialState.FAIL and "nodeA" in trials[0].user_attrs["reason"] and "no heartbeat" in trials[0].user_attrs["reason"]
+
+
+def test_a_worker_rides_out_a_database_restart_and_keeps_its_trial(no_figures, tmp_path):
+    try:
+        server_context = postgres.running_server()
+        server = server_context.__enter__()
+    except postgres.ServerUnavailable as reason:
+        pytest.skip(f"no PostgreSQL server: {reason}")
+    try:
+        worker = start_worker(tmp_path, *flags(tmp_path / "tune", "--storage", server.url, "--n-trials", "1", "--epochs", "4",
+                                               "--db-patience", "60", "--no-prune"))
+        wait_until_it_runs_a_trial(worker, server.url, STUDY)
+        server.stop()  # mid-trial: the worker's next report and its result meet a closed server
+        time.sleep(4)
+        server.start()
+        output = worker.communicate(timeout=180)[0]
+        assert worker.returncode == 0, output
+        assert "the study's database is unreachable" in output and "Traceback" not in output
+        trials = optuna.load_study(study_name=STUDY, storage=server.url).get_trials()
+        assert [t.state for t in trials] == [TrialState.COMPLETE] and trials[0].value > 0 and trials[0].user_attrs["epochs_run"] == 4
+    finally:
+        server_context.__exit__(None, None, None)
 
 
 def test_a_trial_started_when_running_trials_already_make_up_the_study_steps_back():
