@@ -310,6 +310,7 @@ def tune(argv: list[str] | None = None) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets our one line instead
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # no per-trial "GPU available" lines
     out_dir = Path(args.out_dir)
+    engine.check_outside_data_tree(out_dir, args.data_dir)  # before the study's folder is made; each trial's folder lies in it
     if args.storage is not None and not args.storage.strip():
         raise UserError("--storage is empty; give a journal file (PATH.log), sqlite:///PATH.db or a database URL, "
                         "or leave --storage out for <out-dir>/study.db")

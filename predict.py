@@ -6,11 +6,17 @@
     python predict.py --checkpoint CIFAR10Net_7.pth --model CIFAR10Net_7 photo.png
 
 Images of any size in any common format (PNG, JPEG, BMP, GIF, WebP, and whatever else Pillow reads) are turned
-upright as their EXIF data says, converted to RGB (grayscale repeated in the three channels, transparent parts laid
-on white) and RESIZED TO 32x32 PIXELS, the size CIFAR-10's images have and the models were trained on: each output
-pixel is the average of the pixels it covers. The whole image is squeezed into the square (its aspect ratio is not
-kept), so crop a photo around its subject first for the best answer. The models know CIFAR-10's ten classes only:
-airplane, automobile, bird, cat, deer, dog, frog, horse, ship and truck.
+upright as their EXIF data says, converted to RGB (grayscale repeated in the three channels, 16-bit and floating-point
+values scaled by their range, transparent parts laid on white) and RESIZED TO 32x32 PIXELS, the size CIFAR-10's images
+have and the models were trained on: each output pixel is the average of the pixels it covers. The whole image is
+squeezed into the square (its aspect ratio is not kept), so crop a photo around its subject first for the best answer.
+The models know CIFAR-10's ten classes only: airplane, automobile, bird, cat, deer, dog, frog, horse, ship and truck.
+Training on an image-folder tree decodes its files the same way. An image of more than 2^25 (33,554,432) pixels is
+refused, which keeps the memory one image takes under about 512 MB; a JPEG counts only the pixels it is decoded at,
+1/2, 1/4 or 1/8 of its size on each side where that still covers 32x32.
+
+Every image that can be read is predicted; then each file that cannot be used (damaged, no image, too large) is listed
+on stderr with its reason, one line each, and the exit status is 2.
 
 The run folder holds everything the prediction needs: model.json (the model, its class names, the mean and std
 its inputs were normalised with, its test-time augmentation) and model.pth. Every image goes through
@@ -19,12 +25,12 @@ engine.predict, the same path as the run's own test measurement, so the answers 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
 import engine
 import saved_models
@@ -35,7 +41,6 @@ from saved_models import ModelCard, SavedModel
 DEFAULT_RUN = Path(__file__).resolve().parent / "pretrained" / "FastVGG_narrow"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 PRINTED_IMAGES = 20  # more images than this: a summary on screen, every image in --csv
-WHITE = (255, 255, 255, 255)
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,49 +77,18 @@ def find_images(paths: list[str], recursive: bool) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def eight_bit(image: Image.Image) -> Image.Image:
-    """16- and 32-bit grayscale scaled to 8 bits: Pillow's own conversion clips them, which turns most pixels white."""
-    if image.mode.startswith("I"):
-        values = np.asarray(image).astype(np.float64) / 257  # 65535 -> 255
-        return Image.fromarray(values.round().clip(0, 255).astype(np.uint8))
-    return image
-
-
-def as_rgb(image: Image.Image) -> Image.Image:
-    """RGB whatever the mode: grayscale repeated in the three channels; transparent parts laid on white (what a viewer
-    shows; the colour a transparent pixel stores is arbitrary, often black)."""
-    image = eight_bit(image)
-    if image.has_transparency_data:
-        return Image.alpha_composite(Image.new("RGBA", image.size, WHITE), image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
-
-
-def resized(image: Image.Image, size: int) -> Image.Image:
-    """``image`` at ``size`` x ``size``. Downsizing averages the pixels each output pixel covers (Pillow's BOX filter,
-    OpenCV's INTER_AREA): every source pixel counts, nothing aliases, and an image enlarged by a whole factor with
-    nearest-neighbour comes back exactly. Interpolating filters (bicubic) blur across those blocks; they suit only
-    enlarging, which a picture smaller than the model's input needs."""
-    if image.size == (size, size):
-        return image
-    shrinking = image.width >= size and image.height >= size
-    return image.resize((size, size), Image.Resampling.BOX if shrinking else Image.Resampling.BICUBIC)
-
-
-def read_image(path: Path, size: int = 32) -> torch.Tensor:
-    """The image at ``path`` as uint8 RGB, 3 x ``size`` x ``size``, upright; one line naming the file if it is no image."""
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (size, size))  # JPEG: decoded at 1/2, 1/4 or 1/8 scale where that still covers the size, 10x faster
-            rgb = resized(as_rgb(ImageOps.exif_transpose(image)), size)  # upright as the camera said, as every viewer shows it
-            return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
-    except Image.DecompressionBombError:
-        raise UserError(f"{path} has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, too many to decode safely; shrink it first") from None
-    except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for unreadable, unknown and damaged files
-        raise UserError(f"{path} cannot be read as an image ({engine.image_error_reason(error)}); give PNG, JPEG, BMP, GIF or WebP files") from None
-
-
-def read_images(paths: list[Path], size: int) -> torch.Tensor:
-    return torch.stack([read_image(path, size) for path in paths])
+def read_images(paths: list[Path], size: int) -> tuple[list[Path], torch.Tensor, list[engine.UnreadableImage]]:
+    """The files that are images, and those images as uint8 RGB, N x 3 x ``size`` x ``size``; then the files that are
+    not, each with its reason. One bad file among many costs only itself."""
+    read, images, unreadable = [], [], []
+    for path in paths:
+        try:
+            images.append(engine.decode_image(path, size))
+            read.append(path)
+        except engine.UnreadableImage as error:
+            unreadable.append(error)
+    pixels = np.stack(images) if images else np.zeros((0, size, size, 3), dtype=np.uint8)
+    return read, torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), unreadable
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,11 +206,17 @@ def main() -> None:
     check_csv_path(args.csv)
     paths = find_images(args.paths, args.recursive)  # a wrong path fails before the model loads
     saved, card = open_model(args)
-    images = read_images(paths, card.image_size)
-    tta = args.tta or card.tta
-    print(f"{saved.describe()}; {len(paths)} image{'s' if len(paths) > 1 else ''} resized to {card.image_size}x{card.image_size}"
-          + (f", {tta} test-time augmentation" if tta != "none" else ""))
-    report(paths, top_classes(probabilities(saved, card, images, tta, device), card.classes, args.top), args.csv)
+    read, images, unreadable = read_images(paths, card.image_size)
+    if read:
+        tta = args.tta or card.tta
+        print(f"{saved.describe()}; {len(read)} image{'s' if len(read) > 1 else ''} resized to {card.image_size}x{card.image_size}"
+              + (f", {tta} test-time augmentation" if tta != "none" else ""))
+        report(read, top_classes(probabilities(saved, card, images, tta, device), card.classes, args.top), args.csv)
+    if unreadable:
+        for error in unreadable:
+            print(error, file=sys.stderr)
+        predicted = f"{len(read)} {'was' if len(read) == 1 else 'were'} predicted" if read else "none was predicted"
+        raise UserError(f"{len(unreadable)} of {len(paths)} images could not be used (listed above); {predicted}")
 
 
 if __name__ == "__main__":

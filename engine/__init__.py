@@ -2,6 +2,7 @@
 
 Modules, each one job (docs/DESIGN.md shows the layers):
     config       Recipe and RunConfig: what decides a run
+    images       decoding one image file to RGB uint8 (any mode, size-bounded), resized by area averaging
     data         reading CIFAR-10 from disk (official batches, image-folder tree and its cache, download)
     batches      the study's split, training and evaluation batches made on the device, the DataModule
     registry     the model registry: a model's options, build, recipe, initialisation, parameter groups, description
@@ -28,10 +29,11 @@ from engine.cli import (DEVICES, add_data_arguments, add_device_arguments, add_m
                         add_training_arguments, beta, choices_help, config_from_args, differences_from, interrupted_message, non_negative_float, non_negative_int, parse_arguments,
                         positive_float, positive_int, resume_command, run_cli)
 from engine.config import LOGGERS, OPTIMIZERS, PRECISIONS, SCHEDULERS, TTA_MODES, WEIGHT_AVERAGES, Recipe, RunConfig
-from engine.data import CIFAR10Arrays, has_local_cifar10, image_error_reason, load_cifar10, split_train_val
+from engine.data import CIFAR10Arrays, check_outside_data_tree, has_local_cifar10, load_cifar10, split_train_val
 from engine.devices import autocast_for, cpu_has_bf16, is_main_process, resolve_accelerator, resolve_precision, training_device
 from engine.errors import DiskFull, RunInterrupted, TrainingDiverged
 from engine.evaluation import accuracy_by_tta, confusion_matrix, predict, test_report, tta_logits
+from engine.images import MAX_DECODED_PIXELS, UnreadableImage, decode_image
 from engine.plots import plot_confusion, plot_curves, save_figure
 from engine.progress import ProgressLines, on_terminal, progress_enabled, watched
 from engine.registry import MODELS, ModelOption, ModelSpec, first_line, kaiming_normal, model_spec, one_group, option_table, register, with_defaults

@@ -2,7 +2,8 @@
 
 ``load_cifar10`` returns the whole data set as uint8 tensors; ``split_train_val`` is the study's 45,000 / 5,000 split.
 Everything a user can get wrong here (a tampered batch file, half a tree, a missing or extra class folder, a file
-that is no 32x32 image) stops with one ``UserError`` line before any training.
+that is no 32x32 image, an --out-dir inside the tree) stops with one ``UserError`` line before any training. Each file
+of a tree is decoded by ``engine.images.decode_image``, as predict.py decodes a photo.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Iterable, NamedTuple
 import numpy as np
 import torch
 
+from engine.images import DECODING_VERSION, decode_image
 from functions import CLASSES, UserError, is_temporary_copy, write_atomically
 
 # torchvision.datasets.CIFAR10's own table: the official batch files and their MD5 sums.
@@ -118,6 +120,17 @@ def find_image_folder_root(data_dir: Path) -> Path | None:
     return None
 
 
+def check_outside_data_tree(folder: Path, data_dir: str | os.PathLike, flag: str = "--out-dir") -> None:
+    """Refuse ``folder`` anywhere inside the image-folder tree that ``data_dir`` gives. Under train/ or test/ a run folder
+    would be read as a class folder, and the data, not the flag, would seem wrong; elsewhere it mixes runs into the data."""
+    data_dir = Path(data_dir)
+    if (data_dir / PYTHON_BATCHES_DIR).is_dir():
+        return  # the official batches are read, not the tree
+    root = find_image_folder_root(data_dir)
+    if root is not None and Path(folder).resolve().is_relative_to(root.resolve()):
+        raise UserError(f"{flag} {folder} lies inside the data tree {root}; give a folder outside it")
+
+
 def quoted(names: Iterable[str]) -> str:
     return ", ".join(f"'{name}'" for name in names)
 
@@ -164,27 +177,13 @@ def list_image_files(split_dir: Path, classes: tuple[str, ...]) -> list[ImageFil
     return files
 
 
-def image_error_reason(error: Exception) -> str:
-    from PIL import UnidentifiedImageError
-
-    if isinstance(error, UnidentifiedImageError):
-        return "not an image Pillow can decode"  # Pillow's own message repeats the path
-    return getattr(error, "strerror", None) or str(error)  # "Permission denied"; "image file is truncated"
-
-
 def decode_images(files: list[ImageFile], workers: int) -> np.ndarray:
     """The images as one uint8 array N x 3 x 32 x 32; a file that is no 32x32 image stops with its name."""
-    from PIL import Image
-
     def decode(file: ImageFile) -> np.ndarray:
-        try:
-            with Image.open(file.path) as image:
-                if image.size != (32, 32):  # known from the header, before the pixels are decoded
-                    raise UserError(f"{file.path} is {image.width}x{image.height} pixels; CIFAR-10 images are 32x32")
-                return np.asarray(image.convert("RGB"))
-        except (OSError, SyntaxError) as error:  # Pillow's errors for unreadable, unknown and damaged files (a broken PNG chunk: SyntaxError)
-            reason = image_error_reason(error)
-            raise UserError(f"{file.path} cannot be read as an image ({reason}); delete it or copy it again") from None
+        image = decode_image(file.path)
+        if image.shape[:2] != (32, 32):
+            raise UserError(f"{file.path} is {image.shape[1]}x{image.shape[0]} pixels; CIFAR-10 images are 32x32")
+        return image
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # Pillow releases the GIL while decoding
         images = np.stack(list(pool.map(decode, files)))
@@ -196,8 +195,8 @@ def labels_of(files: list[ImageFile]) -> torch.Tensor:
 
 
 def tree_fingerprint(files: list[ImageFile]) -> str:
-    """Changes whenever a file is added, removed, renamed or rewritten: the cache is then rebuilt."""
-    digest = hashlib.sha1()
+    """Changes whenever a file is added, removed, renamed or rewritten, or the decoding changes: the cache is then rebuilt."""
+    digest = hashlib.sha1(f"decoding {DECODING_VERSION}\n".encode())
     for file in files:
         digest.update(f"{file.path.parent.name}/{file.path.name}|{file.label}|{file.size}|{file.mtime_ns}\n".encode())
     return digest.hexdigest()

@@ -16,6 +16,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from engine.config import RunConfig
+from engine.data import check_outside_data_tree
 from engine.devices import is_main_process
 from functions import UserError, is_temporary_copy, write_atomically
 
@@ -84,7 +85,8 @@ def keep_earlier_results(config: RunConfig, run_dir: Path) -> None:
 
 
 def claim_run_folder(config: RunConfig) -> Path:
-    """Hold ``config.out_dir`` for this run: writable, locked against a second live run, holding no other run's results.
+    """Hold ``config.out_dir`` for this run: outside the data tree, writable, locked against a second live run, holding no
+    other run's results.
 
     Call it before any slow work. Idempotent within a process; ``release_run_folder`` lets go. The lock is the
     operating system's, so a killed run never leaves its folder locked.
@@ -94,6 +96,7 @@ def claim_run_folder(config: RunConfig) -> Path:
         return run_dir
     if config.resume is not None and config.overwrite:
         raise UserError("--resume continues the run in --out-dir and --overwrite replaces it; give one of them")
+    check_outside_data_tree(run_dir, config.data_dir)  # before the folder is made: it would become a class of the data
     created = not run_dir.exists()
     check_writable_folder(run_dir)
     lock = FileLock(run_dir / LOCK_FILE, timeout=0)

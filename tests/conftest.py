@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import errno
 import pickle
+import struct
 import sys
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -43,6 +45,29 @@ def arrays() -> data_module.CIFAR10Arrays:
 @pytest.fixture
 def split(arrays) -> engine.SplitData:
     return engine.SplitData.from_arrays(arrays)
+
+
+def to_pil(image: torch.Tensor):
+    """A uint8 3 x H x W tensor as a Pillow image."""
+    from PIL import Image
+
+    return Image.fromarray(image.permute(1, 2, 0).numpy())
+
+
+def from_pil(image) -> torch.Tensor:
+    """A Pillow image as the uint8 3 x H x W RGB tensor a model sees."""
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def png_header_claiming(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims ``width`` x ``height`` RGB pixels, followed by a few bytes of pixel data: refusing it
+    names its size only if nothing was decoded (decoding would find it truncated)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits per channel, RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)))
+    return path
 
 
 def write_image_folder(root: Path, data: data_module.CIFAR10Arrays) -> Path:

@@ -17,8 +17,9 @@ import torch
 
 import engine
 import functions as fn
+import hyperparameter_tune
 import main as main_script
-from conftest import disk_full_when, quick_config, write_image_folder
+from conftest import disk_full_when, quick_config, run_command, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK_FLAGS = ("--epochs", "2", "--batch-size", "32", "--augment", "none", "--no-tsne", "--no-progress", "--device", "cpu")
@@ -250,6 +251,17 @@ def test_an_unusable_out_dir_is_one_line_before_the_data_load(monkeypatch, capsy
     code, err = run_main(monkeypatch, capsys, "--data-dir", str(tmp_path / "no-data"), "--out-dir", str(out_dir))
     assert code == 2 and err.count("\n") == 1 and message in err
     assert not (tmp_path / "no-data").exists()
+
+
+@pytest.mark.parametrize("script", [main_script, hyperparameter_tune])
+def test_an_out_dir_inside_the_data_tree_is_one_line_naming_it(monkeypatch, capsys, tmp_path, data_dir, script):
+    """Not 'test/ lacks the class folder myrun': the flag is wrong, not the data; and nothing is written into the tree."""
+    before = sorted(data_dir.rglob("*"))
+    out_dir = data_dir / "train" / "myrun"
+    code, _, err = run_command(script, monkeypatch, capsys, "--data-dir", tmp_path, "--out-dir", out_dir, "--device", "cpu")
+    assert code == 2
+    assert err == f"error: --out-dir {out_dir} lies inside the data tree {data_dir}; give a folder outside it\n"
+    assert sorted(data_dir.rglob("*")) == before
 
 
 def test_a_disk_that_fills_up_mid_run_is_one_line(monkeypatch, capsys, tmp_path, data_dir):

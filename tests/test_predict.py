@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import evaluate
 import functions as fn
 import predict
 import saved_models
-from conftest import quick_config, run_command as run_script, synthetic_arrays, transfer_net, write_image_folder
+from conftest import from_pil, png_header_claiming, quick_config, run_command as run_script, synthetic_arrays, to_pil, transfer_net, write_image_folder
 from models.transfer import TransferNet
 
 
@@ -58,14 +59,6 @@ def card_normalisation(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
 def expected_probabilities(net, images: torch.Tensor, mean, std, tta: str = "none") -> torch.Tensor:
     """The model's own answer on its own tensors: engine.predict on the uint8 images, softmaxed."""
     return engine.predict(net, images, torch.zeros(len(images), dtype=torch.long), mean, std, tta=tta)["logits"].softmax(1)
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    return Image.fromarray(image.permute(1, 2, 0).numpy())
-
-
-def from_pil(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
 @pytest.fixture
@@ -113,34 +106,6 @@ def untrained(name: str, seed: int) -> torch.nn.Module:
     net = engine.model_spec(name).build()
     engine.model_spec(name).initialize(net, None, engine.model_spec(name).recipe)
     return net.eval()
-
-
-# --------------------------------------------------------------------------------------------
-# Reading images
-# --------------------------------------------------------------------------------------------
-def test_an_image_enlarged_by_nearest_neighbour_is_downsized_back_to_its_own_pixels(tmp_path, arrays):
-    image = arrays.test_images[5]
-    for factor in (2, 3, 7):
-        path = tmp_path / f"x{factor}.png"
-        to_pil(image).resize((32 * factor, 32 * factor), Image.Resampling.NEAREST).save(path)
-        assert torch.equal(predict.read_image(path), image), factor
-
-
-def test_grayscale_16_bit_and_transparent_images_become_rgb_the_way_they_look(tmp_path, arrays):
-    gray = to_pil(arrays.test_images[0]).convert("L")
-    gray.save(tmp_path / "gray.png")
-    assert torch.equal(predict.read_image(tmp_path / "gray.png"), from_pil(gray))  # the gray value in every channel
-    deep = Image.fromarray(np.asarray(gray).astype(np.uint16) * 257)  # the same picture in 16 bits
-    deep.save(tmp_path / "gray16.png")
-    assert Image.open(tmp_path / "gray16.png").mode.startswith("I")
-    assert torch.equal(predict.read_image(tmp_path / "gray16.png"), from_pil(gray))
-    rgba = to_pil(arrays.test_images[1]).convert("RGBA")
-    alpha = Image.new("L", (32, 32), 255)
-    alpha.paste(0, (0, 0, 16, 32))  # the left half transparent
-    rgba.putalpha(alpha)
-    rgba.save(tmp_path / "half-transparent.png")
-    seen = predict.read_image(tmp_path / "half-transparent.png")
-    assert torch.all(seen[:, :, :16] == 255) and torch.equal(seen[:, :, 16:], arrays.test_images[1][:, :, 16:])
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,27 +170,66 @@ def test_many_images_without_csv_print_a_summary_and_ask_for_csv(monkeypatch, ca
     assert str(folder / "00.png") not in out and not list(tmp_path.glob("*.csv"))  # no file the user did not ask for
 
 
-@pytest.mark.parametrize("case", ["text file", "damaged png in a folder", "missing file", "folder without images"])
-def test_a_file_that_is_no_image_is_one_line_and_exit_status_2(monkeypatch, capsys, tmp_path, tiny_run, case):
-    """A file named on the command line is read whatever its suffix; a folder's image files too; each failure names its file."""
+@pytest.mark.parametrize("case", ["missing file", "folder without images"])
+def test_a_path_that_gives_no_image_is_one_line_before_the_model_loads(monkeypatch, capsys, tmp_path, tiny_run, case):
     folder = tmp_path / "photos"
     folder.mkdir()
     to_pil(tiny_run.split.test_images[0]).save(folder / "fine.png")
-    if case == "text file":
-        bad = argument = tmp_path / "notes.txt"
-        bad.write_text("these are not pixels")
-    elif case == "damaged png in a folder":
-        bad, argument = folder / "broken.png", folder
-        bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
-    elif case == "missing file":
-        bad = argument = tmp_path / "nowhere.jpg"
-    else:
-        bad = argument = tmp_path / "empty"
+    bad = tmp_path / "nowhere.jpg"
+    if case == "folder without images":
+        bad = tmp_path / "empty"
         bad.mkdir()
         (bad / "readme.txt").write_text("no images here")
-    code, _, err = run_script(predict, monkeypatch, capsys, "--run", tiny_run.run_dir, "--device", "cpu", folder / "fine.png", argument)
-    assert code == 2
+    monkeypatch.setattr(saved_models, "open_saved_model", lambda *args: pytest.fail("the model should not load"))
+    code, out, err = run_script(predict, monkeypatch, capsys, "--run", tiny_run.run_dir, "--device", "cpu", folder / "fine.png", bad)
+    assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and str(bad) in err
+
+
+def test_files_that_cannot_be_used_are_listed_after_the_predictions_of_the_others(monkeypatch, capsys, tmp_path, tiny_run):
+    """A truncated JPEG, a PNG over the pixel limit and a text file named on the command line, among good images: the good
+    ones are predicted as if alone, each bad one is one line with its reason, and the exit status says the data had a problem."""
+    folder = tmp_path / "holiday"
+    folder.mkdir()
+    images = tiny_run.split.test_images[:3]
+    good = [folder / "a.jpg", folder / "b.png", folder / "d.jpg"]
+    for path, image in zip(good, images):
+        to_pil(image).save(path, quality=95)
+    truncated = folder / "c.jpg"
+    truncated.write_bytes(good[0].read_bytes()[:500])
+    too_large = folder / "e-large.png"
+    to_pil(images[0]).resize((96, 96)).save(too_large)
+    monkeypatch.setattr(engine.images, "MAX_DECODED_PIXELS", 64 * 64)
+    text = tmp_path / "notes.txt"
+    text.write_text("these are not pixels")
+    code, out, err = run_script(predict, monkeypatch, capsys, "--run", tiny_run.run_dir, "--device", "cpu", "--top", 10,
+                                "--csv", tmp_path / "out.csv", folder, text)
+    assert code == 2
+    rows = read_csv(tmp_path / "out.csv")
+    assert [row["path"] for row in rows] == [str(path) for path in good]
+    seen = torch.stack([from_pil(Image.open(path)) for path in good])
+    expected = expected_probabilities(trained_net(tiny_run.run_dir), seen, *card_normalisation(tiny_run.run_dir))
+    assert torch.allclose(csv_probabilities(rows, fn.CLASSES), expected.double(), atol=2e-6)
+    assert "3 images resized to 32x32" in out and all(str(path) in out for path in good)
+    lines = err.splitlines()
+    assert lines[0].startswith(f"{truncated} cannot be read as an image (") and "truncated" in lines[0].lower()  # Pillow's words
+    assert lines[1:] == [
+        f"{too_large} is 96x96 pixels, more than the 4,096 the toolkit decodes (its bound on memory); shrink it first",
+        f"{text} cannot be read as an image (not an image Pillow can decode); delete it or copy it again",
+        "error: 3 of 6 images could not be used (listed above); 3 were predicted",
+    ]
+
+
+def test_a_png_of_121_million_pixels_is_refused_in_one_line_without_pillows_warning(tmp_path):
+    """The shipped model, as a user runs it: the huge file is refused from its header, the other image still predicted."""
+    huge = png_header_claiming(tmp_path / "huge.png", 11_000, 11_000)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(photo)
+    done = subprocess.run([sys.executable, predict.__file__, str(huge), str(photo)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and done.stdout.splitlines()[-1].startswith(f"{photo}: ")
+    assert done.stderr.splitlines() == [f"{huge} is 11000x11000 pixels, more than the 33,554,432 the toolkit decodes (its bound on "
+                                        "memory); shrink it first", "error: 1 of 2 images could not be used (listed above); 1 was predicted"]
 
 
 def test_a_missing_run_folder_is_one_line_naming_run(monkeypatch, capsys, tmp_path, photos):
