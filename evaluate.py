@@ -10,7 +10,8 @@ plain state dict saved by the original study's scripts (torch.save(net.state_dic
 Inputs are normalised with the model card's mean and std (the run's model.json, or the card inside a checkpoint);
 a plain state dict has none, so the training split's statistics are computed from --data-dir, as training does.
 
-Prints the test accuracy and writes, beside the weights (or into --out-dir):
+Prints the test accuracy and writes, beside the weights in a run folder of yours (for the shipped model, a read-only
+folder or weights outside a run folder: in runs/evaluations/<folder name>; or into --out-dir):
     evaluation-<weights>.json            test_accuracy, per_class_accuracy, confusion_matrix, num_test_images, model,
                                          checkpoint, tta, data (the keys of a run's test.json)
     evaluation-<weights>-confusion.png   the confusion matrix
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = saved_models.add_arguments(parser, run_help="run folder of a trained model: evaluates its model.pth (the final weights) with "
                                                         "its model.json")
     group.add_argument("--out-dir", help="folder for evaluation-<weights>.json and evaluation-<weights>-confusion.png "
-                       "(default: the folder of the weights)")
+                       "(default: the weights' run folder; runs/evaluations/<folder name> for the shipped model, a read-only folder or "
+                       "weights outside a run folder)")
     engine.add_data_arguments(parser, limit_train=False)
     engine.add_device_arguments(parser, training=False)
     return parser
@@ -60,7 +62,7 @@ def main() -> None:
         raise UserError("give --run DIR (a run folder), or --checkpoint FILE (with --model NAME for a plain state dict)")
     device = engine.training_device(args.device)
     saved = saved_models.open_saved_model(args.run, args.checkpoint, args.model)  # a wrong file fails before the slow data load
-    out_dir = Path(args.out_dir) if args.out_dir else saved.weights.parent
+    out_dir = Path(args.out_dir) if args.out_dir else saved_models.output_folder(saved)
     engine.check_writable_folder(out_dir)
     data = engine.load_split(engine.RunConfig(model=saved.name, data_dir=args.data_dir, num_workers=args.num_workers))
     card = saved.card or saved_models.card_from_data(saved.name, data)

@@ -166,7 +166,7 @@ def color_jitter(images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch
 
 
 def sample_readme_params(n: int, generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
-    """One draw per image of every random choice the README's torchvision pipeline makes."""
+    """One draw per image of every random choice the original study's torchvision pipeline makes."""
     return {
         "hflip": torch.rand(n, generator=generator, device=device) < 0.5,
         "vflip": torch.rand(n, generator=generator, device=device) < 0.5,
@@ -226,7 +226,7 @@ def unchanged(images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Te
 
 
 AUGMENTATIONS = {
-    "readme": Augmentation("the README's: horizontal and vertical flips, rotation up to 90 degrees, strong colour jitter",
+    "readme": Augmentation("the original study's: horizontal and vertical flips, rotation up to 90 degrees, strong colour jitter",
                            sample_readme_params, apply_readme),
     "standard": Augmentation("the usual CIFAR recipe: random 32x32 crop of the 4-pixel zero-padded image, horizontal flip",
                              partial(sample_crop_params, pad=4), partial(apply_crop, pad=4, mode="constant")),

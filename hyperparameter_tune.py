@@ -1,4 +1,4 @@
-"""Tune CIFAR10Net_7's hyperparameters with Optuna, as the README's study did, then retrain the winner.
+"""Tune CIFAR10Net_7's hyperparameters with Optuna, as the original study's study did, then retrain the winner.
 
     python hyperparameter_tune.py --data-dir ./data                          # 30 trials of 5 epochs in runs/tune
     python hyperparameter_tune.py --data-dir ./data --n-trials 50            # the same study, up to 50 trials
@@ -10,13 +10,13 @@ validation loss after its last epoch; lowest wins. A seeded TPE sampler proposes
 configuration from the trials so far (the first 10 at random), and a median pruner stops a trial
 whose validation loss after some epoch is worse than the median of earlier trials at that epoch.
 A trial whose validation loss becomes NaN, infinite or above 10,000 (diverged) is pruned at once;
-one that runs out of memory fails; either way the study goes on. The README's study (30 trials of
+one that runs out of memory fails; either way the study goes on. The original study's study (30 trials of
 5 epochs) found CIFAR10Net_optim.
 
 Search spaces (--space):
   readme    fc1_size, fc2_size in {32, 64, 128, 256, 512}; dropout uniform in [0.1, 0.9];
             lr log-uniform in [1e-4, 1e-1]; weight_decay log-uniform in [5e-4, 1e-1];
-            batch_size in {32, 64, 128, 256, 512}; everything else is the README's recipe
+            batch_size in {32, 64, 128, 256, 512}; everything else is the original study's recipe
   extended  the readme space, plus the width and kernel size of both convolutions, and the
             optimizer: adam or adamw with their betas, or sgd with its Nesterov momentum
 
@@ -216,7 +216,7 @@ def run_trials(study: optuna.Study, objective: Callable[[Trial], float], n_trial
 # Retraining the best configuration with the full recipe
 # --------------------------------------------------------------------------------------------
 def retrain(study: optuna.Study, settings: StudySettings, base: engine.RunConfig, epochs: int, data: engine.SplitData | None,
-            overwrite: bool = False) -> None:
+            overwrite: bool = False, progress: bool | None = None) -> None:
     """Train the best trial's configuration like main.py does into <out-dir>/retrain; resumes an interrupted retraining of it."""
     best = best_trial(study)
     if best is None:
@@ -224,7 +224,7 @@ def retrain(study: optuna.Study, settings: StudySettings, base: engine.RunConfig
     run_dir = Path(base.out_dir) / "retrain"
     record = json.loads(json.dumps({"study": study.study_name, "trial": best.number, "params": best.params}))
     same_trial = (run_dir / "trial.json").is_file() and engine.read_json(run_dir / "trial.json") == record
-    config = replace(trial_config(base, best.params, epochs, run_dir), progress=True,
+    config = replace(trial_config(base, best.params, epochs, run_dir), progress=progress,
                      resume="last" if same_trial and (run_dir / "last.ckpt").is_file() else None,
                      overwrite=overwrite and not same_trial)
     engine.claim_run_folder(config)  # an earlier retraining of another trial stays unless --overwrite; then it is this trial's
@@ -275,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="after the trials, train the best configuration with the full recipe into <out-dir>/retrain, as main.py does")
     group.add_argument("--retrain-epochs", type=engine.positive_int, default=README_RECIPE.epochs, metavar="N",
                        help=f"epochs of the retraining (default {README_RECIPE.epochs})")
+    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="the retraining's progress bars, or not (default: only when the output is a terminal, so a log file gets "
+                            "clean lines; the trials print one line each)")
     group.add_argument("--overwrite", action="store_true",
                        help="replace an earlier retraining of another trial in <out-dir>/retrain (without it, that is refused)")
     tsne.add_arguments(parser)
@@ -322,7 +325,8 @@ def tune(argv: list[str] | None = None) -> None:
     settings = study_settings(study, args.space, args.epochs)
     fail_abandoned_trials(study)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-    print(f"Study {study.study_name!r} in {hide_password(storage_url)}: {finished} of {args.n_trials} trials finished; "
+    asked = f"of {args.n_trials} " if args.n_trials else ""  # --n-trials 0 runs none: "2 of 0 finished" would say nothing
+    print(f"Study {study.study_name!r} in {hide_password(storage_url)}: {finished} {asked}trials finished; "
           f"space {settings.space}, epochs per trial {settings.epochs}, pruning {'on' if args.prune else 'off'}")
     base = base_config(args, settings)
     data = None
@@ -341,7 +345,7 @@ def tune(argv: list[str] | None = None) -> None:
             raise
     write_outputs(study, settings, out_dir, args.retrain_epochs)
     if args.retrain:
-        retrain(study, settings, base, args.retrain_epochs, data, args.overwrite)
+        retrain(study, settings, base, args.retrain_epochs, data, args.overwrite, args.progress)
 
 
 if __name__ == "__main__":

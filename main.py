@@ -1,10 +1,10 @@
-"""Train the from-scratch CIFAR10Net on CIFAR-10 with the README's recipe.
+"""Train the from-scratch CIFAR10Net on CIFAR-10 with the original study's recipe.
 
     python main.py --data-dir ./data
 
-Loads CIFAR-10 and splits its 50,000 training images 45,000 / 5,000 exactly as the README did,
+Loads CIFAR-10 and splits its 50,000 training images 45,000 / 5,000 exactly as the original study did,
 normalises with the training split's statistics, trains CIFAR10Net (Kaiming-normal initialisation,
-cross-entropy, Adam lr 1e-3 and weight decay 5e-4, batch 64, 100 epochs, the README's augmentation),
+cross-entropy, Adam lr 1e-3 and weight decay 5e-4, batch 64, 100 epochs, the original study's augmentation),
 prints and plots train/validation loss and accuracy per epoch, reports test accuracy, saves the
 weights and draws t-SNE plots of the penultimate-layer features. Everything lands in runs/CIFAR10Net/.
 """

@@ -1,20 +1,20 @@
-"""Train the README's modified models, one at a time or all under identical settings, and compare them.
+"""Train the original study's modified models, one at a time or all under identical settings, and compare them.
 
     python modified_models.py --list
     python modified_models.py --model CIFAR10Net_7 --data-dir ./data
     python modified_models.py --all --epochs 20 --augment standard --data-dir ./data
 
-The README's Results change CIFAR10Net one idea at a time (Changes #1 to #6), then tune it
+The original study's Results change CIFAR10Net one idea at a time (Changes #1 to #6), then tune it
 (CIFAR10Net_optim). Each model here trains through the same engine as main.py, with its own
 run folder. ``--all`` (or ``--models A B ...``) trains each under one setting, skips models that
 already finished, resumes the one that was interrupted, and writes comparison.csv,
 comparison.md and comparison.png into --out-dir.
 
-FastVGG and FastVGG_narrow go past the README: a small fast VGG with its own recipe (SGD with
+FastVGG and FastVGG_narrow go past the original study: a small fast VGG with its own recipe (SGD with
 Nesterov momentum, one-cycle schedule, label smoothing, light augmentation, flip TTA; --list shows
 it). Airbench94_muon (and _narrow) is the fast recipe, airbench94_muon's method: a whitened frozen
 stem, Muon, alternating flips, flip-translate TTA, 8 epochs; add --no-validation for a final run on
-all 50,000 images. The recipe defaults printed below are the README's; any flag given overrides
+all 50,000 images. The recipe defaults printed below are the original study's; any flag given overrides
 the chosen model's recipe.
 
     python modified_models.py --model Airbench94_muon --data-dir ./data --no-validation
@@ -188,7 +188,7 @@ def main() -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--model", help=f"train one model: {', '.join(trained_here())}")
     which.add_argument("--models", nargs="+", metavar="NAME", help="train these models under identical settings and compare them")
-    which.add_argument("--all", action="store_true", help="train and compare CIFAR10Net and the README's seven modified models")
+    which.add_argument("--all", action="store_true", help="train and compare CIFAR10Net and the original study's seven modified models")
     which.add_argument("--list", action="store_true", help="list the models with their parameter counts and exit")
     engine.add_training_arguments(parser, README_RECIPE, run_name="<model>, or runs/comparison with --all/--models")
     engine.add_model_arguments(parser, trained_here())

@@ -38,7 +38,7 @@ from functions import UserError
 from saved_models import ModelCard, SavedModel
 
 # The shipped model (trained by the project, see README): found beside this script, wherever it is run from.
-DEFAULT_RUN = Path(__file__).resolve().parent / "pretrained" / "FastVGG_narrow"
+DEFAULT_RUN = saved_models.SHIPPED_MODELS / "FastVGG_narrow"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 PRINTED_IMAGES = 20  # more images than this: a summary on screen, every image in --csv
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from engine import ModelCard
 from functions import CLASSES, UserError
 
 CARD_FILE = "model.json"
+SHIPPED_MODELS = Path(__file__).resolve().parent / "pretrained"  # the trained models that come with the toolkit
+EVALUATIONS = Path("runs") / "evaluations"  # where files about a model go when its own folder is not the user's run folder
 LEGACY_TRANSFER_FILE = "transfer.json"  # a transfer-learning run's options, before TransferNet was a registered model
 DEFAULT_WEIGHTS = "model.pth"  # a run's final weights, as a plain state dict
 
@@ -199,6 +202,17 @@ def check_same_classes(card: ModelCard, data: engine.SplitData, weights: Path) -
     if tuple(card.classes) != tuple(data.classes):
         raise UserError(f"{weights} was trained on the classes {', '.join(card.classes)} but the data has {', '.join(data.classes)} "
                         f"(in label order); give --data-dir with the data it was trained on")
+
+
+def output_folder(saved: SavedModel) -> Path:
+    """Where evaluate.py and tsne.py write about ``saved`` by default: beside its weights when they are in a run folder of the
+    user's (one with config.json, writable); else, for the toolkit's shipped model, a read-only folder or weights outside a
+    run folder, runs/evaluations/<that folder's name>, so nothing lands in the repository or in someone else's files."""
+    folder = saved.weights.parent
+    shipped = folder.resolve().is_relative_to(SHIPPED_MODELS)
+    if (folder / "config.json").is_file() and not shipped and os.access(folder, os.W_OK):
+        return folder
+    return EVALUATIONS / folder.resolve().name
 
 
 def add_arguments(parser: argparse.ArgumentParser, run_help: str, tta: bool = True) -> argparse._ArgumentGroup:

@@ -1,10 +1,10 @@
-"""Transfer learning on CIFAR-10 from an ImageNet-trained torchvision network: the README's ResNet18 experiment.
+"""Transfer learning on CIFAR-10 from an ImageNet-trained torchvision network: the original study's ResNet18 experiment.
 
     python transfer_learning.py --data-dir ./data
     python transfer_learning.py --arch efficientnet_b0 --finetune layer4 --augment standard --epochs 20
     python transfer_learning.py --weights ~/resnet18-f37072fd.pth      # offline: a local copy of the weights
 
-The README's experiment is the default: resnet18 with ImageNet weights (IMAGENET1K_V1), every backbone
+The original study's experiment is the default: resnet18 with ImageNet weights (IMAGENET1K_V1), every backbone
 parameter frozen, the 1000-way fc replaced by Linear(512, 10), images resized to 224x224, Adam with
 lr 0.01 on the new layer only (no weight decay), batch 64. Images are normalised with the ImageNet
 statistics the pretrained weights expect, and resized in batches on the device inside the network.
@@ -13,13 +13,13 @@ runs/<arch>-transfer-<finetune>/. The network is the registered model TransferNe
 --image-size, --finetune, --backbone-lr-scale and --feature-cache are its options, recorded in
 config.json and the model card, so predict.py, evaluate.py and tsne.py rebuild it from the run folder.
 
-Two choices differ from the README, both flags:
-- Augmentation defaults to none. The README trained with its heavy augmentation (--augment readme
+Two choices differ from the original study, both flags:
+- Augmentation defaults to none. The original study trained with its heavy augmentation (--augment readme
   repeats that); without it the frozen backbone's features never change, so they are computed once
   and cached (features.pt in the run folder) and every epoch only trains the head: seconds instead
   of a full ResNet pass over 45,000 images at 224 px. --no-feature-cache forces the full pass.
 - 10 epochs by default: a linear head on fixed features converges in a few; --epochs 100 gives the
-  README's length (it says transfer training was done like the custom model's 100 epochs).
+  original study's length (it says transfer training was done like the custom model's 100 epochs).
 
 --finetune layer4 or all also trains the backbone's last stage or all of it, at --backbone-lr-scale
 times the head's learning rate; frozen layers keep their BatchNorm statistics (they stay in eval mode).

@@ -343,8 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(parser, switch=False)
     group = parser.add_argument_group("output")
     group.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="which splits to embed (default test train)")
-    group.add_argument("--out-dir", help="folder for tsne_*.png, tsne_*.npz and tsne_metrics.json (default: the folder of the "
-                                         "weights; with --redraw, the .npz file's folder)")
+    group.add_argument("--out-dir", help="folder for tsne_*.png, tsne_*.npz and tsne_metrics.json (default: the weights' run folder; "
+                                         "runs/evaluations/<folder name> for the shipped model, a read-only folder or weights outside "
+                                         "a run folder; with --redraw, the .npz file's folder)")
     group.add_argument("--redraw", metavar="NPZ", help="redraw tsne_<split>.png from a saved tsne_<split>.npz without recomputing; "
                                                        "takes no --run, --checkpoint or --model")
     return parser
@@ -367,7 +368,7 @@ def main() -> None:
     if not (args.run or args.checkpoint):
         parser.error("give --run DIR (or --checkpoint FILE, with --model NAME for a plain state dict), or --redraw NPZ")
     saved, data = load_model_and_data(args)
-    out_dir = Path(args.out_dir) if args.out_dir else saved.weights.parent
+    out_dir = Path(args.out_dir) if args.out_dir else saved_models.output_folder(saved)
     engine.check_writable_folder(out_dir)
     config = engine.RunConfig(model=saved.name, data_dir=args.data_dir, out_dir=str(out_dir), seed=args.seed, device=args.device,
                               limit_train=args.limit_train, num_workers=args.num_workers,

@@ -32,7 +32,7 @@ from engine.config import LOGGERS, OPTIMIZERS, PRECISIONS, SCHEDULERS, TTA_MODES
 from engine.data import CIFAR10Arrays, check_outside_data_tree, has_local_cifar10, load_cifar10, split_train_val
 from engine.devices import autocast_for, cpu_has_bf16, is_main_process, resolve_accelerator, resolve_precision, training_device
 from engine.errors import DiskFull, RunInterrupted, TrainingDiverged
-from engine.evaluation import accuracy_by_tta, confusion_matrix, predict, test_report, tta_logits
+from engine.evaluation import accuracy_by_tta, predict, test_report, tta_logits
 from engine.images import MAX_DECODED_PIXELS, UnreadableImage, decode_image
 from engine.plots import plot_confusion, plot_curves, save_figure
 from engine.progress import ProgressLines, on_terminal, progress_enabled, watched

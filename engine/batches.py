@@ -81,7 +81,7 @@ class EvalBatches:
 
 @dataclass
 class SplitData:
-    """The README's split of ``CIFAR10Arrays`` and the training statistics used for every split."""
+    """The original study's split of ``CIFAR10Arrays`` and the training statistics used for every split."""
 
     train_images: torch.Tensor
     train_labels: torch.Tensor

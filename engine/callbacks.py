@@ -79,7 +79,7 @@ CURVES_EVERY_S = 30.0
 
 
 class RunRecorder(Callback):
-    """After every epoch: the README's console line and ``metrics.csv``; ``curves.png`` at most every half minute, and
+    """After every epoch: the original study's console line and ``metrics.csv``; ``curves.png`` at most every half minute, and
     when training stops. Resumes with the run (its history is in the checkpoints)."""
 
     def __init__(self, run_dir: Path, title: str):

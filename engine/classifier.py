@@ -110,7 +110,8 @@ class ImageClassifier(pl.LightningModule):
         if validated:
             self.log_dict({"val_loss": val_loss, "val_accuracy": val_acc}, prog_bar=True)
         # Once an epoch, to the logger (TensorBoard by default): the metrics a user watches live.
-        self.log_dict({name: self.epoch_metrics[name] for name in ("train_loss", "train_accuracy", "lr")})
+        # "epoch" as metrics.csv counts it, from 1 (Lightning would log its own, counted from 0).
+        self.log_dict({name: self.epoch_metrics[name] for name in ("epoch", "train_loss", "train_accuracy", "lr")})
 
     def optimizer_groups(self) -> list[dict[str, Any]]:
         """The model's parameter groups, with Muon's own group of convolution filters, and weight decay per step."""

@@ -81,7 +81,7 @@ def choices_help(table: dict[str, Any], describe: Callable[[Any], str] = str) ->
 def add_recipe_arguments(parser: argparse.ArgumentParser, recipe: Recipe) -> None:
     """The recipe's flags; each defaults to ``recipe``'s value (shown in --help), so a model's own recipe stays its default."""
     r = recipe
-    group = parser.add_argument_group("recipe (defaults: the README's recipe for this model)")
+    group = parser.add_argument_group("recipe (defaults: this model's own recipe; CIFAR10Net's is the original study's)")
     group.add_argument("--epochs", type=positive_int, help=f"passes over the training split (default {r.epochs})")
     group.add_argument("--batch-size", type=positive_int, help=f"images per optimisation step (default {r.batch_size})")
     group.add_argument("--optimizer", choices=OPTIMIZERS, help="adam, adamw, sgd with Nesterov momentum, or muon: Muon for the "
@@ -159,7 +159,7 @@ def add_device_arguments(parser: argparse.ArgumentParser, training: bool = True,
         group.add_argument("--strategy", default="auto", help="Lightning's distribution strategy, e.g. ddp for data-parallel over several GPUs or nodes (default auto)")
         group.add_argument("--num-nodes", type=positive_int, default=1, metavar="N",
                            help="machines that train this one model together, each with --devices devices (use --strategy ddp; start the "
-                                "command on every node, with torchrun or Slurm as the README shows, the run folder on a filesystem all "
+                                "command on every node, with torchrun or Slurm as this toolkit's README.md shows, the run folder on a filesystem all "
                                 "nodes share) (default 1)")
     group.add_argument("--precision", default="auto", choices=PRECISIONS, metavar="PRECISION",
                        help="Lightning precision: " + ", ".join(PRECISIONS[1:]) + " (default auto: bf16-mixed on a CUDA GPU that computes "
@@ -171,7 +171,7 @@ def add_device_arguments(parser: argparse.ArgumentParser, training: bool = True,
 def add_run_arguments(parser: argparse.ArgumentParser, run_name: str) -> None:
     group = parser.add_argument_group("run")
     group.add_argument("--out-dir", help=f"run folder for every output (default runs/{run_name})")
-    group.add_argument("--seed", type=non_negative_int, default=0, help="seeds initialisation, shuffling, augmentation and dropout; the 45k/5k split is always the README's (default 0)")
+    group.add_argument("--seed", type=non_negative_int, default=0, help="seeds initialisation, shuffling, augmentation and dropout; the 45k/5k split is always the original study's (default 0)")
     group.add_argument("--resume", nargs="?", const="last", metavar="CKPT", help="continue the run in --out-dir with its own settings: with no "
                        "value, from its last.ckpt; or from the checkpoint given. Only how the rest of it runs may change: "
                        + ", ".join("--" + name.replace("_", "-") for name in RESUME_MAY_CHANGE).replace("--tsne,", "--no-tsne,")

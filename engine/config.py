@@ -1,6 +1,6 @@
 """What decides a run: the recipe (how a network is trained) and the run's settings, written to ``config.json``.
 
-The README's recipe for CIFAR10Net is ``Recipe()``; every other model's registry entry brings its own. What a network
+The original study's recipe for CIFAR10Net is ``Recipe()``; every other model's registry entry brings its own. What a network
 is (its layer sizes, airbench's whitened stem, ...) is not the recipe's: it is the model's options, declared in its
 registry entry and recorded in ``RunConfig.model_options``.
 The tables of named choices here are the ones every script's flags offer.
@@ -43,7 +43,7 @@ TTA_MODES = {
 
 @dataclass
 class Recipe:
-    """How a network is trained. Defaults are the README's recipe for CIFAR10Net."""
+    """How a network is trained. Defaults are the original study's recipe for CIFAR10Net."""
 
     epochs: int = 100
     batch_size: int = 64

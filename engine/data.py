@@ -40,7 +40,7 @@ TRAIN_BATCHES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 CACHE_NAME = "cifar10-uint8-cache.npz"
 
-SPLIT_SEED = 20  # the README's torch.Generator().manual_seed(20)
+SPLIT_SEED = 20  # the original study's torch.Generator().manual_seed(20)
 TRAIN_FRACTION = 0.9  # 45,000 / 5,000 of the 50,000 training images
 
 
@@ -325,7 +325,7 @@ def load_cifar10(data_dir: str | os.PathLike, workers: int = 2, checksums: dict[
 
 
 def split_train_val(num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The README's split, to the index: ``random_split`` with ``torch.Generator().manual_seed(20)``."""
+    """The original study's split, to the index: ``random_split`` with ``torch.Generator().manual_seed(20)``."""
     train_size = int(TRAIN_FRACTION * num_images)
     train, val = torch.utils.data.random_split(
         range(num_images), [train_size, num_images - train_size], generator=torch.Generator().manual_seed(SPLIT_SEED)

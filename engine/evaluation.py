@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from sklearn import metrics
 from torch import nn
 
 from engine.batches import EVAL_BATCH, EvalBatches
@@ -74,16 +75,18 @@ def accuracy_by_tta(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     return {mode: (logits.argmax(1) == result["labels"]).double().mean().item() for mode, logits in result["logits_by_tta"].items()}
 
 
-def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return torch.bincount(labels * num_classes + predictions, minlength=num_classes**2).view(num_classes, num_classes)
-
-
 def test_report(labels: torch.Tensor, predictions: torch.Tensor, classes: tuple[str, ...]) -> dict[str, Any]:
-    matrix = confusion_matrix(labels, predictions, len(classes))
-    per_class = (matrix.diag().double() / matrix.sum(1).clamp_min(1).double()).tolist()
+    """What test.json and evaluate.py report: accuracy, each class's accuracy (its recall), precision, recall and F1 (scikit-learn's
+    classification report, by class name, with its macro and weighted averages) and the confusion matrix (rows: true class)."""
+    true, predicted, label_ids = labels.cpu().numpy(), predictions.cpu().numpy(), list(range(len(classes)))
+    matrix = metrics.confusion_matrix(true, predicted, labels=label_ids)
+    report = metrics.classification_report(true, predicted, labels=label_ids, target_names=list(classes), output_dict=True, zero_division=0)
     return {
-        "test_accuracy": (labels == predictions).double().mean().item(),
-        "per_class_accuracy": dict(zip(classes, per_class)),
+        "test_accuracy": float((true == predicted).mean()),
+        "per_class_accuracy": {name: report[name]["recall"] for name in classes},
+        "per_class": {name: {key: report[name][key] for key in ("precision", "recall", "f1-score", "support")} for name in classes},
+        "macro_avg": report["macro avg"],
+        "weighted_avg": report["weighted avg"],
         "confusion_matrix": matrix.tolist(),
-        "num_test_images": labels.numel(),
+        "num_test_images": int(labels.numel()),
     }

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from functions import write_atomically
 
@@ -19,7 +20,7 @@ def save_figure(figure: Figure, path: Path, dpi: int = 120) -> None:
 
 
 def plot_curves(history: list[dict[str, float]], path: Path, title: str) -> None:
-    """Loss and accuracy, train against validation, per epoch: the README's figures."""
+    """Loss and accuracy, train against validation, per epoch: the original study's figures."""
     epochs = [row["epoch"] for row in history]
     figure = Figure(figsize=(11, 4))
     for axis, key, label in zip(figure.subplots(1, 2), ("loss", "accuracy"), ("Loss", "Accuracy")):
@@ -27,6 +28,7 @@ def plot_curves(history: list[dict[str, float]], path: Path, title: str) -> None
         if history[0][f"val_{key}"] is not None:  # a final run on every training image has no validation split
             axis.plot(epochs, [row[f"val_{key}"] for row in history], marker=".", label="validation")
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at epoch 1.5
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
         axis.legend()

@@ -27,7 +27,7 @@ OPTION_KINDS = (bool, int, float, str)
 
 
 def kaiming_normal(net: nn.Module, data: Any, recipe: Recipe) -> None:
-    """The README's initialisation: Kaiming-normal weights and zero biases in every conv and linear layer."""
+    """The original study's initialisation: Kaiming-normal weights and zero biases in every conv and linear layer."""
     net.apply(initialize_using_norm_kaiming)
 
 

@@ -185,7 +185,7 @@ def train(config: RunConfig, model: ModelSpec, data: SplitData | None = None, an
             analysis.check(config, data)  # an analysis that cannot run fails now, not after the training
         if is_main_process():
             print(f"Data: {data.source}; {len(data.train_images)} train / {len(data.val_images)} validation / {len(data.test_images)} test images\n"
-                  f"Training {config.model} for {config.recipe.epochs} epochs on {training_device(config.device)}, "
+                  f"Training {config.model} for {config.recipe.epochs} epoch{'' if config.recipe.epochs == 1 else 's'} on {training_device(config.device)}, "
                   f"{resolve_precision(config.precision, config.device)} precision, into {run_dir}", flush=True)
         fitted = fit(config, model, data)
         if not fitted.is_global_zero:

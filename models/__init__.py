@@ -1,6 +1,6 @@
 """Every registered model. Importing this package registers them all in ``engine.MODELS``.
 
-    study     CIFAR10Net and the study's modified models (the README's recipe, Kaiming-normal initialisation)
+    study     CIFAR10Net and the study's modified models (the original study's recipe, Kaiming-normal initialisation)
     fast      FastVGG, past the study, with its own recipe
     airbench  airbench94_muon's network and method: the fast recipe
     transfer  TransferNet, transfer learning's network: a torchvision backbone with a new head (trained by transfer_learning.py)

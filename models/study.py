@@ -1,7 +1,7 @@
-"""The study's models: CIFAR10Net (the README's first model) and the seven modified models of its Changes.
+"""The study's models: CIFAR10Net (the original study's first model) and the seven modified models of its Changes.
 
-Parameter names are the README's, so a state dict saved by the original scripts loads unchanged. Every model
-here trains with the README's recipe and starts from Kaiming-normal weights (the registry's defaults); only
+Parameter names are the original study's, so a state dict saved by the original scripts loads unchanged. Every model
+here trains with the original study's recipe and starts from Kaiming-normal weights (the registry's defaults); only
 CIFAR10Net_optim, the original tuning run's winner, brings its own learning rate, weight decay and batch size.
 """
 from __future__ import annotations
@@ -23,11 +23,11 @@ def pooled_side(size: int, conv1_kernel: int, conv2_kernel: int) -> int:
 
 
 class CIFAR10Net(nn.Module):
-    """Conv-BN-ReLU-pool twice, then three fully connected layers: the README's first model.
+    """Conv-BN-ReLU-pool twice, then three fully connected layers: the original study's first model.
 
-    Parameter names are the README's, so a state dict saved by the original scripts loads unchanged. The defaults are
-    the README's sizes (20 filters 3x3, 40 filters 4x4, fc 124 and 64); ``dropout`` after the ReLUs of fc1 and fc2 (none
-    here) is the README's Change #6. Every size is an option, so a tuned network is this class with other options.
+    Parameter names are the original study's, so a state dict saved by the original scripts loads unchanged. The defaults are
+    the original study's sizes (20 filters 3x3, 40 filters 4x4, fc 124 and 64); ``dropout`` after the ReLUs of fc1 and fc2 (none
+    here) is the original study's Change #6. Every size is an option, so a tuned network is this class with other options.
     """
 
     def __init__(self, conv1_width: int = 20, conv1_kernel: int = 3, conv2_width: int = 40, conv2_kernel: int = 4,
@@ -90,7 +90,7 @@ class FCBN(nn.Sequential):
 
 
 # --------------------------------------------------------------------------------------------
-# The models of the README's Changes
+# The models of the original study's Changes
 # --------------------------------------------------------------------------------------------
 class CIFAR10Net_2(CIFAR10Net):
     """Change #1: CIFAR10Net with smaller fully connected layers, 1440 -> 32 -> 16 -> 10."""
@@ -187,7 +187,7 @@ class CIFAR10Net_optim(CIFAR10Net_7):
         super().__init__(fc1_size=128, fc2_size=128, dropout=0.46, num_classes=num_classes)
 
 
-# CIFAR10Net's options: its layer sizes and dropout (what hyperparameter_tune.py searches), defaults the README's.
+# CIFAR10Net's options: its layer sizes and dropout (what hyperparameter_tune.py searches), defaults the original study's.
 CIFAR10NET_OPTIONS = (
     ModelOption("conv1_width", int, 20, "filters of the first convolution", low=1, high=512),
     ModelOption("conv1_kernel", int, 3, "kernel size of the first convolution", low=1, high=9),

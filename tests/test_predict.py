@@ -307,7 +307,7 @@ def test_a_card_that_disagrees_with_model_or_is_damaged_is_one_line(tmp_path, ti
 # --------------------------------------------------------------------------------------------
 # evaluate.py
 # --------------------------------------------------------------------------------------------
-REPORT_KEYS = ("test_accuracy", "per_class_accuracy", "confusion_matrix", "num_test_images")
+REPORT_KEYS = ("test_accuracy", "per_class_accuracy", "per_class", "macro_avg", "confusion_matrix", "num_test_images")
 
 
 def test_evaluating_a_runs_model_pth_reproduces_its_test_json(monkeypatch, capsys, tiny_run):
@@ -399,3 +399,13 @@ def test_the_shipped_model_answers_without_training(monkeypatch, capsys, tmp_pat
     engine.run_cli(predict.main)
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith(f"{photo}: ") and line.count("%") == 3
+
+
+def test_evaluating_the_shipped_model_writes_nothing_into_the_repository(monkeypatch, capsys, tmp_path, tiny_run):
+    before = sorted(path.name for path in predict.DEFAULT_RUN.iterdir())
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_script(evaluate, monkeypatch, capsys, "--run", predict.DEFAULT_RUN, "--data-dir", tiny_run.data_dir, "--device", "cpu")
+    assert (code, err) == (0, "")
+    assert sorted(path.name for path in predict.DEFAULT_RUN.iterdir()) == before
+    written = Path("runs/evaluations/FastVGG_narrow/evaluation-model.json")
+    assert str(written) in out and engine.read_json(tmp_path / written)["per_class"]["cat"]["support"] == 10

@@ -197,3 +197,13 @@ def test_the_test_pass_runs_at_the_precision_the_run_trained_at(monkeypatch, tmp
         config = replace(quick_config(tmp_path / precision, epochs=1), precision=precision)
         engine.train(config, engine.model_spec("CIFAR10Net"), data=split)
     assert autocast_during_test == [torch.bfloat16, None]
+
+
+def test_the_test_report_has_precision_recall_and_f1_per_class():
+    report = engine.test_report(torch.tensor([0, 0, 1, 1, 2]), torch.tensor([0, 1, 1, 1, 0]), ("a", "b", "c"))
+    assert report["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]] and report["test_accuracy"] == 0.6
+    assert report["per_class"]["a"] == {"precision": 0.5, "recall": 0.5, "f1-score": 0.5, "support": 1 + 1}
+    assert report["per_class"]["b"]["precision"] == pytest.approx(2 / 3) and report["per_class"]["b"]["recall"] == 1.0
+    assert report["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1-score": 0.0, "support": 1}  # never predicted: 0, no warning
+    assert report["per_class_accuracy"] == {"a": 0.5, "b": 1.0, "c": 0.0}
+    assert report["macro_avg"]["recall"] == pytest.approx(0.5) and report["weighted_avg"]["support"] == 5
