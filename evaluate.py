@@ -64,7 +64,7 @@ def main() -> None:
     saved = saved_models.open_saved_model(args.run, args.checkpoint, args.model)  # a wrong file fails before the slow data load
     out_dir = Path(args.out_dir) if args.out_dir else saved_models.output_folder(saved)
     engine.check_writable_folder(out_dir)
-    data = engine.load_split(engine.RunConfig(model=saved.name, data_dir=args.data_dir, num_workers=args.num_workers))
+    data = engine.load_split(engine.RunConfig(model=saved.name, data_dir=args.data_dir, dataset=args.dataset, num_workers=args.num_workers))
     card = saved.card or saved_models.card_from_data(saved.name, data)
     saved_models.check_same_classes(card, data, saved.weights)
     tta = args.tta or card.tta

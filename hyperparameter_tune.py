@@ -291,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
 def base_config(args: argparse.Namespace, settings: StudySettings) -> engine.RunConfig:
     """Every trial's run settings; the trial fills in its recipe and run folder. One device: no data-parallel trials."""
     return engine.RunConfig(model=TUNED_MODEL, recipe=recipe_for({}, settings.epochs),
-                            data_dir=args.data_dir, out_dir=args.out_dir, seed=args.seed, limit_train=args.limit_train,
-                            num_workers=args.num_workers, device=args.device, devices="1", precision=args.precision, compile=args.compile,
+                            data_dir=args.data_dir, dataset=args.dataset, val_fraction=args.val_fraction, out_dir=args.out_dir,
+                            seed=args.seed, limit_train=args.limit_train, num_workers=args.num_workers, device=args.device, devices="1", precision=args.precision, compile=args.compile,
                             progress=False, tsne=args.tsne, tsne_samples=args.tsne_samples, tsne_method=args.tsne_method)
 
 

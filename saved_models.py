@@ -67,7 +67,7 @@ def card_from_official_statistics(model: str) -> ModelCard:
 def card_from_data_dir(model: str, data_dir: str | Path, num_workers: int = 2) -> ModelCard:
     """A card for weights that came without one, from the data in ``data_dir`` when it holds some; else from CIFAR-10's
     published statistics, with a note (never a download: a 170 MB archive to classify one photo is not worth it)."""
-    if engine.has_local_cifar10(data_dir):
+    if engine.has_local_dataset(data_dir):
         config = engine.RunConfig(model=model, data_dir=str(data_dir), num_workers=num_workers)
         return card_from_data(model, engine.load_split(config))
     print(f"note: no CIFAR-10 in --data-dir {data_dir}, so the inputs are normalised with CIFAR-10's published training statistics "

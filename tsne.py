@@ -69,7 +69,7 @@ def load_model_and_data(args: argparse.Namespace) -> tuple[SavedModel, engine.Sp
     if not hasattr(saved.net, "forward_features"):
         raise UserError(f"{saved.name} has no forward_features(), so its penultimate features cannot be taken; choose another model")
     resolve_method(getattr(args, "tsne_method", "auto"))  # a missing openTSNE fails before the data load too
-    data = engine.load_split(engine.RunConfig(model=saved.name, data_dir=args.data_dir, num_workers=args.num_workers,
+    data = engine.load_split(engine.RunConfig(model=saved.name, data_dir=args.data_dir, dataset=args.dataset, num_workers=args.num_workers,
                                               limit_train=args.limit_train))
     card = saved.card or saved_models.card_from_data(saved.name, data)
     saved_models.check_same_classes(card, data, saved.weights)
@@ -370,7 +370,7 @@ def main() -> None:
     saved, data = load_model_and_data(args)
     out_dir = Path(args.out_dir) if args.out_dir else saved_models.output_folder(saved)
     engine.check_writable_folder(out_dir)
-    config = engine.RunConfig(model=saved.name, data_dir=args.data_dir, out_dir=str(out_dir), seed=args.seed, device=args.device,
+    config = engine.RunConfig(model=saved.name, data_dir=args.data_dir, dataset=args.dataset, out_dir=str(out_dir), seed=args.seed, device=args.device,
                               limit_train=args.limit_train, num_workers=args.num_workers,
                               tsne_samples=args.tsne_samples, tsne_method=args.tsne_method)
     net = saved.net.to(engine.training_device(args.device))

@@ -216,7 +216,7 @@ def main() -> None:
     device = engine.training_device(args.device)
     precision = yardstick_precision(args.precision, args.device)
     torch.backends.cudnn.benchmark = True  # as airbench94: the fastest convolution algorithms for these fixed shapes
-    arrays = engine.load_cifar10(args.data_dir, args.num_workers)
+    arrays = engine.load_dataset(args.data_dir, args.num_workers)
     data = engine.SplitData.from_arrays(arrays, args.limit_train)
     if not args.validation:  # airbench's setting: every training image (the split's statistics still normalise them)
         keep = slice(args.limit_train)

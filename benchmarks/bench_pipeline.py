@@ -135,7 +135,7 @@ def main() -> None:
     args = parser.parse_args()
     engine.model_spec(args.model)
     torch.manual_seed(0)
-    data = engine.SplitData.from_arrays(engine.load_cifar10(args.data_dir, args.num_workers))
+    data = engine.SplitData.from_arrays(engine.load_dataset(args.data_dir, args.num_workers))
     print(f"{data.source}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     ways = {"floor": lambda: floor(data, args.model, args.precision), "ours": lambda: ours(data, Path(args.out_dir), args.model, args.precision)}
     if args.model == "CIFAR10Net":

@@ -43,7 +43,7 @@ README_LR = 0.01
 
 def subset(data_dir: str, num_workers: int, n_train: int, n_val: int, n_test: int) -> engine.SplitData:
     """The first images of the README's shuffled train and validation splits, and a seeded sample of the test set."""
-    data = engine.SplitData.from_arrays(engine.load_cifar10(data_dir, num_workers), limit_train=n_train)
+    data = engine.SplitData.from_arrays(engine.load_dataset(data_dir, num_workers), limit_train=n_train)
     test = torch.randperm(len(data.test_images), generator=torch.Generator().manual_seed(0))[:n_test]  # the folders are sorted by class
     return replace(data, val_images=data.val_images[:n_val], val_labels=data.val_labels[:n_val],
                    test_images=data.test_images[test], test_labels=data.test_labels[test])

@@ -121,7 +121,7 @@ def main() -> None:
     device = engine.training_device(args.device)
     precision = reference.yardstick_precision(args.precision, args.device)
     torch.backends.cudnn.benchmark = True  # for both sides, as airbench94 does
-    arrays = engine.load_cifar10(args.data_dir, args.num_workers)
+    arrays = engine.load_dataset(args.data_dir, args.num_workers)
     data = engine.SplitData.from_arrays(arrays, validation=not args.full_train).to(device)  # loaded before either clock starts
     print(f"Data: {data.source}; {len(data.train_images)} train / {len(data.test_images)} test images; {device}, {precision}")
     sides = {"reference": run_reference, "ours": run_ours}

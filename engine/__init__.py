@@ -3,7 +3,8 @@
 Modules, each one job (docs/DESIGN.md shows the layers):
     config       Recipe and RunConfig: what decides a run
     images       decoding one image file to RGB uint8 (any mode, size-bounded), resized by area averaging
-    data         reading CIFAR-10 from disk (official batches, image-folder tree and its cache, download)
+    official     CIFAR-10's and CIFAR-100's official python files, MD5-checked
+    data         reading a data set from disk (official files, any image-folder tree and its cache, download)
     batches      the study's split, training and evaluation batches made on the device, the DataModule
     registry     the model registry: a model's options, build, recipe, initialisation, parameter groups, description
     card         the model card: what a trained network is and needs, written by a run, read by saved_models
@@ -26,10 +27,11 @@ from engine.checkpoints import (AtomicCheckpointIO, load_weights, read_checkpoin
                                 state_dict_mismatch, weights_in)
 from engine.classifier import ImageClassifier, learning_rate_factor
 from engine.cli import (DEVICES, add_data_arguments, add_device_arguments, add_model_arguments, add_recipe_arguments, add_run_arguments,
-                        add_training_arguments, beta, choices_help, config_from_args, differences_from, interrupted_message, non_negative_float, non_negative_int, parse_arguments,
+                        add_training_arguments, beta, choices_help, config_from_args, interrupted_message, non_negative_float, non_negative_int, parse_arguments,
                         positive_float, positive_int, resume_command, run_cli)
 from engine.config import LOGGERS, OPTIMIZERS, PRECISIONS, SCHEDULERS, TTA_MODES, WEIGHT_AVERAGES, Recipe, RunConfig
-from engine.data import CIFAR10Arrays, check_outside_data_tree, has_local_cifar10, load_cifar10, split_train_val
+from engine.data import DATASETS, INPUT_SIZE, check_outside_data_tree, has_local_dataset, load_dataset, split_train_val
+from engine.official import DatasetArrays
 from engine.devices import autocast_for, cpu_has_bf16, is_main_process, resolve_accelerator, resolve_precision, training_device
 from engine.errors import DiskFull, RunInterrupted, TrainingDiverged
 from engine.evaluation import accuracy_by_tta, predict, test_report, tta_logits
@@ -40,4 +42,5 @@ from engine.registry import MODELS, ModelOption, ModelSpec, first_line, kaiming_
 from engine.run import Analysis, Fitted, finish_run, fit, for_model, model_card, save_weights, train
 from engine.run_folder import (LOCK_FILE, RESULT_FILES, check_writable_folder, claim_run_folder, read_json, read_metrics_csv, release_run_folder,
                                write_csv, write_json, write_metrics_csv)
+from engine.settings import differences_from
 from functions import UserError

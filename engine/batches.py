@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 
 from engine.config import RunConfig
-from engine.data import CIFAR10Arrays, load_cifar10, split_train_val
+from engine.data import VAL_FRACTION, DatasetArrays, load_dataset, split_train_val
 from functions import AUGMENTATIONS, UserError, mean_std_per_channel, model_input
 
 EVAL_BATCH = 500  # images per evaluation batch: large, as nothing is kept for a backward pass
@@ -81,7 +81,7 @@ class EvalBatches:
 
 @dataclass
 class SplitData:
-    """The original study's split of ``CIFAR10Arrays`` and the training statistics used for every split."""
+    """The original study's split of ``DatasetArrays`` and the training statistics used for every split."""
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -95,9 +95,11 @@ class SplitData:
     source: str
 
     @classmethod
-    def from_arrays(cls, data: CIFAR10Arrays, limit_train: int | None = None, validation: bool = True) -> "SplitData":
-        """The study's 45,000 / 5,000 split; without ``validation``, every training image trains (a final run)."""
-        train_index, val_index = split_train_val(len(data.train_images))
+    def from_arrays(cls, data: DatasetArrays, limit_train: int | None = None, validation: bool = True,
+                    val_fraction: float = VAL_FRACTION) -> "SplitData":
+        """The study's 45,000 / 5,000 split (``val_fraction`` of another data set's training images validate); without
+        ``validation``, every training image trains (a final run)."""
+        train_index, val_index = split_train_val(len(data.train_images), val_fraction)
         if not validation:
             train_index, val_index = torch.arange(len(data.train_images)), val_index[:0]
         if limit_train is not None:
@@ -114,9 +116,11 @@ class SplitData:
 def load_split(config: RunConfig) -> SplitData:
     if config.limit_train is not None and config.limit_train < 2:
         raise UserError(f"--limit-train {config.limit_train} leaves too few images to train on; give at least 2")
-    data = SplitData.from_arrays(load_cifar10(config.data_dir, config.num_workers), config.limit_train, config.validation)
+    data = SplitData.from_arrays(load_dataset(config.data_dir, config.num_workers, config.dataset), config.limit_train, config.validation,
+                                 config.val_fraction)
     if len(data.train_images) < 2 or (config.validation and len(data.val_images) < 1):
-        raise UserError(f"{config.data_dir} holds too few training images to split 90/10; it needs at least 20")
+        raise UserError(f"{config.data_dir} holds too few training images to split {1 - config.val_fraction:.0%}/{config.val_fraction:.0%}; "
+                        f"it needs more, or a larger --val-fraction")
     return data
 
 

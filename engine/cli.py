@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import math
 import shlex
 import signal
@@ -17,12 +16,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from engine.config import LOGGERS, OPTIMIZERS, PRECISIONS, SCHEDULERS, TTA_MODES, WEIGHT_AVERAGES, Recipe, RunConfig
+from engine.data import DATASETS, VAL_FRACTION
 from engine.devices import is_main_process
 from engine.errors import DiskFull, RunInterrupted, TrainingDiverged
 from engine.checkpoints import read_checkpoint, resume_path
-from engine.registry import MODELS, ModelSpec, model_spec, option_table
-from engine.settings import (MODEL_OPTION, NOT_COMPARED, RESUME_MAY_CHANGE, Settings, changed_settings, describe_change, flattened,
-                             given_flags, normalised)
+from engine.registry import ModelSpec, model_spec, option_table
+from engine.settings import (MODEL_OPTION, NOT_COMPARED, RECIPE_FLAGS, RESUME_MAY_CHANGE, Settings, changed_settings, describe_change,
+                             flattened, given_flags, normalised, read_config, run_settings)
 from functions import AUGMENTATIONS, UserError
 
 DEVICES = ("auto", "cpu", "cuda", "gpu", "mps")
@@ -63,6 +63,13 @@ def beta(text: str) -> float:
     value = float(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def open_fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1, got {text}")
     return value
 
 
@@ -138,13 +145,18 @@ def model_options_given(args: argparse.Namespace) -> dict[str, Any]:
 def add_data_arguments(parser: argparse.ArgumentParser, limit_train: bool = True) -> None:
     """--data-dir and --num-workers everywhere; --limit-train and --no-validation where the training split is free to choose."""
     group = parser.add_argument_group("data")
-    group.add_argument("--data-dir", default="./data", help="folder with CIFAR-10: the official 'cifar-10-batches-py' folder, or an image-folder tree "
-                       "train/<class>/*.png|jpg and test/<class>/... (the folder itself or one sub-folder); if neither is there, torchvision downloads "
-                       "the official archive into it (default ./data)")
+    group.add_argument("--data-dir", default="./data", help="folder with the data: CIFAR-10's official 'cifar-10-batches-py' folder (or "
+                       "CIFAR-100's 'cifar-100-python'), or an image-folder tree train/<class>/*.png|jpg and test/<class>/... of any classes "
+                       "(2 or more) and image size (the folder itself or one sub-folder); if none is there, torchvision downloads the "
+                       "official archive of --dataset into it (default ./data)")
+    group.add_argument("--dataset", default="auto", choices=tuple(DATASETS), help=f"{choices_help(DATASETS)} (default auto)")
     if limit_train:
         group.add_argument("--limit-train", type=positive_int, metavar="N", help="train on only the first N images of the 45,000-image training split, for a quick look")
         group.add_argument("--no-validation", dest="validation", action="store_false", help="train on all 50,000 training images, "
                            "with no validation split (a final run: no validation loss, no best.ckpt; the test set as always)")
+        group.add_argument("--val-fraction", type=open_fraction, default=VAL_FRACTION, metavar="F",
+                           help=f"the fraction of the training images that validates, drawn with the study's seeded split "
+                                f"(default {VAL_FRACTION:g}: CIFAR-10's 45,000 / 5,000, the study's images exactly)")
     group.add_argument("--num-workers", type=positive_int, default=2, help="threads that decode an image-folder tree the first time (later runs read the cache) (default 2)")
 
 
@@ -194,43 +206,6 @@ def add_training_arguments(parser: argparse.ArgumentParser, recipe: Recipe, run_
     add_data_arguments(parser)
     add_run_arguments(parser, run_name)
     add_device_arguments(parser)
-
-
-RECIPE_FLAGS = {f.name for f in fields(Recipe)}
-NOT_FROM_CONFIG = ("out_dir", "resume", "overwrite", "config", "progress", "changes")  # where, whether and how it shows: the new run's own
-# Recipe fields that became model options (airbench's), as config.json files written before then hold them.
-FORMER_RECIPE_FIELDS = ("whiten", "dirac", "freeze_norm_weights", "norm_bias_lr_scale")
-
-
-def run_settings(saved: Any, source: str) -> dict[str, Any]:
-    """A run's settings as config.json and checkpoints hold them, keyed by argparse destination; a file that is not a run's
-    settings (a tuning study's best_params.json, say) or has a key no run has is refused with one line."""
-    if not isinstance(saved, dict):
-        raise UserError(f"{source} is not a run's settings (a {type(saved).__name__}, not a mapping); give <run folder>/config.json")
-    recipe = saved.get("recipe", {})
-    unknown = sorted(set(saved) - {f.name for f in fields(RunConfig)} | set(recipe if isinstance(recipe, dict) else ())
-                     - RECIPE_FLAGS - set(FORMER_RECIPE_FIELDS))
-    if unknown or "model" not in saved:
-        tuned = " (for a tuning study's winner: <out-dir>/retrain/config.json, or trials/<N>/config.json for one trial)" if "trial" in saved else ""
-        raise UserError(f"{source} is not a run's config.json (it has {', '.join(unknown) or 'no model'}); give the config.json "
-                        f"of a run folder{tuned}")
-    settings = flattened(saved, source)
-    former = {name: settings.pop(name) for name in FORMER_RECIPE_FIELDS if name in settings}
-    spec = MODELS.get(saved["model"])
-    if former and not saved.get("model_options") and spec is not None and all(spec.option(name) for name in former):
-        # written before airbench's pieces were model options of the airbench models: they were its options
-        settings.update({MODEL_OPTION + name: value for name, value in former.items()})
-    return settings
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """An earlier run's settings from its config.json, as flag defaults."""
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise UserError(f"--config {path} cannot be read as a run's config.json ({type(error).__name__}); give <run folder>/config.json") from None
-    settings = run_settings(saved, f"--config {path}")
-    return {name: value for name, value in settings.items() if name not in NOT_FROM_CONFIG}
 
 
 def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None, model: str | None = None) -> argparse.Namespace:
@@ -305,14 +280,6 @@ def resumed(config: RunConfig, args: argparse.Namespace, model: str, run_name: s
         raise UserError(f"{config.out_dir} holds a finished run of {epochs_done} epochs; to train it further give --resume with --epochs "
                         f"above {epochs_done}, or start it again with --overwrite")
     return config
-
-
-def differences_from(config: RunConfig, saved: Any, source: str) -> list[str]:
-    """What differs between the run ``config`` describes and the run settings ``saved`` (a config.json's), apart from how it
-    runs (``RESUME_MAY_CHANGE`` but the epochs): one description each, e.g. 'lr 0.01 (it has 0.001)'."""
-    before, now = run_settings(saved, source), flattened(asdict(config), "the command line")
-    how_it_runs = set(RESUME_MAY_CHANGE) - {"epochs"}
-    return [describe_change(dest, now[dest], before[dest]) for dest in changed_settings(now, before, set(now) - how_it_runs)]
 
 
 # --------------------------------------------------------------------------------------------

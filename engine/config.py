@@ -75,6 +75,7 @@ class RunConfig:
     model_options: dict[str, Any] = field(default_factory=dict)  # every option of the model, given or default
     recipe: Recipe = field(default_factory=Recipe)
     data_dir: str = "./data"
+    dataset: str = "auto"  # which official data set --data-dir holds or downloads: auto, cifar10, cifar100
     out_dir: str = ""
     seed: int = 0
     limit_train: int | None = None
@@ -88,6 +89,7 @@ class RunConfig:
     resume: str | None = None
     overwrite: bool = False
     validation: bool = True  # False: train on all 50,000 training images, no validation split (a final run)
+    val_fraction: float = 0.1  # of the training images, validated on: CIFAR-10's 5,000 of 50,000 (the study's split)
     progress: bool | None = None  # None: progress bars only when the output is a terminal
     logger: str = "tensorboard"
     tsne: bool = True

@@ -1,21 +1,22 @@
-"""Reading CIFAR-10 from disk: the official python batches, an image-folder tree (decoded once, then cached), or a download.
+"""Reading a data set from disk: CIFAR-10's or CIFAR-100's official python files, any image-folder tree (decoded and
+resized once, then cached), or a download.
 
-``load_cifar10`` returns the whole data set as uint8 tensors; ``split_train_val`` is the study's 45,000 / 5,000 split.
-Everything a user can get wrong here (a tampered batch file, half a tree, a missing or extra class folder, a file
-that is no 32x32 image, an --out-dir inside the tree) stops with one ``UserError`` line before any training. Each file
-of a tree is decoded by ``engine.images.decode_image``, as predict.py decodes a photo.
+``load_dataset`` returns the whole data set as uint8 tensors; ``split_train_val`` is the study's 45,000 / 5,000 split
+(the same random split of any other data set, at its --val-fraction). An image-folder tree may hold any number of
+classes (2 or more; the sorted folder names are the class names) and images of any size, resized to the models' input
+size by ``engine.images.decode_image``, as predict.py resizes a photo. Everything a user can get wrong here (a
+tampered official file, half a tree, a class folder missing from one split, an undecodable file, an --out-dir inside
+the tree) stops with one ``UserError`` line before any training.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import shutil
 import sys
 import time
 import urllib.error
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
@@ -23,72 +24,18 @@ import numpy as np
 import torch
 
 from engine.images import DECODING_VERSION, decode_image
-from functions import CLASSES, UserError, is_temporary_copy, write_atomically
+from engine.official import OFFICIAL, DatasetArrays
+from functions import UserError, is_temporary_copy, write_atomically
 
-# torchvision.datasets.CIFAR10's own table: the official batch files and their MD5 sums.
-# A file is unpickled only after its checksum matched this table.
-PYTHON_BATCHES_DIR = "cifar-10-batches-py"
-OFFICIAL_MD5 = {
-    "data_batch_1": "c99cafc152244af753f735de768cd75f",
-    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
-    "data_batch_4": "634d18415352ddfa80567beed471001a",
-    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
-    "test_batch": "40351d587109b95175f43aff81a1287e",
-}
-TRAIN_BATCHES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 CACHE_NAME = "cifar10-uint8-cache.npz"
+INPUT_SIZE = 32  # the models' input: every image of a tree is resized to INPUT_SIZE x INPUT_SIZE once, into the cache
+DATASETS = {"auto": "CIFAR-10's or CIFAR-100's official folder, else an image-folder tree, else CIFAR-10 downloaded",
+            "cifar10": "CIFAR-10: its official cifar-10-batches-py folder, else an image-folder tree, else downloaded",
+            "cifar100": "CIFAR-100 (100 fine labels): its official cifar-100-python folder, else an image-folder tree, else downloaded"}
 
 SPLIT_SEED = 20  # the original study's torch.Generator().manual_seed(20)
-TRAIN_FRACTION = 0.9  # 45,000 / 5,000 of the 50,000 training images
-
-
-
-@dataclass
-class CIFAR10Arrays:
-    """The whole data set decoded into memory: uint8 images N x 3 x 32 x 32 and int64 labels."""
-
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-    classes: tuple[str, ...]
-    source: str
-
-
-def md5sum(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def load_python_batches(folder: Path, checksums: dict[str, str] = OFFICIAL_MD5) -> CIFAR10Arrays:
-    """Read the official ``cifar-10-batches-py`` files, each checked against its MD5 before unpickling."""
-    for name, expected in checksums.items():
-        path = folder / name
-        if not path.is_file():
-            raise UserError(f"{path} is missing; the folder {folder} is incomplete: download CIFAR-10 again")
-        if md5sum(path) != expected:
-            raise UserError(f"{path} failed its MD5 check (truncated or altered); delete {folder} and download CIFAR-10 again")
-
-    def read(name: str) -> tuple[np.ndarray, np.ndarray]:
-        with open(folder / name, "rb") as handle:
-            batch = pickle.load(handle, encoding="latin1")  # safe: the checksum above matched
-        return np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(batch["labels"])
-
-    train = [read(name) for name in TRAIN_BATCHES]
-    test_images, test_labels = read("test_batch")
-    return CIFAR10Arrays(
-        train_images=torch.from_numpy(np.concatenate([images for images, _ in train])),
-        train_labels=torch.from_numpy(np.concatenate([labels for _, labels in train])).long(),
-        test_images=torch.from_numpy(test_images),
-        test_labels=torch.from_numpy(test_labels).long(),
-        classes=CLASSES,
-        source=f"official python batches in {folder}",
-    )
+VAL_FRACTION = 0.1  # 5,000 of CIFAR-10's 50,000 training images: the study's 45,000 / 5,000
 
 
 class ImageFile(NamedTuple):
@@ -124,8 +71,8 @@ def check_outside_data_tree(folder: Path, data_dir: str | os.PathLike, flag: str
     """Refuse ``folder`` anywhere inside the image-folder tree that ``data_dir`` gives. Under train/ or test/ a run folder
     would be read as a class folder, and the data, not the flag, would seem wrong; elsewhere it mixes runs into the data."""
     data_dir = Path(data_dir)
-    if (data_dir / PYTHON_BATCHES_DIR).is_dir():
-        return  # the official batches are read, not the tree
+    if official_folder(data_dir, "auto") is not None:
+        return  # the official files are read, not the tree
     root = find_image_folder_root(data_dir)
     if root is not None and Path(folder).resolve().is_relative_to(root.resolve()):
         raise UserError(f"{flag} {folder} lies inside the data tree {root}; give a folder outside it")
@@ -136,11 +83,10 @@ def quoted(names: Iterable[str]) -> str:
 
 
 def class_folders(root: Path) -> tuple[str, ...]:
-    """The class names, checked: train/ and test/ hold the same ten class folders, or nothing is decoded.
+    """The class names, checked: train/ and test/ hold the same class folders, at least two, or nothing is decoded.
 
-    A class missing from test/ would otherwise crash after all the training, and a count other than ten at the
-    first step (the models have ten outputs). The sorted names give the labels: CIFAR-10's own names sort into
-    its label order, whatever order the file system lists them in."""
+    A class missing from test/ would otherwise crash after all the training. The sorted names give the labels:
+    CIFAR-10's own names sort into its label order, whatever order the file system lists them in."""
     found = {split: {path.name for path in visible_entries(root / split) if path.is_dir()} for split in ("train", "test")}
     problems = []
     for split, other in (("test", "train"), ("train", "test")):
@@ -151,9 +97,9 @@ def class_folders(root: Path) -> tuple[str, ...]:
     if problems:
         raise UserError(f"{root}: {'; '.join(problems)}; train/ and test/ must hold the same class folders")
     classes = tuple(sorted(found["train"]))
-    if len(classes) != len(CLASSES):
-        raise UserError(f"{root}: train/ and test/ hold {len(classes)} class folders ({quoted(classes) or 'none'}) but the "
-                        f"models have {len(CLASSES)} outputs; give exactly CIFAR-10's {len(CLASSES)} class folders")
+    if len(classes) < 2:
+        raise UserError(f"{root}: train/ and test/ hold {len(classes)} class folder{'s' if len(classes) != 1 else ''} "
+                        f"({quoted(classes) or 'none'}); a classifier needs at least 2: one folder per class in each")
     return classes
 
 
@@ -178,15 +124,9 @@ def list_image_files(split_dir: Path, classes: tuple[str, ...]) -> list[ImageFil
 
 
 def decode_images(files: list[ImageFile], workers: int) -> np.ndarray:
-    """The images as one uint8 array N x 3 x 32 x 32; a file that is no 32x32 image stops with its name."""
-    def decode(file: ImageFile) -> np.ndarray:
-        image = decode_image(file.path)
-        if image.shape[:2] != (32, 32):
-            raise UserError(f"{file.path} is {image.shape[1]}x{image.shape[0]} pixels; CIFAR-10 images are 32x32")
-        return image
-
+    """The images as one uint8 array N x 3 x INPUT_SIZE x INPUT_SIZE, each resized as predict.py resizes a photo."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # Pillow releases the GIL while decoding
-        images = np.stack(list(pool.map(decode, files)))
+        images = np.stack(list(pool.map(lambda file: decode_image(file.path, INPUT_SIZE), files)))
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
 
 
@@ -224,7 +164,7 @@ def read_cache(path: Path, fingerprint: str, counts: tuple[int, int]) -> tuple[n
     except Exception as error:  # zipfile, numpy and the OS each have their own errors for a damaged file; all mean: decode again
         reason = type(error).__name__
     else:
-        if all(array.dtype == np.uint8 and array.shape == (count, 3, 32, 32) for array, count in zip(images, counts)):
+        if all(array.dtype == np.uint8 and array.shape == (count, 3, INPUT_SIZE, INPUT_SIZE) for array, count in zip(images, counts)):
             return images
         reason = "arrays of the wrong shape"  # a damaged array header can still parse, as a shorter array
     print(f"note: the decoded-image cache {path} is unreadable ({reason}); rebuilding it", file=sys.stderr)
@@ -257,7 +197,7 @@ def remove_stale_temporaries(path: Path) -> None:
             pass  # gone meanwhile, or a read-only folder: it does no harm
 
 
-def load_image_folder(root: Path, workers: int = 2) -> CIFAR10Arrays:
+def load_image_folder(root: Path, workers: int = 2) -> DatasetArrays:
     """Decode ``train/<class>/*`` and ``test/<class>/*`` once, then reuse a pickle-free .npz cache."""
     classes = class_folders(root)
     train_files = list_image_files(root / "train", classes)
@@ -277,7 +217,7 @@ def load_image_folder(root: Path, workers: int = 2) -> CIFAR10Arrays:
         written = write_cache(root, {"train_images": train_images, "test_images": test_images,
                                      "fingerprint": np.array(fingerprint)})
         source = f"image folders in {root}" + (f" (decoded once, cached in {written})" if written else " (no writable cache folder)")
-    return CIFAR10Arrays(
+    return DatasetArrays(
         train_images=torch.from_numpy(train_images),
         train_labels=labels_of(train_files),
         test_images=torch.from_numpy(test_images),
@@ -287,46 +227,64 @@ def load_image_folder(root: Path, workers: int = 2) -> CIFAR10Arrays:
     )
 
 
-def download_cifar10(data_dir: Path) -> None:
-    """torchvision's own download of the official archive into ``data_dir``."""
+def download_official(data_dir: Path, dataset: str) -> None:
+    """torchvision's own download of the official archive of ``dataset`` into ``data_dir``."""
     import torchvision
 
-    torchvision.datasets.CIFAR10(root=str(data_dir), train=True, download=True)
+    getattr(torchvision.datasets, OFFICIAL[dataset].torchvision_class)(root=str(data_dir), train=True, download=True)
 
 
-def has_local_cifar10(data_dir: str | os.PathLike) -> bool:
-    """Whether ``data_dir`` holds CIFAR-10 (official batches or an image-folder tree), so that loading downloads nothing."""
+def official_folder(data_dir: Path, dataset: str) -> tuple[str, Path] | None:
+    """The official folder in ``data_dir`` of ``dataset`` (auto: CIFAR-10's, else CIFAR-100's), with its data set's name."""
+    for name in ("cifar10", "cifar100") if dataset == "auto" else (dataset,):
+        folder = data_dir / OFFICIAL[name].folder
+        if folder.is_dir():
+            return name, folder
+    return None
+
+
+def has_local_dataset(data_dir: str | os.PathLike) -> bool:
+    """Whether ``data_dir`` holds a data set (an official folder or an image-folder tree), so that loading downloads nothing."""
     data_dir = Path(data_dir)
-    return (data_dir / PYTHON_BATCHES_DIR).is_dir() or find_image_folder_root(data_dir) is not None
+    return official_folder(data_dir, "auto") is not None or find_image_folder_root(data_dir) is not None
 
 
-def load_cifar10(data_dir: str | os.PathLike, workers: int = 2, checksums: dict[str, str] = OFFICIAL_MD5) -> CIFAR10Arrays:
-    """The data set from ``data_dir``: official python batches, else an image-folder tree, else a download."""
+def load_dataset(data_dir: str | os.PathLike, workers: int = 2, dataset: str = "auto",
+                 checksums: dict[str, str] | None = None) -> DatasetArrays:
+    """The data set in ``data_dir``: the official folder of ``dataset``, else an image-folder tree, else a download of
+    ``dataset`` (CIFAR-10 for auto). ``checksums`` replaces the official folder's MD5 table (tests make their own files)."""
     data_dir = Path(data_dir)
     if data_dir.exists() and not data_dir.is_dir():
-        raise UserError(f"--data-dir {data_dir} is a file; give the folder that holds CIFAR-10")
-    if (data_dir / PYTHON_BATCHES_DIR).is_dir():
-        return load_python_batches(data_dir / PYTHON_BATCHES_DIR, checksums)
+        raise UserError(f"--data-dir {data_dir} is a file; give the folder that holds the data set")
+    found = official_folder(data_dir, dataset)
+    if found is not None:
+        name, folder = found
+        return OFFICIAL[name].load(folder, *([checksums] if checksums else []))
     root = find_image_folder_root(data_dir)
     if root is not None:
         return load_image_folder(root, workers)
+    name = "cifar10" if dataset == "auto" else dataset
+    official = OFFICIAL[name]
     existed = data_dir.exists()
     try:
-        download_cifar10(data_dir)
+        download_official(data_dir, name)
     except (urllib.error.URLError, OSError, RuntimeError) as error:
         if not existed:
             shutil.rmtree(data_dir, ignore_errors=True)  # leave no empty folder or partial archive behind
         raise UserError(
-            f"no CIFAR-10 under {data_dir} and the download failed ({error}); offline, copy the official "
-            f"'{PYTHON_BATCHES_DIR}' folder or an image-folder tree (train/<class>/*.png|jpg, test/<class>/...) "
+            f"no {official.title} under {data_dir} and the download failed ({error}); offline, copy the official "
+            f"'{official.folder}' folder or an image-folder tree (train/<class>/*.png|jpg, test/<class>/...) "
             f"there, or point --data-dir at one"
         ) from None
-    return load_python_batches(data_dir / PYTHON_BATCHES_DIR, checksums)
+    return official.load(data_dir / official.folder, *([checksums] if checksums else []))
 
 
-def split_train_val(num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The original study's split, to the index: ``random_split`` with ``torch.Generator().manual_seed(20)``."""
-    train_size = int(TRAIN_FRACTION * num_images)
+def split_train_val(num_images: int, val_fraction: float = VAL_FRACTION) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original study's split, to the index: ``random_split`` with ``torch.Generator().manual_seed(20)``; other data sets
+    and other fractions the same way."""
+    train_size = int((1 - val_fraction) * num_images)
+    if train_size < 1:  # the floor leaves at least one validation image whenever the fraction is above 0
+        raise UserError(f"--val-fraction {val_fraction:g} of {num_images} training images leaves no training image; give a smaller one")
     train, val = torch.utils.data.random_split(
         range(num_images), [train_size, num_images - train_size], generator=torch.Generator().manual_seed(SPLIT_SEED)
     )

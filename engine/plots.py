@@ -37,18 +37,26 @@ def plot_curves(history: list[dict[str, float]], path: Path, title: str) -> None
     save_figure(figure, path)
 
 
+ANNOTATED_CLASSES = 20  # up to this many classes each cell shows its count; beyond, the colours alone stay readable
+
+
 def plot_confusion(report: dict[str, Any], classes: tuple[str, ...], path: Path, title: str) -> None:
+    """The confusion matrix as rates per true class, readable from 2 to 100 classes: the figure grows with the classes,
+    the counts are written in the cells up to ANNOTATED_CLASSES, and the class names shrink to fit."""
     matrix = np.array(report["confusion_matrix"], dtype=float)
     rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
-    figure = Figure(figsize=(7, 6))
+    side = max(6.0, 0.16 * len(classes) + 3)
+    figure = Figure(figsize=(side + 1, side))
     axis = figure.subplots()
     image = axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            axis.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", fontsize=7,
-                      color="white" if rates[i, j] > 0.5 else "black")
-    axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    axis.set_yticks(range(len(classes)), classes)
+    if len(classes) <= ANNOTATED_CLASSES:
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                axis.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", fontsize=7,
+                          color="white" if rates[i, j] > 0.5 else "black")
+    names = {"fontsize": 9 if len(classes) <= ANNOTATED_CLASSES else 6}
+    axis.set_xticks(range(len(classes)), classes, rotation=45 if len(classes) <= ANNOTATED_CLASSES else 90, ha="right", **names)
+    axis.set_yticks(range(len(classes)), classes, **names)
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
     axis.set_title(f"{title}: test accuracy {report['test_accuracy']:.2%}")

@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
+from engine.config import Recipe, RunConfig
+from engine.registry import MODELS
 from functions import UserError
 
 # What --resume may change, and what it records as a change: how the remaining epochs run, not what they mean.
@@ -125,3 +127,48 @@ def changed_settings(now: dict[str, Any], before: dict[str, Any], dests: frozens
 
 def describe_change(dest: str, now: Any, before: Any) -> str:
     return f"{dest.removeprefix(MODEL_OPTION)} {json.dumps(normalised(now))} (it has {json.dumps(normalised(before))})"
+
+
+RECIPE_FLAGS = {f.name for f in fields(Recipe)}
+NOT_FROM_CONFIG = ("out_dir", "resume", "overwrite", "config", "progress", "changes")  # where, whether and how it shows: the new run's own
+# Recipe fields that became model options (airbench's), as config.json files written before then hold them.
+FORMER_RECIPE_FIELDS = ("whiten", "dirac", "freeze_norm_weights", "norm_bias_lr_scale")
+
+
+def run_settings(saved: Any, source: str) -> dict[str, Any]:
+    """A run's settings as config.json and checkpoints hold them, keyed by argparse destination; a file that is not a run's
+    settings (a tuning study's best_params.json, say) or has a key no run has is refused with one line."""
+    if not isinstance(saved, dict):
+        raise UserError(f"{source} is not a run's settings (a {type(saved).__name__}, not a mapping); give <run folder>/config.json")
+    recipe = saved.get("recipe", {})
+    unknown = sorted(set(saved) - {f.name for f in fields(RunConfig)} | set(recipe if isinstance(recipe, dict) else ())
+                     - RECIPE_FLAGS - set(FORMER_RECIPE_FIELDS))
+    if unknown or "model" not in saved:
+        tuned = " (for a tuning study's winner: <out-dir>/retrain/config.json, or trials/<N>/config.json for one trial)" if "trial" in saved else ""
+        raise UserError(f"{source} is not a run's config.json (it has {', '.join(unknown) or 'no model'}); give the config.json "
+                        f"of a run folder{tuned}")
+    settings = flattened(saved, source)
+    former = {name: settings.pop(name) for name in FORMER_RECIPE_FIELDS if name in settings}
+    spec = MODELS.get(saved["model"])
+    if former and not saved.get("model_options") and spec is not None and all(spec.option(name) for name in former):
+        # written before airbench's pieces were model options of the airbench models: they were its options
+        settings.update({MODEL_OPTION + name: value for name, value in former.items()})
+    return settings
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """An earlier run's settings from its config.json, as flag defaults."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"--config {path} cannot be read as a run's config.json ({type(error).__name__}); give <run folder>/config.json") from None
+    settings = run_settings(saved, f"--config {path}")
+    return {name: value for name, value in settings.items() if name not in NOT_FROM_CONFIG}
+
+
+def differences_from(config: RunConfig, saved: Any, source: str) -> list[str]:
+    """What differs between the run ``config`` describes and the run settings ``saved`` (a config.json's), apart from how it
+    runs (``RESUME_MAY_CHANGE`` but the epochs): one description each, e.g. 'lr 0.01 (it has 0.001)'."""
+    before, now = run_settings(saved, source), flattened(asdict(config), "the command line")
+    how_it_runs = set(RESUME_MAY_CHANGE) - {"epochs"}
+    return [describe_change(dest, now[dest], before[dest]) for dest in changed_settings(now, before, set(now) - how_it_runs)]

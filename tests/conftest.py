@@ -15,6 +15,7 @@ import torch
 
 import engine
 import engine.data as data_module
+import engine.official as official
 import functions as fn
 
 
@@ -31,14 +32,14 @@ def synthetic_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)[order], labels[order]
 
 
-def synthetic_arrays(n_train: int = 300, n_test: int = 100, seed: int = 0) -> data_module.CIFAR10Arrays:
+def synthetic_arrays(n_train: int = 300, n_test: int = 100, seed: int = 0) -> data_module.DatasetArrays:
     train_images, train_labels = synthetic_images(n_train, seed)
     test_images, test_labels = synthetic_images(n_test, seed + 1)
-    return data_module.CIFAR10Arrays(train_images, train_labels, test_images, test_labels, fn.CLASSES, "synthetic")
+    return data_module.DatasetArrays(train_images, train_labels, test_images, test_labels, fn.CLASSES, "synthetic")
 
 
 @pytest.fixture
-def arrays() -> data_module.CIFAR10Arrays:
+def arrays() -> data_module.DatasetArrays:
     return synthetic_arrays()
 
 
@@ -70,7 +71,7 @@ def png_header_claiming(path: Path, width: int, height: int) -> Path:
     return path
 
 
-def write_image_folder(root: Path, data: data_module.CIFAR10Arrays) -> Path:
+def write_image_folder(root: Path, data: data_module.DatasetArrays) -> Path:
     from PIL import Image
 
     for split_name, images, labels in (("train", data.train_images, data.train_labels), ("test", data.test_images, data.test_labels)):
@@ -81,17 +82,17 @@ def write_image_folder(root: Path, data: data_module.CIFAR10Arrays) -> Path:
     return root
 
 
-def write_python_batches(root: Path, data: data_module.CIFAR10Arrays) -> dict[str, str]:
+def write_python_batches(root: Path, data: data_module.DatasetArrays) -> dict[str, str]:
     """The official layout (five training batches and a test batch); returns their MD5 table."""
-    folder = root / data_module.PYTHON_BATCHES_DIR
+    folder = root / official.PYTHON_BATCHES_DIR
     folder.mkdir(parents=True)
     chunks = np.array_split(np.arange(len(data.train_images)), 5)
-    batches = {name: (data.train_images[idx], data.train_labels[idx]) for name, idx in zip(data_module.TRAIN_BATCHES, chunks)}
+    batches = {name: (data.train_images[idx], data.train_labels[idx]) for name, idx in zip(official.TRAIN_BATCHES, chunks)}
     batches["test_batch"] = (data.test_images, data.test_labels)
     for name, (images, labels) in batches.items():
         with open(folder / name, "wb") as handle:
             pickle.dump({"data": images.reshape(len(images), -1).numpy(), "labels": labels.tolist()}, handle)
-    return {name: data_module.md5sum(folder / name) for name in batches}
+    return {name: official.md5sum(folder / name) for name in batches}
 
 
 @pytest.fixture
@@ -109,11 +110,11 @@ def no_network(monkeypatch):
     """Tests never download: a download attempt fails as it does offline."""
     import urllib.error
 
-    def offline(data_dir):
+    def offline(data_dir, dataset):
         Path(data_dir).mkdir(parents=True, exist_ok=True)  # as torchvision does before it downloads
         raise urllib.error.URLError("network is unreachable (tests run offline)")
 
-    monkeypatch.setattr(data_module, "download_cifar10", offline)
+    monkeypatch.setattr(data_module, "download_official", offline)
 
 
 def quick_config(tmp_path: Path, model: str = "CIFAR10Net", **recipe) -> engine.RunConfig:

@@ -53,7 +53,7 @@ def test_a_16_bit_png_in_a_training_tree_is_decoded_as_predict_decodes_it(tmp_pa
     Image.fromarray(values).save(path)
     expected = torch.from_numpy(np.rint(values / 65535 * 255).astype(np.uint8)).expand(3, 32, 32)
 
-    loaded = data_module.load_cifar10(root)
+    loaded = data_module.load_dataset(root)
     position = [file.path for file in data_module.list_image_files(root / "train", loaded.classes)].index(path)
     read, images, unreadable = predict.read_images([path], 32)
     assert torch.equal(loaded.train_images[position], expected) and (read, unreadable) == ([path], [])
@@ -94,11 +94,11 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header_alone(tmp_path
 
 
 def test_a_cache_of_another_decoding_is_rebuilt(image_folder, monkeypatch):
-    data_module.load_cifar10(image_folder)
+    data_module.load_dataset(image_folder)
     decodings = []
-    monkeypatch.setattr(data_module, "decode_image", lambda path: decodings.append(path) or images_module.decode_image(path))
-    data_module.load_cifar10(image_folder)
+    monkeypatch.setattr(data_module, "decode_image", lambda path, size=None: decodings.append(path) or images_module.decode_image(path, size))
+    data_module.load_dataset(image_folder)
     assert decodings == []  # the cache served
     monkeypatch.setattr(data_module, "DECODING_VERSION", "a later one")
-    data_module.load_cifar10(image_folder)
+    data_module.load_dataset(image_folder)
     assert len(decodings) == 400  # every image decoded again, by the decoding of now

@@ -14,6 +14,7 @@ import torch
 
 import engine
 import engine.data as data_module
+import engine.official as official
 import functions as fn
 import main as main_script
 import modified_models
@@ -146,7 +147,7 @@ def test_data_dir_with_nothing_usable_exits_2_with_one_line(monkeypatch, capsys,
 
 def test_tampered_batch_file_exits_2(monkeypatch, capsys, tmp_path, python_batches):
     root, _ = python_batches
-    (root / data_module.PYTHON_BATCHES_DIR / "test_batch").write_bytes(b"not a pickle")
+    (root / official.PYTHON_BATCHES_DIR / "test_batch").write_bytes(b"not a pickle")
     code, err = run_main(monkeypatch, capsys, "--data-dir", str(root), "--out-dir", str(tmp_path / "run"))
     assert code == 2 and "MD5" in err and not (tmp_path / "run").exists()
 
