@@ -206,11 +206,12 @@ def check_same_classes(card: ModelCard, data: engine.SplitData, weights: Path) -
 
 def output_folder(saved: SavedModel) -> Path:
     """Where evaluate.py and tsne.py write about ``saved`` by default: beside its weights when they are in a run folder of the
-    user's (one with config.json, writable); else, for the toolkit's shipped model, a read-only folder or weights outside a
-    run folder, runs/evaluations/<that folder's name>, so nothing lands in the repository or in someone else's files."""
+    user's (one with its model card, model.json; writable); else, for the toolkit's shipped model, a read-only folder or
+    weights outside a run folder, runs/evaluations/<that folder's name>, so nothing lands in the repository or in someone
+    else's files."""
     folder = saved.weights.parent
     shipped = folder.resolve().is_relative_to(SHIPPED_MODELS)
-    if (folder / "config.json").is_file() and not shipped and os.access(folder, os.W_OK):
+    if (folder / CARD_FILE).is_file() and not shipped and os.access(folder, os.W_OK):
         return folder
     return EVALUATIONS / folder.resolve().name
 

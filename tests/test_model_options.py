@@ -19,7 +19,7 @@ import transfer_learning
 import tsne
 from conftest import run_command, synthetic_arrays, write_image_folder
 
-REPORT_KEYS = ("test_accuracy", "per_class_accuracy", "per_class", "macro_avg", "confusion_matrix", "num_test_images")
+REPORT_KEYS = ("test_accuracy", "per_class_accuracy", "per_class", "macro_avg", "weighted_avg", "confusion_matrix", "num_test_images")
 RUN_FLAGS = ("--device", "cpu", "--no-progress")
 
 

@@ -307,7 +307,7 @@ def test_a_card_that_disagrees_with_model_or_is_damaged_is_one_line(tmp_path, ti
 # --------------------------------------------------------------------------------------------
 # evaluate.py
 # --------------------------------------------------------------------------------------------
-REPORT_KEYS = ("test_accuracy", "per_class_accuracy", "per_class", "macro_avg", "confusion_matrix", "num_test_images")
+REPORT_KEYS = ("test_accuracy", "per_class_accuracy", "per_class", "macro_avg", "weighted_avg", "confusion_matrix", "num_test_images")
 
 
 def test_evaluating_a_runs_model_pth_reproduces_its_test_json(monkeypatch, capsys, tiny_run):
@@ -356,7 +356,7 @@ def test_evaluating_best_ckpt_reports_the_weights_it_holds(monkeypatch, capsys, 
     checkpoint["state_dict"] = {f"net.{key}": value for key, value in other.state_dict().items()}
     torch.save(checkpoint, tmp_path / "other.ckpt")
     code, _, err = run_script(evaluate, monkeypatch, capsys, "--checkpoint", tmp_path / "other.ckpt", "--data-dir", tiny_run.data_dir,
-                              "--device", "cpu")
+                              "--device", "cpu", "--out-dir", tmp_path)
     assert (code, err) == (0, "")
     evaluation = {key: engine.read_json(tmp_path / "evaluation-other.json")[key] for key in REPORT_KEYS}
     assert evaluation == report_of(other, tiny_run.split) != {key: recorded[key] for key in REPORT_KEYS}
@@ -366,10 +366,13 @@ def test_a_plain_state_dict_with_model_evaluates_with_the_datas_statistics(monke
     net = untrained("CIFAR10Net_7", seed=3)
     weights = tmp_path / "CIFAR10Net_7.pth"
     torch.save(net.state_dict(), weights)
+    monkeypatch.chdir(tmp_path)
     code, out, err = run_script(evaluate, monkeypatch, capsys, "--checkpoint", weights, "--model", "CIFAR10Net_7", "--data-dir",
                                 tiny_run.data_dir, "--device", "cpu")
     assert (code, err) == (0, "")
-    evaluation = {key: engine.read_json(tmp_path / "evaluation-CIFAR10Net_7.json")[key] for key in REPORT_KEYS}
+    written = Path("runs/evaluations") / tmp_path.name / "evaluation-CIFAR10Net_7.json"  # weights outside a run folder
+    assert str(written) in out and not (tmp_path / "evaluation-CIFAR10Net_7.json").exists()
+    evaluation = {key: engine.read_json(tmp_path / written)[key] for key in REPORT_KEYS}
     data = engine.load_split(engine.RunConfig(model="CIFAR10Net_7", data_dir=str(tiny_run.data_dir)))  # its statistics, as training's
     assert evaluation == report_of(net, data)
     assert evaluation != report_of(net, data, saved_models.OFFICIAL_MEAN, saved_models.OFFICIAL_STD)  # the data's, not CIFAR-10's
