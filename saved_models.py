@@ -34,6 +34,7 @@ from functions import CLASSES, UserError
 CARD_FILE = "model.json"
 SHIPPED_MODELS = Path(__file__).resolve().parent / "pretrained"  # the trained models that come with the toolkit
 EVALUATIONS = Path("runs") / "evaluations"  # where files about a model go when its own folder is not the user's run folder
+EXPORTS = Path("runs") / "exports"  # where export.py writes a model's files when its own folder is not the user's run folder
 LEGACY_TRANSFER_FILE = "transfer.json"  # a transfer-learning run's options, before TransferNet was a registered model
 DEFAULT_WEIGHTS = "model.pth"  # a run's final weights, as a plain state dict
 
@@ -179,15 +180,20 @@ class SavedModel:
                 + (f" (card: {self.card_file})" if self.card_file else ""))
 
 
-def open_saved_model(run: str | Path | None = None, checkpoint: str | Path | None = None, model: str | None = None) -> SavedModel:
+def open_saved_model(run: str | Path | None = None, checkpoint: str | Path | None = None, model: str | None = None,
+                     card_needed_for: str | None = None) -> SavedModel:
     """The model saved in the run folder ``run`` (its model.pth, or its file ``checkpoint``), or in the file
-    ``checkpoint``; ``model`` names the network of a plain state dict that has no model.json beside it."""
+    ``checkpoint``; ``model`` names the network of a plain state dict that has no model.json beside it. With
+    ``card_needed_for`` (what needs the card), weights without a card are refused, before --model is asked for."""
     run = Path(run) if run is not None else None
     weights = weights_file(run, Path(checkpoint) if checkpoint is not None else None)
     folder = run if run is not None else weights.parent
     saved = engine.read_checkpoint(weights)
     engine.weights_in(saved, weights)  # neither a state dict nor a checkpoint: say so before building anything
     card, card_file = find_card(saved, weights, folder)
+    if card is None and card_needed_for:
+        raise UserError(f"{weights} has no model card ({CARD_FILE} beside it, or inside a best.ckpt or last.ckpt), and {card_needed_for}; "
+                        f"give a run folder with its {CARD_FILE}, or a run's best.ckpt or last.ckpt")
     if card is not None:
         card = legacy_transfer_card(card, folder)
     name = model_name(card, card_file, model, saved, weights)
@@ -204,28 +210,29 @@ def check_same_classes(card: ModelCard, data: engine.SplitData, weights: Path) -
                         f"(in label order); give --data-dir with the data it was trained on")
 
 
-def output_folder(saved: SavedModel) -> Path:
-    """Where evaluate.py and tsne.py write about ``saved`` by default: beside its weights when they are in a run folder of the
-    user's (one with its model card, model.json; writable); else, for the toolkit's shipped model, a read-only folder or
-    weights outside a run folder, runs/evaluations/<that folder's name>, so nothing lands in the repository or in someone
-    else's files."""
+def output_folder(saved: SavedModel, elsewhere: Path = EVALUATIONS) -> Path:
+    """Where evaluate.py, tsne.py and export.py write about ``saved`` by default: beside its weights when they are in a run
+    folder of the user's (one with its model card, model.json; writable); else, for the toolkit's shipped model, a read-only
+    folder or weights outside a run folder, ``elsewhere``/<that folder's name> (runs/evaluations/, or export.py's
+    runs/exports/), so nothing lands in the repository or in someone else's files."""
     folder = saved.weights.parent
     shipped = folder.resolve().is_relative_to(SHIPPED_MODELS)
     if (folder / CARD_FILE).is_file() and not shipped and os.access(folder, os.W_OK):
         return folder
-    return EVALUATIONS / folder.resolve().name
+    return elsewhere / folder.resolve().name
 
 
-def add_arguments(parser: argparse.ArgumentParser, run_help: str, tta: bool = True) -> argparse._ArgumentGroup:
-    """--run, --checkpoint, --model and (with ``tta``) --tta: which trained model answers, as predict.py, evaluate.py and
-    tsne.py take them."""
+def add_arguments(parser: argparse.ArgumentParser, run_help: str, tta: bool = True, model: bool = True) -> argparse._ArgumentGroup:
+    """--run, --checkpoint, (with ``model``) --model and (with ``tta``) --tta: which trained model answers, as predict.py,
+    evaluate.py, tsne.py and export.py take them."""
     group = parser.add_argument_group("model")
     group.add_argument("--run", type=Path, metavar="DIR", help=run_help)
     group.add_argument("--checkpoint", metavar="PATH", help="with --run: another weights file of the run folder, e.g. best.ckpt or last.ckpt; "
                        "alone: a weights file, best.ckpt or last.ckpt (which carry their model card) or a model.pth (with model.json beside "
-                       "it, or --model)")
-    group.add_argument("--model", help="the network a plain state dict holds, e.g. CIFAR10Net_7 (python modified_models.py --list); only needed "
-                       "when no model.json comes with the weights")
+                       "it" + (", or --model)" if model else ")"))
+    if model:
+        group.add_argument("--model", help="the network a plain state dict holds, e.g. CIFAR10Net_7 (python modified_models.py --list); only "
+                           "needed when no model.json comes with the weights")
     if tta:
         group.add_argument("--tta", choices=tuple(engine.TTA_MODES), help=f"test-time augmentation, each image's class scores from: "
                            f"{engine.choices_help(engine.TTA_MODES)} (default: the model's own, from its model card; none for a plain state dict)")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import evaluate
+import export
 import hyperparameter_tune
 import main
 import modified_models
@@ -108,7 +109,7 @@ def test_project_imports_flow_one_way_and_never_hide_inside_a_function():
 
 @pytest.mark.parametrize("lower, higher", [
     ("functions", "engine"), ("engine", "models"), ("engine", "tsne"), ("models", "tsne"), ("engine", "saved_models"),
-    ("models", "saved_models"), ("saved_models", "predict"), ("saved_models", "evaluate"),
+    ("models", "saved_models"), ("saved_models", "predict"), ("saved_models", "evaluate"), ("saved_models", "export"),
     ("engine", "main"), ("models", "main"), ("tsne", "main"),
 ])
 def test_no_layer_imports_one_above_it(lower, higher):
@@ -125,7 +126,7 @@ def test_every_module_can_be_read_in_one_sitting():
 
 SCRIPTS = {"main.py": main.main, "modified_models.py": modified_models.main, "transfer_learning.py": transfer_learning.main,
            "tsne.py": tsne.main, "hyperparameter_tune.py": hyperparameter_tune.main, "predict.py": predict.main,
-           "evaluate.py": evaluate.main, "bench_fast": bench_fast.main,
+           "evaluate.py": evaluate.main, "export.py": export.main, "bench_fast": bench_fast.main,
            "bench_airbench_reference": bench_airbench_reference.main}
 
 
