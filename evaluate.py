@@ -63,6 +63,7 @@ def main() -> None:
     device = engine.training_device(args.device)
     saved = saved_models.open_saved_model(args.run, args.checkpoint, args.model)  # a wrong file fails before the slow data load
     out_dir = Path(args.out_dir) if args.out_dir else saved_models.output_folder(saved)
+    engine.check_outside_data_tree(out_dir, args.data_dir)  # under train/ it would be read as a class folder next time
     engine.check_writable_folder(out_dir)
     data = engine.load_split(engine.RunConfig(model=saved.name, data_dir=args.data_dir, dataset=args.dataset, num_workers=args.num_workers))
     card = saved.card or saved_models.card_from_data(saved.name, data)

@@ -62,19 +62,24 @@ def split_predictions(net: nn.Module, data: engine.SplitData, split: str) -> dic
     return engine.predict(net, images, labels, data.mean, data.std, with_features=True)
 
 
-def load_model_and_data(args: argparse.Namespace) -> tuple[SavedModel, engine.SplitData]:
-    """The saved model of --run / --checkpoint / --model, and the data normalised as its card says (a plain state dict's
-    card is made from the data, as training computes it). A wrong file fails before the slow data load."""
+def open_model(args: argparse.Namespace) -> SavedModel:
+    """The saved model of --run / --checkpoint / --model, checked to have penultimate features (and a t-SNE to run): a wrong
+    file fails before the slow data load."""
     saved = saved_models.open_saved_model(args.run, args.checkpoint, args.model)
     if not hasattr(saved.net, "forward_features"):
         raise UserError(f"{saved.name} has no forward_features(), so its penultimate features cannot be taken; choose another model")
     resolve_method(getattr(args, "tsne_method", "auto"))  # a missing openTSNE fails before the data load too
+    return saved
+
+
+def model_data(saved: SavedModel, args: argparse.Namespace) -> engine.SplitData:
+    """The data normalised as ``saved``'s card says (a plain state dict's card is made from the data, as training computes it)."""
     data = engine.load_split(engine.RunConfig(model=saved.name, data_dir=args.data_dir, dataset=args.dataset, num_workers=args.num_workers,
                                               limit_train=args.limit_train))
     card = saved.card or saved_models.card_from_data(saved.name, data)
     saved_models.check_same_classes(card, data, saved.weights)
     mean, std = card.normalisation
-    return saved, replace(data, mean=mean, std=std)
+    return replace(data, mean=mean, std=std)
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,9 +372,11 @@ def main() -> None:
         return
     if not (args.run or args.checkpoint):
         parser.error("give --run DIR (or --checkpoint FILE, with --model NAME for a plain state dict), or --redraw NPZ")
-    saved, data = load_model_and_data(args)
+    saved = open_model(args)
     out_dir = Path(args.out_dir) if args.out_dir else saved_models.output_folder(saved)
+    engine.check_outside_data_tree(out_dir, args.data_dir)  # under train/ it would be read as a class folder next time
     engine.check_writable_folder(out_dir)
+    data = model_data(saved, args)
     config = engine.RunConfig(model=saved.name, data_dir=args.data_dir, dataset=args.dataset, out_dir=str(out_dir), seed=args.seed, device=args.device,
                               limit_train=args.limit_train, num_workers=args.num_workers,
                               tsne_samples=args.tsne_samples, tsne_method=args.tsne_method)

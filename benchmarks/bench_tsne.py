@@ -34,7 +34,8 @@ def main() -> None:
     tsne.add_model_arguments(parser)
     args = parser.parse_args()
     device = engine.training_device(args.device)
-    saved, data = tsne.load_model_and_data(args)
+    saved = tsne.open_model(args)
+    data = tsne.model_data(saved, args)
     net = saved.net.to(device)
     print(versions())
 

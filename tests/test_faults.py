@@ -16,9 +16,11 @@ import pytest
 import torch
 
 import engine
+import evaluate
 import functions as fn
 import hyperparameter_tune
 import main as main_script
+import tsne
 from conftest import disk_full_when, quick_config, run_command, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,12 +255,16 @@ def test_an_unusable_out_dir_is_one_line_before_the_data_load(monkeypatch, capsy
     assert not (tmp_path / "no-data").exists()
 
 
-@pytest.mark.parametrize("script", [main_script, hyperparameter_tune])
-def test_an_out_dir_inside_the_data_tree_is_one_line_naming_it(monkeypatch, capsys, tmp_path, data_dir, script):
+SHIPPED = str(REPO / "pretrained" / "FastVGG_narrow")
+
+
+@pytest.mark.parametrize("script, model", [(main_script, ()), (hyperparameter_tune, ()), (evaluate, ("--run", SHIPPED)),
+                                           (tsne, ("--run", SHIPPED))])
+def test_an_out_dir_inside_the_data_tree_is_one_line_naming_it(monkeypatch, capsys, tmp_path, data_dir, script, model):
     """Not 'test/ lacks the class folder myrun': the flag is wrong, not the data; and nothing is written into the tree."""
     before = sorted(data_dir.rglob("*"))
     out_dir = data_dir / "train" / "myrun"
-    code, _, err = run_command(script, monkeypatch, capsys, "--data-dir", tmp_path, "--out-dir", out_dir, "--device", "cpu")
+    code, _, err = run_command(script, monkeypatch, capsys, *model, "--data-dir", tmp_path, "--out-dir", out_dir, "--device", "cpu")
     assert code == 2
     assert err == f"error: --out-dir {out_dir} lies inside the data tree {data_dir}; give a folder outside it\n"
     assert sorted(data_dir.rglob("*")) == before
