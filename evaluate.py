@@ -66,8 +66,7 @@ def main() -> None:
     engine.check_outside_data_tree(out_dir, args.data_dir)  # under train/ it would be read as a class folder next time
     engine.check_writable_folder(out_dir)
     data = engine.load_split(engine.RunConfig(model=saved.name, data_dir=args.data_dir, dataset=args.dataset, num_workers=args.num_workers))
-    card = saved.card or saved_models.card_from_data(saved.name, data)
-    saved_models.check_same_classes(card, data, saved.weights)
+    card = saved_models.card_for_data(saved, data)
     tta = args.tta or card.tta
     report = measure(saved, card, data, tta, device)
     report_file, figure_file = evaluation_files(out_dir, saved.weights)

@@ -171,11 +171,10 @@ class SavedModel:
     card_file: Path | None  # the model.json the card came from; None when the checkpoint carried it, or there is none
 
     def describe(self) -> str:
-        options = self.card.options if self.card is not None else {}
-        changed = engine.model_spec(self.name).resolve(self.name, options, "its card")
-        defaults = engine.model_spec(self.name).resolve(self.name, {}, "its registry entry")
+        spec = engine.model_spec(self.name)
+        options = spec.resolve(self.name, self.card.options if self.card is not None else {}, "its card")
         different = ", ".join(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}"
-                              for key, value in changed.items() if value != defaults[key])
+                              for key, value in options.items() if value != spec.option(key).default)
         return (f"{self.name}{f' ({different})' if different else ''} from {self.weights}"
                 + (f" (card: {self.card_file})" if self.card_file else ""))
 
@@ -203,11 +202,14 @@ def open_saved_model(run: str | Path | None = None, checkpoint: str | Path | Non
     return SavedModel(net, name, weights, card, card_file)
 
 
-def check_same_classes(card: ModelCard, data: engine.SplitData, weights: Path) -> None:
-    """The labels of the data must mean what the model's outputs mean, or every number measured on it is wrong."""
+def card_for_data(saved: SavedModel, data: engine.SplitData) -> ModelCard:
+    """``saved``'s card, checked to name the data's classes (the labels of the data must mean what the model's outputs mean,
+    or every number measured on it is wrong); for a plain state dict, one made from the data, as training makes it."""
+    card = saved.card or card_from_data(saved.name, data)
     if tuple(card.classes) != tuple(data.classes):
-        raise UserError(f"{weights} was trained on the classes {', '.join(card.classes)} but the data has {', '.join(data.classes)} "
+        raise UserError(f"{saved.weights} was trained on the classes {', '.join(card.classes)} but the data has {', '.join(data.classes)} "
                         f"(in label order); give --data-dir with the data it was trained on")
+    return card
 
 
 def output_folder(saved: SavedModel, elsewhere: Path = EVALUATIONS) -> Path:

@@ -76,8 +76,7 @@ def model_data(saved: SavedModel, args: argparse.Namespace) -> engine.SplitData:
     """The data normalised as ``saved``'s card says (a plain state dict's card is made from the data, as training computes it)."""
     data = engine.load_split(engine.RunConfig(model=saved.name, data_dir=args.data_dir, dataset=args.dataset, num_workers=args.num_workers,
                                               limit_train=args.limit_train))
-    card = saved.card or saved_models.card_from_data(saved.name, data)
-    saved_models.check_same_classes(card, data, saved.weights)
+    card = saved_models.card_for_data(saved, data)
     mean, std = card.normalisation
     return replace(data, mean=mean, std=std)
 

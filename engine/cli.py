@@ -259,9 +259,9 @@ def resumed(config: RunConfig, args: argparse.Namespace, model: str, run_name: s
         return config  # nothing to continue, no settings to continue with, or another model's: resume_checkpoint says which
     source = f"the settings in {path}"
     saved = args.settings.check(run_settings(checkpoint["run_config"], source), source)
-    now = {**vars(args), **flattened(asdict(config), "the command line")}
-    given = args.settings.given - {"resume", "out_dir", "overwrite", "config"}
-    refused = [dest for dest in changed_settings(now, saved, given) if dest not in RESUME_MAY_CHANGE]
+    now, given = {**vars(args), **flattened(asdict(config), "the command line")}, args.settings.given
+    changed = changed_settings(now, saved, given)  # never where or whether a run goes (NOT_COMPARED)
+    refused = [dest for dest in changed if dest not in RESUME_MAY_CHANGE]
     if refused:
         flag = args.settings.action(refused[0]).option_strings[0]
         raise UserError(f"--resume continues the run in {config.out_dir} as it was trained, and {flag} would change what its finished "
@@ -272,8 +272,7 @@ def resumed(config: RunConfig, args: argparse.Namespace, model: str, run_name: s
                                                     if dest not in given and dest not in NOT_COMPARED}})
     epochs_done = int(checkpoint.get("epoch", -1)) + 1
     changes = list(checkpoint["run_config"].get("changes", [])) + [
-        {"after_epoch": epochs_done, "setting": dest, "from": normalised(saved[dest]), "to": normalised(now[dest])}
-        for dest in changed_settings(now, saved, given)]
+        {"after_epoch": epochs_done, "setting": dest, "from": normalised(saved[dest]), "to": normalised(now[dest])} for dest in changed]
     config = replace(run_config(merged, model, run_name), out_dir=config.out_dir, resume=config.resume, changes=changes)
     finished = Path(config.out_dir, "test.json").is_file() and epochs_done >= config.recipe.epochs
     if finished and config.resume == "last":

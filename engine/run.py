@@ -23,15 +23,16 @@ from torch import nn
 
 from engine.batches import CIFAR10DataModule, SplitData, load_split
 from engine.callbacks import ConfigInCheckpoint, DivergenceGuard, Lookahead, RunRecorder
+from engine.card import ModelCard, git_commit, library_versions
 from engine.checkpoints import AtomicCheckpointIO, resume_checkpoint, saved_progress
 from engine.classifier import ImageClassifier
 from engine.config import RunConfig
+from engine.data import INPUT_SIZE
 from engine.devices import autocast_for, is_main_process, resolve_accelerator, resolve_precision, training_device
 from engine.errors import DiskFull, RunInterrupted
 from engine.evaluation import predict, test_report
 from engine.plots import plot_confusion
 from engine.progress import EpochProgressBar, progress_enabled
-from engine.card import ModelCard, git_commit, library_versions
 from engine.registry import ModelSpec
 from engine.run_folder import claim_run_folder, release_run_folder, write_json
 from functions import write_atomically
@@ -68,7 +69,7 @@ def model_card(config: RunConfig, data: SplitData) -> ModelCard:
     """What using the trained network needs besides its weights (written as model.json): which model it is with its
     options, the class names in label order, the normalisation its inputs had, and what trained it."""
     return ModelCard(config.model, tuple(data.classes), tuple(data.mean.tolist()), tuple(data.std.tolist()),
-                     options=dict(config.model_options), image_size=32, tta=config.recipe.tta, versions=library_versions(),
+                     options=dict(config.model_options), image_size=INPUT_SIZE, tta=config.recipe.tta, versions=library_versions(),
                      commit=git_commit())
 
 
