@@ -1,6 +1,7 @@
 """The airbench94 yardstick (benchmarks/bench_airbench_reference.py): whitening stem, schedule, a short run that learns."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +39,20 @@ def test_the_stem_bias_learns_at_the_base_rate_and_only_batchnorm_biases_at_64x(
     assert not any(p is net[0].weight for group in (bias_group, other_group) for p in group["params"])  # the whitening filters stay
 
 
+def test_no_dirac_keeps_the_default_initialisation_and_lr_scale_scales_every_rate_but_not_the_decay(split):
+    images = fn.normalize(split.train_images.float() / 255, split.mean, split.std)
+    torch.manual_seed(0)
+    identity = reference.airbench_net(8, images)[2][0].weight  # 8 filters of 24 inputs: the first 8 pass their channel through
+    torch.manual_seed(0)
+    default = reference.airbench_net(8, images, dirac=False)[2][0].weight
+    assert torch.equal(identity[:, :8, 1, 1], torch.eye(8)) and not torch.equal(default[:, :8, 1, 1], torch.eye(8))
+    net = reference.airbench_net(8, images)
+    plain, scaled = reference.make_optimizer(net, 512).param_groups, reference.make_optimizer(net, 512, lr_scale=1.5).param_groups
+    for before, after in zip(plain, scaled):
+        assert after["lr"] == pytest.approx(1.5 * before["lr"], rel=1e-12)
+        assert abs(after["lr"] * after["weight_decay"] - before["lr"] * before["weight_decay"]) < 1e-15  # decay per step unchanged
+
+
 def test_lookahead_pulls_every_five_steps_from_the_start_and_fully_at_the_end():
     total = 100
     pulls = {step: reference.lookahead_decay(step, total) for step in range(1, total + 1)}
@@ -61,6 +76,18 @@ def test_short_run_learns_the_synthetic_task(split):
     row = reference.train_and_test(split, seed=0, epochs=12, width=8, batch_size=32, device=torch.device("cpu"))
     assert row["train_images"] == len(split.train_images) and row["batch_size"] == 32
     assert row["test_plain"] > 0.5 and row["test_flip_translate"] > 0.5  # chance is 0.1
+
+
+def test_the_row_has_validation_accuracy_and_the_flags_reach_the_run(monkeypatch, tmp_path, image_folder, split):
+    row = reference.train_and_test(split, seed=0, epochs=1, width=8, batch_size=32, device=torch.device("cpu"), dirac=False, lr_scale=0.5)
+    assert 0 <= row["val_flip_translate"] <= 1 and row["dirac"] is False and row["lr_scale"] == 0.5
+    seen = []
+    monkeypatch.setattr(reference, "train_and_test", lambda data, seed, *rest, **kw: seen.append(kw) or
+                        dict.fromkeys(reference.COLUMNS, 0.1) | {"seed": seed, "val_flip_translate": 0.2})
+    argv = ["--data-dir", str(image_folder), "--device", "cpu", "--out-dir", str(tmp_path), "--no-dirac", "--lr-scale", "1.25"]
+    assert run_script(monkeypatch, reference.main, "bench_airbench_reference.py", *argv) == 0
+    assert seen == [{"dirac": False, "lr_scale": 1.25}]
+    assert run_script(monkeypatch, reference.main, "bench_airbench_reference.py", *argv[:-1], "0") == 2  # a scale must be positive
 
 
 def test_no_validation_and_full_train_both_train_on_every_image(monkeypatch, tmp_path, image_folder):
