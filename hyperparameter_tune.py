@@ -86,9 +86,7 @@ from typing import Callable
 
 import optuna
 import torch
-from lightning.pytorch.callbacks import Callback
 from optuna.trial import FrozenTrial, Trial, TrialState
-from optuna_integration import PyTorchLightningPruningCallback
 
 import engine
 import tsne
@@ -107,14 +105,21 @@ class NotNeeded(Exception):
     """Two workers started the last trials at once: the later-numbered one steps back and fails unrun."""
 
 
-class EpochCounter(Callback):
-    """Counts the epochs a trial ran (its validations), whatever ends it."""
+class TrialEpochs:
+    """Called after each validated epoch of a trial: counts the epochs it ran, whatever ends it, and with ``prune``
+    reports the validation loss to Optuna and stops the trial when the pruner says so (what optuna-integration's
+    Lightning callback does for one process; the step is the epoch counted from 0, as that callback counted)."""
 
-    def __init__(self):
+    def __init__(self, trial: Trial, prune: bool):
+        self.trial, self.prune = trial, prune
         self.epochs_run = 0
 
-    def on_validation_start(self, trainer, module) -> None:
+    def __call__(self, metrics: dict) -> None:
         self.epochs_run += 1
+        if self.prune:
+            self.trial.report(metrics["val_loss"], step=metrics["epoch"] - 1)
+            if self.trial.should_prune():
+                raise optuna.TrialPruned(f"trial pruned at epoch {metrics['epoch']}")
 
 
 WAIT_POLL_SECONDS = 5.0  # how often a waiting worker looks at the other workers' running trials
@@ -133,12 +138,11 @@ def make_objective(settings: StudySettings, base: engine.RunConfig, data: engine
             raise NotNeeded(trial.user_attrs["reason"])
         params = SPACES[settings.space](trial)
         config = trial_config(base, params, settings.epochs, trial_dir(Path(base.out_dir), trial.number))
-        counter = EpochCounter()
-        # The engine's divergence guard runs before the pruning callback, so a diverged loss never reaches the pruner
-        # (which ranks NaN as a number, and waits for its first five trials anyway).
-        callbacks = (counter, PyTorchLightningPruningCallback(trial, monitor="val_loss")) if prune else (counter,)
+        counter = TrialEpochs(trial, prune)
+        # The engine's divergence guard runs before the hook, so a diverged loss never reaches the pruner (which ranks NaN
+        # as a number, and waits for its first five trials anyway).
         try:
-            fitted = engine.fit(config, engine.model_spec(config.model), data, callbacks=callbacks, checkpoints=False)
+            fitted = engine.fit(config, engine.model_spec(config.model), data, after_validation=counter, checkpoints=False)
         except engine.TrainingDiverged as error:  # no later epoch would rescue it: pruned at once, the study goes on
             trial.set_user_attr("reason", f"diverged: {error.loss_name} {error.value:.3g} after epoch {error.epoch}")
             raise optuna.TrialPruned(trial.user_attrs["reason"]) from None

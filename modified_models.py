@@ -26,8 +26,6 @@ import shlex
 import sys
 from pathlib import Path
 
-import matplotlib
-from matplotlib.figure import Figure
 from torch import nn
 
 import engine
@@ -89,7 +87,7 @@ def comparison_row(name: str, run_dir: Path) -> dict[str, float | str | None]:
         "best_val_loss": best([row["val_loss"] for row in history], min),
         "final_val_loss": final["val_loss"],
         "test_accuracy": report["test_accuracy"],
-        "train_val_gap": None if final["val_accuracy"] is None else final["train_accuracy"] - final["val_accuracy"],
+        "train_val_gap": None if None in (final["val_accuracy"], final["train_accuracy"]) else final["train_accuracy"] - final["val_accuracy"],
         "seconds_per_epoch": sum(row["seconds"] for row in history) / len(history),
     }
 
@@ -108,29 +106,7 @@ def write_comparison(rows: list[dict], histories: dict[str, list[dict]], out_dir
                      f"{cell(r['best_val_loss'], '.3f')} | {cell(r['final_val_loss'], '.3f')} | {r['test_accuracy']:.2%} | "
                      f"{cell(r['train_val_gap'], '+.2%')} | {r['seconds_per_epoch']:.1f} |")
     write_atomically(out_dir / "comparison.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
-    plot_comparison(histories, out_dir / "comparison.png", setting)
-
-
-def plot_comparison(histories: dict[str, list[dict]], path: Path, setting: str) -> None:
-    """Every model's curves in one figure: validation solid, training dashed."""
-    figure = Figure(figsize=(13, 5))
-    axes = figure.subplots(1, 2)
-    colours = matplotlib.colormaps["tab10"]
-    for index, (name, history) in enumerate(histories.items()):
-        epochs = [row["epoch"] for row in history]
-        for axis, key in zip(axes, ("loss", "accuracy")):
-            if history[0][f"val_{key}"] is not None:  # no validation curve for a run on every training image
-                axis.plot(epochs, [row[f"val_{key}"] for row in history], color=colours(index), label=name)
-            axis.plot(epochs, [row[f"train_{key}"] for row in history], color=colours(index), linestyle="--", alpha=0.6,
-                      label=None if history[0][f"val_{key}"] is not None else name)
-    for axis, key in zip(axes, ("Loss", "Accuracy")):
-        axis.set_xlabel("epoch")
-        axis.set_ylabel(f"{key} (solid: validation, dashed: training)")
-        axis.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
-    figure.suptitle(setting)
-    figure.tight_layout()
-    engine.save_figure(figure, path)
+    engine.plot_comparison(histories, out_dir / "comparison.png", setting)
 
 
 def comparison_args(args: argparse.Namespace, run_dir: Path, resume: str | None) -> argparse.Namespace:

@@ -1,4 +1,5 @@
-"""Batches made on the device: the study's split of the data, shuffled and augmented training batches, plain evaluation batches.
+"""Batches made on the device: the study's split of the data, shuffled and augmented training batches, plain evaluation batches
+(the Lightning DataModule that serves them to the Trainer is in ``engine.classifier``).
 
 Images stay uint8 on the training device; each chunk of batches is turned into normalised floats there. The
 augmentation lives in ``TrainBatches`` and only there, so evaluation can never be augmented by mistake.
@@ -9,7 +10,6 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Callable, Iterator
 
-import lightning.pytorch as pl
 import torch
 
 from engine.config import RunConfig
@@ -122,33 +122,3 @@ def load_split(config: RunConfig) -> SplitData:
         raise UserError(f"{config.data_dir} holds too few training images to split {1 - config.val_fraction:.0%}/{config.val_fraction:.0%}; "
                         f"it needs more, or a larger --val-fraction")
     return data
-
-
-
-class CIFAR10DataModule(pl.LightningDataModule):
-    """Training batches are shuffled and augmented; validation, train-accuracy and test batches never are."""
-
-    def __init__(self, data: SplitData, batch_size: int, augment: str, seed: int):
-        super().__init__()
-        self.data, self.batch_size, self.augment, self.seed = data, batch_size, augment, seed
-
-    def setup(self, stage: str) -> None:
-        self.data = self.data.to(self.trainer.strategy.root_device)
-
-    def shard(self) -> dict[str, int]:
-        return {"rank": self.trainer.global_rank, "world_size": self.trainer.world_size}
-
-    def train_dataloader(self) -> TrainBatches:
-        d = self.data
-        return TrainBatches(d.train_images, d.train_labels, self.batch_size, self.augment, d.mean, d.std,
-                               self.seed, epoch=lambda: self.trainer.current_epoch, **self.shard())
-
-    def eval_batches(self, images: torch.Tensor, labels: torch.Tensor) -> EvalBatches:
-        return EvalBatches(images, labels, EVAL_BATCH, self.data.mean, self.data.std, **self.shard())
-
-    def val_dataloader(self) -> list[EvalBatches]:
-        """A fixed training sample for train accuracy (as large as the validation split), then the validation split, if any."""
-        d = self.data
-        sample = len(d.val_images) or TRAIN_ACCURACY_SAMPLE
-        loaders = [self.eval_batches(d.train_images[:sample], d.train_labels[:sample])]
-        return loaders + ([self.eval_batches(d.val_images, d.val_labels)] if len(d.val_images) else [])

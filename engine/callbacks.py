@@ -1,22 +1,25 @@
-"""What the Trainer does besides training, as Lightning callbacks: the per-epoch line, metrics.csv and curves.png;
-stopping a run that diverges; the run's configuration stored in every checkpoint."""
+"""What the Trainer does besides training, as Lightning callbacks and plugins: the per-epoch line, metrics.csv and
+curves.png; stopping a run that diverges; the run's configuration stored in every checkpoint, written atomically."""
 from __future__ import annotations
 
 import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from engine.classifier import ImageClassifier
 from engine.config import RunConfig
 from engine.errors import TrainingDiverged
 from engine.plots import plot_curves
 from engine.run_folder import write_metrics_csv
+from functions import write_atomically
 
 # Cross-entropy over 10 classes starts near ln 10 = 2.3, and a poor but sound run stays within hundreds
 # (BatchNorm statistics that lag a high learning rate); above 10,000 the weights have blown up.
@@ -88,15 +91,13 @@ class RunRecorder(Callback):
         self.curves_drawn = time.monotonic()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: ImageClassifier) -> None:
-        if not module.epoch_metrics or not trainer.is_global_zero:
+        metrics = dict(module.finish_epoch(), seconds=time.perf_counter() - module.epoch_started)
+        if not trainer.is_global_zero:
             return
-        metrics = dict(module.epoch_metrics, seconds=time.perf_counter() - module.epoch_started)
         self.history.append(metrics)
-        line = (f"After epoch {metrics['epoch']}: training loss = {metrics['train_loss']:.4f}, "
-                + ("" if metrics["val_loss"] is None else f"validation loss = {metrics['val_loss']:.4f}, ")
-                + f"training accuracy = {metrics['train_accuracy']:.4f}"
-                + ("" if metrics["val_accuracy"] is None else f", validation accuracy = {metrics['val_accuracy']:.4f}")
-                + f" ({metrics['seconds']:.1f} s)")
+        measured = [f"{label} = {metrics[key]:.4f}" for key, label in (("val_loss", "validation loss"), ("train_accuracy", "training accuracy"),
+                                                                       ("val_accuracy", "validation accuracy")) if metrics[key] is not None]
+        line = f"After epoch {metrics['epoch']}: " + ", ".join([f"training loss = {metrics['train_loss']:.4f}", *measured]) + f" ({metrics['seconds']:.1f} s)"
         bar = trainer.progress_bar_callback
         bar.print(line) if isinstance(bar, TQDMProgressBar) else print(line, flush=True)
         write_metrics_csv(self.run_dir / "metrics.csv", self.history)
@@ -122,13 +123,46 @@ class RunRecorder(Callback):
 
 
 class DivergenceGuard(Callback):
-    """Stops the run in the epoch its loss becomes NaN, infinite or explodes, before that epoch's checkpoints are written."""
+    """Stops the run in the epoch its loss becomes NaN, infinite or explodes, before that epoch's checkpoints are written:
+    after its validation, or at its end in an epoch without one."""
 
     def on_validation_end(self, trainer: pl.Trainer, module: ImageClassifier) -> None:
-        metrics = module.epoch_metrics
+        self.check(module.epoch_metrics, module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: ImageClassifier) -> None:
+        self.check(module.finish_epoch(), module)
+
+    @staticmethod
+    def check(metrics: dict[str, float | None], module: ImageClassifier) -> None:
         for key, name in (("val_loss", "validation loss"), ("train_loss", "training loss")):
             if metrics[key] is not None and not metrics[key] <= DIVERGED_LOSS:  # also true for NaN
                 raise TrainingDiverged(name, metrics[key], metrics["epoch"], module.recipe.lr)
+
+
+class ValidationSchedule(Callback):
+    """--val-every N: the evaluation passes (validation split, training sample) after every N-th epoch and after the
+    last; none with 0. Sets Lightning's check_val_every_n_epoch for each epoch, as its own rule alone would skip the last."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: ImageClassifier) -> None:
+        epoch = trainer.current_epoch + 1
+        due = self.every > 0 and (epoch % self.every == 0 or epoch == trainer.max_epochs)
+        trainer.check_val_every_n_epoch = 1 if due else trainer.max_epochs + 1
+
+
+class AfterValidation(Callback):
+    """Hands each epoch's metrics to a plain function once its validation is done (after the divergence guard: never a
+    NaN), in the process that reports; what it raises ends the run. Hyperparameter tuning prunes and counts epochs
+    with it, without a Lightning class of its own (so its --help need not load Lightning)."""
+
+    def __init__(self, hook: Callable[[dict[str, Any]], None]):
+        self.hook = hook
+
+    def on_validation_end(self, trainer: pl.Trainer, module: ImageClassifier) -> None:
+        if trainer.is_global_zero and module.epoch_metrics:
+            self.hook(dict(module.epoch_metrics))
 
 
 class ConfigInCheckpoint(Callback):
@@ -141,3 +175,26 @@ class ConfigInCheckpoint(Callback):
     def on_save_checkpoint(self, trainer, module, checkpoint: dict[str, Any]) -> None:
         checkpoint["run_config"] = json.loads(json.dumps(asdict(self.config)))
         checkpoint["model_card"] = self.card
+
+
+class EpochProgressBar(TQDMProgressBar):
+    """Lightning's training bar, its epochs counted from 1 as the per-epoch lines count them; no bars for validation,
+    which runs in a second or two and would only push the per-epoch lines apart."""
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        # Lightning's own version names the epoch from 0, and draws that before any change could reach the screen.
+        self.train_progress_bar.reset(total=convert_inf(self.total_train_batches))
+        self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+    def init_validation_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed; read back with ``weights_only=True``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        write_atomically(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)

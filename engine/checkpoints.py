@@ -10,21 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from engine.config import RunConfig
-from functions import UserError, write_atomically
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temporary file and renamed; read back with ``weights_only=True``."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        write_atomically(Path(path), lambda tmp: torch.save(checkpoint, tmp))
-
-    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+from functions import UserError
 
 
 def read_checkpoint(path: Path) -> Any:

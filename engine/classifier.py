@@ -1,5 +1,6 @@
 """The LightningModule that trains any registered network: one loss, the recipe's optimiser over the model's
-parameter groups, the recipe's schedule, and per-epoch metrics summed on the device (no sync per step)."""
+parameter groups, the recipe's schedule, and per-epoch metrics summed on the device (no sync per step); and the
+LightningDataModule that serves it ``engine.batches``' batches."""
 from __future__ import annotations
 
 import math
@@ -11,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.batches import epoch_seed
+from engine.batches import EVAL_BATCH, TRAIN_ACCURACY_SAMPLE, EvalBatches, SplitData, TrainBatches, epoch_seed
 from engine.config import Recipe
-from engine.optimizers import MuonSGD
+from engine.optimizers import MuonSGD, newton_schulz_dtype
 from engine.registry import ParameterGroups, one_group
 
 PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.5, 1  # the "plateau" schedule: halve the lr after an epoch without a better val_loss
@@ -72,6 +73,7 @@ class ImageClassifier(pl.LightningModule):
         self.train_loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         self.train_count = 0
         self.epoch_started = time.perf_counter()
+        self.epoch_metrics = {}  # until the epoch's validation (if it has one) or its end: finish_epoch
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -92,26 +94,38 @@ class ImageClassifier(pl.LightningModule):
                                                        torch.tensor(labels.numel(), device=self.device, dtype=torch.float64)])
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
-            return
-        reduce = self.trainer.strategy.reduce
-        sums = reduce(self.eval_sums, reduce_op="sum")
-        train = reduce(torch.stack([self.train_loss_sum, self.train_loss_sum.new_tensor(self.train_count)]), reduce_op="sum")
-        validated = sums[1, 2] > 0  # no validation split: a final run on every training image
-        val_loss, val_acc = ((sums[1, 0] / sums[1, 2]).item(), (sums[1, 1] / sums[1, 2]).item()) if validated else (None, None)
-        self.epoch_metrics = {
+        if not self.trainer.sanity_checking:
+            self.epoch_metrics = self.close_epoch(self.trainer.strategy.reduce(self.eval_sums, reduce_op="sum"))
+
+    def finish_epoch(self) -> dict[str, float | None]:
+        """The epoch's metrics, from its validation or, in an epoch without one (--val-every), its training loss alone.
+        Every process calls it (the sums are reduced over all of them) before the one that reports uses them."""
+        if not self.epoch_metrics:
+            self.epoch_metrics = self.close_epoch(None)
+        return self.epoch_metrics
+
+    def close_epoch(self, eval_sums: torch.Tensor | None) -> dict[str, float | None]:
+        """Per-epoch metrics from the sums; an evaluation the epoch did not run (no validation split, no training sample,
+        or none this epoch) is None. Logged once an epoch (TensorBoard by default): the metrics a user watches live."""
+        train = self.trainer.strategy.reduce(torch.stack([self.train_loss_sum, self.train_loss_sum.new_tensor(self.train_count)]),
+                                             reduce_op="sum")
+        measured = {}
+        for index, kind in enumerate(self.trainer.datamodule.eval_kinds if eval_sums is not None else ()):
+            loss, correct, count = eval_sums[index].tolist()
+            measured[kind] = (loss / count, correct / count)
+        metrics = {
             "epoch": self.current_epoch + 1,
             "train_loss": (train[0] / train[1]).item(),
-            "val_loss": val_loss,
-            "train_accuracy": (sums[0, 1] / sums[0, 2]).item(),
-            "val_accuracy": val_acc,
+            "val_loss": measured["val"][0] if "val" in measured else None,
+            "train_accuracy": measured["train"][1] if "train" in measured else None,
+            "val_accuracy": measured["val"][1] if "val" in measured else None,
             "lr": self.trainer.optimizers[0].param_groups[0]["lr"],
         }
-        if validated:
-            self.log_dict({"val_loss": val_loss, "val_accuracy": val_acc}, prog_bar=True)
-        # Once an epoch, to the logger (TensorBoard by default): the metrics a user watches live.
+        if "val" in measured:
+            self.log_dict({"val_loss": metrics["val_loss"], "val_accuracy": metrics["val_accuracy"]}, prog_bar=True)
         # "epoch" as metrics.csv counts it, from 1 (Lightning would log its own, counted from 0).
-        self.log_dict({name: self.epoch_metrics[name] for name in ("epoch", "train_loss", "train_accuracy", "lr")})
+        self.log_dict({name: metrics[name] for name in ("epoch", "train_loss", "train_accuracy", "lr") if metrics[name] is not None})
+        return metrics
 
     def optimizer_groups(self) -> list[dict[str, Any]]:
         """The model's parameter groups, with Muon's own group of convolution filters, and weight decay per step."""
@@ -131,7 +145,7 @@ class ImageClassifier(pl.LightningModule):
         r = self.recipe
         groups = self.optimizer_groups()
         if r.optimizer == "muon":
-            return MuonSGD(groups, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay)
+            return MuonSGD(groups, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay, newton_schulz_dtype=newton_schulz_dtype(self.device))
         if r.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, nesterov=True, weight_decay=r.weight_decay)
         optimizer_class = torch.optim.AdamW if r.optimizer == "adamw" else torch.optim.Adam
@@ -148,3 +162,34 @@ class ImageClassifier(pl.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: learning_rate_factor(step, total, warmup, r.scheduler))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class CIFAR10DataModule(pl.LightningDataModule):
+    """Training batches are shuffled and augmented; validation, train-accuracy and test batches never are."""
+
+    def __init__(self, data: SplitData, batch_size: int, augment: str, seed: int, train_accuracy_sample: int | None = None):
+        super().__init__()
+        self.data, self.batch_size, self.augment, self.seed = data, batch_size, augment, seed
+        # Training images measured for the train accuracy after a validated epoch: by default as many as the validation split.
+        self.train_accuracy_sample = len(data.val_images) or TRAIN_ACCURACY_SAMPLE if train_accuracy_sample is None else train_accuracy_sample
+        self.eval_kinds = ("train",) * bool(self.train_accuracy_sample) + ("val",) * bool(len(data.val_images))  # val_dataloader's order
+
+    def setup(self, stage: str) -> None:
+        self.data = self.data.to(self.trainer.strategy.root_device)
+
+    def shard(self) -> dict[str, int]:
+        return {"rank": self.trainer.global_rank, "world_size": self.trainer.world_size}
+
+    def train_dataloader(self) -> TrainBatches:
+        d = self.data
+        return TrainBatches(d.train_images, d.train_labels, self.batch_size, self.augment, d.mean, d.std,
+                               self.seed, epoch=lambda: self.trainer.current_epoch, **self.shard())
+
+    def eval_batches(self, images: torch.Tensor, labels: torch.Tensor) -> EvalBatches:
+        return EvalBatches(images, labels, EVAL_BATCH, self.data.mean, self.data.std, **self.shard())
+
+    def val_dataloader(self) -> list[EvalBatches]:
+        """A fixed training sample for train accuracy, then the validation split: each if there is one (``eval_kinds``)."""
+        d, sample = self.data, self.train_accuracy_sample
+        images = {"train": (d.train_images[:sample], d.train_labels[:sample]), "val": (d.val_images, d.val_labels)}
+        return [self.eval_batches(*images[kind]) for kind in self.eval_kinds]

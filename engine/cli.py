@@ -193,6 +193,13 @@ def add_run_arguments(parser: argparse.ArgumentParser, run_name: str) -> None:
     group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="show progress bars, or not; the per-epoch line is printed either way (default: bars only when the output "
                             "is a terminal, so a log file gets clean lines)")
+    group.add_argument("--val-every", type=non_negative_int, default=1, metavar="N",
+                       help="measure the validation split and the training-accuracy sample after every N-th epoch and after the last; 0: "
+                            "never (the test pass still runs). The epochs between record their training loss only, and best.ckpt is chosen "
+                            "among the measured ones; a speed run saves the passes' time (docs/RESULTS.md) (default 1)")
+    group.add_argument("--train-accuracy-sample", type=non_negative_int, metavar="N",
+                       help="training images measured for the training accuracy (unaugmented) when the validation split is; 0: none "
+                            "(default: as many as the validation split has, or 5,000 without one)")
     group.add_argument("--logger", choices=tuple(LOGGERS), default="tensorboard",
                        help=f"where Lightning logs each epoch's metrics: {choices_help(LOGGERS)} (default tensorboard)")
     group.add_argument("--config", metavar="CONFIG_JSON", help="run again with the settings of an earlier run (its run folder's "
@@ -240,8 +247,12 @@ def run_config(args: argparse.Namespace, model: str, run_name: str) -> RunConfig
     options = spec.resolve(model, model_options_given(args), source)
     settings = {f.name: getattr(args, f.name) for f in fields(RunConfig)
                 if f.name not in ("model", "model_options", "recipe", "out_dir") and hasattr(args, f.name)}
-    return RunConfig(model=model, model_options=options, recipe=replace(spec.recipe, **recipe),
-                     out_dir=args.out_dir or str(Path("runs") / run_name), **settings)
+    config = RunConfig(model=model, model_options=options, recipe=replace(spec.recipe, **recipe),
+                       out_dir=args.out_dir or str(Path("runs") / run_name), **settings)
+    if config.val_every != 1 and config.recipe.scheduler == "plateau":
+        raise UserError(f"--val-every {config.val_every} with --scheduler plateau: that schedule lowers the lr after an epoch whose "
+                        "validation loss did not improve, so it needs one after every epoch; give --val-every 1 or another --scheduler")
+    return config
 
 
 def config_from_args(args: argparse.Namespace, model: str, run_name: str) -> RunConfig:

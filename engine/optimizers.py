@@ -10,16 +10,27 @@ from __future__ import annotations
 
 import torch
 
+from engine.devices import cpu_has_bf16
+
 # Newton-Schulz quintic coefficients chosen for the steepest slope at zero (Keller Jordan's): three iterations
 # leave singular values roughly in [0.5, 1.5], which trains as well as exact orthogonalisation.
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 NEWTON_SCHULZ_STEPS = 3
 
 
-def orthogonalize(matrix: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS) -> torch.Tensor:
-    """``matrix`` with its singular values pushed towards 1 (U V^T of its SVD, approximately), in bf16 as airbench does."""
+def newton_schulz_dtype(device: torch.device) -> torch.dtype:
+    """bf16, as airbench, where the device computes it natively (a GPU from Ampere on; a CPU with AVX512-BF16 or AMX);
+    float32 elsewhere, where bf16 would be emulated: on a CPU with AVX2 only, the iterations cost several times more
+    in bf16 than in float32 (docs/RESULTS.md, "CPUs without bf16")."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
+
+
+def orthogonalize(matrix: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``matrix`` with its singular values pushed towards 1 (U V^T of its SVD, approximately), computed in ``dtype``."""
     a, b, c = NEWTON_SCHULZ
-    x = matrix.bfloat16()
+    x = matrix.to(dtype)
     x = x / (x.norm() + 1e-7)  # the largest singular value at most 1, where the iteration converges
     wide = x.size(0) <= x.size(1)
     if not wide:
@@ -32,10 +43,12 @@ def orthogonalize(matrix: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS) -> tor
 
 class MuonSGD(torch.optim.Optimizer):
     """Per group: ``orthogonalize`` True, Muon (Nesterov momentum, filter renormalised to norm sqrt(out channels), the
-    orthogonalised update times lr); else SGD with Nesterov momentum and weight decay."""
+    orthogonalised update times lr); else SGD with Nesterov momentum and weight decay. ``newton_schulz_dtype``: the
+    iterations' precision (``newton_schulz_dtype(device)``)."""
 
-    def __init__(self, params, lr: float, momentum: float, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float = 0.0, newton_schulz_dtype: torch.dtype = torch.bfloat16):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "orthogonalize": False})
+        self.newton_schulz_dtype = newton_schulz_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -54,6 +67,6 @@ class MuonSGD(torch.optim.Optimizer):
                 update = grad.add(buffer, alpha=momentum)  # Nesterov
                 if group["orthogonalize"]:
                     p.mul_(len(p) ** 0.5 / p.norm())  # each step from the same scale: the lr alone sets the step
-                    update = orthogonalize(update.reshape(len(update), -1)).view_as(p)
+                    update = orthogonalize(update.reshape(len(update), -1), dtype=self.newton_schulz_dtype).view_as(p)
                 p.add_(update, alpha=-lr)
         return loss

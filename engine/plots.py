@@ -1,4 +1,4 @@
-"""The run's figures: training curves and the test confusion matrix.
+"""The run's figures: training curves, the test confusion matrix, and several models' curves compared.
 
 Figures are made with matplotlib's object API (``Figure``), not pyplot: no backend is chosen or changed, so
 importing the toolkit in a notebook leaves its plotting alone, and nothing needs a display.
@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -19,20 +20,49 @@ def save_figure(figure: Figure, path: Path, dpi: int = 120) -> None:
     write_atomically(Path(path), lambda tmp: figure.savefig(tmp, dpi=dpi, format=Path(path).suffix[1:]))
 
 
-def plot_curves(history: list[dict[str, float]], path: Path, title: str) -> None:
+def measured(history: list[dict[str, float | None]], key: str) -> tuple[list[int], list[float]]:
+    """The epochs that measured ``key``, and its values: none without a validation split, some with --val-every."""
+    rows = [row for row in history if row[key] is not None]
+    return [row["epoch"] for row in rows], [row[key] for row in rows]
+
+
+def plot_curves(history: list[dict[str, float | None]], path: Path, title: str) -> None:
     """Loss and accuracy, train against validation, per epoch: the original study's figures."""
-    epochs = [row["epoch"] for row in history]
     figure = Figure(figsize=(11, 4))
     for axis, key, label in zip(figure.subplots(1, 2), ("loss", "accuracy"), ("Loss", "Accuracy")):
-        axis.plot(epochs, [row[f"train_{key}"] for row in history], marker=".", label="train")
-        if history[0][f"val_{key}"] is not None:  # a final run on every training image has no validation split
-            axis.plot(epochs, [row[f"val_{key}"] for row in history], marker=".", label="validation")
+        for split, name in (("train", "train"), ("val", "validation")):
+            epochs, values = measured(history, f"{split}_{key}")
+            if values:
+                axis.plot(epochs, values, marker=".", label=name)
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at epoch 1.5
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-        axis.legend()
+        if axis.lines:  # an accuracy axis can have nothing measured (--val-every 0, --train-accuracy-sample 0)
+            axis.legend()
     figure.suptitle(title)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def plot_comparison(histories: dict[str, list[dict]], path: Path, setting: str) -> None:
+    """Every model's curves in one figure: validation solid, training dashed."""
+    figure = Figure(figsize=(13, 5))
+    axes = figure.subplots(1, 2)
+    colours = matplotlib.colormaps["tab10"]
+    for index, (name, history) in enumerate(histories.items()):
+        for axis, key in zip(axes, ("loss", "accuracy")):
+            validation = measured(history, f"val_{key}")  # no validation curve for a run on every training image
+            if validation[1]:
+                axis.plot(*validation, color=colours(index), label=name)
+            axis.plot(*measured(history, f"train_{key}"), color=colours(index), linestyle="--", alpha=0.6,
+                      label=None if validation[1] else name)
+    for axis, key in zip(axes, ("Loss", "Accuracy")):
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(f"{key} (solid: validation, dashed: training)")
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    figure.suptitle(setting)
     figure.tight_layout()
     save_figure(figure, path)
 

@@ -2,6 +2,7 @@
 
 On a terminal: tqdm bars. Piped to a file (a cluster's job log, ``> log.txt``), a bar's carriage returns and
 cursor codes would fill the file with fragments, so there: a plain line at most every ``LINE_EVERY_S`` seconds.
+(The Trainer's epoch bar, a Lightning callback, is ``engine.callbacks.EpochProgressBar``.)
 """
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import sys
 import time
 from typing import Iterable, Iterator, TypeVar
 
-from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from tqdm import tqdm
 
 Item = TypeVar("Item")
@@ -50,16 +49,3 @@ def watched(items: Iterable[Item], total: int, label: str, unit: str = "batches"
     for done, item in enumerate(items, 1):
         yield item
         lines.report(done)
-
-
-class EpochProgressBar(TQDMProgressBar):
-    """Lightning's training bar, its epochs counted from 1 as the per-epoch lines count them; no bars for validation,
-    which runs in a second or two and would only push the per-epoch lines apart."""
-
-    def on_train_epoch_start(self, trainer, *args) -> None:
-        # Lightning's own version names the epoch from 0, and draws that before any change could reach the screen.
-        self.train_progress_bar.reset(total=convert_inf(self.total_train_batches))
-        self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
-
-    def init_validation_tqdm(self) -> Tqdm:
-        return Tqdm(disable=True)

@@ -13,7 +13,7 @@ import signal
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -21,18 +21,19 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch import nn
 
-from engine.batches import CIFAR10DataModule, SplitData, load_split
-from engine.callbacks import ConfigInCheckpoint, DivergenceGuard, Lookahead, RunRecorder
+from engine.batches import SplitData, load_split
+from engine.callbacks import (AfterValidation, AtomicCheckpointIO, ConfigInCheckpoint, DivergenceGuard, EpochProgressBar, Lookahead, RunRecorder,
+                              ValidationSchedule)
 from engine.card import ModelCard, git_commit, library_versions
-from engine.checkpoints import AtomicCheckpointIO, resume_checkpoint, saved_progress
-from engine.classifier import ImageClassifier
+from engine.checkpoints import resume_checkpoint, saved_progress
+from engine.classifier import CIFAR10DataModule, ImageClassifier
 from engine.config import RunConfig
 from engine.data import INPUT_SIZE
 from engine.devices import autocast_for, is_main_process, resolve_accelerator, resolve_precision, training_device
 from engine.errors import DiskFull, RunInterrupted
 from engine.evaluation import predict, test_report
 from engine.plots import plot_confusion
-from engine.progress import EpochProgressBar, progress_enabled
+from engine.progress import progress_enabled
 from engine.registry import ModelSpec
 from engine.run_folder import claim_run_folder, release_run_folder, write_json
 from functions import write_atomically
@@ -116,11 +117,12 @@ def stop_extra_processes(trainer: pl.Trainer) -> None:
         kill(signal.SIGKILL)
 
 
-def fit(config: RunConfig, model: ModelSpec, data: SplitData, callbacks: Sequence[Callback] = (), checkpoints: bool = True) -> Fitted:
+def fit(config: RunConfig, model: ModelSpec, data: SplitData, after_validation: Callable[[dict[str, Any]], None] | None = None,
+        checkpoints: bool = True) -> Fitted:
     """Build ``model`` with ``config.model_options``, initialise it its own way and train it on ``data`` (normalised for the
     model: ``for_model``) by ``config`` with a Lightning Trainer.
 
-    ``callbacks`` are added to the Trainer's (hyperparameter tuning adds its pruning callback); ``checkpoints``
+    ``after_validation`` gets each epoch's metrics once it is validated (hyperparameter tuning prunes with it); ``checkpoints``
     writes last.ckpt after every epoch, and best.ckpt when the validation loss is the lowest so far.
     """
     run_dir = Path(config.out_dir)
@@ -134,7 +136,7 @@ def fit(config: RunConfig, model: ModelSpec, data: SplitData, callbacks: Sequenc
     if config.compile:
         net.compile()  # in place: the state dict keeps its plain names, so checkpoints load with or without it
     recipe = config.recipe
-    datamodule = CIFAR10DataModule(data, recipe.batch_size, recipe.augment, config.seed)
+    datamodule = CIFAR10DataModule(data, recipe.batch_size, recipe.augment, config.seed, config.train_accuracy_sample)
     module = ImageClassifier(net, recipe, config.seed, steps_per_epoch=math.ceil(len(data.train_images) / recipe.batch_size),
                              parameter_groups=model.parameter_groups)
 
@@ -144,7 +146,10 @@ def fit(config: RunConfig, model: ModelSpec, data: SplitData, callbacks: Sequenc
         write_json(run_dir / "config.json", asdict(config))
         write_json(run_dir / "model.json", card)
     recorder = RunRecorder(run_dir, config.model)
-    all_callbacks: list[Callback] = [recorder, DivergenceGuard(), *callbacks]  # the guard first: a pruner never sees a NaN
+    # The guard first: a pruner, the per-epoch line and the checkpoints never see a NaN.
+    all_callbacks: list[Callback] = [DivergenceGuard(), recorder, ValidationSchedule(config.val_every)]
+    if after_validation is not None:
+        all_callbacks.append(AfterValidation(after_validation))
     if recipe.weight_average == "lookahead":
         all_callbacks.append(Lookahead(total_steps=recipe.epochs * module.steps_per_epoch))
     if checkpoints:

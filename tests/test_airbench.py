@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import engine
 import engine.batches
+import engine.optimizers
 import functions as fn
 import main as main_script
 import modified_models
@@ -88,6 +89,20 @@ def test_muon_orthogonalises_the_update_and_keeps_each_filter_at_its_norm():
     step = normalised - weight.detach()
     assert step.norm().item() == pytest.approx(0.1 * engine.optimizers.orthogonalize((weight.grad * 1.6).reshape(16, -1)).float().norm().item(),
                                              rel=1e-2)
+
+
+@pytest.mark.parametrize("has_bf16, dtype", [(False, torch.float32), (True, torch.bfloat16)])
+def test_newton_schulz_runs_in_bf16_only_where_the_cpu_computes_it(monkeypatch, split, has_bf16, dtype):
+    monkeypatch.setattr(engine.optimizers, "cpu_has_bf16", lambda: has_bf16)
+    module = engine.ImageClassifier(airbench(split), AIRBENCH_RECIPE, seed=0, steps_per_epoch=10, parameter_groups=parameter_groups)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert optimizer.newton_schulz_dtype == dtype
+    seen = []
+    real = engine.optimizers.orthogonalize
+    monkeypatch.setattr(engine.optimizers, "orthogonalize", lambda matrix, **kw: seen.append(kw["dtype"]) or real(matrix, **kw))
+    module.net(torch.randn(4, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    assert seen and set(seen) == {dtype}
 
 
 def test_each_image_is_flipped_in_alternate_epochs_from_its_own_start(monkeypatch, split):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import engine
+import engine.run
 import evaluate
 import functions as fn
 import hyperparameter_tune

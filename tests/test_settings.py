@@ -12,7 +12,7 @@ import pytest
 from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
 
 import engine
-import engine.checkpoints
+import engine.callbacks
 import main
 import modified_models
 from conftest import disk_full_when, quick_config, run_command, write_image_folder
@@ -165,7 +165,7 @@ def test_a_comparison_without_validation_works_and_a_rerun_with_other_settings_i
 def test_a_full_disk_before_the_first_checkpoint_names_a_command_that_finishes_the_run(tmp_path, monkeypatch, capsys, data_dir):
     flags = ("--data-dir", str(data_dir), "--epochs", "2", "--limit-train", "100", *QUICK, "--out-dir", str(tmp_path / "run"))
     with monkeypatch.context() as patch:
-        patch.setattr(engine.checkpoints, "write_atomically", disk_full_when(lambda path: path.suffix == ".ckpt"))
+        patch.setattr(engine.callbacks, "write_atomically", disk_full_when(lambda path: path.suffix == ".ckpt"))
         code, out, err = run_command(main, monkeypatch, capsys, *flags)
     assert code == 1 and err.count("\n") == 1 and "disk is full" in err and "--resume" not in err
     command = shlex.split(err.split("start it again (no epoch was saved yet) with: ", 1)[1])

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import engine
+import engine.run
 import engine.data as data_module
 import engine.official as official
 import functions as fn
@@ -208,3 +209,50 @@ def test_the_test_report_has_precision_recall_and_f1_per_class():
     assert report["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1-score": 0.0, "support": 1}  # never predicted: 0, no warning
     assert report["per_class_accuracy"] == {"a": 0.5, "b": 1.0, "c": 0.0}
     assert report["macro_avg"]["recall"] == pytest.approx(0.5) and report["weighted_avg"]["support"] == 5
+
+
+# --------------------------------------------------------------------------------------------
+# What a run measures between epochs: --val-every, --train-accuracy-sample
+# --------------------------------------------------------------------------------------------
+def test_val_every_measures_every_nth_and_the_last_epoch_and_trains_the_same(tmp_path, split):
+    every = quick_config(tmp_path / "every", "CIFAR10Net_7", epochs=3, augment="readme")
+    sparse = replace(quick_config(tmp_path / "sparse", "CIFAR10Net_7", epochs=3, augment="readme"), val_every=2)
+    for config in (every, sparse):
+        engine.train(config, modified_models.MODELS["CIFAR10Net_7"], data=split)
+    full, thin = (engine.read_metrics_csv(Path(c.out_dir) / "metrics.csv") for c in (every, sparse))
+    assert [row["val_loss"] is not None for row in thin] == [False, True, True]  # epoch 2, then the last
+    assert [row["train_accuracy"] is not None for row in thin] == [False, True, True]
+    assert [row["train_loss"] for row in thin] == [row["train_loss"] for row in full]  # measuring never changes the training
+    assert [row["val_accuracy"] for row in thin][1:] == [row["val_accuracy"] for row in full][1:]
+    a, b = (torch.load(Path(c.out_dir) / "model.pth", weights_only=True) for c in (every, sparse))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_val_every_0_and_no_training_sample_measure_nothing_between_epochs(tmp_path, split):
+    config = replace(quick_config(tmp_path, "CIFAR10Net_7", epochs=2), val_every=0, train_accuracy_sample=0)
+    report = engine.train(config, modified_models.MODELS["CIFAR10Net_7"], data=split)
+    rows = engine.read_metrics_csv(Path(config.out_dir) / "metrics.csv")
+    assert [row["epoch"] for row in rows] == [1, 2] and all(row["train_loss"] > 0 for row in rows)
+    assert all(row[key] is None for row in rows for key in ("val_loss", "val_accuracy", "train_accuracy"))
+    assert report["final_val_accuracy"] is None and 0 <= report["test_accuracy"] <= 1  # the test pass runs all the same
+    assert not (Path(config.out_dir) / "best.ckpt").exists() and (Path(config.out_dir) / "last.ckpt").is_file()
+
+
+def test_the_training_accuracy_sample_is_the_size_asked(split):
+    assert engine.CIFAR10DataModule(split, 32, "none", 0).eval_kinds == ("train", "val")
+    module = engine.CIFAR10DataModule(split, 32, "none", 0, train_accuracy_sample=40)
+    module.trainer = type("Trainer", (), {"global_rank": 0, "world_size": 1})()
+    sample, validation = module.val_dataloader()
+    assert len(sample.images) == 40 and len(validation.images) == len(split.val_images)
+    assert engine.CIFAR10DataModule(split, 32, "none", 0, train_accuracy_sample=0).eval_kinds == ("val",)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--val-every", "-1"], "argument --val-every: must be a whole number >= 0"),
+    (["--train-accuracy-sample", "x"], "argument --train-accuracy-sample"),
+    (["--val-every", "2", "--scheduler", "plateau"], "--val-every 2 with --scheduler plateau"),
+])
+def test_watching_flags_are_checked_before_anything_is_written(monkeypatch, capsys, tmp_path, flags, message):
+    code, err = run_main(monkeypatch, capsys, *flags, "--out-dir", str(tmp_path / "run"))
+    assert code == 2 and message in err.splitlines()[-1]
+    assert not (tmp_path / "run").exists()

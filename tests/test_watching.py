@@ -16,6 +16,7 @@ import torch
 import engine
 import engine.callbacks
 import engine.devices
+import engine.plots
 import engine.progress
 import main as main_script
 import tsne

@@ -1,0 +1,62 @@
+"""Parse first: every script's --help and its flag mistakes answer before Lightning, scikit-learn, matplotlib and torchvision
+load (engine.TRAINING and models/transfer.py load them on first use), and the names loaded on first use exist."""
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import engine
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ("main.py", "modified_models.py", "hyperparameter_tune.py", "transfer_learning.py", "predict.py", "evaluate.py", "tsne.py", "export.py")
+HEAVY = ("lightning", "sklearn", "matplotlib", "torchvision.models")
+# Optuna's figures are drawn through pyplot, which tuning.py imports (0.4 s of the tuner's start on a 2-core CPU).
+ALLOWED = {"hyperparameter_tune.py": ("matplotlib",)}
+
+# Runs a script as `python SCRIPT ARGS...` would, then reports its exit status and which heavy libraries it loaded.
+PROBE = """
+import json, runpy, sys
+script, *args = sys.argv[1:]
+sys.argv = [script, *args]
+try:
+    runpy.run_path(script, run_name="__main__")
+    status = 0
+except SystemExit as exit:
+    status = exit.code
+print("PROBE " + json.dumps({"status": status, "loaded": [name for name in %r if name in sys.modules]}))
+""" % (HEAVY,)
+
+
+def probe(script: str, *args: str) -> dict:
+    result = subprocess.run([sys.executable, "-c", PROBE, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("PROBE ")]
+    assert lines, result.stderr[-2000:]
+    return json.loads(lines[-1].removeprefix("PROBE ")) | {"stdout": result.stdout, "stderr": result.stderr}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_and_a_flag_mistake_answer_before_the_heavy_libraries_load(script):
+    shown = probe(script, "--help")
+    assert shown["status"] == 0 and "usage:" in shown["stdout"]
+    assert set(shown["loaded"]) <= set(ALLOWED.get(script, ())), f"{script} --help loaded {shown['loaded']}"
+    mistake = probe(script, "--no-such-flag")
+    assert mistake["status"] == 2 and "error:" in mistake["stderr"]  # predict.py names its missing images first
+    assert set(mistake["loaded"]) <= set(ALLOWED.get(script, ())), f"{script} with a wrong flag loaded {mistake['loaded']}"
+
+
+def test_a_bad_value_is_refused_before_lightning_loads():
+    refused = probe("main.py", "--epochs", "0")
+    assert refused["status"] == 2 and "--epochs: must be a positive whole number, got 0" in refused["stderr"]
+    assert "lightning" not in refused["loaded"]
+
+
+def test_every_name_loaded_on_first_use_is_in_its_module():
+    for module, names in engine.TRAINING.items():
+        loaded = importlib.import_module(f"engine.{module}")
+        for name in names:
+            assert getattr(engine, name) is getattr(loaded, name), f"engine.{name} is not engine.{module}.{name}"
