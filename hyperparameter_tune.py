@@ -144,6 +144,7 @@ def make_objective(settings: StudySettings, base: engine.RunConfig, data: engine
         try:
             fitted = engine.fit(config, engine.model_spec(config.model), data, after_validation=counter, checkpoints=False)
         except engine.TrainingDiverged as error:  # no later epoch would rescue it: pruned at once, the study goes on
+            counter.epochs_run = error.epoch  # it ran, though the hook never saw it (the guard stops the run first)
             trial.set_user_attr("reason", f"diverged: {error.loss_name} {error.value:.3g} after epoch {error.epoch}")
             raise optuna.TrialPruned(trial.user_attrs["reason"]) from None
         except optuna.TrialPruned:
