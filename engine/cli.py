@@ -200,6 +200,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, run_name: str) -> None:
     group.add_argument("--train-accuracy-sample", type=non_negative_int, metavar="N",
                        help="training images measured for the training accuracy (unaugmented) when the validation split is; 0: none "
                             "(default: as many as the validation split has, or 5,000 without one)")
+    group.add_argument("--profile", action="store_true", help="time each part of the training loop (Lightning's SimpleProfiler: fetching "
+                       "batches, forward, backward, optimiser step, validation) and write the table to <run folder>/fit-profile.txt")
     group.add_argument("--logger", choices=tuple(LOGGERS), default="tensorboard",
                        help=f"where Lightning logs each epoch's metrics: {choices_help(LOGGERS)} (default tensorboard)")
     group.add_argument("--config", metavar="CONFIG_JSON", help="run again with the settings of an earlier run (its run folder's "

@@ -91,6 +91,7 @@ class RunConfig:
     validation: bool = True  # False: train on all 50,000 training images, no validation split (a final run)
     val_every: int = 1  # the evaluation passes after every N-th epoch and the last (0: none); the epochs between record the training loss
     train_accuracy_sample: int | None = None  # training images measured for train accuracy; None: as many as validate, or 5,000
+    profile: bool = False  # Lightning's SimpleProfiler: where the Trainer's time goes, in fit-profile.txt
     val_fraction: float = 0.1  # of the training images, validated on: CIFAR-10's 5,000 of 50,000 (the study's split)
     progress: bool | None = None  # None: progress bars only when the output is a terminal
     logger: str = "tensorboard"

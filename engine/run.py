@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.profilers import SimpleProfiler
 from torch import nn
 
 from engine.batches import SplitData, load_split
@@ -52,7 +53,8 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val_")
 
 # What a finished run folder holds, in the order the closing line lists them.
-RUN_FILES = ("config.json", "model.json", "metrics.csv", "curves.png", "model.pth", "best.ckpt", "last.ckpt", "test.json", "confusion_matrix.png")
+RUN_FILES = ("config.json", "model.json", "metrics.csv", "curves.png", "model.pth", "best.ckpt", "last.ckpt", "test.json", "confusion_matrix.png",
+             "fit-profile.txt")
 
 
 class Analysis(Protocol):
@@ -168,6 +170,7 @@ def fit(config: RunConfig, model: ModelSpec, data: SplitData, after_validation: 
         precision=precision, callbacks=all_callbacks,
         logger=make_logger(config.logger, run_dir), plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0,
         enable_model_summary=False, enable_checkpointing=checkpoints, enable_progress_bar=progress, default_root_dir=run_dir,
+        profiler=SimpleProfiler(dirpath=run_dir, filename="profile") if config.profile and is_main_process() else None,
     )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

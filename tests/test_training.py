@@ -256,3 +256,10 @@ def test_watching_flags_are_checked_before_anything_is_written(monkeypatch, caps
     code, err = run_main(monkeypatch, capsys, *flags, "--out-dir", str(tmp_path / "run"))
     assert code == 2 and message in err.splitlines()[-1]
     assert not (tmp_path / "run").exists()
+
+
+def test_profile_writes_where_the_training_time_went(tmp_path, split):
+    config = replace(quick_config(tmp_path, "CIFAR10Net_7", epochs=1), profile=True)
+    engine.train(config, modified_models.MODELS["CIFAR10Net_7"], data=split)
+    table = (Path(config.out_dir) / "fit-profile.txt").read_text()
+    assert "optimizer_step" in table and "validation_step" in table and "train_dataloader_next" in table
