@@ -10,9 +10,12 @@ engine, timed as airbench94 times itself, from normalising the data to the end o
 --no-tsne`` trains it, timed over everything that run does: the run folder, the whitening set-up, every epoch's
 validation, metrics and checkpoints, the final weights, the test set with the recipe's TTA, test.json and its figure.
 The data is loaded once, before either clock starts. Both sides report test accuracy with flip and with
-flip-translate TTA (the same weights, measured after the clock), wall time, milliseconds per training step, and the
+flip-translate TTA and, unless they train on every image, validation accuracy with flip-translate TTA (the same
+weights, measured after the clock), wall time, milliseconds per training step, and the
 training arithmetic: FLOPs of one training step (forward and backward, torch.utils.flop_counter) times the steps.
-Writes runs.csv and runs.md into --out-dir.
+The yardstick runs airbench94's settings unless told otherwise: ``--reference-batch-size``, ``--reference-no-dirac``
+and ``--reference-lr-scale`` give it the settings its own tuning chose (docs/RESULTS.md). Writes runs.csv and runs.md
+into --out-dir.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from benchmarks import bench_airbench_reference as reference
 from functions import write_atomically
 
 COLUMNS = ("method", "seed", "width", "train_images", "epochs", "batch_size", "precision", "seconds", "steps", "ms_per_step",
-           "training_pflops", "test_flip", "test_flip_translate")
+           "training_pflops", "val_flip_translate", "test_flip", "test_flip_translate")
 
 
 def training_step_flops(net: torch.nn.Module, batch_size: int, device: torch.device) -> int:
@@ -48,13 +51,15 @@ def training_step_flops(net: torch.nn.Module, batch_size: int, device: torch.dev
 
 
 def run_reference(data: engine.SplitData, seed: int, args: argparse.Namespace, precision: str, device: torch.device) -> dict:
-    row = reference.train_and_test(data, seed, args.reference_epochs, args.width, args.reference_batch_size, device, precision, args.compile)
+    row = reference.train_and_test(data, seed, args.reference_epochs, args.width, args.reference_batch_size, device, precision, args.compile,
+                                   dirac=args.reference_dirac, lr_scale=args.reference_lr_scale)
     steps = math.ceil(len(data.train_images) // args.reference_batch_size * args.reference_epochs)
     flops = training_step_flops(reference.airbench_net(args.width, torch.randn(8, 3, 32, 32)), args.reference_batch_size, device)
-    return {"method": "airbench94 (yardstick)", "seed": seed, "width": args.width, "train_images": row["train_images"], "epochs": row["epochs"],
+    tuned = args.reference_batch_size != 1024 or not args.reference_dirac or args.reference_lr_scale != 1
+    return {"method": "airbench94 (yardstick" + (", tuned)" if tuned else ")"), "seed": seed, "width": args.width, "train_images": row["train_images"], "epochs": row["epochs"],
             "batch_size": row["batch_size"], "precision": precision, "seconds": row["seconds"], "steps": steps,
             "ms_per_step": round(1000 * row["seconds"] / steps, 1), "training_pflops": round(flops * steps / 1e15, 4),
-            "test_flip": row["test_flip"], "test_flip_translate": row["test_flip_translate"]}
+            "val_flip_translate": row["val_flip_translate"], "test_flip": row["test_flip"], "test_flip_translate": row["test_flip_translate"]}
 
 
 def run_ours(data: engine.SplitData, seed: int, args: argparse.Namespace, precision: str, device: torch.device) -> dict:
@@ -73,26 +78,32 @@ def run_ours(data: engine.SplitData, seed: int, args: argparse.Namespace, precis
     net.load_state_dict(torch.load(Path(config.out_dir) / "model.pth", map_location=device, weights_only=True))
     with engine.autocast_for(precision, device):  # as the run's own test pass, and the yardstick's
         test = engine.accuracy_by_tta(net.to(device), data.test_images, data.test_labels, data.mean, data.std, tta="flip-translate")
+        val = (engine.accuracy_by_tta(net, data.val_images, data.val_labels, data.mean, data.std, tta="flip-translate")["flip-translate"]
+               if len(data.val_images) else None)
     steps = recipe.epochs * math.ceil(len(data.train_images) / recipe.batch_size)
     flops = training_step_flops(spec.build(options), recipe.batch_size, device)
     return {"method": f"{args.model} (ours)", "seed": seed, "width": args.width, "train_images": len(data.train_images),
             "epochs": recipe.epochs, "batch_size": recipe.batch_size, "precision": precision, "seconds": round(seconds, 1), "steps": steps,
             "ms_per_step": round(1000 * seconds / steps, 1), "training_pflops": round(flops * steps / 1e15, 4),
-            "test_flip": test["flip"], "test_flip_translate": test["flip-translate"]}
+            "val_flip_translate": val, "test_flip": test["flip"], "test_flip_translate": test["flip-translate"]}
 
 
 def write_tables(rows: list[dict], out_dir: Path, title: str) -> str:
     engine.write_csv(out_dir / "runs.csv", rows, COLUMNS)
-    lines = [title, "", "| method | seed | images | epochs | seconds | ms/step | training PFLOPs | test (flip TTA) | test (flip-translate TTA) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    percent = lambda value: "n/a" if value is None else f"{value:.2%}"
+    lines = [title, "", "| method | seed | images | epochs | batch | seconds | ms/step | training PFLOPs | validation (flip-translate TTA) | "
+             "test (flip TTA) | test (flip-translate TTA) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['seed']} | {r['train_images']:,} | {r['epochs']} | {r['seconds']:.1f} | {r['ms_per_step']:.1f} | "
-                     f"{r['training_pflops']:.4f} | {r['test_flip']:.2%} | {r['test_flip_translate']:.2%} |")
+        lines.append(f"| {r['method']} | {r['seed']} | {r['train_images']:,} | {r['epochs']} | {r['batch_size']} | {r['seconds']:.1f} | "
+                     f"{r['ms_per_step']:.1f} | {r['training_pflops']:.4f} | {percent(r['val_flip_translate'])} | {r['test_flip']:.2%} | "
+                     f"{r['test_flip_translate']:.2%} |")
     means = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         group = [r for r in rows if r["method"] == method]
         means[method] = {key: statistics.mean(r[key] for r in group) for key in ("seconds", "test_flip", "test_flip_translate")}
-        lines.append(f"| **{method}: mean of {len(group)}** | | | | {means[method]['seconds']:.1f} | | | {means[method]['test_flip']:.2%} | "
+        validated = [r["val_flip_translate"] for r in group if r["val_flip_translate"] is not None]
+        lines.append(f"| **{method}: mean of {len(group)}** | | | | | {means[method]['seconds']:.1f} | | | "
+                     f"{percent(statistics.mean(validated) if validated else None)} | {means[method]['test_flip']:.2%} | "
                      f"{means[method]['test_flip_translate']:.2%} |")
     if len(means) == 2:
         (ref, ref_mean), (ours, ours_mean) = means.items()
@@ -111,6 +122,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=engine.positive_int, help="our recipe's epochs (default: its own)")
     parser.add_argument("--reference-epochs", type=engine.positive_float, default=9.9, help="the yardstick's epochs (default 9.9, airbench94's)")
     parser.add_argument("--reference-batch-size", type=engine.positive_int, default=1024, help="the yardstick's batch (default 1024)")
+    parser.add_argument("--reference-no-dirac", dest="reference_dirac", action="store_false",
+                        help="the yardstick without identity initialisation (default: with it, airbench94's)")
+    parser.add_argument("--reference-lr-scale", type=engine.positive_float, default=1.0,
+                        help="multiplies the yardstick's learning rates (default 1, airbench94's)")
     parser.add_argument("--full-train", action="store_true", help="both train on all 50,000 training images (ours with --no-validation)")
     parser.add_argument("--only", choices=("both", "ours", "reference"), default="both", help="run one side only (default both)")
     engine.add_data_arguments(parser, limit_train=False)

@@ -1,6 +1,8 @@
 """The airbench94 yardstick (benchmarks/bench_airbench_reference.py): whitening stem, schedule, a short run that learns."""
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,7 @@ import torch.nn.functional as F
 import functions as fn
 from conftest import run_script
 from benchmarks import bench_airbench_reference as reference
+from benchmarks import bench_versus_airbench as versus
 
 
 def test_whitening_filters_decorrelate_the_patches(split):
@@ -105,3 +108,18 @@ def test_fewer_images_than_one_batch_is_one_clear_line(monkeypatch, tmp_path, im
     assert run_script(monkeypatch, reference.main, "bench_airbench_reference.py", *argv) == 2
     assert "100 training images do not fill one batch of 128" in capsys.readouterr().err
     assert not (tmp_path / "runs.csv").exists()
+
+
+def test_the_side_by_side_gives_the_yardstick_its_tuned_settings_and_reports_validation(monkeypatch, tmp_path, image_folder):
+    seen = []
+    real = reference.train_and_test
+    monkeypatch.setattr(reference, "train_and_test", lambda *args, **kw: seen.append(kw) or real(*args, **kw))
+    argv = ["--data-dir", str(image_folder), "--device", "cpu", "--model", "Airbench94_muon_narrow", "--width", "8", "--seeds", "0",
+            "--epochs", "1", "--reference-epochs", "1", "--reference-batch-size", "32", "--reference-no-dirac", "--reference-lr-scale", "0.5",
+            "--out-dir", str(tmp_path)]
+    assert run_script(monkeypatch, versus.main, "bench_versus_airbench.py", *argv) == 0
+    assert seen == [{"dirac": False, "lr_scale": 0.5}]
+    rows = list(csv.DictReader(open(tmp_path / "runs.csv")))
+    assert [row["method"] for row in rows] == ["airbench94 (yardstick, tuned)", "Airbench94_muon_narrow (ours)"]
+    assert all(0 <= float(row["val_flip_translate"]) <= 1 for row in rows)
+    assert "validation (flip-translate TTA)" in (tmp_path / "runs.md").read_text()
