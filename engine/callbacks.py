@@ -1,5 +1,6 @@
 """What the Trainer does besides training, as Lightning callbacks and plugins: the per-epoch line, metrics.csv and
-curves.png; stopping a run that diverges; the run's configuration stored in every checkpoint, written atomically."""
+curves.png; stopping a run that diverges; which epochs are measured; a hook for tuning; the epoch bar; the run's
+configuration stored in every checkpoint, written atomically."""
 from __future__ import annotations
 
 import json
@@ -81,6 +82,11 @@ class Lookahead(Callback):
 CURVES_EVERY_S = 30.0
 
 
+# The per-epoch line's metrics, in the original study's order.
+MEASURED = (("train_loss", "training loss"), ("val_loss", "validation loss"), ("train_accuracy", "training accuracy"),
+            ("val_accuracy", "validation accuracy"))
+
+
 class RunRecorder(Callback):
     """After every epoch: the original study's console line and ``metrics.csv``; ``curves.png`` at most every half minute, and
     when training stops. Resumes with the run (its history is in the checkpoints)."""
@@ -95,9 +101,8 @@ class RunRecorder(Callback):
         if not trainer.is_global_zero:
             return
         self.history.append(metrics)
-        measured = [f"{label} = {metrics[key]:.4f}" for key, label in (("val_loss", "validation loss"), ("train_accuracy", "training accuracy"),
-                                                                       ("val_accuracy", "validation accuracy")) if metrics[key] is not None]
-        line = f"After epoch {metrics['epoch']}: " + ", ".join([f"training loss = {metrics['train_loss']:.4f}", *measured]) + f" ({metrics['seconds']:.1f} s)"
+        measured = [f"{label} = {metrics[key]:.4f}" for key, label in MEASURED if metrics[key] is not None]  # --val-every: not each epoch
+        line = f"After epoch {metrics['epoch']}: " + ", ".join(measured) + f" ({metrics['seconds']:.1f} s)"
         bar = trainer.progress_bar_callback
         bar.print(line) if isinstance(bar, TQDMProgressBar) else print(line, flush=True)
         write_metrics_csv(self.run_dir / "metrics.csv", self.history)
