@@ -19,9 +19,10 @@ Modules, each one job (docs/DESIGN.md shows the layers):
     settings     one check for settings from flags, --config and --resume's checkpoint; what --resume may change
     cli          shared flags, config from flags, exit statuses (run_cli)
     run          fit and train
+    pretrained   torchvision's ImageNet networks and their weights (transfer learning)
 
-Parse first, then load what trains: the modules below the line in ``TRAINING`` need Lightning, scikit-learn or
-matplotlib (together 3-4 s of a 2-core CPU's start-up), and load on first use of one of their names (lazy_loader,
+Parse first, then load what trains: the modules in ``ON_FIRST_USE`` need Lightning, scikit-learn, matplotlib or
+torchvision (together 3-4 s of a 2-core CPU's start-up), and load on first use of one of their names (lazy_loader,
 the Scientific Python ecosystem's SPEC 1), so a script's --help and its flag errors never wait for them
 (docs/RESULTS.md, "Start-up"). Every other module loads with the package.
 """
@@ -46,13 +47,14 @@ from engine.run_folder import (LOCK_FILE, RESULT_FILES, check_writable_folder, c
 from engine.settings import differences_from
 from functions import UserError
 
-# Loaded on first use: the names of the modules that import Lightning, scikit-learn or matplotlib.
-TRAINING = {
+# Loaded on first use: the names of the modules that import Lightning, scikit-learn, matplotlib or torchvision.
+ON_FIRST_USE = {
     "callbacks": ["DIVERGED_LOSS", "AtomicCheckpointIO", "ConfigInCheckpoint", "DivergenceGuard", "EpochProgressBar", "Lookahead", "RunRecorder",
                   "lookahead_decay"],
     "classifier": ["CIFAR10DataModule", "ImageClassifier", "learning_rate_factor"],
     "evaluation": ["accuracy_by_tta", "predict", "test_report", "tta_logits"],
     "plots": ["plot_comparison", "plot_confusion", "plot_curves", "save_figure"],
+    "pretrained": ["torchvision_network", "torchvision_weights"],
     "run": ["Analysis", "Fitted", "finish_run", "fit", "for_model", "model_card", "save_weights", "train"],
 }
-__getattr__, __dir__, _lazy_names = lazy_loader.attach(__name__, submod_attrs=TRAINING)
+__getattr__, __dir__, _lazy_names = lazy_loader.attach(__name__, submod_attrs=ON_FIRST_USE)

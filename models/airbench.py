@@ -47,7 +47,10 @@ AIRBENCH_RECIPE = Recipe(
 AIRBENCH_OPTIONS = (
     ModelOption("width", int, 64, "filters of the first stage; the other two have 4 times as many", low=1, high=1024),
     ModelOption("whiten", bool, True, "the first convolution whitens the training images' 2x2 patches and stays frozen, its bias "
-                "learning for 3 epochs"),
+                "learning for --whiten-bias-epochs"),
+    ModelOption("whiten_images", int, 5000, "training images whose 2x2 patches give the whitening filters (5,000 give 4.8 million "
+                "patches: plenty for a 12x12 covariance)", low=1, high=1_000_000),
+    ModelOption("whiten_bias_epochs", int, 3, "epochs the whitening stem's bias learns before it freezes with the stem", low=0, high=1000),
     ModelOption("dirac", bool, True, "the other convolutions start as identities on their first channels"),
     ModelOption("freeze_norm_weights", bool, True, "BatchNorm weights stay 1, only the biases learn"),
     ModelOption("norm_bias_lr_scale", float, 0.053 / 0.67, "BatchNorm biases (and the stem's) learn at this multiple of --lr "
@@ -59,9 +62,7 @@ AIRBENCH_OPTIONS = (
 # match (each Muon step has a fixed size: 0.24 / sqrt(4)).
 NARROW_RECIPE = replace(AIRBENCH_RECIPE, batch_size=500, muon_lr=0.12)
 NARROW_OPTIONS = with_defaults(AIRBENCH_OPTIONS, width=32, dirac=False)
-WHITEN_IMAGES = 5000        # training images whose 2x2 patches give the whitening filters: plenty for a 12x12 covariance
 WHITEN_EPS = 5e-4           # keeps the near-constant directions of the patches from being blown up
-WHITEN_BIAS_EPOCHS = 3      # the stem's bias learns this long, then freezes with the stem
 NORM_MOMENTUM, NORM_EPS = 0.4, 1e-12  # running statistics that follow fast-moving weights (airbench's "momentum 0.6")
 
 
@@ -73,15 +74,16 @@ class AirbenchNet(nn.Module):
     treat the network (see the module's docstring); the network keeps them.
     """
 
-    def __init__(self, width: int = 64, whiten: bool = True, dirac: bool = True, freeze_norm_weights: bool = True,
-                 norm_bias_lr_scale: float = 0.053 / 0.67, num_classes: int = 10):
+    def __init__(self, width: int = 64, whiten: bool = True, whiten_images: int = 5000, whiten_bias_epochs: int = 3, dirac: bool = True,
+                 freeze_norm_weights: bool = True, norm_bias_lr_scale: float = 0.053 / 0.67, num_classes: int = 10):
         super().__init__()
         widths = (width, 4 * width, 4 * width)
         self.whiten = nn.Conv2d(3, 24, 2, bias=True)
         self.stages = nn.Sequential(*(ConvGroup(a, b, NORM_EPS, NORM_MOMENTUM) for a, b in zip((24, *widths[:2]), widths)))
         self.pool = nn.MaxPool2d(3)
         self.head = nn.Linear(widths[2], num_classes, bias=False)
-        self.whitened, self.dirac = whiten, dirac  # with whitening, the stem's bias stops learning after WHITEN_BIAS_EPOCHS
+        self.whitened, self.dirac = whiten, dirac  # with whitening, the stem's bias stops learning after whiten_bias_epochs
+        self.whiten_images, self.whiten_bias_epochs = whiten_images, whiten_bias_epochs
         self.freeze_norm_weights, self.norm_bias_lr_scale = freeze_norm_weights, norm_bias_lr_scale
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,7 +99,7 @@ class AirbenchNet(nn.Module):
     def start_epoch(self, epoch: int) -> None:
         """The engine calls this as each epoch starts."""
         if self.whitened:
-            self.whiten.bias.requires_grad_(epoch < WHITEN_BIAS_EPOCHS)
+            self.whiten.bias.requires_grad_(epoch < self.whiten_bias_epochs)
 
 
 def whitening_filters(images: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Tensor:
@@ -121,7 +123,7 @@ def initialize(net: AirbenchNet, data: Any, recipe: Recipe) -> None:
             if isinstance(module, nn.Conv2d):
                 nn.init.dirac_(module.weight[:module.in_channels])  # an identity path through the first channels
     if net.whitened:
-        images = normalize(data.train_images[:WHITEN_IMAGES].float() / 255, data.mean.to(data.train_images.device),
+        images = normalize(data.train_images[:net.whiten_images].float() / 255, data.mean.to(data.train_images.device),
                            data.std.to(data.train_images.device))
         net.whiten.weight.copy_(whitening_filters(images))
         net.whiten.weight.requires_grad_(False)

@@ -14,17 +14,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import lazy_loader
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import engine
 from engine import ModelOption, ModelSpec, Recipe, register, state_dict_mismatch
 from functions import UserError
-
-# torchvision loads when a backbone is built, not when the model registers: the scripts' --help and their flag errors
-# come before it (1.2 s of a 2-core CPU's start, docs/RESULTS.md "Start-up").
-torchvision = lazy_loader.load("torchvision")
 
 FINETUNE_CHOICES = ("fc", "layer4", "all")
 
@@ -100,7 +96,7 @@ class TransferNet(nn.Module):
 
 def pretrained_statistics(arch: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean and std the ImageNet weights were trained with, from their own transforms."""
-    transform = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+    transform = engine.torchvision_weights(arch).DEFAULT.transforms()
     return torch.tensor(transform.mean), torch.tensor(transform.std)
 
 
@@ -121,7 +117,7 @@ def download_state_dict(weights) -> dict[str, torch.Tensor]:
 
 def read_state_dict(path: Path, arch: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        names = ", ".join(torchvision.models.get_model_weights(arch).__members__)
+        names = ", ".join(engine.torchvision_weights(arch).__members__)
         raise UserError(f"--weights {path}: no such file; give a state-dict file, default, none, or one of {names}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -136,7 +132,7 @@ def imagenet_state_dict(arch: str, weights: str) -> dict[str, torch.Tensor] | No
     """``weights``: none (random backbone), default or a weights name (torchvision's, downloaded once), or a file."""
     if weights == "none":
         return None
-    available = torchvision.models.get_model_weights(arch)
+    available = engine.torchvision_weights(arch)
     if weights == "default":
         return download_state_dict(available.DEFAULT)
     if weights in available.__members__:
@@ -175,7 +171,7 @@ def freeze(net: TransferNet, arch: str, finetune: str) -> None:
 
 def backbone_without_head(arch: str) -> tuple[nn.Module, int]:
     """torchvision's ``arch`` with random weights and its ImageNet head removed, and the width of the features it gives."""
-    backbone = torchvision.models.get_model(arch, weights=None)
+    backbone = engine.torchvision_network(arch)
     imagenet_head = replace_module(backbone, ARCHS[arch].head, nn.Identity())
     return backbone, imagenet_head.in_features
 

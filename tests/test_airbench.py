@@ -36,6 +36,16 @@ def test_whitening_filters_give_identity_covariance_on_the_patches(split):
     torch.testing.assert_close(responses.T @ responses / len(responses), torch.eye(12, dtype=torch.float64), atol=1e-4, rtol=0)
 
 
+def test_the_whitening_images_and_the_stem_bias_epochs_are_options(split):
+    net = airbench(split, whiten_images=40, whiten_bias_epochs=1)
+    images = fn.normalize(split.train_images[:40].float() / 255, split.mean, split.std)
+    torch.testing.assert_close(net.whiten.weight, whitening_filters(images))  # the first 40 images, not 5,000
+    assert not torch.allclose(net.whiten.weight, airbench(split).whiten.weight)
+    assert [(net.start_epoch(epoch), net.whiten.bias.requires_grad)[1] for epoch in range(3)] == [True, False, False]
+    options = engine.model_spec("Airbench94_muon").resolve("Airbench94_muon", {"whiten_bias_epochs": 0}, "the test")
+    assert options["whiten_images"] == 5000 and options["whiten_bias_epochs"] == 0
+
+
 def test_the_whitened_stem_is_frozen_and_its_bias_learns_three_epochs(split):
     net = airbench(split)
     images = fn.normalize(split.train_images[:5000].float() / 255, split.mean, split.std)

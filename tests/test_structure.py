@@ -71,7 +71,7 @@ def import_graph() -> tuple[dict[str, set[str]], list[str]]:
         imports = imported_project_modules(path, package, modules)
         graph[name] = {module for module, _ in imports if module != name}
         hidden += [f"{name} imports {module} inside a function" for module, inside in imports if inside and module != name]
-    graph["engine"] |= {f"engine.{module}" for module in engine.TRAINING}  # loaded on first use: imports all the same
+    graph["engine"] |= {f"engine.{module}" for module in engine.ON_FIRST_USE}  # loaded on first use: imports all the same
     return graph, hidden
 
 
