@@ -23,7 +23,7 @@ import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import get_type_hints
+from typing import get_args, get_type_hints
 
 import matplotlib
 from matplotlib.figure import Figure
@@ -66,6 +66,8 @@ CHOICES = {"tta": engine.TTA_MODES, "augment": AUGMENTATIONS, "optimizer": engin
 
 def setting_value(key: str, text: str, current, kind: type):
     """``text`` as a value of the setting ``key`` (of type ``kind``); x2 and /2 scale the current value."""
+    if type(None) in get_args(kind):  # a setting that may be None (int | None): its type
+        kind = next(arg for arg in get_args(kind) if arg is not type(None))
     if kind not in (int, float, str, bool):
         raise UserError(f"{key} cannot be varied here")
     if key in CHOICES and text not in CHOICES[key]:
@@ -133,10 +135,19 @@ def measure(config: engine.RunConfig, data: engine.SplitData, variant: str, firs
         "test_plain": test["none"], "test_flip": test["flip"], "test_flip_translate": test["flip-translate"],
         "test_tta": test[config.recipe.tta], "diverged": "",
     }
-    print(f"{variant} seed {config.seed}: {row['epochs']} epochs in {seconds:.1f} s; validation {row['val_accuracy']:.4f} "
+    print(f"{variant} seed {config.seed}: {row['epochs']} epochs in {seconds:.1f} s; validation {percent(row['val_accuracy'])} "
           f"({config.recipe.tta} TTA {row['val_tta']:.4f}); test {row['test_plain']:.4f}, with flip TTA {row['test_flip']:.4f}, "
           f"with flip-translate TTA {row['test_flip_translate']:.4f}", flush=True)
     return row, fitted.history
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2%}"  # n/a: not measured (a run with --val-every 0 has no last validation)
+
+
+def mean_of(values) -> float | None:
+    values = list(values)
+    return None if None in values else statistics.mean(values)
 
 
 def write_table(rows: list[dict], out_dir: Path, title: str) -> str:
@@ -145,7 +156,7 @@ def write_table(rows: list[dict], out_dir: Path, title: str) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         accuracies = (f"diverged: {r['diverged']} |" + " |" * (len(ACCURACY_COLUMNS) - 1) if r["diverged"]
-                      else " | ".join(f"{r[key]:.2%}" for key in ACCURACY_COLUMNS) + " |")
+                      else " | ".join(percent(r[key]) for key in ACCURACY_COLUMNS) + " |")
         lines.append(f"| {r['variant']}{' (first run, compiles)' if r['first_run'] else ''} | {r['seed']} | {r['epochs']} | {r['seconds']:.1f} | "
                      + accuracies)
     finished = [r for r in rows if not r["first_run"] and not r["diverged"]]
@@ -153,7 +164,7 @@ def write_table(rows: list[dict], out_dir: Path, title: str) -> str:
         group = [r for r in finished if r["variant"] == variant]
         if len(group) > 1:
             lines.append(f"| **{variant}: mean of {len(group)}** | | {group[0]['epochs']} | {statistics.mean(r['seconds'] for r in group):.1f} | "
-                         + " | ".join(f"{statistics.mean(r[key] for r in group):.2%}" for key in ACCURACY_COLUMNS) + " |")
+                         + " | ".join(percent(mean_of(r[key] for r in group)) for key in ACCURACY_COLUMNS) + " |")
     text = "\n".join(lines) + "\n"
     write_atomically(out_dir / "runs.md", lambda tmp: tmp.write_text(text))
     return text
@@ -167,7 +178,9 @@ def plot_time_accuracy(curves: list[tuple[str, list[dict], dict]], path: Path, t
     for index, (label, history, row) in enumerate(curves):
         elapsed = list(itertools.accumulate(epoch["seconds"] for epoch in history))
         colour = colours(index % 10)
-        axis.plot(elapsed, [epoch["val_accuracy"] for epoch in history], marker=".", color=colour, label=f"{label}: validation per epoch")
+        measured = [(seconds, epoch["val_accuracy"]) for seconds, epoch in zip(elapsed, history) if epoch["val_accuracy"] is not None]
+        if measured:  # none with --val-every 0
+            axis.plot(*zip(*measured), marker=".", color=colour, label=f"{label}: validation per epoch")
         axis.plot([row["seconds"]], [row["test_tta"]], marker="*", markersize=12, color=colour, linestyle="none",
                   label=f"{label}: test {row['test_tta']:.2%} ({row['tta']} TTA)")
     axis.axhline(0.93, color="grey", linestyle=":", label="93%")

@@ -157,3 +157,15 @@ def test_benchmark_records_a_diverged_run_and_goes_on(monkeypatch, capsys, tmp_p
     assert "diverged" not in learned and learned.count("%") == 5  # the run after the diverged one was trained and measured
     rows = (tmp_path / "bench/runs.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[1].endswith("after epoch 1") and "lr=1e9" in capsys.readouterr().out
+
+
+def test_benchmark_times_a_run_that_measures_nothing_between_epochs(monkeypatch, tmp_path, arrays):
+    from conftest import run_script, write_image_folder
+
+    data_dir = write_image_folder(tmp_path / "data", arrays)
+    status = run_script(monkeypatch, bench_fast.main, "bench_fast.py", "--model", "FastVGG_narrow", "--data-dir", str(data_dir), "--epochs", "2",
+                        "--seeds", "0", "--vary", "val_every=0,1", "--vary", "train_accuracy_sample=0", "--out-dir", str(tmp_path / "bench"))
+    assert status == 0
+    silent, watched = [line for line in (tmp_path / "bench/runs.md").read_text().splitlines() if line.startswith("| val_every=")]
+    assert silent.split(" | ")[4] == "n/a" and watched.split(" | ")[4].endswith("%")  # no validation in the run; one after its last epoch
+    assert silent.count("%") == 4  # validation with the run's TTA and the test set are measured after the run all the same
