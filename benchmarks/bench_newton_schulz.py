@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import engine
 import engine.optimizers as optimizers
 import models  # noqa: F401  (registers every model)
-from functions import write_atomically
+from benchmarks.tables import write_runs
 
 COLUMNS = ("what", "dtype", "ms_per_step")
 
@@ -74,13 +74,8 @@ def main() -> None:
             {"what": "forward and backward of a batch", "dtype": "float32", "ms_per_step": median_ms(training_pass(False), args.rounds, 2)}]
     if bf16:
         rows.append({"what": "forward and backward of a batch", "dtype": "bf16 autocast", "ms_per_step": median_ms(training_pass(True), args.rounds, 2)})
-    out_dir = Path(args.out_dir)
-    engine.write_csv(out_dir / "runs.csv", rows, COLUMNS)
-    lines = [f"{args.model} {options}, batch {batch}; CPU with {cpu_kind}; median of {args.rounds} rounds", "",
-             "| what | dtype | ms per step |", "|---|---|---:|"]
-    lines += [f"| {r['what']} | {r['dtype']} | {r['ms_per_step']:.2f} |" for r in rows]
-    text = "\n".join(lines) + "\n"
-    write_atomically(out_dir / "runs.md", lambda tmp: tmp.write_text(text))
+    text = write_runs(Path(args.out_dir), rows, COLUMNS, f"{args.model} {options}, batch {batch}; CPU with {cpu_kind}; median of {args.rounds} rounds",
+                      {"what": "l", "dtype": "l", "ms per step": "r"}, lambda r: [r["what"], r["dtype"], f"{r['ms_per_step']:.2f}"])
     print(text)
 
 

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 import engine
-from functions import UserError, write_atomically
+from benchmarks.tables import write_runs
+from functions import UserError
 
 SCRIPTS = ("main.py", "modified_models.py", "hyperparameter_tune.py", "transfer_learning.py", "predict.py", "evaluate.py", "tsne.py", "export.py")
 CASES = {"--help": ["--help"], "a flag mistake": ["--no-such-flag"]}
@@ -63,13 +64,9 @@ def main() -> None:
         for case in CASES:
             before, now = (statistics.median(times[name, script, case]) for name in checkouts)
             rows.append({"script": script, "case": case, "before_s": round(before, 2), "now_s": round(now, 2), "ratio": round(now / before, 2)})
-    out_dir = Path(args.out_dir)
-    engine.write_csv(out_dir / "runs.csv", rows, COLUMNS)
-    lines = [f"Median of {args.rounds} warm starts, seconds; before: {args.before}", "",
-             "| script | case | before | now | now / before |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {r['script']} | {r['case']} | {r['before_s']:.2f} | {r['now_s']:.2f} | {r['ratio']:.2f}x |" for r in rows]
-    text = "\n".join(lines) + "\n"
-    write_atomically(out_dir / "runs.md", lambda tmp: tmp.write_text(text))
+    text = write_runs(Path(args.out_dir), rows, COLUMNS, f"Median of {args.rounds} warm starts, seconds; before: {args.before}",
+                      {"script": "l", "case": "l", "before": "r", "now": "r", "now / before": "r"},
+                      lambda r: [r["script"], r["case"], f"{r['before_s']:.2f}", f"{r['now_s']:.2f}", f"{r['ratio']:.2f}x"])
     print(text)
 
 

@@ -16,7 +16,8 @@ import engine.optimizers
 import functions as fn
 import main as main_script
 import modified_models
-from conftest import quick_config
+from benchmarks import bench_newton_schulz
+from conftest import quick_config, run_script
 from models.airbench import AIRBENCH_RECIPE, AirbenchNet, initialize, parameter_groups, whitening_filters
 
 def airbench(split, recipe=AIRBENCH_RECIPE, **options) -> AirbenchNet:
@@ -200,3 +201,11 @@ def test_airbench_options_on_a_model_without_them_are_one_line(monkeypatch, caps
     assert exit_info.value.code == 2 and error.count("\n") == 1 and "whiten is not an option of FastVGG (its options: width)" in error
     assert not (tmp_path / "run").exists()
     assert not (tmp_path / "run").exists()
+
+
+def test_the_newton_schulz_benchmark_times_both_dtypes_beside_a_step(monkeypatch, tmp_path):
+    argv = ["--model", "Airbench94_muon_narrow", "--width", "4", "--rounds", "1", "--out-dir", str(tmp_path)]
+    assert run_script(monkeypatch, bench_newton_schulz.main, "bench_newton_schulz.py", *argv) == 0
+    table = (tmp_path / "runs.md").read_text()
+    assert "| Newton-Schulz, every filter | float32 |" in table and "| Newton-Schulz, every filter | bfloat16 |" in table
+    assert "forward and backward of a batch | float32" in table

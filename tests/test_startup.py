@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 import engine
+from benchmarks import bench_startup
+from conftest import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ("main.py", "modified_models.py", "hyperparameter_tune.py", "transfer_learning.py", "predict.py", "evaluate.py", "tsne.py", "export.py")
@@ -60,3 +62,11 @@ def test_every_name_loaded_on_first_use_is_in_its_module():
         loaded = importlib.import_module(f"engine.{module}")
         for name in names:
             assert getattr(engine, name) is getattr(loaded, name), f"engine.{name} is not engine.{module}.{name}"
+
+
+def test_the_start_up_benchmark_times_both_checkouts_and_refuses_a_folder_that_is_not_one(monkeypatch, tmp_path):
+    argv = ["--before", str(ROOT), "--rounds", "1", "--scripts", "evaluate.py", "--out-dir", str(tmp_path / "bench")]
+    assert run_script(monkeypatch, bench_startup.main, "bench_startup.py", *argv) == 0
+    rows = (tmp_path / "bench/runs.md").read_text().splitlines()
+    assert [row.split(" | ")[1] for row in rows if row.startswith("| evaluate.py")] == ["--help", "a flag mistake"]
+    assert run_script(monkeypatch, bench_startup.main, "bench_startup.py", "--before", str(tmp_path), "--out-dir", str(tmp_path / "b2")) == 2
