@@ -171,7 +171,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         super().__init__()
         self.data, self.batch_size, self.augment, self.seed = data, batch_size, augment, seed
         # Training images measured for the train accuracy after a validated epoch: by default as many as the validation split.
-        self.train_accuracy_sample = len(data.val_images) or TRAIN_ACCURACY_SAMPLE if train_accuracy_sample is None else train_accuracy_sample
+        self.train_accuracy_sample = (len(data.val_images) or TRAIN_ACCURACY_SAMPLE) if train_accuracy_sample is None else train_accuracy_sample
         self.eval_kinds = ("train",) * bool(self.train_accuracy_sample) + ("val",) * bool(len(data.val_images))  # val_dataloader's order
 
     def setup(self, stage: str) -> None:
