@@ -146,11 +146,12 @@ class Lookahead:
 
 def train_and_test(data: engine.SplitData, seed: int, epochs: float, width: int, batch_size: int, device: torch.device,
                    precision: str = "32-true", compile: bool = False, labels: torch.Tensor | None = None, dirac: bool = True,
-                   lr_scale: float = 1.0) -> dict:
+                   lr_scale: float = 1.0, snapshots: list | None = None) -> dict:
     """Train with the whole method, then measure the test set under each TTA mode (and, after the clock, the
     validation images with flip-translate TTA, if there are any); returns the runs.csv row.
 
-    ``labels`` replaces the training labels (random ones for a warm-up run).
+    ``labels`` replaces the training labels (random ones for a warm-up run). ``snapshots``, when given, gets (epoch, seconds
+    on the clock, a copy of the weights) after every epoch: a copy in memory, inside the clock, as our side writes a checkpoint.
     """
     labels = data.train_labels if labels is None else labels
     torch.manual_seed(seed)
@@ -191,6 +192,8 @@ def train_and_test(data: engine.SplitData, seed: int, epochs: float, width: int,
                 lookahead.pull(net, decay)
             if step >= total_steps:
                 break
+        if snapshots is not None:
+            snapshots.append((epoch + 1, time.perf_counter() - started, {key: value.detach().clone() for key, value in net.state_dict().items()}))
         print(f"seed {seed} epoch {epoch + 1}: training loss {loss.item() / batch_size:.4f}, {time.perf_counter() - started:.1f} s", flush=True)
     with autocast:
         test = engine.accuracy_by_tta(net, data.test_images, data.test_labels, data.mean, data.std, tta="flip-translate")

@@ -52,7 +52,7 @@ ON_FIRST_USE = {
     "callbacks": ["DIVERGED_LOSS", "AtomicCheckpointIO", "ConfigInCheckpoint", "DivergenceGuard", "EpochProgressBar", "Lookahead", "RunRecorder",
                   "lookahead_decay"],
     "classifier": ["CIFAR10DataModule", "ImageClassifier", "learning_rate_factor"],
-    "evaluation": ["accuracy_by_tta", "predict", "test_report", "tta_logits"],
+    "evaluation": ["accuracy_by_tta", "least_confident", "predict", "test_report", "tta_logits"],
     "plots": ["plot_comparison", "plot_confusion", "plot_curves", "save_figure"],
     "pretrained": ["torchvision_network", "torchvision_weights"],
     "run": ["Analysis", "Fitted", "finish_run", "fit", "for_model", "model_card", "save_weights", "train"],

@@ -157,6 +157,16 @@ class ValidationSchedule(Callback):
         trainer.check_val_every_n_epoch = 1 if due else trainer.max_epochs + 1
 
 
+class EpochCheckpoints(Callback):
+    """--keep-epoch-checkpoints: after each epoch, a whole checkpoint of its own, epoch-NNN.ckpt (counted from 1, as metrics.csv)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: ImageClassifier) -> None:
+        trainer.save_checkpoint(self.run_dir / f"epoch-{trainer.current_epoch + 1:03d}.ckpt")
+
+
 class AfterValidation(Callback):
     """Hands each epoch's metrics to a plain function once its validation is done (after the divergence guard: never a
     NaN), in the process that reports; what it raises ends the run. Hyperparameter tuning prunes and counts epochs

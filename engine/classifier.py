@@ -68,8 +68,6 @@ class ImageClassifier(pl.LightningModule):
         # Dropout draws from the global generator: seed it per epoch so a resumed run repeats the full one.
         torch.manual_seed(epoch_seed(self.seed, self.current_epoch) + 1)
         self.net.train()  # a network may keep parts in eval mode on purpose (frozen pretrained layers): its own train() knows
-        if hasattr(self.net, "start_epoch"):  # a network that changes itself between epochs (airbench's stem bias stops learning)
-            self.net.start_epoch(self.current_epoch)
         self.train_loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         self.train_count = 0
         self.epoch_started = time.perf_counter()
@@ -77,6 +75,8 @@ class ImageClassifier(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
+        if hasattr(self.net, "training_progress"):  # a network that changes itself as it trains (airbench's stem bias stops learning)
+            self.net.training_progress(self.current_epoch + batch_idx / self.trainer.num_training_batches)
         reduction = self.training_loss_reduction()
         loss = self.loss(self.net(images), labels, reduction)
         self.train_loss_sum += loss.detach() * (labels.numel() if reduction == "mean" else 1)  # no .item(): no device sync per step
@@ -135,7 +135,8 @@ class ImageClassifier(pl.LightningModule):
             filters = [p for group in groups for p in group["params"] if p.ndim == 4]
             groups = [dict(group, params=[p for p in group["params"] if p.ndim != 4]) for group in groups]
             groups = [group for group in groups if group["params"]]
-            groups.append({"params": filters, "lr": r.muon_lr, "momentum": r.muon_momentum, "weight_decay": 0.0, "orthogonalize": True})
+            groups.append({"params": filters, "lr": r.muon_lr, "momentum": r.muon_momentum, "weight_decay": r.muon_weight_decay,
+                           "orthogonalize": True, "renorm_every": r.muon_renorm_every})
         if r.decoupled:  # weight decay per 1,024 examples; PyTorch decays by lr x weight_decay, so divide by the group's lr
             for group in groups:
                 group["weight_decay"] = group.get("weight_decay", r.weight_decay) * r.batch_size / DECOUPLED_EXAMPLES / group.get("lr", r.lr)

@@ -111,6 +111,11 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, recipe: Recipe) -> Non
                        f"at any batch size (default {on_off(r.decoupled)})")
     group.add_argument("--muon-lr", type=positive_float, help=f"with --optimizer muon, the lr of the convolution filters (default {r.muon_lr:g})")
     group.add_argument("--muon-momentum", type=beta, help=f"with --optimizer muon, the filters' Nesterov momentum (default {r.muon_momentum})")
+    group.add_argument("--muon-renorm-every", type=positive_int, metavar="N", help="with --optimizer muon, rescale each filter to "
+                       f"norm sqrt(its output channels) before every N-th step: airbench's 1, hiverge's 8 (default {r.muon_renorm_every})")
+    group.add_argument("--muon-weight-decay", type=non_negative_float, help="with --optimizer muon, the filters' weight decay, read as "
+                       "--weight-decay is (with --decoupled, per 1,024 examples); it matters only between renormalisations, "
+                       f"so with --muon-renorm-every above 1 (default {r.muon_weight_decay:g})")
     group.add_argument("--weight-average", choices=tuple(WEIGHT_AVERAGES), help=f"{choices_help(WEIGHT_AVERAGES)} (default {r.weight_average})")
 
 
@@ -200,6 +205,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, run_name: str) -> None:
     group.add_argument("--train-accuracy-sample", type=non_negative_int, metavar="N",
                        help="training images measured for the training accuracy (unaugmented) when the validation split is; 0: none "
                             "(default: as many as the validation split has, or 5,000 without one)")
+    group.add_argument("--keep-epoch-checkpoints", action="store_true", help="keep every epoch's checkpoint as epoch-001.ckpt, "
+                       "epoch-002.ckpt, ... beside last.ckpt (each a whole checkpoint: evaluate.py --checkpoint measures the network as it "
+                       "was after that epoch), for curves of accuracy against time (default: last.ckpt only)")
     group.add_argument("--profile", action="store_true", help="time each part of the training loop (Lightning's SimpleProfiler: fetching "
                        "batches, forward, backward, optimiser step, validation) and write the table to <run folder>/fit-profile.txt")
     group.add_argument("--logger", choices=tuple(LOGGERS), default="tensorboard",

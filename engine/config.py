@@ -38,7 +38,10 @@ TTA_MODES = {
     "flip": "the image and its mirror image, averaged",
     "flip-translate": "half the flip average, half the flip averages of the image shifted one pixel up-left and one down-right "
                       "(reflect-padded): 6 forward passes",
+    "selective": "the image alone, but for the fifth of each batch the network is least sure of (lowest top probability), "
+                 "flip-translate's six views (hiverge's): 2 forward passes",
 }
+SELECTIVE_FRACTION = 0.2  # of each batch, the least confident images, which selective TTA looks at six ways
 
 
 @dataclass
@@ -61,6 +64,8 @@ class Recipe:
     decoupled: bool = False  # loss summed over the batch, weight decay per 1,024 examples whatever the lr (airbench's form)
     muon_lr: float = 0.24  # with optimizer muon: the lr of the convolution filters, which Muon orthogonalises
     muon_momentum: float = 0.6
+    muon_renorm_every: int = 1  # with optimizer muon: each filter renormalised before every N-th step (airbench: every step)
+    muon_weight_decay: float = 0.0  # with optimizer muon: the filters' decay, read as --weight-decay is (airbench: none)
     weight_average: str = "none"
 
 
@@ -91,6 +96,7 @@ class RunConfig:
     validation: bool = True  # False: train on all 50,000 training images, no validation split (a final run)
     val_every: int = 1  # the evaluation passes after every N-th epoch and the last (0: none); the epochs between record the training loss
     train_accuracy_sample: int | None = None  # training images measured for train accuracy; None: as many as validate, or 5,000
+    keep_epoch_checkpoints: bool = False  # every epoch's checkpoint kept as epoch-NNN.ckpt: accuracy against time, after the run
     profile: bool = False  # Lightning's SimpleProfiler: where the Trainer's time goes, in fit-profile.txt
     val_fraction: float = 0.1  # of the training images, validated on: CIFAR-10's 5,000 of 50,000 (the study's split)
     progress: bool | None = None  # None: progress bars only when the output is a terminal

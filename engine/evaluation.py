@@ -5,6 +5,7 @@ for the transfer-learning feature cache, in the benchmarks, and for a user's own
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -13,16 +14,31 @@ from sklearn import metrics
 from torch import nn
 
 from engine.batches import EVAL_BATCH, EvalBatches
+from engine.config import SELECTIVE_FRACTION
 from engine.progress import watched
 
 
+def least_confident(logits: torch.Tensor, fraction: float = SELECTIVE_FRACTION) -> torch.Tensor:
+    """Whether each image is among the ``fraction`` (rounded up) whose top softmax probability is lowest."""
+    confidence = logits.softmax(1).amax(1)
+    chosen = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
+    chosen[confidence.argsort()[:math.ceil(fraction * len(logits))]] = True
+    return chosen
+
+
 def tta_logits(net: nn.Module, images: torch.Tensor, logits: torch.Tensor, mode: str) -> dict[str, torch.Tensor]:
-    """The scores under each test-time augmentation of TTA_MODES up to ``mode``, in that order.
+    """The scores under each test-time augmentation of TTA_MODES up to ``mode``, in that order (selective after
+    flip-translate: from its views, at no cost; or, asked alone, from the views of its least confident images only).
 
     ``logits`` are the scores of ``images`` themselves; each mode reuses the views of the one before.
     """
     scores = {"none": logits}
     if mode == "none":
+        return scores
+    if mode == "selective":
+        unsure = least_confident(logits)
+        scores["selective"] = logits.clone()
+        scores["selective"][unsure] = tta_logits(net, images[unsure], logits[unsure], "flip-translate")["flip-translate"]
         return scores
 
     def with_mirror(x: torch.Tensor, x_scores: torch.Tensor) -> torch.Tensor:
@@ -34,6 +50,7 @@ def tta_logits(net: nn.Module, images: torch.Tensor, logits: torch.Tensor, mode:
     padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
     shifted = [padded[:, :, :-2, :-2], padded[:, :, 2:, 2:]]  # content moved one pixel down-right, one up-left
     scores["flip-translate"] = (scores["flip"] + sum(with_mirror(x, net(x).float()) for x in shifted) / 2) / 2
+    scores["selective"] = torch.where(least_confident(logits).unsqueeze(1), scores["flip-translate"], logits)
     return scores
 
 

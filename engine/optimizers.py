@@ -42,13 +42,20 @@ def orthogonalize(matrix: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS, dtype:
 
 
 class MuonSGD(torch.optim.Optimizer):
-    """Per group: ``orthogonalize`` True, Muon (Nesterov momentum, filter renormalised to norm sqrt(out channels), the
-    orthogonalised update times lr); else SGD with Nesterov momentum and weight decay. ``newton_schulz_dtype``: the
-    iterations' precision (``newton_schulz_dtype(device)``)."""
+    """Per group: ``orthogonalize`` True, Muon (Nesterov momentum, the filter renormalised to norm sqrt(out channels) before
+    every ``renorm_every``-th step, the orthogonalised update times lr, then the filter shrunk by lr x weight decay); else
+    SGD with Nesterov momentum and weight decay. airbench renormalises every step, so its Muon needs no weight decay;
+    hiverge renormalises every 8th and decays the filters between. ``newton_schulz_dtype``: the iterations' precision
+    (``newton_schulz_dtype(device)``)."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float = 0.0, newton_schulz_dtype: torch.dtype = torch.bfloat16):
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "orthogonalize": False})
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "orthogonalize": False, "renorm_every": 1})
         self.newton_schulz_dtype = newton_schulz_dtype
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # a checkpoint written before renorm_every was a setting renormalised every step
+            group.setdefault("renorm_every", 1)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -66,7 +73,13 @@ class MuonSGD(torch.optim.Optimizer):
                 buffer.mul_(momentum).add_(grad)
                 update = grad.add(buffer, alpha=momentum)  # Nesterov
                 if group["orthogonalize"]:
-                    p.mul_(len(p) ** 0.5 / p.norm())  # each step from the same scale: the lr alone sets the step
+                    steps = self.state[p]["steps"] = self.state[p].get("steps", 0) + 1
+                    if steps % group["renorm_every"] == 0:
+                        p.mul_(len(p) ** 0.5 / p.norm())  # the steps from the same scale: the lr alone sets their size
                     update = orthogonalize(update.reshape(len(update), -1), dtype=self.newton_schulz_dtype).view_as(p)
-                p.add_(update, alpha=-lr)
+                    p.add_(update, alpha=-lr)
+                    if group["weight_decay"]:
+                        p.mul_(1 - lr * group["weight_decay"])
+                else:
+                    p.add_(update, alpha=-lr)
         return loss

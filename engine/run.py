@@ -23,8 +23,8 @@ from lightning.pytorch.profilers import SimpleProfiler
 from torch import nn
 
 from engine.batches import SplitData, load_split
-from engine.callbacks import (AfterValidation, AtomicCheckpointIO, ConfigInCheckpoint, DivergenceGuard, EpochProgressBar, Lookahead, RunRecorder,
-                              ValidationSchedule)
+from engine.callbacks import (AfterValidation, AtomicCheckpointIO, ConfigInCheckpoint, DivergenceGuard, EpochCheckpoints, EpochProgressBar,
+                              Lookahead, RunRecorder, ValidationSchedule)
 from engine.card import ModelCard, git_commit, library_versions
 from engine.checkpoints import resume_checkpoint, saved_progress
 from engine.classifier import CIFAR10DataModule, ImageClassifier
@@ -158,6 +158,8 @@ def fit(config: RunConfig, model: ModelSpec, data: SplitData, after_validation: 
         # Two checkpoints: Lightning's save_last writes last.ckpt only in epochs where the monitored one saved.
         all_callbacks += [ConfigInCheckpoint(config, card),
                           ModelCheckpoint(dirpath=run_dir, filename="last", save_on_train_epoch_end=True, enable_version_counter=False)]
+        if config.keep_epoch_checkpoints:
+            all_callbacks.append(EpochCheckpoints(run_dir))
         if config.validation:  # the best epoch is the one with the lowest validation loss: none without validation
             all_callbacks.append(ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val_loss", mode="min",
                                                  enable_version_counter=False))

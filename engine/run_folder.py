@@ -22,7 +22,7 @@ from functions import UserError, is_temporary_copy, write_atomically
 
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr", "seconds")
 RESULT_FILES = ("metrics.csv", "last.ckpt", "best.ckpt", "model.pth", "test.json")
-RUN_OUTPUTS = ("config.json", "model.json", *RESULT_FILES, "curves.png", "confusion_matrix.png", "tsne_*.png", "tsne_*.npz", "tsne_metrics.json",
+RUN_OUTPUTS = ("config.json", "model.json", *RESULT_FILES, "epoch-*.ckpt", "curves.png", "confusion_matrix.png", "tsne_*.png", "tsne_*.npz", "tsne_metrics.json",
                "tensorboard", "csv_log", "evaluation-*.json", "evaluation-*-confusion.png",
                "*.onnx", "*.onnx.json", "*.pt2", "*.pt2.json")  # export.py's files of the run's weights: stale once these are replaced
 MIN_FREE_BYTES = 100 * 2**20  # a few checkpoints of the largest network here, written through temporary copies

@@ -26,7 +26,7 @@ from functions import UserError
 
 # What --resume may change, and what it records as a change: how the remaining epochs run, not what they mean.
 RESUME_MAY_CHANGE = ("epochs", "device", "devices", "strategy", "num_nodes", "precision", "compile", "num_workers", "progress", "logger",
-                     "val_every", "train_accuracy_sample", "profile", "tsne", "tsne_samples", "tsne_method")
+                     "val_every", "train_accuracy_sample", "keep_epoch_checkpoints", "profile", "tsne", "tsne_samples", "tsne_method")
 NOT_COMPARED = ("out_dir", "resume", "overwrite", "config", "changes")  # where and whether a run goes: never a setting of its own
 
 

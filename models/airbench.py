@@ -50,7 +50,8 @@ AIRBENCH_OPTIONS = (
                 "learning for --whiten-bias-epochs"),
     ModelOption("whiten_images", int, 5000, "training images whose 2x2 patches give the whitening filters (5,000 give 4.8 million "
                 "patches: plenty for a 12x12 covariance)", low=1, high=1_000_000),
-    ModelOption("whiten_bias_epochs", int, 3, "epochs the whitening stem's bias learns before it freezes with the stem", low=0, high=1000),
+    ModelOption("whiten_bias_epochs", float, 3.0, "epochs the whitening stem's bias learns before it freezes with the stem (a fraction "
+                "counts steps: 0.2 is the first fifth of the first epoch, hiverge's)", low=0, high=1000),
     ModelOption("dirac", bool, True, "the other convolutions start as identities on their first channels"),
     ModelOption("freeze_norm_weights", bool, True, "BatchNorm weights stay 1, only the biases learn"),
     ModelOption("norm_bias_lr_scale", float, 0.053 / 0.67, "BatchNorm biases (and the stem's) learn at this multiple of --lr "
@@ -74,7 +75,7 @@ class AirbenchNet(nn.Module):
     treat the network (see the module's docstring); the network keeps them.
     """
 
-    def __init__(self, width: int = 64, whiten: bool = True, whiten_images: int = 5000, whiten_bias_epochs: int = 3, dirac: bool = True,
+    def __init__(self, width: int = 64, whiten: bool = True, whiten_images: int = 5000, whiten_bias_epochs: float = 3.0, dirac: bool = True,
                  freeze_norm_weights: bool = True, norm_bias_lr_scale: float = 0.053 / 0.67, num_classes: int = 10):
         super().__init__()
         widths = (width, 4 * width, 4 * width)
@@ -96,10 +97,10 @@ class AirbenchNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.forward_features(x))
 
-    def start_epoch(self, epoch: int) -> None:
-        """The engine calls this as each epoch starts."""
+    def training_progress(self, epochs: float) -> None:
+        """The engine calls this before each training step with the epochs done so far (1.5: half-way through the second)."""
         if self.whitened:
-            self.whiten.bias.requires_grad_(epoch < self.whiten_bias_epochs)
+            self.whiten.bias.requires_grad_(epochs < self.whiten_bias_epochs)
 
 
 def whitening_filters(images: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Tensor:

@@ -42,7 +42,7 @@ def test_the_whitening_images_and_the_stem_bias_epochs_are_options(split):
     images = fn.normalize(split.train_images[:40].float() / 255, split.mean, split.std)
     torch.testing.assert_close(net.whiten.weight, whitening_filters(images))  # the first 40 images, not 5,000
     assert not torch.allclose(net.whiten.weight, airbench(split).whiten.weight)
-    assert [(net.start_epoch(epoch), net.whiten.bias.requires_grad)[1] for epoch in range(3)] == [True, False, False]
+    assert [(net.training_progress(epoch), net.whiten.bias.requires_grad)[1] for epoch in range(3)] == [True, False, False]
     options = engine.model_spec("Airbench94_muon").resolve("Airbench94_muon", {"whiten_bias_epochs": 0}, "the test")
     assert options["whiten_images"] == 5000 and options["whiten_bias_epochs"] == 0
 
@@ -52,10 +52,10 @@ def test_the_whitened_stem_is_frozen_and_its_bias_learns_three_epochs(split):
     images = fn.normalize(split.train_images[:5000].float() / 255, split.mean, split.std)
     torch.testing.assert_close(net.whiten.weight, whitening_filters(images))
     assert not net.whiten.weight.requires_grad and not net.whiten.bias.any()
-    assert [(net.start_epoch(epoch), net.whiten.bias.requires_grad)[1] for epoch in range(5)] == [True, True, True, False, False]
+    assert [(net.training_progress(epoch), net.whiten.bias.requires_grad)[1] for epoch in range(5)] == [True, True, True, False, False]
     plain = airbench(split, whiten=False)
     assert plain.whiten.weight.requires_grad and not torch.allclose(plain.whiten.weight, net.whiten.weight)
-    assert [(plain.start_epoch(epoch), plain.whiten.bias.requires_grad)[1] for epoch in range(5)] == [True] * 5
+    assert [(plain.training_progress(epoch), plain.whiten.bias.requires_grad)[1] for epoch in range(5)] == [True] * 5
 
 
 def test_dirac_initialisation_passes_the_input_through_an_identity_shaped_conv(split):

@@ -118,8 +118,23 @@ def test_the_side_by_side_gives_the_yardstick_its_tuned_settings_and_reports_val
             "--epochs", "1", "--reference-epochs", "1", "--reference-batch-size", "32", "--reference-no-dirac", "--reference-lr-scale", "0.5",
             "--out-dir", str(tmp_path)]
     assert run_script(monkeypatch, versus.main, "bench_versus_airbench.py", *argv) == 0
-    assert seen == [{"dirac": False, "lr_scale": 0.5}]
+    assert seen == [{"dirac": False, "lr_scale": 0.5, "snapshots": None}]
     rows = list(csv.DictReader(open(tmp_path / "runs.csv")))
     assert [row["method"] for row in rows] == ["airbench94 (yardstick, tuned)", "Airbench94_muon_narrow (ours)"]
     assert all(0 <= float(row["val_flip_translate"]) <= 1 for row in rows)
     assert "validation (flip-translate TTA)" in (tmp_path / "runs.md").read_text()
+
+
+def test_the_curve_measures_every_epochs_weights_of_both_sides_after_the_clock(monkeypatch, tmp_path, image_folder):
+    argv = ["--data-dir", str(image_folder), "--device", "cpu", "--model", "Airbench94_muon_narrow", "--width", "8", "--seeds", "0",
+            "--epochs", "2", "--reference-epochs", "2", "--reference-batch-size", "32", "--curve", "--out-dir", str(tmp_path)]
+    assert run_script(monkeypatch, versus.main, "bench_versus_airbench.py", *argv) == 0
+    rows = {row["method"]: row for row in csv.DictReader(open(tmp_path / "runs.csv"))}
+    points = list(csv.DictReader(open(tmp_path / "curve.csv")))
+    for method, row in rows.items():
+        curve = [p for p in points if p["method"] == method]
+        assert [p["epoch"] for p in curve] == ["1", "2"]
+        assert 0 < float(curve[0]["seconds"]) < float(curve[1]["seconds"]) <= float(row["seconds"])
+        assert curve[-1]["test_flip_translate"] == row["test_flip_translate"]  # the last epoch's weights are the run's final ones
+    assert sorted(path.name for path in (tmp_path / "runs/ours-seed0").glob("epoch-*.ckpt")) == ["epoch-001.ckpt", "epoch-002.ckpt"]
+    assert (tmp_path / "time_to_accuracy.png").stat().st_size > 10_000

@@ -154,7 +154,7 @@ def test_benchmark_records_a_diverged_run_and_goes_on(monkeypatch, capsys, tmp_p
     table = (tmp_path / "bench/runs.md").read_text().splitlines()
     diverged, learned = [line for line in table if line.startswith("| lr=")]
     assert "diverged: the training loss" in diverged or "diverged: the validation loss" in diverged
-    assert "diverged" not in learned and learned.count("%") == 5  # the run after the diverged one was trained and measured
+    assert "diverged" not in learned and learned.count("%") == 6  # the run after the diverged one was trained and measured
     rows = (tmp_path / "bench/runs.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[1].endswith("after epoch 1") and "lr=1e9" in capsys.readouterr().out
 
@@ -168,4 +168,4 @@ def test_benchmark_times_a_run_that_measures_nothing_between_epochs(monkeypatch,
     assert status == 0
     silent, watched = [line for line in (tmp_path / "bench/runs.md").read_text().splitlines() if line.startswith("| val_every=")]
     assert silent.split(" | ")[4] == "n/a" and watched.split(" | ")[4].endswith("%")  # no validation in the run; one after its last epoch
-    assert silent.count("%") == 4  # validation with the run's TTA and the test set are measured after the run all the same
+    assert silent.count("%") == 5  # validation with the run's TTA and the test set are measured after the run all the same

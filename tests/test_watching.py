@@ -92,3 +92,19 @@ def test_curves_have_whole_epoch_ticks_and_one_epoch_is_no_plural(tmp_path, spli
                         {"epoch": 2, "train_loss": 1.5, "val_loss": 1.7, "train_accuracy": 0.4, "val_accuracy": 0.35}],
                        tmp_path / "curves.png", "two epochs")
     assert all(tick == int(tick) for axis in drawn[0].axes for tick in axis.get_xticks())
+
+
+def test_every_epochs_checkpoint_is_kept_when_asked_and_an_overwrite_removes_them(monkeypatch, tmp_path, data_dir):
+    run = tmp_path / "run"
+    argv = ["--data-dir", str(data_dir), "--epochs", "2", "--batch-size", "32", "--augment", "none", "--no-tsne", "--device", "cpu",
+            "--logger", "none", "--out-dir", str(run)]
+    assert run_main(monkeypatch, *argv, "--keep-epoch-checkpoints") == 0
+    assert sorted(path.name for path in run.glob("epoch-*.ckpt")) == ["epoch-001.ckpt", "epoch-002.ckpt"]
+    final = torch.load(run / "model.pth", weights_only=True)
+    after = {epoch: engine.weights_in(engine.read_checkpoint(run / f"epoch-00{epoch}.ckpt"), run) for epoch in (1, 2)}
+    assert all(torch.equal(after[2][key], final[key]) for key in final)  # the last epoch's checkpoint is the final network
+    assert not all(torch.equal(after[1][key], final[key]) for key in final)
+    assert engine.read_checkpoint(run / "epoch-001.ckpt")["epoch"] == 0  # Lightning's count (from 0) inside: written after the 1st
+    assert json.loads((run / "config.json").read_text())["keep_epoch_checkpoints"] is True
+    assert run_main(monkeypatch, *argv, "--overwrite") == 0
+    assert not list(run.glob("epoch-*.ckpt"))  # the replaced run's checkpoints went with it
