@@ -164,7 +164,7 @@ class EpochCheckpoints(Callback):
         self.run_dir = run_dir
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: ImageClassifier) -> None:
-        trainer.save_checkpoint(self.run_dir / f"epoch-{trainer.current_epoch + 1:03d}.ckpt")
+        trainer.save_checkpoint(self.run_dir / f"epoch-{trainer.current_epoch + 1:03d}.ckpt", weights_only=False)  # whole, as last.ckpt
 
 
 class AfterValidation(Callback):
