@@ -7,7 +7,8 @@
 Muon orthogonalises every convolution filter's update at every step (engine/optimizers.py). On a GPU and on a CPU with
 bf16 instructions (AVX512-BF16, AMX) airbench runs the iterations in bf16; a CPU with AVX2 only emulates bf16, and
 the engine then runs them in float32 (``newton_schulz_dtype``). This times, side by side in one process, the
-iterations over the model's filters in each dtype, and one forward and backward pass of a training batch (float32,
+iterations over the model's filters in each dtype (one filter at a time, and those of one shape stacked into one
+call, ``--muon-batched``), and one forward and backward pass of a training batch (float32,
 and bf16 autocast where the device computes bf16), each the median of --rounds rounds. It says which kind of CPU (or
 which GPU) it ran on. Writes runs.csv and runs.md into --out-dir.
 """
@@ -77,11 +78,12 @@ def main() -> None:
             net.zero_grad(set_to_none=True)
         return work
 
-    def newton_schulz(dtype: torch.dtype):
-        return lambda: [optimizers.orthogonalize(matrix, dtype=dtype) for matrix in filters]
+    def newton_schulz(dtype: torch.dtype, batched: bool):
+        return lambda: optimizers.orthogonalize_each(filters, dtype, batched)
 
-    rows = [{"what": "Newton-Schulz, every filter", "dtype": dtype_name, "ms_per_step": median_ms(newton_schulz(dtype), args.rounds, 20, device)}
-            for dtype_name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))]
+    rows = [{"what": "Newton-Schulz, every filter" + (", one call per shape (--muon-batched)" if batched else ""), "dtype": dtype_name,
+             "ms_per_step": median_ms(newton_schulz(dtype, batched), args.rounds, 20, device)}
+            for dtype_name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)) for batched in (False, True)]
     rows.append({"what": "forward and backward of a batch", "dtype": "float32", "ms_per_step": median_ms(training_pass(False), args.rounds, 2, device)})
     if bf16:
         rows.append({"what": "forward and backward of a batch", "dtype": "bf16 autocast",

@@ -146,7 +146,8 @@ class ImageClassifier(pl.LightningModule):
         r = self.recipe
         groups = self.optimizer_groups()
         if r.optimizer == "muon":
-            return MuonSGD(groups, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay, newton_schulz_dtype=newton_schulz_dtype(self.device))
+            return MuonSGD(groups, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay, newton_schulz_dtype=newton_schulz_dtype(self.device),
+                           batched=r.muon_batched)
         if r.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, nesterov=True, weight_decay=r.weight_decay)
         optimizer_class = torch.optim.AdamW if r.optimizer == "adamw" else torch.optim.Adam

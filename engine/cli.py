@@ -116,6 +116,9 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, recipe: Recipe) -> Non
     group.add_argument("--muon-weight-decay", type=non_negative_float, help="with --optimizer muon, the filters' weight decay, read as "
                        "--weight-decay is (with --decoupled, per 1,024 examples); it matters only between renormalisations, "
                        f"so with --muon-renorm-every above 1 (default {r.muon_weight_decay:g})")
+    group.add_argument("--muon-batched", action=argparse.BooleanOptionalAction, help="with --optimizer muon, orthogonalise the filters of "
+                       "one shape together, in one stacked call: the same arithmetic in fewer, larger products, which pays where "
+                       f"launching work costs (a GPU) (default {on_off(r.muon_batched)})")
     group.add_argument("--weight-average", choices=tuple(WEIGHT_AVERAGES), help=f"{choices_help(WEIGHT_AVERAGES)} (default {r.weight_average})")
 
 

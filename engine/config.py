@@ -66,6 +66,7 @@ class Recipe:
     muon_momentum: float = 0.6
     muon_renorm_every: int = 1  # with optimizer muon: each filter renormalised before every N-th step (airbench: every step)
     muon_weight_decay: float = 0.0  # with optimizer muon: the filters' decay, read as --weight-decay is (airbench: none)
+    muon_batched: bool = False  # with optimizer muon: the filters of one shape orthogonalised in one call (hiverge's; the same arithmetic)
     weight_average: str = "none"
 
 

@@ -28,17 +28,33 @@ def newton_schulz_dtype(device: torch.device) -> torch.dtype:
 
 
 def orthogonalize(matrix: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """``matrix`` with its singular values pushed towards 1 (U V^T of its SVD, approximately), computed in ``dtype``."""
+    """``matrix`` with its singular values pushed towards 1 (U V^T of its SVD, approximately), computed in ``dtype``;
+    given a stack of matrices (the last two dimensions), each of them."""
     a, b, c = NEWTON_SCHULZ
     x = matrix.to(dtype)
-    x = x / (x.norm() + 1e-7)  # the largest singular value at most 1, where the iteration converges
-    wide = x.size(0) <= x.size(1)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # the largest singular value at most 1, where the iteration converges
+    wide = x.size(-2) <= x.size(-1)
     if not wide:
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x if wide else x.T).to(matrix.dtype)
+    return (x if wide else x.mT).to(matrix.dtype)
+
+
+def orthogonalize_each(matrices: list[torch.Tensor], dtype: torch.dtype, batched: bool = False) -> list[torch.Tensor]:
+    """``orthogonalize`` of every matrix: one at a time, or (``batched``, hiverge's) those of one shape stacked into one
+    call, the same arithmetic in fewer, larger products (fewer kernel launches on a GPU)."""
+    if not batched:
+        return [orthogonalize(matrix, dtype=dtype) for matrix in matrices]
+    result: list[torch.Tensor] = [torch.empty(0)] * len(matrices)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for index, matrix in enumerate(matrices):
+        by_shape.setdefault(tuple(matrix.shape), []).append(index)
+    for indices in by_shape.values():
+        for index, matrix in zip(indices, orthogonalize(torch.stack([matrices[i] for i in indices]), dtype=dtype).unbind()):
+            result[index] = matrix
+    return result
 
 
 class MuonSGD(torch.optim.Optimizer):
@@ -48,9 +64,10 @@ class MuonSGD(torch.optim.Optimizer):
     hiverge renormalises every 8th and decays the filters between. ``newton_schulz_dtype``: the iterations' precision
     (``newton_schulz_dtype(device)``)."""
 
-    def __init__(self, params, lr: float, momentum: float, weight_decay: float = 0.0, newton_schulz_dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float = 0.0, newton_schulz_dtype: torch.dtype = torch.bfloat16,
+                 batched: bool = False):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "orthogonalize": False, "renorm_every": 1})
-        self.newton_schulz_dtype = newton_schulz_dtype
+        self.newton_schulz_dtype, self.batched = newton_schulz_dtype, batched
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -65,21 +82,23 @@ class MuonSGD(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params, updates = [p for p in group["params"] if p.grad is not None], []
+            for p in params:
                 grad = p.grad if group["orthogonalize"] else p.grad.add(p, alpha=group["weight_decay"])
                 buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
                 buffer.mul_(momentum).add_(grad)
-                update = grad.add(buffer, alpha=momentum)  # Nesterov
-                if group["orthogonalize"]:
-                    steps = self.state[p]["steps"] = self.state[p].get("steps", 0) + 1
-                    if steps % group["renorm_every"] == 0:
-                        p.mul_(len(p) ** 0.5 / p.norm())  # the steps from the same scale: the lr alone sets their size
-                    update = orthogonalize(update.reshape(len(update), -1), dtype=self.newton_schulz_dtype).view_as(p)
+                updates.append(grad.add(buffer, alpha=momentum))  # Nesterov
+            if not group["orthogonalize"]:
+                for p, update in zip(params, updates):
                     p.add_(update, alpha=-lr)
-                    if group["weight_decay"]:
-                        p.mul_(1 - lr * group["weight_decay"])
-                else:
-                    p.add_(update, alpha=-lr)
+                continue
+            for p in params:
+                steps = self.state[p]["steps"] = self.state[p].get("steps", 0) + 1
+                if steps % group["renorm_every"] == 0:
+                    p.mul_(len(p) ** 0.5 / p.norm())  # the steps from the same scale: the lr alone sets their size
+            matrices = orthogonalize_each([update.reshape(len(update), -1) for update in updates], self.newton_schulz_dtype, self.batched)
+            for p, update in zip(params, matrices):
+                p.add_(update.view_as(p), alpha=-lr)
+                if group["weight_decay"]:
+                    p.mul_(1 - lr * group["weight_decay"])
         return loss

@@ -1,5 +1,6 @@
 """hiverge's changes to airbench's method, each an option: brightness and contrast jitter, the stem bias for a fraction of an
-epoch, Muon's filters renormalised every N-th step with weight decay between, and the benchmark that measures each alone."""
+epoch, Muon's filters renormalised every N-th step with weight decay between, batched Newton-Schulz, selective TTA, and the
+benchmark that measures each alone."""
 from __future__ import annotations
 
 import json
@@ -82,6 +83,29 @@ def test_muon_renormalises_every_nth_step_and_decays_the_filters_between():
     torch.testing.assert_close(decayed.detach(), plain.detach() * (1 - 0.1 * 0.5))  # lr x weight decay, after the step
 
 
+def test_batched_newton_schulz_is_the_same_arithmetic_in_one_call_per_shape(monkeypatch):
+    matrices = [torch.randn(*shape, generator=torch.Generator().manual_seed(k)) for k, shape in enumerate([(8, 72), (16, 72), (8, 72), (72, 8)])]
+    alone = [engine.optimizers.orthogonalize(m, dtype=torch.float32) for m in matrices]
+    calls = []
+    real = engine.optimizers.orthogonalize
+    monkeypatch.setattr(engine.optimizers, "orthogonalize", lambda x, **kw: calls.append(tuple(x.shape)) or real(x, **kw))
+    together = engine.optimizers.orthogonalize_each(matrices, torch.float32, batched=True)
+    assert sorted(calls) == [(1, 16, 72), (1, 72, 8), (2, 8, 72)]  # the two 8 x 72 matrices in one call
+    for one, other in zip(alone, together):
+        torch.testing.assert_close(one, other, rtol=1e-5, atol=1e-6)
+    weights = {batched: [torch.nn.Parameter(torch.randn(*shape, generator=torch.Generator().manual_seed(k)))
+                         for k, shape in enumerate([(8, 8, 3, 3), (8, 8, 3, 3), (16, 8, 3, 3)])] for batched in (False, True)}
+    for batched, params in weights.items():
+        optimizer = engine.optimizers.MuonSGD([{"params": params, "orthogonalize": True, "lr": 0.1, "momentum": 0.6}], lr=1.0, momentum=0.9,
+                                              newton_schulz_dtype=torch.float32, batched=batched)
+        for step in range(2):
+            for k, p in enumerate(params):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * step + k))
+            optimizer.step()
+    for one, other in zip(weights[False], weights[True]):
+        torch.testing.assert_close(one.detach(), other.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_muon_counts_its_steps_across_a_resume_and_reads_older_checkpoints():
     grads = [torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(k)) for k in range(3)]
     start = torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(9)) * 5
@@ -112,15 +136,17 @@ def test_the_muon_flags_reach_the_optimiser_and_config_json_and_bad_values_are_o
     assert code == 2 and "argument --muon-weight-decay:" in err and not out.exists()
     code, _, _ = run_command(modified_models, monkeypatch, capsys, "--model", "Airbench94_muon_narrow", "--data-dir", data_dir, "--width", "8",
                              "--epochs", "1", "--batch-size", "64", "--muon-renorm-every", "8", "--muon-weight-decay", "2.2e-4",
-                             "--augment", "alternating-jitter", "--whiten-bias-epochs", "0.2", "--no-tsne", "--logger", "none", "--out-dir", out)
+                             "--augment", "alternating-jitter", "--whiten-bias-epochs", "0.2", "--muon-batched", "--no-tsne", "--logger", "none",
+                             "--out-dir", out)
     assert code == 0
     config = json.loads((out / "config.json").read_text())
     assert config["recipe"]["muon_renorm_every"] == 8 and config["recipe"]["muon_weight_decay"] == 2.2e-4
     assert config["recipe"]["augment"] == "alternating-jitter" and config["model_options"]["whiten_bias_epochs"] == 0.2
     module = engine.ImageClassifier(AirbenchNet(width=8), engine.Recipe(**{**config["recipe"], "betas": tuple(config["recipe"]["betas"])}),
                                     seed=0, steps_per_epoch=4, parameter_groups=engine.model_spec("Airbench94_muon_narrow").parameter_groups)
-    filters = module.configure_optimizers()["optimizer"].param_groups[-1]
-    assert filters["orthogonalize"] and filters["renorm_every"] == 8
+    optimizer = module.configure_optimizers()["optimizer"]
+    filters = optimizer.param_groups[-1]
+    assert filters["orthogonalize"] and filters["renorm_every"] == 8 and optimizer.batched and config["recipe"]["muon_batched"]
     assert filters["lr"] * filters["weight_decay"] == pytest.approx(2.2e-4 * 64 / 1024)  # --decoupled: per 1,024 examples
 
 
