@@ -78,10 +78,10 @@ def run_reference(data: engine.SplitData, seed: int, args: argparse.Namespace, p
     row = reference.train_and_test(data, seed, args.reference_epochs, args.width, args.reference_batch_size, device, precision, args.compile,
                                    dirac=args.reference_dirac, lr_scale=args.reference_lr_scale, snapshots=snapshots)
     steps = math.ceil(len(data.train_images) // args.reference_batch_size * args.reference_epochs)
-    flops = training_step_flops(reference.airbench_net(args.width, torch.randn(8, 3, 32, 32)), args.reference_batch_size, device)
+    net = reference.airbench_net(args.width, torch.randn(8, 3, 32, 32), args.reference_dirac)  # counts the FLOPs, then takes each epoch's weights
+    flops = training_step_flops(net, args.reference_batch_size, device)
     tuned = args.reference_batch_size != 1024 or not args.reference_dirac or args.reference_lr_scale != 1
     method = "airbench94 (yardstick" + (", tuned)" if tuned else ")")
-    net = reference.airbench_net(args.width, torch.randn(8, 3, 32, 32), args.reference_dirac)
     return ({"method": method, "seed": seed, "width": args.width, "train_images": row["train_images"], "epochs": row["epochs"],
              "batch_size": row["batch_size"], "precision": precision, "seconds": row["seconds"], "steps": steps,
              "ms_per_step": round(1000 * row["seconds"] / steps, 1), "training_pflops": round(flops * steps / 1e15, 4),
