@@ -8,7 +8,8 @@
 
 Every run trains through the engine exactly as ``modified_models --model <name>`` does, so the
 time includes what a user's run includes (the per-epoch validation, the checkpoints), but not the
-data loading, which happens once. After each run it measures validation accuracy with the run's TTA
+data loading, which happens once. The variants take turns, seed by seed (every variant's seed 0, then
+every variant's seed 1...), so a machine that slows down mid-benchmark slows them all alike. After each run it measures validation accuracy with the run's TTA
 (the number to choose settings by) and test accuracy under each TTA mode (none, flip, flip-translate, and selective:
 flip-translate for the least confident fifth only), from one forward pass of each view. A run that diverges is a row that says so, and the benchmark goes on.
 
@@ -166,7 +167,8 @@ def write_table(rows: list[dict], out_dir: Path, title: str) -> str:
     engine.write_csv(out_dir / "runs.csv", rows, COLUMNS)
     lines = [title, "", "| variant | seed | epochs | seconds | val acc | val acc (run's TTA) | test acc | test (flip TTA) | test (flip-translate TTA) "
              "| test (selective TTA) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
+    order = list(dict.fromkeys(r["variant"] for r in rows))
+    for r in sorted(rows, key=lambda r: order.index(r["variant"])):  # run in turns, shown variant by variant
         accuracies = (f"diverged: {r['diverged']} |" + " |" * (len(ACCURACY_COLUMNS) - 1) if r["diverged"]
                       else " | ".join(percent(r[key]) for key in ACCURACY_COLUMNS) + " |")
         lines.append(f"| {r['variant']}{' (first run, compiles)' if r['first_run'] else ''} | {r['seed']} | {r['epochs']} | {r['seconds']:.1f} | "
@@ -246,8 +248,8 @@ def main() -> None:
              + (", compiled" if args.compile and "compile" not in varied else ""))
     rows, curves = [], []
     compiled = set()  # precisions already compiled for: later runs reuse the compiled code
-    for name, config in configs.items():
-        for seed in args.seeds:
+    for seed in args.seeds:  # variants interleaved, seed by seed: the machine's drift falls on every variant alike
+        for name, config in configs.items():
             first_run = config.compile and config.precision not in compiled
             if config.compile:
                 compiled.add(config.precision)

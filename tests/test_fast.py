@@ -169,3 +169,16 @@ def test_benchmark_times_a_run_that_measures_nothing_between_epochs(monkeypatch,
     silent, watched = [line for line in (tmp_path / "bench/runs.md").read_text().splitlines() if line.startswith("| val_every=")]
     assert silent.split(" | ")[4] == "n/a" and watched.split(" | ")[4].endswith("%")  # no validation in the run; one after its last epoch
     assert silent.count("%") == 5  # validation with the run's TTA and the test set are measured after the run all the same
+
+
+def test_benchmark_runs_the_variants_in_turns_seed_by_seed(monkeypatch, tmp_path, arrays):
+    from conftest import run_script, write_image_folder
+
+    data_dir = write_image_folder(tmp_path / "data", arrays)
+    status = run_script(monkeypatch, bench_fast.main, "bench_fast.py", "--model", "FastVGG_narrow", "--data-dir", str(data_dir), "--epochs", "1",
+                        "--limit-train", "64", "--seeds", "0", "1", "--vary", "lr=0.05,0.1", "--out-dir", str(tmp_path / "bench"))
+    assert status == 0
+    ran = [line.split(",")[:2] for line in (tmp_path / "bench/runs.csv").read_text().splitlines()[1:]]
+    assert ran == [["lr=0.05", "0"], ["lr=0.1", "0"], ["lr=0.05", "1"], ["lr=0.1", "1"]]  # drift falls on both variants alike
+    shown = [line.split(" | ")[:2] for line in (tmp_path / "bench/runs.md").read_text().splitlines() if line.startswith("| lr=")]
+    assert shown == [["| lr=0.05", "0"], ["| lr=0.05", "1"], ["| lr=0.1", "0"], ["| lr=0.1", "1"]]  # the table reads variant by variant
