@@ -151,8 +151,13 @@ def test_the_muon_flags_reach_the_optimiser_and_config_json_and_bad_values_are_o
 
 
 def test_the_benchmark_offers_each_hiverge_change_for_airbench_models_only(monkeypatch, capsys, tmp_path, split):
-    spec = engine.model_spec("Airbench94_muon_narrow")
-    base = engine.RunConfig(model="Airbench94_muon_narrow", model_options=spec.resolve("Airbench94_muon_narrow", {}, "defaults"), recipe=spec.recipe)
+    def recipe_of(model):
+        spec = engine.model_spec(model)
+        return engine.RunConfig(model=model, model_options=spec.resolve(model, {}, "defaults"), recipe=spec.recipe)
+
+    base, narrow = recipe_of("Airbench94_muon"), recipe_of("Airbench94_muon_narrow")
+    assert list(bench_fast.hiverge_changes(base)) == list(bench_fast.HIVERGE_CHANGES)
+    assert set(bench_fast.HIVERGE_CHANGES) - set(bench_fast.hiverge_changes(narrow)) == {"stem bias learns 0.2 epochs"}  # adopted there
     changed = {name: bench_fast.apply_settings(base, settings) for name, settings in bench_fast.HIVERGE_CHANGES.items()}
     assert changed["brightness and contrast jitter"].recipe.augment == "alternating-jitter"
     assert changed["stem bias learns 0.2 epochs"].model_options["whiten_bias_epochs"] == 0.2
