@@ -150,5 +150,6 @@ register("Airbench94_muon", ModelSpec(AirbenchNet, AIRBENCH_RECIPE,
                                       initialize, parameter_groups, AIRBENCH_OPTIONS))
 register("Airbench94_muon_narrow", ModelSpec(AirbenchNet, NARROW_RECIPE,
                                              "Airbench94_muon at half the width (32, 128, 128): a quarter of the arithmetic; "
-                                             "batches of 500, Muon at 0.12, no identity initialisation (chosen at this width on a CPU).",
+                                             "batches of 500, Muon at 0.12, no identity initialisation (chosen at this width on a CPU), "
+                                             "the stem's bias frozen after 0.2 epochs (hiverge's).",
                                              initialize, parameter_groups, NARROW_OPTIONS))
