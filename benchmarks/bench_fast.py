@@ -9,9 +9,11 @@
 Every run trains through the engine exactly as ``modified_models --model <name>`` does, so the
 time includes what a user's run includes (the per-epoch validation, the checkpoints), but not the
 data loading, which happens once. The variants take turns, seed by seed (every variant's seed 0, then
-every variant's seed 1...), so a machine that slows down mid-benchmark slows them all alike. After each run it measures validation accuracy with the run's TTA
-(the number to choose settings by) and test accuracy under each TTA mode (none, flip, flip-translate, and selective:
-flip-translate for the least confident fifth only), from one forward pass of each view. A run that diverges is a row that says so, and the benchmark goes on.
+every variant's seed 1...), so a machine that slows down mid-benchmark slows them all alike. After each
+run it measures validation accuracy with the run's TTA (the number to choose settings by) and test
+accuracy under each TTA mode (none, flip, flip-translate, and selective: flip-translate for the least
+confident fifth only), from one forward pass of each view. A run that diverges is a row that says so,
+and the benchmark goes on.
 
 With --compile the first run also compiles the network; its time is reported as the first run, and
 the runs after it start with the network already compiled and the data already on the device (how
