@@ -1,4 +1,5 @@
-"""Evaluate a saved model on the CIFAR-10 test set: test accuracy, per-class accuracy, the confusion matrix and its figure.
+"""Evaluate a saved model on the CIFAR-10 test set: test accuracy, per-class accuracy, the confusion matrix and its
+figure.
 
     python evaluate.py --run runs/CIFAR10Net --data-dir ./data
     python evaluate.py --run runs/FastVGG --checkpoint best.ckpt
@@ -18,6 +19,7 @@ folder or weights outside a run folder: in runs/evaluations/<folder name>; or in
 where <weights> is the file's name without its suffix (model, best, last, ...). A run's own test.json and
 confusion_matrix.png are never touched; evaluating the same weights again replaces their evaluation files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,11 +48,16 @@ def measure(saved: SavedModel, card: ModelCard, data: engine.SplitData, tta: str
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = saved_models.add_arguments(parser, run_help="run folder of a trained model: evaluates its model.pth (the final weights) with "
-                                                        "its model.json")
-    group.add_argument("--out-dir", help="folder for evaluation-<weights>.json and evaluation-<weights>-confusion.png "
-                       "(default: the weights' run folder; runs/evaluations/<folder name> for the shipped model, a read-only folder or "
-                       "weights outside a run folder)")
+    group = saved_models.add_arguments(
+        parser,
+        run_help="run folder of a trained model: evaluates its model.pth (the final weights) with its model.json",
+    )
+    group.add_argument(
+        "--out-dir",
+        help="folder for evaluation-<weights>.json and evaluation-<weights>-confusion.png (default: the weights' run "
+        "folder; runs/evaluations/<folder name> for the shipped model, a read-only folder or weights outside a run "
+        "folder)",
+    )
     engine.add_data_arguments(parser, limit_train=False)
     engine.add_device_arguments(parser, training=False)
     return parser
@@ -59,21 +66,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = build_parser().parse_args()
     if args.run is None and args.checkpoint is None:
-        raise UserError("give --run DIR (a run folder), or --checkpoint FILE (with --model NAME for a plain state dict)")
+        raise UserError(
+            "give --run DIR (a run folder), or --checkpoint FILE (with --model NAME for a plain state dict)"
+        )
     device = engine.training_device(args.device)
-    saved = saved_models.open_saved_model(args.run, args.checkpoint, args.model)  # a wrong file fails before the slow data load
+    # a wrong file fails before the slow data load
+    saved = saved_models.open_saved_model(args.run, args.checkpoint, args.model)
     out_dir = Path(args.out_dir) if args.out_dir else saved_models.output_folder(saved)
     engine.check_outside_data_tree(out_dir, args.data_dir)  # under train/ it would be read as a class folder next time
     engine.check_writable_folder(out_dir)
-    data = engine.load_split(engine.RunConfig(model=saved.name, data_dir=args.data_dir, dataset=args.dataset, num_workers=args.num_workers))
+    data = engine.load_split(
+        engine.RunConfig(model=saved.name, data_dir=args.data_dir, dataset=args.dataset, num_workers=args.num_workers)
+    )
     card = saved_models.card_for_data(saved, data)
     tta = args.tta or card.tta
     report = measure(saved, card, data, tta, device)
     report_file, figure_file = evaluation_files(out_dir, saved.weights)
     engine.write_json(report_file, report)
     engine.plot_confusion(report, data.classes, figure_file, f"{saved.name} ({saved.weights.name})")
-    print(f"Test accuracy of {saved.describe()}: {report['test_accuracy']:.4f} on {report['num_test_images']} images"
-          + (f" (with {tta} test-time augmentation)" if tta != "none" else ""))
+    print(
+        f"Test accuracy of {saved.describe()}: {report['test_accuracy']:.4f} on {report['num_test_images']} images"
+        + (f" (with {tta} test-time augmentation)" if tta != "none" else "")
+    )
     print(f"Wrote {report_file} and {figure_file}")
 
 

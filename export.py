@@ -1,7 +1,8 @@
 """Export a trained model as one file that takes raw pixels and gives class probabilities: ONNX, or torch.export's .pt2.
 
     python export.py --run runs/FastVGG                            # runs/FastVGG/model.onnx and model.onnx.json
-    python export.py --run pretrained/FastVGG_narrow               # the shipped model: runs/exports/FastVGG_narrow/model.onnx
+    python export.py --run pretrained/FastVGG_narrow               # the shipped model:
+    runs/exports/FastVGG_narrow/model.onnx
     python export.py --run runs/CIFAR10Net --checkpoint best.ckpt --tta none --out cifar10net.onnx
     python export.py --run runs/FastVGG --format pt2               # runs/FastVGG/model.pt2 (PyTorch only)
 
@@ -13,13 +14,14 @@ the scores of the image and of its mirror image averaged before the softmax, as 
 softmax. Resizing a photo to 32x32 is not: do it first (predict.py averages the pixels each output pixel covers, which
 is Pillow's Image.resize(..., Image.Resampling.BOX)).
 
-Beside the file, <file>.json holds the model card (engine.ModelCard: the class names, the mean and std, the model and its
-options, what trained it; its tta is the one inside the file) and the input and output spec. Before the file is put in
-place, it is run on a few random images and must answer as the model does.
+Beside the file, <file>.json holds the model card (engine.ModelCard: the class names, the mean and std, the model and
+its options, what trained it; its tta is the one inside the file) and the input and output spec. Before the file is put
+in place, it is run on a few random images and must answer as the model does.
 
 A run folder of yours gets the files (replacing earlier ones of the same name); the shipped model, a read-only folder or
 weights outside a run folder get runs/exports/<folder name>/. --out puts them anywhere.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +39,10 @@ import saved_models
 from functions import UserError, model_input, write_atomically
 from saved_models import ModelCard, SavedModel
 
-FORMATS = {"onnx": "ONNX, for onnxruntime or any ONNX runtime (opset 18)",
-           "pt2": "torch.export's ExportedProgram, for torch.export.load (PyTorch only; the toolkit's code is not needed)"}
+FORMATS = {
+    "onnx": "ONNX, for onnxruntime or any ONNX runtime (opset 18)",
+    "pt2": "torch.export's ExportedProgram, for torch.export.load (PyTorch only; the toolkit's code is not needed)",
+}
 EXPORTED_TTA = ("none", "flip")  # what issue #24 asks export to offer; flip-translate is left out by that decision
 INPUT, OUTPUT = "images", "probabilities"  # the names of the file's input and output
 OPSET = 18  # read by onnxruntime 1.14 (2023) and later
@@ -47,8 +51,8 @@ CHECK_TOLERANCE = 1e-4  # largest difference from the model's own probabilities 
 
 
 class ExportedClassifier(nn.Module):
-    """uint8 images in, class probabilities out, the way engine.predict and predict.py compute them: ``model_input`` (x/255,
-    normalised by the card), the network, ``engine.tta_logits`` under ``tta``, the softmax."""
+    """uint8 images in, class probabilities out, the way engine.predict and predict.py compute them: ``model_input``
+    (x/255, normalised by the card), the network, ``engine.tta_logits`` under ``tta``, the softmax."""
 
     def __init__(self, net: nn.Module, card: ModelCard, tta: str):
         super().__init__()
@@ -72,8 +76,16 @@ def example_batch(size: int) -> torch.Tensor:
 
 
 def write_onnx(model: ExportedClassifier, size: int, path: Path) -> None:
-    program = torch.onnx.export(model, (example_batch(size),), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
-                                dynamic_shapes={INPUT: {0: "N"}}, opset_version=OPSET, verbose=False)
+    program = torch.onnx.export(
+        model,
+        (example_batch(size),),
+        dynamo=True,
+        input_names=[INPUT],
+        output_names=[OUTPUT],
+        dynamic_shapes={INPUT: {0: "N"}},
+        opset_version=OPSET,
+        verbose=False,
+    )
 
     def write(temporary: Path) -> None:
         program.save(str(temporary), external_data=False)  # one self-contained file, whatever the network's size
@@ -98,22 +110,40 @@ WRITERS: dict[str, Callable[[ExportedClassifier, int, Path], None]] = {"onnx": w
 
 @torch.no_grad()
 def check_answers(model: ExportedClassifier, size: int, exported: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """The written file must give the model's probabilities on random images (an exporter can mistranslate an operation)."""
-    images = torch.randint(0, 256, (CHECK_IMAGES, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    """The written file must give the model's probabilities on random images (an exporter can mistranslate an
+    operation).
+    """
+    images = torch.randint(
+        0, 256, (CHECK_IMAGES, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     difference = (exported(images) - model(images)).abs().max().item()
     if not difference <= CHECK_TOLERANCE:
-        raise UserError(f"the exported file's probabilities differ from the model's by up to {difference:.2g} on {CHECK_IMAGES} random "
-                        f"images (at most {CHECK_TOLERANCE:g} is right), so it was not written; try the other --format")
+        raise UserError(
+            f"the exported file's probabilities differ from the model's by up to {difference:.2g} on {CHECK_IMAGES} "
+            f"random images (at most {CHECK_TOLERANCE:g} is right), so it was not written; try the other --format"
+        )
 
 
 def description(card: ModelCard, tta: str, weights: Path, file_format: str) -> dict[str, Any]:
     """<file>.json: the card (its tta the file's) and what goes in and comes out; ``ModelCard.from_dict`` reads it back."""
-    return {**replace(card, tta=tta).to_dict(),
-            "input": {"name": INPUT, "dtype": "uint8", "shape": ["N", 3, card.image_size, card.image_size], "range": "0..255, RGB",
-                      "normalised": "inside the file (x/255, minus mean, over std): give the raw pixels"},
-            "output": {"name": OUTPUT, "dtype": "float32", "shape": ["N", len(card.classes)],
-                       "meaning": f"class probabilities, in the order of classes, with {tta} test-time augmentation"},
-            "format": file_format, "exported_from": str(weights)}
+    return {
+        **replace(card, tta=tta).to_dict(),
+        "input": {
+            "name": INPUT,
+            "dtype": "uint8",
+            "shape": ["N", 3, card.image_size, card.image_size],
+            "range": "0..255, RGB",
+            "normalised": "inside the file (x/255, minus mean, over std): give the raw pixels",
+        },
+        "output": {
+            "name": OUTPUT,
+            "dtype": "float32",
+            "shape": ["N", len(card.classes)],
+            "meaning": f"class probabilities, in the order of classes, with {tta} test-time augmentation",
+        },
+        "format": file_format,
+        "exported_from": str(weights),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,11 +152,16 @@ def description(card: ModelCard, tta: str, weights: Path, file_format: str) -> d
 def exported_tta(asked: str | None, card: ModelCard, weights: Path) -> str:
     """--tta, else the card's own; flip-translate is not offered (see EXPORTED_TTA)."""
     if asked == "flip-translate":
-        raise UserError("--tta flip-translate is not offered for export; give --tta flip (the image and its mirror image) or --tta none")
+        raise UserError(
+            "--tta flip-translate is not offered for export; give --tta flip (the image and its mirror image) or "
+            "--tta none"
+        )
     tta = asked or card.tta
     if tta not in EXPORTED_TTA:
-        raise UserError(f"{weights} predicts with {tta} test-time augmentation (its model card's), which export does not offer; give "
-                        f"--tta flip (the image and its mirror image) or --tta none")
+        raise UserError(
+            f"{weights} predicts with {tta} test-time augmentation (its model card's), which export does not offer; "
+            "give --tta flip (the image and its mirror image) or --tta none"
+        )
     return tta
 
 
@@ -144,7 +179,9 @@ def check_writable(out: Path) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out.parent).close()
     except OSError as error:  # a read-only folder, a path under a file
-        raise UserError(f"cannot write {out} ({error.strerror or error}); give --out FILE in a folder you can write") from None
+        raise UserError(
+            f"cannot write {out} ({error.strerror or error}); give --out FILE in a folder you can write"
+        ) from None
 
 
 def export(saved: SavedModel, tta: str, file_format: str, out: Path) -> None:
@@ -159,17 +196,32 @@ def export(saved: SavedModel, tta: str, file_format: str, out: Path) -> None:
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = saved_models.add_arguments(parser, run_help="run folder of a trained model: exports its model.pth (the final weights) with "
-                                       "its model.json", tta=False, model=False)
-    group.add_argument("--tta", choices=tuple(engine.TTA_MODES), help="test-time augmentation inside the file, each image's "
-                       f"probabilities from: {engine.choices_help({mode: engine.TTA_MODES[mode] for mode in EXPORTED_TTA})} (default: the "
-                       "model's own, from its model card). flip-translate is not offered: give flip for a model that uses it")
+    group = saved_models.add_arguments(
+        parser,
+        run_help="run folder of a trained model: exports its model.pth (the final weights) with its model.json",
+        tta=False,
+        model=False,
+    )
+    group.add_argument(
+        "--tta",
+        choices=tuple(engine.TTA_MODES),
+        help="test-time augmentation inside the file, each image's probabilities from: "
+        f"{engine.choices_help({mode: engine.TTA_MODES[mode] for mode in EXPORTED_TTA})} (default: the model's own, "
+        "from its model card). flip-translate is not offered: give flip for a model that uses it",
+    )
     group = parser.add_argument_group("export")
-    group.add_argument("--format", choices=tuple(FORMATS), help=f"{engine.choices_help(FORMATS)} (default: the one --out's suffix "
-                       "names, else onnx)")
-    group.add_argument("--out", metavar="FILE", help="the file to write (replaced if it exists), and FILE.json beside it (default: "
-                       "<weights>.onnx or .pt2 beside the weights in a run folder of yours, e.g. runs/FastVGG/model.onnx; "
-                       "runs/exports/<folder name>/ for the shipped model, a read-only folder or weights outside a run folder)")
+    group.add_argument(
+        "--format",
+        choices=tuple(FORMATS),
+        help=f"{engine.choices_help(FORMATS)} (default: the one --out's suffix names, else onnx)",
+    )
+    group.add_argument(
+        "--out",
+        metavar="FILE",
+        help="the file to write (replaced if it exists), and FILE.json beside it (default: "
+        "<weights>.onnx or .pt2 beside the weights in a run folder of yours, e.g. runs/FastVGG/model.onnx; "
+        "runs/exports/<folder name>/ for the shipped model, a read-only folder or weights outside a run folder)",
+    )
     return parser
 
 
@@ -177,16 +229,24 @@ def main() -> None:
     args = build_parser().parse_args()
     if args.run is None and args.checkpoint is None:
         raise UserError("give --run DIR (a run folder), or --checkpoint FILE (a run's best.ckpt or last.ckpt)")
-    saved = saved_models.open_saved_model(args.run, args.checkpoint,
-                                          card_needed_for="the exported file builds in its class names and normalisation")
+    saved = saved_models.open_saved_model(
+        args.run, args.checkpoint, card_needed_for="the exported file builds in its class names and normalisation"
+    )
     tta = exported_tta(args.tta, saved.card, saved.weights)
     chosen_format = file_format(args.format, args.out)
-    out = Path(args.out) if args.out else saved_models.output_folder(saved, saved_models.EXPORTS) / f"{saved.weights.stem}.{chosen_format}"
+    out = (
+        Path(args.out)
+        if args.out
+        else saved_models.output_folder(saved, saved_models.EXPORTS) / f"{saved.weights.stem}.{chosen_format}"
+    )
     check_writable(out)
     export(saved, tta, chosen_format, out)
     size = saved.card.image_size
-    print(f"Wrote {out} and {out}.json: {saved.describe()}; in: uint8 images N x 3 x {size} x {size} (RGB, 0..255), out: "
-          f"{len(saved.card.classes)} class probabilities; normalisation{f' and {tta} test-time augmentation' if tta != 'none' else ''} inside")
+    print(
+        f"Wrote {out} and {out}.json: {saved.describe()}; in: uint8 images N x 3 x {size} x {size} (RGB, 0..255), out: "
+        f"{len(saved.card.classes)} class probabilities; "
+        f"normalisation{f' and {tta} test-time augmentation' if tta != 'none' else ''} inside"
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Images are uint8 tensors N x 3 x 32 x 32, turned into normalised float batches (
 augmented a whole chunk of batches at a time, every image with its own random parameters.
 Also here: ``UserError``, the one kind of error the scripts print as one line, and ``write_atomically``.
 """
+
 from __future__ import annotations
 
 import math
@@ -100,7 +101,9 @@ def flip_where(images: torch.Tensor, flip: torch.Tensor, dim: int) -> torch.Tens
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(dim), images)
 
 
-def flip_and_rotate(images: torch.Tensor, hflip: torch.Tensor, vflip: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+def flip_and_rotate(
+    images: torch.Tensor, hflip: torch.Tensor, vflip: torch.Tensor, degrees: torch.Tensor
+) -> torch.Tensor:
     """Optional horizontal and vertical flips, then a counter-clockwise rotation about the centre with
     nearest-neighbour sampling and zero fill (torchvision's RandomRotation), as one resampling pass.
 
@@ -113,8 +116,13 @@ def flip_and_rotate(images: torch.Tensor, hflip: torch.Tensor, vflip: torch.Tens
     mirror_y = 1.0 - 2.0 * vflip.to(images.dtype)
     zero = torch.zeros_like(cos)
     # affine_grid maps output to input coordinates; with y pointing down this rotates counter-clockwise.
-    theta = torch.stack([torch.stack([mirror_x * cos, -mirror_x * sin, zero], 1),
-                         torch.stack([mirror_y * sin, mirror_y * cos, zero], 1)], 1)
+    theta = torch.stack(
+        [
+            torch.stack([mirror_x * cos, -mirror_x * sin, zero], 1),
+            torch.stack([mirror_y * sin, mirror_y * cos, zero], 1),
+        ],
+        1,
+    )
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
@@ -140,8 +148,11 @@ def shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     delta = maxc - minc
     safe_delta = torch.where(delta > 0, delta, torch.ones_like(delta))
     r, g, b = images.unbind(1)
-    hue6 = torch.where(argmax == 0, (g - b) / safe_delta,
-                       torch.where(argmax == 1, 2.0 + (b - r) / safe_delta, 4.0 + (r - g) / safe_delta))
+    hue6 = torch.where(
+        argmax == 0,
+        (g - b) / safe_delta,
+        torch.where(argmax == 1, 2.0 + (b - r) / safe_delta, 4.0 + (r - g) / safe_delta),
+    )
     hue6 = hue6 + 6.0 * shift.view(-1, 1, 1)
     sector = (torch.tensor([5.0, 3.0, 1.0], device=images.device).view(1, 3, 1, 1) + hue6.unsqueeze(1)) % 6.0
     ramp = torch.minimum(sector, 4.0 - sector).clamp_(0, 1)
@@ -208,7 +219,9 @@ JITTER_BRIGHTNESS, JITTER_CONTRAST = 0.035, 0.13
 
 
 def sample_jitter_params(n: int, generator: torch.Generator, device: torch.device, pad: int) -> dict[str, torch.Tensor]:
-    """The crop's parameters, then each image's brightness shift and contrast scale (drawn after, so the crops are the crop's own)."""
+    """The crop's parameters, then each image's brightness shift and contrast scale (drawn after, so the crops are the
+    crop's own).
+    """
     return sample_crop_params(n, generator, device, pad) | {
         "brightness": uniform(n, -JITTER_BRIGHTNESS, JITTER_BRIGHTNESS, generator, device),
         "contrast": uniform(n, 1 - JITTER_CONTRAST, 1 + JITTER_CONTRAST, generator, device),
@@ -245,23 +258,41 @@ def unchanged(images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Te
 
 
 AUGMENTATIONS = {
-    "readme": Augmentation("the original study's: horizontal and vertical flips, rotation up to 90 degrees, strong colour jitter",
-                           sample_readme_params, apply_readme),
-    "standard": Augmentation("the usual CIFAR recipe: random 32x32 crop of the 4-pixel zero-padded image, horizontal flip",
-                             partial(sample_crop_params, pad=4), partial(apply_crop, pad=4, mode="constant")),
-    "light": Augmentation("random 32x32 crop of the 2-pixel reflect-padded image, horizontal flip: airbench's, for runs of a few epochs",
-                          partial(sample_crop_params, pad=2), partial(apply_crop, pad=2, mode="reflect")),
-    "alternating": Augmentation("light's crop, with alternating flips: each image mirrored in every other epoch (airbench)",
-                                partial(sample_crop_params, pad=2), partial(apply_crop, pad=2, mode="reflect"), alternating_flip=True),
-    "alternating-jitter": Augmentation("alternating's crops and flips, then each image's brightness shifted by up to 0.035 and its "
-                                       "contrast scaled by 0.87 to 1.13 (hiverge's cifar10-speedrun)",
-                                       partial(sample_jitter_params, pad=2), partial(apply_crop_jitter, pad=2, mode="reflect"),
-                                       alternating_flip=True),
+    "readme": Augmentation(
+        "the original study's: horizontal and vertical flips, rotation up to 90 degrees, strong colour jitter",
+        sample_readme_params,
+        apply_readme,
+    ),
+    "standard": Augmentation(
+        "the usual CIFAR recipe: random 32x32 crop of the 4-pixel zero-padded image, horizontal flip",
+        partial(sample_crop_params, pad=4),
+        partial(apply_crop, pad=4, mode="constant"),
+    ),
+    "light": Augmentation(
+        "random 32x32 crop of the 2-pixel reflect-padded image, horizontal flip: airbench's, for runs of a few epochs",
+        partial(sample_crop_params, pad=2),
+        partial(apply_crop, pad=2, mode="reflect"),
+    ),
+    "alternating": Augmentation(
+        "light's crop, with alternating flips: each image mirrored in every other epoch (airbench)",
+        partial(sample_crop_params, pad=2),
+        partial(apply_crop, pad=2, mode="reflect"),
+        alternating_flip=True,
+    ),
+    "alternating-jitter": Augmentation(
+        "alternating's crops and flips, then each image's brightness shifted by up to 0.035 and its "
+        "contrast scaled by 0.87 to 1.13 (hiverge's cifar10-speedrun)",
+        partial(sample_jitter_params, pad=2),
+        partial(apply_crop_jitter, pad=2, mode="reflect"),
+        alternating_flip=True,
+    ),
     "none": Augmentation("no augmentation", no_parameters, unchanged),
 }
 
 
-def augment(images: torch.Tensor, name: str, generator: torch.Generator, hflip: torch.Tensor | None = None) -> torch.Tensor:
+def augment(
+    images: torch.Tensor, name: str, generator: torch.Generator, hflip: torch.Tensor | None = None
+) -> torch.Tensor:
     """Augment float images in [0, 1] by ``AUGMENTATIONS[name]``; each image draws its own parameters, but ``hflip``
     (an alternating flip's choice per image) when given."""
     augmentation = AUGMENTATIONS[name]
@@ -271,8 +302,14 @@ def augment(images: torch.Tensor, name: str, generator: torch.Generator, hflip: 
     return augmentation.apply(images, params)
 
 
-def model_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, augmentation: str = "none",
-                generator: torch.Generator | None = None, hflip: torch.Tensor | None = None) -> torch.Tensor:
+def model_input(
+    images: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    augmentation: str = "none",
+    generator: torch.Generator | None = None,
+    hflip: torch.Tensor | None = None,
+) -> torch.Tensor:
     """uint8 images -> [0, 1], augmented by ``augmentation``, normalised, channels-last (faster convolutions).
 
     Float tensors are inputs already made for the model (cached backbone features, say): unchanged.

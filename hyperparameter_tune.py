@@ -40,8 +40,10 @@ On one machine a journal file is the simplest shared storage (SQLite can stall o
 (with several GPUs, give each worker its own: CUDA_VISIBLE_DEVICES=0 python ..., =1, ...).
 Across machines, use a database server that every machine reaches, e.g. PostgreSQL on dbhost with an
 empty database made once by createdb -h dbhost -U tuner optuna; then on machine A and on machine B:
-    python hyperparameter_tune.py --data-dir ./data --seed 1 --storage postgresql+psycopg2://tuner:secret@dbhost:5432/optuna
-    python hyperparameter_tune.py --data-dir ./data --seed 2 --storage postgresql+psycopg2://tuner:secret@dbhost:5432/optuna
+    python hyperparameter_tune.py --data-dir ./data --seed 1 --storage
+    postgresql+psycopg2://tuner:secret@dbhost:5432/optuna
+    python hyperparameter_tune.py --data-dir ./data --seed 2 --storage
+    postgresql+psycopg2://tuner:secret@dbhost:5432/optuna
 (+psycopg2 picks the driver that requirements.txt installs, psycopg2-binary; to SQLAlchemy 2.1 a bare
 postgresql:// means psycopg 3. MySQL works the same: mysql+pymysql://... after pip install pymysql.)
 
@@ -67,9 +69,10 @@ optimization_history.png, param_importances.png (from 2 complete trials on), par
 slice.png, trials/<number>/ (each trial's network as a run folder: config.json, model.json,
 metrics.csv, curves, model.pth; python predict.py --run, evaluate.py --run and tsne.py --run take it,
 and python modified_models.py --config trials/<number>/config.json trains it again to the same numbers),
-and with --retrain the run folder retrain/ (as main.py's: metrics, curves, model.pth, test accuracy, t-SNE). Trials and the retraining run on
-one device each (Optuna's pruning callback does not support data-parallel training).
+and with --retrain the run folder retrain/ (as main.py's: metrics, curves, model.pth, test accuracy, t-SNE). Trials and
+the retraining run on one device each (Optuna's pruning callback does not support data-parallel training).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,9 +96,28 @@ import tsne
 from functions import UserError
 from models.study import README_RECIPE
 from study_storage import DatabaseUnavailable, StorageSettings, first_line, hide_password, is_journal
-from tuning import (DEFAULT_EPOCHS, DEFAULT_SPACE, DEFAULT_TRIALS, FINISHED, OUT_OF_MEMORY, SPACES, TUNED_MODEL, StudySettings,
-                    best_trial, fail_abandoned_trials, fail_running_trials, fail_silent_trials, format_params, open_study, places_taken,
-                    recipe_for, study_settings, this_worker, trial_config, write_outputs)
+from tuning import (
+    DEFAULT_EPOCHS,
+    DEFAULT_SPACE,
+    DEFAULT_TRIALS,
+    FINISHED,
+    OUT_OF_MEMORY,
+    SPACES,
+    TUNED_MODEL,
+    StudySettings,
+    best_trial,
+    fail_abandoned_trials,
+    fail_running_trials,
+    fail_silent_trials,
+    format_params,
+    open_study,
+    places_taken,
+    recipe_for,
+    study_settings,
+    this_worker,
+    trial_config,
+    write_outputs,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,8 +151,9 @@ def trial_dir(out_dir: Path, number: int) -> Path:
     return out_dir / "trials" / f"{number:04d}"
 
 
-def make_objective(settings: StudySettings, base: engine.RunConfig, data: engine.SplitData, n_trials: int,
-                   prune: bool) -> Callable[[Trial], float]:
+def make_objective(
+    settings: StudySettings, base: engine.RunConfig, data: engine.SplitData, n_trials: int, prune: bool
+) -> Callable[[Trial], float]:
     def objective(trial: Trial) -> float:
         trial.set_user_attr("worker", this_worker())
         if places_taken(trial.study, before=trial.number) >= n_trials:
@@ -139,16 +162,20 @@ def make_objective(settings: StudySettings, base: engine.RunConfig, data: engine
         params = SPACES[settings.space](trial)
         config = trial_config(base, params, settings.epochs, trial_dir(Path(base.out_dir), trial.number))
         counter = TrialEpochs(trial, prune)
-        # The engine's divergence guard runs before the hook, so a diverged loss never reaches the pruner (which ranks NaN
-        # as a number, and waits for its first five trials anyway).
+        # The engine's divergence guard runs before the hook, so a diverged loss never reaches the pruner (which ranks
+        # NaN as a number, and waits for its first five trials anyway).
         try:
-            fitted = engine.fit(config, engine.model_spec(config.model), data, after_validation=counter, checkpoints=False)
+            fitted = engine.fit(
+                config, engine.model_spec(config.model), data, after_validation=counter, checkpoints=False
+            )
         except engine.TrainingDiverged as error:  # no later epoch would rescue it: pruned at once, the study goes on
             counter.epochs_run = error.epoch  # it ran, though the hook never saw it (the guard stops the run first)
             trial.set_user_attr("reason", f"diverged: {error.loss_name} {error.value:.3g} after epoch {error.epoch}")
             raise optuna.TrialPruned(trial.user_attrs["reason"]) from None
         except optuna.TrialPruned:
-            trial.set_user_attr("reason", f"pruned: validation loss after epoch {counter.epochs_run} worse than the median trial's")
+            trial.set_user_attr(
+                "reason", f"pruned: validation loss after epoch {counter.epochs_run} worse than the median trial's"
+            )
             raise
         except OUT_OF_MEMORY as error:
             trial.set_user_attr("reason", f"out of memory: {first_line(error)}")
@@ -156,7 +183,8 @@ def make_objective(settings: StudySettings, base: engine.RunConfig, data: engine
             raise
         finally:
             trial.set_user_attr("epochs_run", counter.epochs_run)
-        engine.save_weights(fitted.net, Path(config.out_dir))  # the trial's network, for predict.py, evaluate.py and tsne.py --run
+        # the trial's network, for predict.py, evaluate.py and tsne.py --run
+        engine.save_weights(fitted.net, Path(config.out_dir))
         return fitted.history[-1]["val_loss"]
 
     return objective
@@ -169,9 +197,16 @@ def release_memory() -> None:
 
 
 def trial_line(trial: FrozenTrial, epochs: int, best: FrozenTrial | None) -> str:
-    outcome = f"validation loss {trial.value:.4f}" if trial.state == TrialState.COMPLETE else trial.user_attrs.get("reason", "")
+    outcome = (
+        f"validation loss {trial.value:.4f}"
+        if trial.state == TrialState.COMPLETE
+        else trial.user_attrs.get("reason", "")
+    )
     seconds = trial.duration.total_seconds() if trial.duration else 0.0
-    line = f"Trial {trial.number} {trial.state.name}: {outcome} ({trial.user_attrs.get('epochs_run', 0)}/{epochs} epochs, {seconds:.1f} s)"
+    line = (
+        f"Trial {trial.number} {trial.state.name}: {outcome} ({trial.user_attrs.get('epochs_run', 0)}/{epochs} "
+        f"epochs, {seconds:.1f} s)"
+    )
     if trial.params:
         line += f"; {format_params(trial.params)}"
     return line + (f"; best so far: trial {best.number}, {best.value:.4f}" if best else "")
@@ -180,12 +215,20 @@ def trial_line(trial: FrozenTrial, epochs: int, best: FrozenTrial | None) -> str
 def wait_line(study: optuna.Study, grace: float) -> str:
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     where = ", ".join(f"trial {t.number} on {t.user_attrs.get('worker', {}).get('host', '?')}" for t in running[:3])
-    return (f"Waiting for {len(running)} trial(s) running on other workers ({where}): each finishes, or is failed once its heartbeat "
-            f"has been silent for {grace:.0f} s (--heartbeat-grace) and run again here")
+    return (
+        f"Waiting for {len(running)} trial(s) running on other workers ({where}): each finishes, or is failed once its "
+        f"heartbeat has been silent for {grace:.0f} s (--heartbeat-grace) and run again here"
+    )
 
 
-def run_trials(study: optuna.Study, objective: Callable[[Trial], float], n_trials: int, epochs: int, timeout: float | None,
-               grace: float | None = None) -> None:
+def run_trials(
+    study: optuna.Study,
+    objective: Callable[[Trial], float],
+    n_trials: int,
+    epochs: int,
+    timeout: float | None,
+    grace: float | None = None,
+) -> None:
     """Start trials, one at a time, until the study holds ``n_trials`` finished ones or --timeout has passed.
 
     Checking before each trial keeps a worker from starting one that other workers' running trials already make up for;
@@ -214,29 +257,50 @@ def run_trials(study: optuna.Study, objective: Callable[[Trial], float], n_trial
             time.sleep(min(WAIT_POLL_SECONDS, grace))
             continue
         waiting = False
-        study.optimize(objective, n_trials=1, catch=(NotNeeded, *OUT_OF_MEMORY), callbacks=[report], gc_after_trial=True)
+        study.optimize(
+            objective, n_trials=1, catch=(NotNeeded, *OUT_OF_MEMORY), callbacks=[report], gc_after_trial=True
+        )
 
 
 # --------------------------------------------------------------------------------------------
 # Retraining the best configuration with the full recipe
 # --------------------------------------------------------------------------------------------
-def retrain(study: optuna.Study, settings: StudySettings, base: engine.RunConfig, epochs: int, data: engine.SplitData | None,
-            overwrite: bool = False, progress: bool | None = None) -> None:
-    """Train the best trial's configuration like main.py does into <out-dir>/retrain; resumes an interrupted retraining of it."""
+def retrain(
+    study: optuna.Study,
+    settings: StudySettings,
+    base: engine.RunConfig,
+    epochs: int,
+    data: engine.SplitData | None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> None:
+    """Train the best trial's configuration like main.py does into <out-dir>/retrain; resumes an interrupted retraining
+    of it.
+    """
     best = best_trial(study)
     if best is None:
-        raise UserError(f"study {study.study_name!r} has no complete trial to retrain; run some trials first (--n-trials)")
+        raise UserError(
+            f"study {study.study_name!r} has no complete trial to retrain; run some trials first (--n-trials)"
+        )
     run_dir = Path(base.out_dir) / "retrain"
     record = json.loads(json.dumps({"study": study.study_name, "trial": best.number, "params": best.params}))
     same_trial = (run_dir / "trial.json").is_file() and engine.read_json(run_dir / "trial.json") == record
-    config = replace(trial_config(base, best.params, epochs, run_dir), progress=progress,
-                     resume="last" if same_trial and (run_dir / "last.ckpt").is_file() else None,
-                     overwrite=overwrite and not same_trial)
-    engine.claim_run_folder(config)  # an earlier retraining of another trial stays unless --overwrite; then it is this trial's
+    config = replace(
+        trial_config(base, best.params, epochs, run_dir),
+        progress=progress,
+        resume="last" if same_trial and (run_dir / "last.ckpt").is_file() else None,
+        overwrite=overwrite and not same_trial,
+    )
+    # an earlier retraining of another trial stays unless --overwrite; then it is this trial's
+    engine.claim_run_folder(config)
     engine.write_json(run_dir / "trial.json", record)
-    print(f"== Retraining trial {best.number} ({config.model}; {format_params(best.params)}) for {epochs} epochs in {run_dir}"
-          + (": resuming" if config.resume else ""))
-    engine.train(config, engine.model_spec(config.model), data=data or engine.load_split(config), analyses=tsne.analyses(config))
+    print(
+        f"== Retraining trial {best.number} ({config.model}; {format_params(best.params)}) for {epochs} epochs "
+        f"in {run_dir}" + (": resuming" if config.resume else "")
+    )
+    engine.train(
+        config, engine.model_spec(config.model), data=data or engine.load_split(config), analyses=tsne.analyses(config)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,66 +309,150 @@ def retrain(study: optuna.Study, settings: StudySettings, base: engine.RunConfig
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("study")
-    group.add_argument("--n-trials", type=engine.non_negative_int, default=DEFAULT_TRIALS, metavar="N",
-                       help=f"finished (complete or pruned) trials the study should hold in all, counting earlier runs and "
-                            f"other workers; 0 runs none, e.g. to rewrite the outputs or --retrain (default {DEFAULT_TRIALS})")
-    group.add_argument("--epochs", type=engine.positive_int, metavar="N",
-                       help=f"epochs per trial; the objective is the validation loss after the last (default {DEFAULT_EPOCHS}, "
-                            "or the existing study's)")
-    group.add_argument("--space", choices=tuple(SPACES), help=f"search space, see above (default {DEFAULT_SPACE}, or the existing study's)")
-    group.add_argument("--timeout", type=engine.positive_float, metavar="SECONDS",
-                       help="start no new trial after this many seconds (the running one finishes) (default: no limit)")
-    group.add_argument("--no-prune", dest="prune", action="store_false",
-                       help="train every trial for all its epochs instead of stopping the unpromising ones (median rule)")
-    group.add_argument("--storage", metavar="URL",
-                       help="where the study lives: a journal file (PATH.log or journal:PATH), sqlite:///PATH.db, or a "
-                            "postgresql:// or mysql:// URL shared by workers on several machines (default sqlite:///<out-dir>/study.db)")
-    group.add_argument("--study-name", default="CIFAR10Net_7", metavar="NAME",
-                       help="the study's name in the storage (default CIFAR10Net_7)")
-    group.add_argument("--heartbeat", type=engine.positive_float, default=StorageSettings.heartbeat, metavar="SECONDS",
-                       help="with a database storage, how often a worker records that its trial still runs (default "
-                            f"{StorageSettings.heartbeat:g}); give every worker of a study the same")
-    group.add_argument("--heartbeat-grace", type=engine.positive_float, default=StorageSettings.grace, metavar="SECONDS",
-                       help="a running trial whose heartbeat has been silent this long is failed (its worker died, on any machine) "
-                            f"and another worker runs one in its place; more than --heartbeat (default {StorageSettings.grace:g})")
-    group.add_argument("--db-patience", type=engine.positive_float, default=StorageSettings.patience, metavar="SECONDS",
-                       help="how long a worker retries, with backoff, while the study's database server cannot be reached (a "
-                            "restart, a failover, a dropped connection); the running trial goes on and reports when it is back. "
-                            f"Past it the worker stops with exit status 1 (default {StorageSettings.patience:g})")
-    group.add_argument("--seed", type=engine.non_negative_int, default=0, metavar="N",
-                       help="seeds the TPE sampler (in a resumed study, with the number of trials so far) and each trial's "
-                            "training; give parallel workers different seeds (default 0)")
+    group.add_argument(
+        "--n-trials",
+        type=engine.non_negative_int,
+        default=DEFAULT_TRIALS,
+        metavar="N",
+        help=f"finished (complete or pruned) trials the study should hold in all, counting earlier runs and "
+        f"other workers; 0 runs none, e.g. to rewrite the outputs or --retrain (default {DEFAULT_TRIALS})",
+    )
+    group.add_argument(
+        "--epochs",
+        type=engine.positive_int,
+        metavar="N",
+        help=f"epochs per trial; the objective is the validation loss after the last (default {DEFAULT_EPOCHS}, "
+        "or the existing study's)",
+    )
+    group.add_argument(
+        "--space",
+        choices=tuple(SPACES),
+        help=f"search space, see above (default {DEFAULT_SPACE}, or the existing study's)",
+    )
+    group.add_argument(
+        "--timeout",
+        type=engine.positive_float,
+        metavar="SECONDS",
+        help="start no new trial after this many seconds (the running one finishes) (default: no limit)",
+    )
+    group.add_argument(
+        "--no-prune",
+        dest="prune",
+        action="store_false",
+        help="train every trial for all its epochs instead of stopping the unpromising ones (median rule)",
+    )
+    group.add_argument(
+        "--storage",
+        metavar="URL",
+        help="where the study lives: a journal file (PATH.log or journal:PATH), sqlite:///PATH.db, or a "
+        "postgresql:// or mysql:// URL shared by workers on several machines (default sqlite:///<out-dir>/study.db)",
+    )
+    group.add_argument(
+        "--study-name",
+        default="CIFAR10Net_7",
+        metavar="NAME",
+        help="the study's name in the storage (default CIFAR10Net_7)",
+    )
+    group.add_argument(
+        "--heartbeat",
+        type=engine.positive_float,
+        default=StorageSettings.heartbeat,
+        metavar="SECONDS",
+        help="with a database storage, how often a worker records that its trial still runs (default "
+        f"{StorageSettings.heartbeat:g}); give every worker of a study the same",
+    )
+    group.add_argument(
+        "--heartbeat-grace",
+        type=engine.positive_float,
+        default=StorageSettings.grace,
+        metavar="SECONDS",
+        help="a running trial whose heartbeat has been silent this long is failed (its worker died, on any machine) "
+        f"and another worker runs one in its place; more than --heartbeat (default {StorageSettings.grace:g})",
+    )
+    group.add_argument(
+        "--db-patience",
+        type=engine.positive_float,
+        default=StorageSettings.patience,
+        metavar="SECONDS",
+        help="how long a worker retries, with backoff, while the study's database server cannot be reached (a "
+        "restart, a failover, a dropped connection); the running trial goes on and reports when it is back. "
+        f"Past it the worker stops with exit status 1 (default {StorageSettings.patience:g})",
+    )
+    group.add_argument(
+        "--seed",
+        type=engine.non_negative_int,
+        default=0,
+        metavar="N",
+        help="seeds the TPE sampler (in a resumed study, with the number of trials so far) and each trial's "
+        "training; give parallel workers different seeds (default 0)",
+    )
 
     group = parser.add_argument_group("retraining")
-    group.add_argument("--retrain", action="store_true",
-                       help="after the trials, train the best configuration with the full recipe into <out-dir>/retrain, as main.py does")
-    group.add_argument("--retrain-epochs", type=engine.positive_int, default=README_RECIPE.epochs, metavar="N",
-                       help=f"epochs of the retraining (default {README_RECIPE.epochs})")
-    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                       help="the retraining's progress bars, or not (default: only when the output is a terminal, so a log file gets "
-                            "clean lines; the trials print one line each)")
-    group.add_argument("--overwrite", action="store_true",
-                       help="replace an earlier retraining of another trial in <out-dir>/retrain (without it, that is refused)")
+    group.add_argument(
+        "--retrain",
+        action="store_true",
+        help="after the trials, train the best configuration with the full recipe into <out-dir>/retrain, as main.py "
+        "does",
+    )
+    group.add_argument(
+        "--retrain-epochs",
+        type=engine.positive_int,
+        default=README_RECIPE.epochs,
+        metavar="N",
+        help=f"epochs of the retraining (default {README_RECIPE.epochs})",
+    )
+    group.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the retraining's progress bars, or not (default: only when the output is a terminal, so a log file gets "
+        "clean lines; the trials print one line each)",
+    )
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier retraining of another trial in <out-dir>/retrain (without it, that is refused)",
+    )
     tsne.add_arguments(parser)
     engine.add_data_arguments(parser)
     engine.add_device_arguments(parser, distributed=False)  # one device per worker: no data-parallel trials
-    parser.add_argument_group("output").add_argument("--out-dir", default="runs/tune", metavar="DIR",
-                                                     help="folder for the study file and every output (default runs/tune)")
+    parser.add_argument_group("output").add_argument(
+        "--out-dir",
+        default="runs/tune",
+        metavar="DIR",
+        help="folder for the study file and every output (default runs/tune)",
+    )
     return parser
 
 
 def base_config(args: argparse.Namespace, settings: StudySettings) -> engine.RunConfig:
     """Every trial's run settings; the trial fills in its recipe and run folder. One device: no data-parallel trials."""
-    return engine.RunConfig(model=TUNED_MODEL, recipe=recipe_for({}, settings.epochs),
-                            data_dir=args.data_dir, dataset=args.dataset, val_fraction=args.val_fraction, out_dir=args.out_dir,
-                            seed=args.seed, limit_train=args.limit_train, num_workers=args.num_workers, device=args.device, devices="1", precision=args.precision, compile=args.compile,
-                            progress=False, tsne=args.tsne, tsne_samples=args.tsne_samples, tsne_method=args.tsne_method)
+    return engine.RunConfig(
+        model=TUNED_MODEL,
+        recipe=recipe_for({}, settings.epochs),
+        data_dir=args.data_dir,
+        dataset=args.dataset,
+        val_fraction=args.val_fraction,
+        out_dir=args.out_dir,
+        seed=args.seed,
+        limit_train=args.limit_train,
+        num_workers=args.num_workers,
+        device=args.device,
+        devices="1",
+        precision=args.precision,
+        compile=args.compile,
+        progress=False,
+        tsne=args.tsne,
+        tsne_samples=args.tsne_samples,
+        tsne_method=args.tsne_method,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
         tune(argv)
-    except DatabaseUnavailable as error:  # the worker's trial stays RUNNING: the next start fails it (fail_abandoned_trials)
+    except DatabaseUnavailable as error:
+        # the worker's trial stays RUNNING: the next start fails it (fail_abandoned_trials)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
 
@@ -312,16 +460,22 @@ def main(argv: list[str] | None = None) -> None:
 def tune(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.heartbeat_grace <= args.heartbeat:
-        raise UserError(f"--heartbeat-grace {args.heartbeat_grace:g} must be longer than --heartbeat {args.heartbeat:g}: a live worker's "
-                        f"trial would be failed between two heartbeats")
+        raise UserError(
+            f"--heartbeat-grace {args.heartbeat_grace:g} must be longer than --heartbeat {args.heartbeat:g}: a live "
+            "worker's trial would be failed between two heartbeats"
+        )
     engine.resolve_accelerator(args.device)  # a missing GPU fails before the study and the data
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets our one line instead
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # no per-trial "GPU available" lines
+    # no per-trial "GPU available" lines
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     out_dir = Path(args.out_dir)
-    engine.check_outside_data_tree(out_dir, args.data_dir)  # before the study's folder is made; each trial's folder lies in it
+    # before the study's folder is made; each trial's folder lies in it
+    engine.check_outside_data_tree(out_dir, args.data_dir)
     if args.storage is not None and not args.storage.strip():
-        raise UserError("--storage is empty; give a journal file (PATH.log), sqlite:///PATH.db or a database URL, "
-                        "or leave --storage out for <out-dir>/study.db")
+        raise UserError(
+            "--storage is empty; give a journal file (PATH.log), sqlite:///PATH.db or a database URL, "
+            "or leave --storage out for <out-dir>/study.db"
+        )
     if args.storage is None:
         out_dir.mkdir(parents=True, exist_ok=True)  # for the default SQLite file
     storage_url = args.storage or f"sqlite:///{out_dir / 'study.db'}"
@@ -330,18 +484,28 @@ def tune(argv: list[str] | None = None) -> None:
     settings = study_settings(study, args.space, args.epochs)
     fail_abandoned_trials(study)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-    asked = f"of {args.n_trials} " if args.n_trials else ""  # --n-trials 0 runs none: "2 of 0 finished" would say nothing
-    print(f"Study {study.study_name!r} in {hide_password(storage_url)}: {finished} {asked}trials finished; "
-          f"space {settings.space}, epochs per trial {settings.epochs}, pruning {'on' if args.prune else 'off'}")
+    # --n-trials 0 runs none: "2 of 0 finished" would say nothing
+    asked = f"of {args.n_trials} " if args.n_trials else ""
+    print(
+        f"Study {study.study_name!r} in {hide_password(storage_url)}: {finished} {asked}trials finished; "
+        f"space {settings.space}, epochs per trial {settings.epochs}, pruning {'on' if args.prune else 'off'}"
+    )
     base = base_config(args, settings)
     data = None
     if finished < args.n_trials:
         data = engine.load_split(base)
         print(f"Data: {data.source}; {len(data.train_images)} train / {len(data.val_images)} validation images")
         try:
-            run_trials(study, make_objective(settings, base, data, args.n_trials, args.prune), args.n_trials, settings.epochs, args.timeout,
-                       grace=None if is_journal(storage_url) else args.heartbeat_grace)
-        except engine.RunInterrupted as interrupt:  # a signal passes Optuna by, leaving the trial RUNNING: it fails here, with the reason
+            run_trials(
+                study,
+                make_objective(settings, base, data, args.n_trials, args.prune),
+                args.n_trials,
+                settings.epochs,
+                args.timeout,
+                grace=None if is_journal(storage_url) else args.heartbeat_grace,
+            )
+        except engine.RunInterrupted as interrupt:
+            # a signal passes Optuna by, leaving the trial RUNNING: it fails here, with the reason
             reason = f"interrupted by {interrupt}"
             fail_running_trials(study, lambda trial, worker: reason if worker == this_worker() else None)
             write_outputs(study, settings, out_dir, args.retrain_epochs)

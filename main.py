@@ -8,6 +8,7 @@ cross-entropy, Adam lr 1e-3 and weight decay 5e-4, batch 64, 100 epochs, the ori
 prints and plots train/validation loss and accuracy per epoch, reports test accuracy, saves the
 weights and draws t-SNE plots of the penultimate-layer features. Everything lands in runs/CIFAR10Net/.
 """
+
 from __future__ import annotations
 
 import argparse

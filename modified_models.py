@@ -19,6 +19,7 @@ the chosen model's recipe.
 
     python modified_models.py --model Airbench94_muon --data-dir ./data --no-validation
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,18 @@ import engine
 import tsne
 from engine import MODELS, ModelSpec, model_spec  # noqa: F401  (the registry, under the names this module always offered)
 from models.fast import FAST_RECIPE, ConvGroup, FastVGG  # noqa: F401  (the models, under the study's names)
-from models.study import (README_MODELS, README_RECIPE, CIFAR10Net, CIFAR10Net_2, CIFAR10Net_3, CIFAR10Net_4,  # noqa: F401
-                          CIFAR10Net_5, CIFAR10Net_6, CIFAR10Net_7, CIFAR10Net_optim)
+from models.study import (
+    README_MODELS,
+    README_RECIPE,
+    CIFAR10Net,
+    CIFAR10Net_2,
+    CIFAR10Net_3,
+    CIFAR10Net_4,  # noqa: F401
+    CIFAR10Net_5,
+    CIFAR10Net_6,
+    CIFAR10Net_7,
+    CIFAR10Net_optim,
+)
 from functions import UserError, write_atomically
 
 
@@ -42,7 +53,9 @@ def parameter_count(net: nn.Module) -> int:
 
 
 def trained_here() -> dict[str, ModelSpec]:
-    """The models this script trains: every registered model but those another script trains (TransferNet: transfer_learning.py)."""
+    """The models this script trains: every registered model but those another script trains (TransferNet:
+    transfer_learning.py).
+    """
     return {name: spec for name, spec in MODELS.items() if spec.script == "modified_models.py"}
 
 
@@ -51,7 +64,9 @@ def print_model_list() -> None:
     for name, spec in MODELS.items():
         trained_by = "" if spec.script == "modified_models.py" else f" (python {spec.script})"
         options = f" Options: {', '.join(option.flag for option in spec.options)}." if spec.options else ""
-        print(f"{name:<{width}}  {parameter_count(spec.build()):>9,} parameters  {spec.description}{trained_by}{options}")
+        print(
+            f"{name:<{width}}  {parameter_count(spec.build()):>9,} parameters  {spec.description}{trained_by}{options}"
+        )
 
 
 def check_trained_here(name: str) -> None:
@@ -63,8 +78,18 @@ def check_trained_here(name: str) -> None:
 # --------------------------------------------------------------------------------------------
 # Comparison of several models under one setting
 # --------------------------------------------------------------------------------------------
-COMPARISON_COLUMNS = ("model", "parameters", "epochs", "best_val_accuracy", "final_val_accuracy", "best_val_loss",
-                      "final_val_loss", "test_accuracy", "train_val_gap", "seconds_per_epoch")
+COMPARISON_COLUMNS = (
+    "model",
+    "parameters",
+    "epochs",
+    "best_val_accuracy",
+    "final_val_accuracy",
+    "best_val_loss",
+    "final_val_loss",
+    "test_accuracy",
+    "train_val_gap",
+    "seconds_per_epoch",
+)
 
 
 def best(values: list[float | None], pick) -> float | None:
@@ -87,7 +112,9 @@ def comparison_row(name: str, run_dir: Path) -> dict[str, float | str | None]:
         "best_val_loss": best([row["val_loss"] for row in history], min),
         "final_val_loss": final["val_loss"],
         "test_accuracy": report["test_accuracy"],
-        "train_val_gap": None if None in (final["val_accuracy"], final["train_accuracy"]) else final["train_accuracy"] - final["val_accuracy"],
+        "train_val_gap": None
+        if None in (final["val_accuracy"], final["train_accuracy"])
+        else final["train_accuracy"] - final["val_accuracy"],
         "seconds_per_epoch": sum(row["seconds"] for row in history) / len(history),
     }
 
@@ -98,13 +125,20 @@ def cell(value: float | None, form: str) -> str:
 
 def write_comparison(rows: list[dict], histories: dict[str, list[dict]], out_dir: Path, setting: str) -> None:
     engine.write_csv(out_dir / "comparison.csv", rows, COMPARISON_COLUMNS)
-    lines = [f"Setting: {setting}", "",
-             "| model | parameters | best val acc | final val acc | best val loss | final val loss | test acc | train-val gap | s/epoch |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Setting: {setting}",
+        "",
+        "| model | parameters | best val acc | final val acc | best val loss | final val loss | test acc | "
+        "train-val gap | s/epoch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['parameters']:,} | {cell(r['best_val_accuracy'], '.2%')} | {cell(r['final_val_accuracy'], '.2%')} | "
-                     f"{cell(r['best_val_loss'], '.3f')} | {cell(r['final_val_loss'], '.3f')} | {r['test_accuracy']:.2%} | "
-                     f"{cell(r['train_val_gap'], '+.2%')} | {r['seconds_per_epoch']:.1f} |")
+        lines.append(
+            f"| {r['model']} | {r['parameters']:,} | {cell(r['best_val_accuracy'], '.2%')} | "
+            f"{cell(r['final_val_accuracy'], '.2%')} | "
+            f"{cell(r['best_val_loss'], '.3f')} | {cell(r['final_val_loss'], '.3f')} | {r['test_accuracy']:.2%} | "
+            f"{cell(r['train_val_gap'], '+.2%')} | {r['seconds_per_epoch']:.1f} |"
+        )
     write_atomically(out_dir / "comparison.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     engine.plot_comparison(histories, out_dir / "comparison.png", setting)
 
@@ -122,14 +156,16 @@ def check_same_setting(names: list[str], args: argparse.Namespace, out_dir: Path
         asked = engine.config_from_args(comparison_args(args, out_dir / name, None), name, name)
         differences = engine.differences_from(asked, engine.read_json(earlier), str(earlier))
         if differences:
-            raise UserError(f"{out_dir} holds a comparison trained with other settings ({name}: {differences[0]}); a comparison never mixes "
-                            f"settings: rerun it with the flags it was trained with, give another --out-dir, or --overwrite to train every "
-                            f"model again")
+            raise UserError(
+                f"{out_dir} holds a comparison trained with other settings ({name}: {differences[0]}); a comparison "
+                "never mixes settings: rerun it with the flags it was trained with, give another --out-dir, or "
+                "--overwrite to train every model again"
+            )
 
 
 def compare(names: list[str], args: argparse.Namespace) -> None:
-    """Train each model under the same flags into --out-dir/<model>; finished models are not trained again (unless --overwrite).
-    Models already there must have trained with the same settings (``check_same_setting``)."""
+    """Train each model under the same flags into --out-dir/<model>; finished models are not trained again (unless
+    --overwrite). Models already there must have trained with the same settings (``check_same_setting``)."""
     out_dir = Path(args.out_dir or "runs/comparison")
     check_same_setting(names, args, out_dir)
     data = None
@@ -147,13 +183,17 @@ def compare(names: list[str], args: argparse.Namespace) -> None:
                 data = engine.load_split(config)
             engine.train(config, MODELS[name], data=data, analyses=tsne.analyses(config))
         except engine.RunInterrupted as interrupt:
-            interrupt.continue_command = shlex.join(["python", *sys.argv])  # finished models are skipped, the interrupted one resumes
+            # finished models are skipped, the interrupted one resumes
+            interrupt.continue_command = shlex.join(["python", *sys.argv])
             raise
     rows = [comparison_row(name, out_dir / name) for name in names]
     histories = {name: engine.read_metrics_csv(out_dir / name / "metrics.csv") for name in names}
     r = engine.config_from_args(args, names[0], "comparison").recipe
-    setting = (f"{rows[0]['epochs']} epochs, augment={r.augment}, seed {args.seed}"
-               + (f", {args.limit_train} training images" if args.limit_train else "") + "; recipe per model unless overridden")
+    setting = (
+        f"{rows[0]['epochs']} epochs, augment={r.augment}, seed {args.seed}"
+        + (f", {args.limit_train} training images" if args.limit_train else "")
+        + "; recipe per model unless overridden"
+    )
     write_comparison(rows, histories, out_dir, setting)
     print(f"Comparison written to {out_dir}/comparison.csv, comparison.md and comparison.png")
     print((out_dir / "comparison.md").read_text())
@@ -163,8 +203,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--model", help=f"train one model: {', '.join(trained_here())}")
-    which.add_argument("--models", nargs="+", metavar="NAME", help="train these models under identical settings and compare them")
-    which.add_argument("--all", action="store_true", help="train and compare CIFAR10Net and the original study's seven modified models")
+    which.add_argument(
+        "--models", nargs="+", metavar="NAME", help="train these models under identical settings and compare them"
+    )
+    which.add_argument(
+        "--all", action="store_true", help="train and compare CIFAR10Net and the original study's seven modified models"
+    )
     which.add_argument("--list", action="store_true", help="list the models with their parameter counts and exit")
     engine.add_training_arguments(parser, README_RECIPE, run_name="<model>, or runs/comparison with --all/--models")
     engine.add_model_arguments(parser, trained_here())

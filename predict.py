@@ -22,6 +22,7 @@ The run folder holds everything the prediction needs: model.json (the model, its
 its inputs were normalised with, its test-time augmentation) and model.pth. Every image goes through
 engine.predict, the same path as the run's own test measurement, so the answers are the model's own.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,13 +55,17 @@ def is_hidden(path: Path, folder: Path) -> bool:
 def images_in_folder(folder: Path, recursive: bool) -> list[Path]:
     """The image files of ``folder`` by suffix, sorted; with ``recursive``, those of its sub-folders too."""
     candidates = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(path for path in candidates
-                  if path.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(path, folder) and path.is_file())
+    return sorted(
+        path
+        for path in candidates
+        if path.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(path, folder) and path.is_file()
+    )
 
 
 def find_images(paths: list[str], recursive: bool) -> list[Path]:
-    """Every image to classify, in the order given, each once. A file named on the command line is read whatever its suffix
-    (Pillow decides); a folder gives its files with an image suffix, and a folder that gives none is a mistake."""
+    """Every image to classify, in the order given, each once. A file named on the command line is read whatever its
+    suffix (Pillow decides); a folder gives its files with an image suffix, and a folder that gives none is a mistake.
+    """
     found = []
     for text in paths:
         path = Path(text)
@@ -68,7 +73,10 @@ def find_images(paths: list[str], recursive: bool) -> list[Path]:
             images = images_in_folder(path, recursive)
             if not images:
                 deeper = "" if recursive else ", or --recursive to search its sub-folders"
-                raise UserError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)} files); give image files or another folder{deeper}")
+                raise UserError(
+                    f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)} files); give image files or another "
+                    f"folder{deeper}"
+                )
             found += images
         elif path.exists():
             found.append(path)
@@ -100,15 +108,21 @@ def open_model(args: argparse.Namespace) -> tuple[SavedModel, ModelCard]:
     if run is None and args.checkpoint is None:
         run = DEFAULT_RUN
         if not run.is_dir():
-            raise UserError(f"the shipped model is not installed ({run} is missing); give --run DIR of a trained run "
-                            f"(python main.py makes runs/CIFAR10Net), or --checkpoint FILE --model NAME")
+            raise UserError(
+                f"the shipped model is not installed ({run} is missing); give --run DIR of a trained run "
+                f"(python main.py makes runs/CIFAR10Net), or --checkpoint FILE --model NAME"
+            )
     saved = saved_models.open_saved_model(run, args.checkpoint, args.model)
     card = saved.card or saved_models.card_from_data_dir(saved.name, args.data_dir)
     return saved, card
 
 
-def probabilities(saved: SavedModel, card: ModelCard, images: torch.Tensor, tta: str, device: torch.device) -> torch.Tensor:
-    """Each image's class probabilities: the softmax of the model's scores, through engine.predict like the test measurement."""
+def probabilities(
+    saved: SavedModel, card: ModelCard, images: torch.Tensor, tta: str, device: torch.device
+) -> torch.Tensor:
+    """Each image's class probabilities: the softmax of the model's scores, through engine.predict like the test
+    measurement.
+    """
     mean, std = card.normalisation
     dummy_labels = torch.zeros(len(images), dtype=torch.long)
     logits = engine.predict(saved.net.to(device), images, dummy_labels, mean, std, tta=tta)["logits"]
@@ -118,7 +132,10 @@ def probabilities(saved: SavedModel, card: ModelCard, images: torch.Tensor, tta:
 def top_classes(probs: torch.Tensor, classes: tuple[str, ...], k: int) -> list[list[tuple[str, float]]]:
     """Per image, its ``k`` likeliest classes with their probabilities, likeliest first."""
     values, indices = probs.topk(min(k, len(classes)), dim=1)
-    return [[(classes[i], p) for i, p in zip(image_indices, image_values)] for image_values, image_indices in zip(values.tolist(), indices.tolist())]
+    return [
+        [(classes[i], p) for i, p in zip(image_indices, image_values)]
+        for image_values, image_indices in zip(values.tolist(), indices.tolist())
+    ]
 
 
 def describe_row(path: Path, row: list[tuple[str, float]]) -> str:
@@ -179,21 +196,44 @@ def report(paths: list[Path], rows: list[list[tuple[str, float]]], csv_file: str
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", metavar="IMAGE_OR_FOLDER",
-                        help="image files (any format Pillow reads) and folders; a folder gives its .png, .jpg, .jpeg, .bmp, .gif and "
-                             ".webp files (hidden ones aside). Every image is resized to 32x32 pixels, see above")
-    parser.add_argument("--recursive", action="store_true",
-                        help="also search the folders' sub-folders (default: only the files directly in each folder)")
-    group = saved_models.add_arguments(parser, run_help="run folder of a trained model: its model.json and model.pth (default "
-                                       "pretrained/FastVGG_narrow beside predict.py, the shipped model, when neither --run nor --checkpoint is given)")
-    group.add_argument("--data-dir", default="./data", help="only with --model, for weights without model.json: CIFAR-10 here (the "
-                       "official batches or an image-folder tree, never downloaded) gives the normalisation statistics and class names; "
-                       "without it, CIFAR-10's published statistics are used, with a note (default ./data)")
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="IMAGE_OR_FOLDER",
+        help="image files (any format Pillow reads) and folders; a folder gives its .png, .jpg, .jpeg, .bmp, .gif and "
+        ".webp files (hidden ones aside). Every image is resized to 32x32 pixels, see above",
+    )
+    parser.add_argument(
+        "--recursive",
+        action="store_true",
+        help="also search the folders' sub-folders (default: only the files directly in each folder)",
+    )
+    group = saved_models.add_arguments(
+        parser,
+        run_help="run folder of a trained model: its model.json and model.pth (default "
+        "pretrained/FastVGG_narrow beside predict.py, the shipped model, when neither --run nor --checkpoint is given)",
+    )
+    group.add_argument(
+        "--data-dir",
+        default="./data",
+        help="only with --model, for weights without model.json: CIFAR-10 here (the official batches or an "
+        "image-folder tree, never downloaded) gives the normalisation statistics and class names; without it, "
+        "CIFAR-10's published statistics are used, with a note (default ./data)",
+    )
     group = parser.add_argument_group("prediction")
-    group.add_argument("--top", type=engine.positive_int, default=3, metavar="K",
-                       help="how many of the likeliest classes to show per image (default 3)")
-    group.add_argument("--csv", metavar="FILE", help="also write one row per image: path, then class_1, probability_1, ... for the --top "
-                       f"classes (replaced if it exists). Without it, more than {PRINTED_IMAGES} images print only a summary")
+    group.add_argument(
+        "--top",
+        type=engine.positive_int,
+        default=3,
+        metavar="K",
+        help="how many of the likeliest classes to show per image (default 3)",
+    )
+    group.add_argument(
+        "--csv",
+        metavar="FILE",
+        help="also write one row per image: path, then class_1, probability_1, ... for the --top "
+        f"classes (replaced if it exists). Without it, more than {PRINTED_IMAGES} images print only a summary",
+    )
     engine.add_device_arguments(parser, training=False)
     return parser
 
@@ -209,8 +249,10 @@ def main() -> None:
     read, images, unreadable = read_images(paths, card.image_size)
     if read:
         tta = args.tta or card.tta
-        print(f"{saved.describe()}; {len(read)} image{'s' if len(read) > 1 else ''} resized to {card.image_size}x{card.image_size}"
-              + (f", {tta} test-time augmentation" if tta != "none" else ""))
+        print(
+            f"{saved.describe()}; {len(read)} image{'s' if len(read) > 1 else ''} resized to "
+            f"{card.image_size}x{card.image_size}" + (f", {tta} test-time augmentation" if tta != "none" else "")
+        )
         report(read, top_classes(probabilities(saved, card, images, tta, device), card.classes, args.top), args.csv)
     if unreadable:
         for error in unreadable:

@@ -10,6 +10,7 @@ restart, a failover, a dropped connection), one line per retry, for at most ``pa
 running goes on, keeps its result and reports it once the server is back. Past the bound the worker stops
 (``DatabaseUnavailable``: one line, exit status 1), and its unfinished trial is failed when a worker starts next.
 """
+
 from __future__ import annotations
 
 import re
@@ -29,7 +30,9 @@ FIRST_RETRY_SECONDS, LONGEST_RETRY_SECONDS = 1.0, 30.0
 
 @dataclass(frozen=True)
 class StorageSettings:
-    """The heartbeat of a running trial, how long its silence is tolerated, and how long a worker waits for its database."""
+    """The heartbeat of a running trial, how long its silence is tolerated, and how long a worker waits for its
+    database.
+    """
 
     heartbeat: float = 60.0
     grace: float = 180.0
@@ -54,17 +57,19 @@ def is_journal(storage: str) -> bool:
 
 
 def unreachable(error: BaseException) -> BaseException | None:
-    """The driver's error, when ``error`` says the database server could not be reached (refused, closed, dropped); else None.
-    Optuna wraps SQLAlchemy's errors in StorageInternalError."""
+    """The driver's error, when ``error`` says the database server could not be reached (refused, closed, dropped); else
+    None. Optuna wraps SQLAlchemy's errors in StorageInternalError."""
     cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) else error
     if isinstance(cause, (sql_errors.OperationalError, sql_errors.InterfaceError)) or (
-            isinstance(cause, sql_errors.DBAPIError) and cause.connection_invalidated):
+        isinstance(cause, sql_errors.DBAPIError) and cause.connection_invalidated
+    ):
         return cause
     return None
 
 
 def patient(method: Callable[..., Any]) -> Callable[..., Any]:
     """``method`` of a storage, retried with backoff while its database is unreachable, for ``self.patience`` seconds."""
+
     @wraps(method)
     def call(self: "PatientRDBStorage", *args: Any, **kwargs: Any) -> Any:
         wait, deadline = FIRST_RETRY_SECONDS, None
@@ -78,31 +83,45 @@ def patient(method: Callable[..., Any]) -> Callable[..., Any]:
                 now = time.monotonic()
                 deadline = deadline or now + self.patience
                 if now + wait > deadline:
-                    raise DatabaseUnavailable(f"the study's database {hide_password(self.url)} stayed unreachable for {self.patience:.0f} s "
-                                              f"({first_line(cause.orig if isinstance(cause, sql_errors.DBAPIError) else cause)}); "
-                                              f"when it is back, run the same command: this worker's unfinished trial is then failed "
-                                              f"and run again") from None
-                print(f"the study's database is unreachable ({first_line(getattr(cause, 'orig', cause))}); retrying in {wait:.0f} s, "
-                      f"for at most {deadline - now:.0f} s more (--db-patience)", file=sys.stderr, flush=True)
+                    raise DatabaseUnavailable(
+                        f"the study's database {hide_password(self.url)} stayed unreachable for {self.patience:.0f} s "
+                        f"({first_line(cause.orig if isinstance(cause, sql_errors.DBAPIError) else cause)}); when it "
+                        "is back, run the same command: this worker's unfinished trial is then failed and run again"
+                    ) from None
+                print(
+                    f"the study's database is unreachable ({first_line(getattr(cause, 'orig', cause))}); retrying in "
+                    f"{wait:.0f} s, for at most {deadline - now:.0f} s more (--db-patience)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 time.sleep(wait)
                 wait = min(2 * wait, LONGEST_RETRY_SECONDS)
+
     return call
 
 
 class PatientRDBStorage(RDBStorage):
-    """Optuna's database storage whose every call rides out an unreachable server for ``patience`` seconds (``patient``)."""
+    """Optuna's database storage whose every call rides out an unreachable server for ``patience`` seconds
+    (``patient``).
+    """
 
     def __init__(self, url: str, settings: StorageSettings):
         self.patience = settings.patience
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat arguments
-            super().__init__(url, engine_kwargs={"pool_pre_ping": True},  # a pooled connection the restart cut is replaced, not used
-                             heartbeat_interval=round(settings.heartbeat), grace_period=round(settings.grace))
+            super().__init__(
+                url,
+                engine_kwargs={"pool_pre_ping": True},  # a pooled connection the restart cut is replaced, not used
+                heartbeat_interval=round(settings.heartbeat),
+                grace_period=round(settings.grace),
+            )
 
 
 # Every method a study calls on its storage (BaseStorage's interface and the heartbeat's), made patient.
 for name in [name for name, value in vars(BaseStorage).items() if callable(value) and not name.startswith("__")] + [
-        "record_heartbeat", "_get_stale_trial_ids"]:
+    "record_heartbeat",
+    "_get_stale_trial_ids",
+]:
     setattr(PatientRDBStorage, name, patient(getattr(RDBStorage, name)))
 
 

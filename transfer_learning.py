@@ -24,6 +24,7 @@ Two choices differ from the original study, both flags:
 --finetune layer4 or all also trains the backbone's last stage or all of it, at --backbone-lr-scale
 times the head's learning rate; frozen layers keep their BatchNorm statistics (they stay in eval mode).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,11 +53,16 @@ def feature_cache_applies(options: dict[str, Any], recipe: engine.Recipe) -> boo
     if not options["feature_cache"] or options["finetune"] != "fc":
         return False
     if recipe.augment != "none":
-        print(f"note: --augment {recipe.augment} changes the images every epoch, so the backbone's features cannot be cached; "
-              f"every epoch runs the full backbone (--augment none caches them)")
+        print(
+            f"note: --augment {recipe.augment} changes the images every epoch, so the backbone's features cannot be "
+            "cached; every epoch runs the full backbone (--augment none caches them)"
+        )
         return False
     if recipe.tta != "none":
-        print("note: --tta needs the backbone's features of the test-time views (mirrored, shifted images) too, so features are not cached")
+        print(
+            "note: --tta needs the backbone's features of the test-time views (mirrored, shifted images) too, so "
+            "features are not cached"
+        )
         return False
     return True
 
@@ -64,8 +70,14 @@ def feature_cache_applies(options: dict[str, Any], recipe: engine.Recipe) -> boo
 def feature_fingerprint(net: TransferNet, data: engine.SplitData) -> str:
     """Changes whenever the features could: other backbone weights, image size, images or normalisation."""
     digest = hashlib.sha1(f"{type(net.backbone).__name__}|{net.image_size}".encode())
-    named = [*net.backbone.state_dict().items(), ("train", data.train_images), ("val", data.val_images),
-             ("test", data.test_images), ("mean", data.mean), ("std", data.std)]
+    named = [
+        *net.backbone.state_dict().items(),
+        ("train", data.train_images),
+        ("val", data.val_images),
+        ("test", data.test_images),
+        ("mean", data.mean),
+        ("std", data.std),
+    ]
     for name, tensor in named:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -88,7 +100,9 @@ def write_feature_file(path: Path, fingerprint: str, features: dict[str, torch.T
         print(f"note: could not save the features in {path} ({error}); they stay in memory for this run")
 
 
-def cached_backbone_features(net: TransferNet, data: engine.SplitData, device: torch.device, run_dir: Path) -> dict[str, torch.Tensor]:
+def cached_backbone_features(
+    net: TransferNet, data: engine.SplitData, device: torch.device, run_dir: Path
+) -> dict[str, torch.Tensor]:
     """The frozen backbone's features of the train, validation and test images: read back, or computed once."""
     path = run_dir / FEATURE_FILE
     fingerprint = feature_fingerprint(net, data)
@@ -96,15 +110,25 @@ def cached_backbone_features(net: TransferNet, data: engine.SplitData, device: t
     if features is not None:
         print(f"Backbone features read from {path}")
         return features
-    splits = {"train": (data.train_images, data.train_labels), "val": (data.val_images, data.val_labels),
-              "test": (data.test_images, data.test_labels)}
+    splits = {
+        "train": (data.train_images, data.train_labels),
+        "val": (data.val_images, data.val_labels),
+        "test": (data.test_images, data.test_labels),
+    }
     count = sum(len(images) for images, _ in splits.values())
-    print(f"Computing the frozen backbone's features once: {count} images at {net.image_size}x{net.image_size} px on {device}", flush=True)
+    print(
+        f"Computing the frozen backbone's features once: {count} images at {net.image_size}x{net.image_size} px "
+        f"on {device}",
+        flush=True,
+    )
     started = time.perf_counter()
     net.to(device, memory_format=torch.channels_last)
-    features = {name: engine.predict(net, images, labels, data.mean, data.std, with_features=True,
-                                     progress=f"features of the {name} images")["features"]
-                for name, (images, labels) in splits.items()}
+    features = {
+        name: engine.predict(
+            net, images, labels, data.mean, data.std, with_features=True, progress=f"features of the {name} images"
+        )["features"]
+        for name, (images, labels) in splits.items()
+    }
     print(f"Features computed in {time.perf_counter() - started:.1f} s")
     write_feature_file(path, fingerprint, features)
     return features
@@ -112,14 +136,21 @@ def cached_backbone_features(net: TransferNet, data: engine.SplitData, device: t
 
 def feature_split(data: engine.SplitData, features: dict[str, torch.Tensor]) -> engine.SplitData:
     """The split with each image replaced by its backbone features; float inputs pass the engine's batches unchanged."""
-    return replace(data, train_images=features["train"].float(), val_images=features["val"].float(),
-                   test_images=features["test"].float(), source=f"{data.source}, as cached backbone features")
+    return replace(
+        data,
+        train_images=features["train"].float(),
+        val_images=features["val"].float(),
+        test_images=features["test"].float(),
+        source=f"{data.source}, as cached backbone features",
+    )
 
 
-def train_on_cached_features(config: engine.RunConfig, net: TransferNet, data: engine.SplitData, device: torch.device) -> dict[str, Any]:
-    """Train the head on cached features of ``net``'s backbone through the engine; checkpoints and model.pth still hold the
-    whole net. The network the engine builds starts from the same backbone (the same options, weights and seed), and passes
-    features on unchanged (``TransferNet.forward_features``)."""
+def train_on_cached_features(
+    config: engine.RunConfig, net: TransferNet, data: engine.SplitData, device: torch.device
+) -> dict[str, Any]:
+    """Train the head on cached features of ``net``'s backbone through the engine; checkpoints and model.pth still hold
+    the whole net. The network the engine builds starts from the same backbone (the same options, weights and seed), and
+    passes features on unchanged (``TransferNet.forward_features``)."""
     features = feature_split(data, cached_backbone_features(net, data, device, Path(config.out_dir)))
     return engine.train(config, engine.model_spec(MODEL), data=features, analyses=tsne.analyses(config))
 
@@ -132,15 +163,19 @@ def run_name(options: dict[str, Any]) -> str:
 
 
 def train_transfer(config: engine.RunConfig, data: engine.SplitData | None = None) -> dict[str, Any]:
-    """Train the transfer network of ``config`` (on cached features when they cannot change), test it; returns the test report."""
+    """Train the transfer network of ``config`` (on cached features when they cannot change), test it; returns the test
+    report.
+    """
     device = engine.training_device(config.device)
     engine.claim_run_folder(config)  # a busy or unusable folder fails before the slow parts
     engine.resume_checkpoint(config, Path(config.out_dir))
     spec = engine.model_spec(MODEL)
     net = spec.build(config.model_options, name=MODEL)
     torch.manual_seed(config.seed)  # as engine.fit seeds before it initialises its own copy
-    spec.initialize(net, None, config.recipe)  # the pretrained weights: a failed download or a wrong file fails before the data load
-    data = engine.for_model(spec, config, data or engine.load_split(config))  # ImageNet's statistics, as the weights expect
+    # the pretrained weights: a failed download or a wrong file fails before the data load
+    spec.initialize(net, None, config.recipe)
+    # ImageNet's statistics, as the weights expect
+    data = engine.for_model(spec, config, data or engine.load_split(config))
     if feature_cache_applies(config.model_options, config.recipe):
         return train_on_cached_features(config, net, data, device)
     return engine.train(config, spec, data=data, analyses=tsne.analyses(config))

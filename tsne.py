@@ -17,6 +17,7 @@ the run's model card, with its options, and fed inputs normalised as it was trai
 The training scripts hand the same analysis to the engine (``analyses``), which runs it at the end of
 every run unless given --no-tsne.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,19 +64,30 @@ def split_predictions(net: nn.Module, data: engine.SplitData, split: str) -> dic
 
 
 def open_model(args: argparse.Namespace) -> SavedModel:
-    """The saved model of --run / --checkpoint / --model, checked to have penultimate features (and a t-SNE to run): a wrong
-    file fails before the slow data load."""
+    """The saved model of --run / --checkpoint / --model, checked to have penultimate features (and a t-SNE to run): a
+    wrong file fails before the slow data load."""
     saved = saved_models.open_saved_model(args.run, args.checkpoint, args.model)
     if not hasattr(saved.net, "forward_features"):
-        raise UserError(f"{saved.name} has no forward_features(), so its penultimate features cannot be taken; choose another model")
+        raise UserError(
+            f"{saved.name} has no forward_features(), so its penultimate features cannot be taken; choose another model"
+        )
     resolve_method(getattr(args, "tsne_method", "auto"))  # a missing openTSNE fails before the data load too
     return saved
 
 
 def model_data(saved: SavedModel, args: argparse.Namespace) -> engine.SplitData:
-    """The data normalised as ``saved``'s card says (a plain state dict's card is made from the data, as training computes it)."""
-    data = engine.load_split(engine.RunConfig(model=saved.name, data_dir=args.data_dir, dataset=args.dataset, num_workers=args.num_workers,
-                                              limit_train=args.limit_train))
+    """The data normalised as ``saved``'s card says (a plain state dict's card is made from the data, as training
+    computes it).
+    """
+    data = engine.load_split(
+        engine.RunConfig(
+            model=saved.name,
+            data_dir=args.data_dir,
+            dataset=args.dataset,
+            num_workers=args.num_workers,
+            limit_train=args.limit_train,
+        )
+    )
     card = saved_models.card_for_data(saved, data)
     mean, std = card.normalisation
     return replace(data, mean=mean, std=std)
@@ -85,7 +97,9 @@ def model_data(saved: SavedModel, args: argparse.Namespace) -> engine.SplitData:
 # t-SNE and clustering numbers
 # --------------------------------------------------------------------------------------------
 def stratified_sample(labels: np.ndarray, size: int | None, seed: int) -> np.ndarray:
-    """Sorted indices of ``size`` points, every class in its share of ``labels``; all points if ``size`` is None or too big."""
+    """Sorted indices of ``size`` points, every class in its share of ``labels``; all points if ``size`` is None or too
+    big.
+    """
     if size is None or size >= len(labels):
         return np.arange(len(labels))
     order = np.random.default_rng(seed).permutation(len(labels))
@@ -102,19 +116,23 @@ def stratified_sample(labels: np.ndarray, size: int | None, seed: int) -> np.nda
 def check_enough_points(split: str, count: int) -> None:
     # scikit-learn refuses a perplexity >= the number of points; one rule for both implementations.
     if count <= PERPLEXITY:
-        raise UserError(f"t-SNE with perplexity {PERPLEXITY} needs more than {PERPLEXITY} points but the {split} split gives {count}; "
-                        f"raise --tsne-samples or use a larger data set")
+        raise UserError(
+            f"t-SNE with perplexity {PERPLEXITY} needs more than {PERPLEXITY} points but the {split} split gives "
+            f"{count}; raise --tsne-samples or use a larger data set"
+        )
 
 
 def resolve_method(method: str) -> str:
-    """"auto" is openTSNE when installed, else scikit-learn."""
+    """ "auto" is openTSNE when installed, else scikit-learn."""
     if method == "sklearn":
         return method
     try:
         import openTSNE  # noqa: F401
     except ImportError:
         if method == "opentsne":
-            raise UserError("--tsne-method opentsne needs the openTSNE package: pip install openTSNE, or use --tsne-method sklearn") from None
+            raise UserError(
+                "--tsne-method opentsne needs the openTSNE package: pip install openTSNE, or use --tsne-method sklearn"
+            ) from None
         return "sklearn"
     return "opentsne"
 
@@ -142,12 +160,19 @@ def embed(features: np.ndarray, method: str, seed: int, label: str = "t-SNE") ->
 
         # openTSNE's own choice of gradient: FFT-accelerated from 10,000 points (a whole split), Barnes-Hut
         # below, where FFT's fixed grid costs more than it saves (60 points: 20 s against 1 s).
-        tsne = TSNE(n_components=2, perplexity=PERPLEXITY, n_jobs=N_JOBS, random_state=seed,
-                    callbacks=IterationProgress(label), callbacks_every_iters=PROGRESS_EVERY_ITERATIONS)
+        tsne = TSNE(
+            n_components=2,
+            perplexity=PERPLEXITY,
+            n_jobs=N_JOBS,
+            random_state=seed,
+            callbacks=IterationProgress(label),
+            callbacks_every_iters=PROGRESS_EVERY_ITERATIONS,
+        )
         return np.asarray(tsne.fit(features), dtype=np.float32)
     from sklearn.manifold import TSNE
 
-    tsne = TSNE(n_components=2, perplexity=PERPLEXITY, n_jobs=N_JOBS, random_state=seed, verbose=1)  # its own progress lines
+    # its own progress lines
+    tsne = TSNE(n_components=2, perplexity=PERPLEXITY, n_jobs=N_JOBS, random_state=seed, verbose=1)
     return tsne.fit_transform(features).astype(np.float32)
 
 
@@ -158,13 +183,18 @@ def clustering_scores(features: np.ndarray, points: np.ndarray, labels: np.ndarr
     from sklearn.neighbors import KNeighborsClassifier
 
     silhouette = silhouette_score(points, labels, sample_size=min(len(points), SILHOUETTE_SAMPLE), random_state=seed)
-    knn = cross_val_score(KNeighborsClassifier(n_neighbors=KNN_NEIGHBOURS, n_jobs=N_JOBS), features, labels,
-                          cv=KFold(KNN_FOLDS, shuffle=True, random_state=seed))
+    knn = cross_val_score(
+        KNeighborsClassifier(n_neighbors=KNN_NEIGHBOURS, n_jobs=N_JOBS),
+        features,
+        labels,
+        cv=KFold(KNN_FOLDS, shuffle=True, random_state=seed),
+    )
     return {"silhouette_true_class_2d": float(silhouette), "knn_accuracy_features": float(knn.mean())}
 
 
-def embed_and_score(features: np.ndarray, labels: np.ndarray, method: str, seed: int,
-                    label: str = "t-SNE") -> tuple[np.ndarray, dict[str, Any]]:
+def embed_and_score(
+    features: np.ndarray, labels: np.ndarray, method: str, seed: int, label: str = "t-SNE"
+) -> tuple[np.ndarray, dict[str, Any]]:
     """The 2-D points and a report: points, method, seconds the t-SNE took, clustering scores."""
     started = time.perf_counter()
     points = embed(features, method, seed, label)
@@ -174,9 +204,11 @@ def embed_and_score(features: np.ndarray, labels: np.ndarray, method: str, seed:
 
 
 def describe(split: str, report: dict[str, Any]) -> str:
-    return (f"t-SNE of the {split} split: {report['points']:,} points by {report['method']} in {report['tsne_seconds']:.1f} s; "
-            f"silhouette by true class in 2-D {report['silhouette_true_class_2d']:.3f}, "
-            f"{KNN_NEIGHBOURS}-NN accuracy in feature space {report['knn_accuracy_features']:.4f}")
+    return (
+        f"t-SNE of the {split} split: {report['points']:,} points by {report['method']} in "
+        f"{report['tsne_seconds']:.1f} s; silhouette by true class in 2-D {report['silhouette_true_class_2d']:.3f}, "
+        f"{KNN_NEIGHBOURS}-NN accuracy in feature space {report['knn_accuracy_features']:.4f}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,9 +235,17 @@ class Embedding:
 def save_embedding(embedding: Embedding, path: Path) -> None:
     # Strings as unicode arrays, so the file loads with allow_pickle=False.
     e = embedding
-    arrays = {"embedding": e.points, "labels": e.labels, "predictions": e.predictions, "correct": e.correct,
-              "indices": e.indices, "classes": np.array(e.classes, dtype=str), "model": np.array(e.model),
-              "split": np.array(e.split), "method": np.array(e.method)}
+    arrays = {
+        "embedding": e.points,
+        "labels": e.labels,
+        "predictions": e.predictions,
+        "correct": e.correct,
+        "indices": e.indices,
+        "classes": np.array(e.classes, dtype=str),
+        "model": np.array(e.model),
+        "split": np.array(e.split),
+        "method": np.array(e.method),
+    }
     write_atomically(path, lambda tmp: np.savez(tmp, **arrays))
 
 
@@ -214,8 +254,16 @@ def load_embedding(path: Path) -> Embedding:
         raise UserError(f"{path} does not exist; give a tsne_<split>.npz that tsne.py or a training run wrote")
     try:
         with np.load(path, allow_pickle=False) as saved:
-            return Embedding(saved["embedding"], saved["labels"], saved["predictions"], saved["indices"],
-                             tuple(str(name) for name in saved["classes"]), str(saved["model"]), str(saved["split"]), str(saved["method"]))
+            return Embedding(
+                saved["embedding"],
+                saved["labels"],
+                saved["predictions"],
+                saved["indices"],
+                tuple(str(name) for name in saved["classes"]),
+                str(saved["model"]),
+                str(saved["split"]),
+                str(saved["method"]),
+            )
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
         raise UserError(f"{path} is not a t-SNE file written by tsne.py ({type(error).__name__}: {error})") from None
 
@@ -241,14 +289,29 @@ def draw_embedding(embedding: Embedding):
     axis = figure.subplots()
     # Misclassified points last, so their edges are not hidden under correct ones.
     for gid, chosen, edge, width in (("correct", e.correct, "none", 0.0), ("misclassified", ~e.correct, "black", 0.5)):
-        axis.scatter(e.points[chosen, 0], e.points[chosen, 1], s=size, c=colours[e.predictions[chosen]],
-                     edgecolors=edge, linewidths=width, gid=gid)
-    handles = [Line2D([], [], linestyle="", marker="o", markerfacecolor=colours[label], markeredgecolor="none", label=name)
-               for label, name in enumerate(e.classes)]
-    handles.append(Line2D([], [], linestyle="", marker="o", markerfacecolor="white", markeredgecolor="black", label="misclassified"))
+        axis.scatter(
+            e.points[chosen, 0],
+            e.points[chosen, 1],
+            s=size,
+            c=colours[e.predictions[chosen]],
+            edgecolors=edge,
+            linewidths=width,
+            gid=gid,
+        )
+    handles = [
+        Line2D([], [], linestyle="", marker="o", markerfacecolor=colours[label], markeredgecolor="none", label=name)
+        for label, name in enumerate(e.classes)
+    ]
+    handles.append(
+        Line2D(
+            [], [], linestyle="", marker="o", markerfacecolor="white", markeredgecolor="black", label="misclassified"
+        )
+    )
     axis.legend(handles=handles, title="predicted class", loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    axis.set_title(f"{e.model}: t-SNE of penultimate features, {e.split} split\n"
-                   f"{len(e.points):,} points, {int((~e.correct).sum()):,} misclassified (black edge); {e.method}")
+    axis.set_title(
+        f"{e.model}: t-SNE of penultimate features, {e.split} split\n"
+        f"{len(e.points):,} points, {int((~e.correct).sum()):,} misclassified (black edge); {e.method}"
+    )
     axis.set_xticks([])
     axis.set_yticks([])
     figure.tight_layout()
@@ -262,16 +325,30 @@ def save_drawing(embedding: Embedding, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # The analysis of a run
 # --------------------------------------------------------------------------------------------
-def analyse_split(predicted: dict[str, torch.Tensor], split: str, classes: tuple[str, ...], run_dir: Path,
-                  config: engine.RunConfig, method: str) -> dict[str, Any]:
+def analyse_split(
+    predicted: dict[str, torch.Tensor],
+    split: str,
+    classes: tuple[str, ...],
+    run_dir: Path,
+    config: engine.RunConfig,
+    method: str,
+) -> dict[str, Any]:
     """Embed (a sample of) one split's features, write tsne_<split>.npz and .png, print and return the numbers."""
     labels = predicted["labels"].numpy()
     index = stratified_sample(labels, config.tsne_samples, config.seed)
     features = predicted["features"].numpy()[index]
     print(f"t-SNE of the {split} split: embedding {len(index):,} points by {method}", flush=True)
     points, report = embed_and_score(features, labels[index], method, config.seed, label=f"t-SNE of the {split} split")
-    embedding = Embedding(points, labels[index], predicted["logits"].argmax(1).numpy()[index], index,
-                          tuple(classes), config.model, split, method)
+    embedding = Embedding(
+        points,
+        labels[index],
+        predicted["logits"].argmax(1).numpy()[index],
+        index,
+        tuple(classes),
+        config.model,
+        split,
+        method,
+    )
     save_embedding(embedding, run_dir / f"tsne_{split}.npz")
     save_drawing(embedding, run_dir / f"tsne_{split}.png")
     print(describe(split, report), flush=True)
@@ -286,8 +363,14 @@ def check_settings(config: engine.RunConfig, data: engine.SplitData, splits: tup
     return resolve_method(config.tsne_method)
 
 
-def analyse_run(net: nn.Module, data: engine.SplitData, test: dict[str, torch.Tensor] | None, run_dir: Path,
-                config: engine.RunConfig, splits: tuple[str, ...] = SPLITS) -> dict[str, Any]:
+def analyse_run(
+    net: nn.Module,
+    data: engine.SplitData,
+    test: dict[str, torch.Tensor] | None,
+    run_dir: Path,
+    config: engine.RunConfig,
+    splits: tuple[str, ...] = SPLITS,
+) -> dict[str, Any]:
     """t-SNE figures and numbers for each split; ``test`` is predict()'s output with features, computed if None."""
     run_dir = Path(run_dir)
     method = check_settings(config, data, splits)
@@ -296,7 +379,11 @@ def analyse_run(net: nn.Module, data: engine.SplitData, test: dict[str, torch.Te
         predicted = test if split == "test" and test is not None else split_predictions(net, data, split)
         reports[split] = analyse_split(predicted, split, data.classes, run_dir, config, method)
     engine.write_json(run_dir / "tsne_metrics.json", reports)
-    print(f"t-SNE written to {run_dir}: " + ", ".join(f"tsne_{split}.png/.npz" for split in splits) + ", tsne_metrics.json")
+    print(
+        f"t-SNE written to {run_dir}: "
+        + ", ".join(f"tsne_{split}.png/.npz" for split in splits)
+        + ", tsne_metrics.json"
+    )
     return reports
 
 
@@ -306,8 +393,15 @@ class TSNEAnalysis:
     def check(self, config: engine.RunConfig, data: engine.SplitData) -> None:
         check_settings(config, data)
 
-    def run(self, net: nn.Module, data: engine.SplitData, test: dict[str, Any], run_dir: Path, config: engine.RunConfig,
-            device: torch.device) -> None:
+    def run(
+        self,
+        net: nn.Module,
+        data: engine.SplitData,
+        test: dict[str, Any],
+        run_dir: Path,
+        config: engine.RunConfig,
+        device: torch.device,
+    ) -> None:
         if hasattr(net, "forward_features"):
             analyse_run(net, data, test, run_dir, config)
 
@@ -324,19 +418,38 @@ def add_arguments(parser: argparse.ArgumentParser, switch: bool = True) -> None:
     """The t-SNE's flags; with ``switch``, --no-tsne too (the training scripts, which run it at the end)."""
     group = parser.add_argument_group("analysis")
     if switch:
-        group.add_argument("--no-tsne", dest="tsne", action="store_false", help="skip the t-SNE plots of penultimate features at the end")
-    group.add_argument("--tsne-samples", type=engine.positive_int, metavar="N",
-                       help=f"embed a class-stratified sample of N points per split instead of all (N > {PERPLEXITY}, the perplexity)")
-    group.add_argument("--tsne-method", default="auto", choices=METHODS,
-                       help="t-SNE implementation: openTSNE's FFT-accelerated one, or scikit-learn's (default auto: openTSNE if installed)")
+        group.add_argument(
+            "--no-tsne",
+            dest="tsne",
+            action="store_false",
+            help="skip the t-SNE plots of penultimate features at the end",
+        )
+    group.add_argument(
+        "--tsne-samples",
+        type=engine.positive_int,
+        metavar="N",
+        help=f"embed a class-stratified sample of N points per split instead of all (N > {PERPLEXITY}, the perplexity)",
+    )
+    group.add_argument(
+        "--tsne-method",
+        default="auto",
+        choices=METHODS,
+        help="t-SNE implementation: openTSNE's FFT-accelerated one, or scikit-learn's (default auto: openTSNE if "
+        "installed)",
+    )
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--run, --checkpoint and --model (as predict.py and evaluate.py take them), the data and the device: where the
     features come from (also the benchmark's)."""
-    group = saved_models.add_arguments(parser, run_help="run folder of a trained model: its model.pth (the final weights) with its "
-                                                        "model.json", tta=False)
-    group.add_argument("--seed", type=engine.non_negative_int, default=0, help="seeds the sample and the t-SNE (default 0)")
+    group = saved_models.add_arguments(
+        parser,
+        run_help="run folder of a trained model: its model.pth (the final weights) with its model.json",
+        tta=False,
+    )
+    group.add_argument(
+        "--seed", type=engine.non_negative_int, default=0, help="seeds the sample and the t-SNE (default 0)"
+    )
     engine.add_data_arguments(parser)
     engine.add_device_arguments(parser, training=False)
 
@@ -346,12 +459,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     add_arguments(parser, switch=False)
     group = parser.add_argument_group("output")
-    group.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="which splits to embed (default test train)")
-    group.add_argument("--out-dir", help="folder for tsne_*.png, tsne_*.npz and tsne_metrics.json (default: the weights' run folder; "
-                                         "runs/evaluations/<folder name> for the shipped model, a read-only folder or weights outside "
-                                         "a run folder; with --redraw, the .npz file's folder)")
-    group.add_argument("--redraw", metavar="NPZ", help="redraw tsne_<split>.png from a saved tsne_<split>.npz without recomputing; "
-                                                       "takes no --run, --checkpoint or --model")
+    group.add_argument(
+        "--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="which splits to embed (default test train)"
+    )
+    group.add_argument(
+        "--out-dir",
+        help="folder for tsne_*.png, tsne_*.npz and tsne_metrics.json (default: the weights' run folder; "
+        "runs/evaluations/<folder name> for the shipped model, a read-only folder or weights outside "
+        "a run folder; with --redraw, the .npz file's folder)",
+    )
+    group.add_argument(
+        "--redraw",
+        metavar="NPZ",
+        help="redraw tsne_<split>.png from a saved tsne_<split>.npz without recomputing; "
+        "takes no --run, --checkpoint or --model",
+    )
     return parser
 
 
@@ -376,9 +498,18 @@ def main() -> None:
     engine.check_outside_data_tree(out_dir, args.data_dir)  # under train/ it would be read as a class folder next time
     engine.check_writable_folder(out_dir)
     data = model_data(saved, args)
-    config = engine.RunConfig(model=saved.name, data_dir=args.data_dir, dataset=args.dataset, out_dir=str(out_dir), seed=args.seed, device=args.device,
-                              limit_train=args.limit_train, num_workers=args.num_workers,
-                              tsne_samples=args.tsne_samples, tsne_method=args.tsne_method)
+    config = engine.RunConfig(
+        model=saved.name,
+        data_dir=args.data_dir,
+        dataset=args.dataset,
+        out_dir=str(out_dir),
+        seed=args.seed,
+        device=args.device,
+        limit_train=args.limit_train,
+        num_workers=args.num_workers,
+        tsne_samples=args.tsne_samples,
+        tsne_method=args.tsne_method,
+    )
     net = saved.net.to(engine.training_device(args.device))
     analyse_run(net, data, None, out_dir, config, splits=tuple(dict.fromkeys(args.splits)))
 

@@ -3,6 +3,7 @@
 hyperparameter_tune.py runs the study; this module holds what it is made of, so the script reads as the
 story of a study: open it, run trials until it holds --n-trials, write the outputs, retrain the winner.
 """
+
 from __future__ import annotations
 
 import os
@@ -93,7 +94,9 @@ def recipe_for(params: dict[str, Any], epochs: int) -> engine.Recipe:
 
 
 def options_for(params: dict[str, Any]) -> dict[str, Any]:
-    """CIFAR10Net_7's options with a trial's network hyperparameters (every parameter that is not the recipe's), checked."""
+    """CIFAR10Net_7's options with a trial's network hyperparameters (every parameter that is not the recipe's),
+    checked.
+    """
     chosen = {name: value for name, value in params.items() if name not in RECIPE_PARAMS + BETA_PARAMS}
     return engine.model_spec(TUNED_MODEL).resolve(TUNED_MODEL, chosen, "the trial's parameters")
 
@@ -101,7 +104,13 @@ def options_for(params: dict[str, Any]) -> dict[str, Any]:
 def trial_config(base: engine.RunConfig, params: dict[str, Any], epochs: int, out_dir: Path) -> engine.RunConfig:
     """The run a trial's configuration makes: CIFAR10Net_7 with the trial's options and recipe, in ``out_dir``. Its
     config.json is what ``modified_models.py --config`` reruns."""
-    return replace(base, model=TUNED_MODEL, model_options=options_for(params), recipe=recipe_for(params, epochs), out_dir=str(out_dir))
+    return replace(
+        base,
+        model=TUNED_MODEL,
+        model_options=options_for(params),
+        recipe=recipe_for(params, epochs),
+        out_dir=str(out_dir),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,15 +134,20 @@ def make_sampler(seed: int, trials_so_far: int) -> optuna.samplers.TPESampler:
     Reseeding a resumed study with --seed alone would replay the first run's random draws: its next
     trial would repeat trial 0. The trials so far differ from one run of a study to the next.
     """
-    sampler_seed = seed if trials_so_far == 0 else int(np.random.SeedSequence((seed, trials_so_far)).generate_state(1)[0])
-    return optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True)  # constant liar: workers avoid each other's running trials
+    sampler_seed = (
+        seed if trials_so_far == 0 else int(np.random.SeedSequence((seed, trials_so_far)).generate_state(1)[0])
+    )
+    # constant liar: workers avoid each other's running trials
+    return optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True)
 
 
 def is_creation_race(error: Exception) -> bool:
     return any(words in str(error).lower() for words in CREATION_RACE)
 
 
-def open_study(storage_url: str, name: str, seed: int, prune: bool, settings: StorageSettings = StorageSettings()) -> optuna.Study:
+def open_study(
+    storage_url: str, name: str, seed: int, prune: bool, settings: StorageSettings = StorageSettings()
+) -> optuna.Study:
     """Create the study, or load it if it exists; an unusable storage is the user's to fix.
 
     A worker that loses the race to create a fresh storage retries after a random pause, by which
@@ -142,15 +156,23 @@ def open_study(storage_url: str, name: str, seed: int, prune: bool, settings: St
     backoff = random.Random()  # seeded by the OS: workers forked from one process still pause differently
     for attempt in range(1, CREATION_ATTEMPTS + 1):
         try:
-            study = optuna.create_study(study_name=name, storage=open_storage(storage_url, settings), pruner=make_pruner(prune),
-                                        direction="minimize", load_if_exists=True)
+            study = optuna.create_study(
+                study_name=name,
+                storage=open_storage(storage_url, settings),
+                pruner=make_pruner(prune),
+                direction="minimize",
+                load_if_exists=True,
+            )
             break
-        except Exception as error:  # database drivers raise many types (ImportError, OperationalError, ArgumentError, OSError, ...)
+        except Exception as error:
+            # database drivers raise many types (ImportError, OperationalError, ArgumentError, OSError, ...)
             if attempt < CREATION_ATTEMPTS and is_creation_race(error):
                 time.sleep(attempt * backoff.uniform(0.05, 0.25))
                 continue
-            raise UserError(f"cannot open the study storage {hide_password(storage_url)}: {first_line(error)}; give a journal file "
-                            "(PATH.log), sqlite:///PATH.db, or a reachable postgresql:// or mysql:// URL with its driver installed") from None
+            raise UserError(
+                f"cannot open the study storage {hide_password(storage_url)}: {first_line(error)}; give a journal file "
+                "(PATH.log), sqlite:///PATH.db, or a reachable postgresql:// or mysql:// URL with its driver installed"
+            ) from None
     study.sampler = make_sampler(seed, len(study.get_trials(deepcopy=False)))
     return study
 
@@ -160,9 +182,13 @@ def study_settings(study: optuna.Study, space: str | None, epochs: int | None) -
     stored = study.user_attrs
     for key, given in (("space", space), ("epochs", epochs)):
         if key in stored and given is not None and given != stored[key]:
-            raise UserError(f"study {study.study_name!r} was tuned with --{key} {stored[key]}; continue it with that (or leave "
-                            f"--{key} out), or start another study with --study-name or --out-dir")
-    settings = StudySettings(space=stored.get("space", space or DEFAULT_SPACE), epochs=stored.get("epochs", epochs or DEFAULT_EPOCHS))
+            raise UserError(
+                f"study {study.study_name!r} was tuned with --{key} {stored[key]}; continue it with that (or leave "
+                f"--{key} out), or start another study with --study-name or --out-dir"
+            )
+    settings = StudySettings(
+        space=stored.get("space", space or DEFAULT_SPACE), epochs=stored.get("epochs", epochs or DEFAULT_EPOCHS)
+    )
     for key, value in asdict(settings).items():
         study.set_user_attr(key, value)
     return settings
@@ -202,20 +228,33 @@ def fail_running_trials(study: optuna.Study, reason_for: Callable[[FrozenTrial, 
 
 def fail_abandoned_trials(study: optuna.Study) -> None:
     """Mark FAIL the RUNNING trials whose worker ran on this machine and is gone (killed, or crashed)."""
-    fail_running_trials(study, lambda trial, worker: f"its worker (process {worker['pid']}) ended mid-trial"
-                        if worker["host"] == socket.gethostname() and not process_exists(worker["pid"]) else None)
+    fail_running_trials(
+        study,
+        lambda trial, worker: (
+            f"its worker (process {worker['pid']}) ended mid-trial"
+            if worker["host"] == socket.gethostname() and not process_exists(worker["pid"])
+            else None
+        ),
+    )
 
 
 def fail_silent_trials(study: optuna.Study) -> None:
     """Mark FAIL the RUNNING trials whose heartbeat has been silent for the grace period, wherever their worker ran (a
-    database storage's heartbeat; a journal file has none). Optuna's own fail_stale_trials fails them before a reason can
-    be recorded, so its look-up of the silent trials (private) is used here instead."""
+    database storage's heartbeat; a journal file has none). Optuna's own fail_stale_trials fails them before a reason
+    can be recorded, so its look-up of the silent trials (private) is used here instead."""
     storage = study._storage
     if not optuna.storages._heartbeat.is_heartbeat_enabled(storage):
         return
     silent = set(storage._get_stale_trial_ids(study._study_id))
-    fail_running_trials(study, lambda trial, worker: f"its worker ({worker['host']}, process {worker['pid']}) sent no heartbeat "
-                        f"for the grace period (--heartbeat-grace)" if trial._trial_id in silent else None)
+    fail_running_trials(
+        study,
+        lambda trial, worker: (
+            f"its worker ({worker['host']}, process {worker['pid']}) sent no heartbeat "
+            f"for the grace period (--heartbeat-grace)"
+            if trial._trial_id in silent
+            else None
+        ),
+    )
 
 
 def places_taken(study: optuna.Study, before: int | None = None) -> int:
@@ -228,7 +267,9 @@ def places_taken(study: optuna.Study, before: int | None = None) -> int:
 # Outputs
 # --------------------------------------------------------------------------------------------
 def format_params(params: dict[str, Any]) -> str:
-    return ", ".join(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}" for name, value in params.items())
+    return ", ".join(
+        f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}" for name, value in params.items()
+    )
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
@@ -238,23 +279,39 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
 
 TRIAL_COLUMNS = ("number", "state", "value", "duration_s", "epochs_run", "reason")
 OBJECTIVE_NAME = "validation loss"  # what the figures call a trial's value (Optuna's own word is "Objective Value")
-FIGURES = {"optimization_history": 1, "param_importances": 2, "parallel_coordinate": 2, "slice": 2}  # name: complete trials it needs
+# name: complete trials it needs
+FIGURES = {"optimization_history": 1, "param_importances": 2, "parallel_coordinate": 2, "slice": 2}
 
 
 def write_trials_csv(study: optuna.Study, path: Path) -> None:
     """One row per trial, one column per parameter any trial has."""
     trials = study.get_trials(deepcopy=False)
     param_names = list(dict.fromkeys(name for trial in trials for name in trial.params))
-    rows = [{"number": t.number, "state": t.state.name, "value": t.value,
-             "duration_s": round(t.duration.total_seconds(), 2) if t.duration else None,
-             "epochs_run": t.user_attrs.get("epochs_run"), "reason": t.user_attrs.get("reason", ""), **t.params} for t in trials]
+    rows = [
+        {
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            "duration_s": round(t.duration.total_seconds(), 2) if t.duration else None,
+            "epochs_run": t.user_attrs.get("epochs_run"),
+            "reason": t.user_attrs.get("reason", ""),
+            **t.params,
+        }
+        for t in trials
+    ]
     engine.write_csv(path, rows, [*TRIAL_COLUMNS, *param_names])
 
 
 def best_record(study: optuna.Study, settings: StudySettings, best: FrozenTrial, retrain_epochs: int) -> dict[str, Any]:
     return {
-        "study": study.study_name, "space": settings.space, "trial": best.number, "val_loss": best.value,
-        "epochs": settings.epochs, "params": best.params, "model": TUNED_MODEL, "model_options": options_for(best.params),
+        "study": study.study_name,
+        "space": settings.space,
+        "trial": best.number,
+        "val_loss": best.value,
+        "epochs": settings.epochs,
+        "params": best.params,
+        "model": TUNED_MODEL,
+        "model_options": options_for(best.params),
         "recipe": asdict(recipe_for(best.params, retrain_epochs)),
     }
 
@@ -267,13 +324,16 @@ def write_figures(study: optuna.Study, out_dir: Path) -> list[str]:
         if complete < needed:
             continue
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the plots are "experimental", and an axis where all trials agree is "singular"
+            # the plots are "experimental", and an axis where all trials agree is "singular"
+            warnings.simplefilter("ignore")
             axes = getattr(plots, f"plot_{name}")(study, target_name=OBJECTIVE_NAME)
         figure = np.ravel(axes)[0].figure
         width, height = figure.get_size_inches()
         figure.set_size_inches(max(width, 1.3 * len(study.best_params) + 3), height)  # room for an axis per parameter
         # bbox "tight" widens the image to Optuna's long, rotated labels instead of cutting them off
-        write_atomically(out_dir / f"{name}.png", lambda tmp: figure.savefig(tmp, dpi=120, format="png", bbox_inches="tight"))
+        write_atomically(
+            out_dir / f"{name}.png", lambda tmp: figure.savefig(tmp, dpi=120, format="png", bbox_inches="tight")
+        )
         plt.close(figure)
         written.append(f"{name}.png")
     return written
@@ -288,8 +348,11 @@ def pruning_savings(study: optuna.Study, epochs: int) -> tuple[int, int]:
 def write_outputs(study: optuna.Study, settings: StudySettings, out_dir: Path, retrain_epochs: int) -> None:
     counts = {state: len(study.get_trials(deepcopy=False, states=(state,))) for state in (*FINISHED, TrialState.FAIL)}
     pruned, saved = pruning_savings(study, settings.epochs)
-    print(f"Study {study.study_name!r}: {counts[TrialState.COMPLETE]} complete, {pruned} pruned, {counts[TrialState.FAIL]} failed trials; "
-          f"pruning saved {saved} of {settings.epochs * (counts[TrialState.COMPLETE] + pruned)} epochs")
+    print(
+        f"Study {study.study_name!r}: {counts[TrialState.COMPLETE]} complete, {pruned} pruned, "
+        f"{counts[TrialState.FAIL]} failed trials; "
+        f"pruning saved {saved} of {settings.epochs * (counts[TrialState.COMPLETE] + pruned)} epochs"
+    )
     write_trials_csv(study, out_dir / "trials.csv")
     written = ["trials.csv"]
     best = best_trial(study)

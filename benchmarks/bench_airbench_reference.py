@@ -25,7 +25,8 @@ the training, to the end of the final test pass with flip-translate TTA; the dat
 device. Precision: airbench94 keeps fp16 weights with fp32 BatchNorm on its GPU; here the weights stay
 fp32 and ``--precision bf16-mixed`` runs the forward and backward passes under bf16 autocast (the
 default on CUDA; float32 elsewhere, as the engine's ``auto``). With ``--compile`` the network is
-compiled. On CUDA a first run with random labels warms up (chooses convolution algorithms, compiles) before the timed runs.
+compiled. On CUDA a first run with random labels warms up (chooses convolution algorithms, compiles) before the timed
+runs.
 
 Its published figure, 94.01% (mean of 1,000 runs on an A100), is on the official files with all
 50,000 training images: ``--full-train`` trains on them too; the default trains on the README's
@@ -34,6 +35,7 @@ TTA, after the clock): the number to tune the yardstick by, as our recipes were 
 ``--lr-scale`` give it the same chance our narrow recipe had (which dropped identity initialisation and
 changed its batch and learning rate); their defaults are airbench94's. Writes runs.csv into --out-dir.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,12 +55,27 @@ from models.fast import ConvGroup
 MOMENTUM, LABEL_SMOOTHING, LOGIT_SCALE = 0.85, 0.2, 1 / 9
 LR_PER_1024, WEIGHT_DECAY_PER_1024, NORM_BIAS_LR_SCALE = 11.5, 0.0153, 64.0
 STEM_BIAS_EPOCHS, LOOKAHEAD_EVERY, LOOKAHEAD_DECAY = 3, 5, 0.95
-COLUMNS = ("seed", "train_images", "epochs", "width", "batch_size", "dirac", "lr_scale", "precision", "seconds", "val_flip_translate",
-           "test_plain", "test_flip", "test_flip_translate")
+COLUMNS = (
+    "seed",
+    "train_images",
+    "epochs",
+    "width",
+    "batch_size",
+    "dirac",
+    "lr_scale",
+    "precision",
+    "seconds",
+    "val_flip_translate",
+    "test_plain",
+    "test_flip",
+    "test_flip_translate",
+)
 
 
 class ScaleLogits(nn.Module):
-    """Multiplies the class scores by a constant (airbench's 1/9: small early logits for label-smoothed training at a high lr)."""
+    """Multiplies the class scores by a constant (airbench's 1/9: small early logits for label-smoothed training at a
+    high lr).
+    """
 
     def __init__(self, scale: float):
         super().__init__()
@@ -69,7 +86,9 @@ class ScaleLogits(nn.Module):
 
 
 def whitening_filters(images: torch.Tensor, eps: float = 5e-4) -> torch.Tensor:
-    """24 filters of 2x2x3 from the eigenvectors of the patch covariance, scaled by 1/sqrt(eigenvalue), and their negatives."""
+    """24 filters of 2x2x3 from the eigenvectors of the patch covariance, scaled by 1/sqrt(eigenvalue), and their
+    negatives.
+    """
     patches = images.unfold(2, 2, 1).unfold(3, 2, 1).transpose(1, 3).reshape(-1, 12).double()
     eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
     scaled = (eigenvectors.T / torch.sqrt(eigenvalues + eps).unsqueeze(1)).reshape(12, 3, 2, 2).float()
@@ -79,16 +98,24 @@ def whitening_filters(images: torch.Tensor, eps: float = 5e-4) -> torch.Tensor:
 def airbench_net(width: int, whitening_images: torch.Tensor, dirac: bool = True) -> nn.Sequential:
     """FastVGG's layout with airbench's stem (whitening conv and GELU, no BatchNorm), initialisation and BatchNorm;
     without ``dirac`` the convolutions keep PyTorch's default initialisation."""
-    net = nn.Sequential(nn.Conv2d(3, 24, 2), nn.GELU(), ConvGroup(24, width), ConvGroup(width, 4 * width),
-                        ConvGroup(4 * width, 4 * width), nn.MaxPool2d(3), nn.Flatten(), nn.Linear(4 * width, 10, bias=False),
-                        ScaleLogits(LOGIT_SCALE))
+    net = nn.Sequential(
+        nn.Conv2d(3, 24, 2),
+        nn.GELU(),
+        ConvGroup(24, width),
+        ConvGroup(width, 4 * width),
+        ConvGroup(4 * width, 4 * width),
+        nn.MaxPool2d(3),
+        nn.Flatten(),
+        nn.Linear(4 * width, 10, bias=False),
+        ScaleLogits(LOGIT_SCALE),
+    )
     with torch.no_grad():
         net[0].weight.copy_(whitening_filters(whitening_images))
         net[0].weight.requires_grad_(False)
         net[0].bias.zero_()
         for module in net[2:].modules():
             if isinstance(module, nn.Conv2d) and dirac:
-                nn.init.dirac_(module.weight[:module.in_channels])  # an identity path through the first channels
+                nn.init.dirac_(module.weight[: module.in_channels])  # an identity path through the first channels
             elif isinstance(module, nn.BatchNorm2d):
                 module.eps, module.momentum = 1e-12, 0.4  # running statistics that follow the fast-moving weights
                 module.weight.requires_grad_(False)
@@ -104,10 +131,17 @@ def make_optimizer(net: nn.Sequential, batch_size: int, lr_scale: float = 1.0) -
     lr = lr_scale * LR_PER_1024 / kilostep_scale
     decay_per_step = WEIGHT_DECAY_PER_1024 * batch_size / kilostep_scale
     norm_biases = [m.bias for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-    others = [p for p in net.parameters() if p.requires_grad and not any(p is bias for bias in norm_biases)]  # the stem's bias too
+    # the stem's bias too
+    others = [p for p in net.parameters() if p.requires_grad and not any(p is bias for bias in norm_biases)]
     bias_lr = lr * NORM_BIAS_LR_SCALE
-    return torch.optim.SGD([{"params": norm_biases, "lr": bias_lr, "weight_decay": decay_per_step / bias_lr},
-                            {"params": others, "lr": lr, "weight_decay": decay_per_step / lr}], momentum=MOMENTUM, nesterov=True)
+    return torch.optim.SGD(
+        [
+            {"params": norm_biases, "lr": bias_lr, "weight_decay": decay_per_step / bias_lr},
+            {"params": others, "lr": lr, "weight_decay": decay_per_step / lr},
+        ],
+        momentum=MOMENTUM,
+        nesterov=True,
+    )
 
 
 def triangle(step: int, total_steps: int, start: float = 0.2, peak_at: float = 0.23, end: float = 0.07) -> float:
@@ -126,7 +160,7 @@ def lookahead_decay(step: int, total_steps: int) -> float | None:
     if step >= total_steps:
         return 1.0
     if step % LOOKAHEAD_EVERY == 0:
-        return LOOKAHEAD_DECAY ** LOOKAHEAD_EVERY * (step / total_steps) ** 3
+        return LOOKAHEAD_DECAY**LOOKAHEAD_EVERY * (step / total_steps) ** 3
     return None
 
 
@@ -144,23 +178,38 @@ class Lookahead:
             state[key].copy_(average)
 
 
-def train_and_test(data: engine.SplitData, seed: int, epochs: float, width: int, batch_size: int, device: torch.device,
-                   precision: str = "32-true", compile: bool = False, labels: torch.Tensor | None = None, dirac: bool = True,
-                   lr_scale: float = 1.0, snapshots: list | None = None) -> dict:
+def train_and_test(
+    data: engine.SplitData,
+    seed: int,
+    epochs: float,
+    width: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "32-true",
+    compile: bool = False,
+    labels: torch.Tensor | None = None,
+    dirac: bool = True,
+    lr_scale: float = 1.0,
+    snapshots: list | None = None,
+) -> dict:
     """Train with the whole method, then measure the test set under each TTA mode (and, after the clock, the
     validation images with flip-translate TTA, if there are any); returns the runs.csv row.
 
-    ``labels`` replaces the training labels (random ones for a warm-up run). ``snapshots``, when given, gets (epoch, seconds
-    on the clock, a copy of the weights) after every epoch: a copy in memory, inside the clock, as our side writes a checkpoint.
+    ``labels`` replaces the training labels (random ones for a warm-up run). ``snapshots``, when given, gets (epoch,
+    seconds on the clock, a copy of the weights) after every epoch: a copy in memory, inside the clock, as our side
+    writes a checkpoint.
     """
     labels = data.train_labels if labels is None else labels
     torch.manual_seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
-    autocast = engine.autocast_for(precision, device)  # 32-true or bf16-mixed (yardstick_precision): none, or bf16 autocast
+    # 32-true or bf16-mixed (yardstick_precision): none, or bf16 autocast
+    autocast = engine.autocast_for(precision, device)
     steps_per_epoch = len(data.train_images) // batch_size  # whole batches only, as airbench94
     if steps_per_epoch == 0:
-        raise engine.UserError(f"{len(data.train_images)} training images do not fill one batch of {batch_size}: give a smaller --batch-size "
-                        "or more images (--limit-train)")
+        raise engine.UserError(
+            f"{len(data.train_images)} training images do not fill one batch of {batch_size}: give a smaller "
+            "--batch-size or more images (--limit-train)"
+        )
     total_steps = math.ceil(steps_per_epoch * epochs)
     half_flipped = torch.rand(len(data.train_images), generator=generator, device=device) < 0.5
     started = time.perf_counter()
@@ -178,7 +227,7 @@ def train_and_test(data: engine.SplitData, seed: int, epochs: float, width: int,
         epoch_images = apply_crop(images, crop, pad=2, mode="reflect").contiguous(memory_format=torch.channels_last)
         order = torch.randperm(len(images), generator=generator, device=device)
         net.train()
-        for index in order[:steps_per_epoch * batch_size].view(steps_per_epoch, batch_size):
+        for index in order[: steps_per_epoch * batch_size].view(steps_per_epoch, batch_size):
             with autocast:
                 logits = net(epoch_images[index]).float()
             loss = F.cross_entropy(logits, labels[index], label_smoothing=LABEL_SMOOTHING, reduction="sum")
@@ -193,20 +242,46 @@ def train_and_test(data: engine.SplitData, seed: int, epochs: float, width: int,
             if step >= total_steps:
                 break
         if snapshots is not None:
-            snapshots.append((epoch + 1, time.perf_counter() - started, {key: value.detach().clone() for key, value in net.state_dict().items()}))
-        print(f"seed {seed} epoch {epoch + 1}: training loss {loss.item() / batch_size:.4f}, {time.perf_counter() - started:.1f} s", flush=True)
+            snapshots.append(
+                (
+                    epoch + 1,
+                    time.perf_counter() - started,
+                    {key: value.detach().clone() for key, value in net.state_dict().items()},
+                )
+            )
+        print(
+            f"seed {seed} epoch {epoch + 1}: training loss {loss.item() / batch_size:.4f}, "
+            f"{time.perf_counter() - started:.1f} s",
+            flush=True,
+        )
     with autocast:
-        test = engine.accuracy_by_tta(net, data.test_images, data.test_labels, data.mean, data.std, tta="flip-translate")
+        test = engine.accuracy_by_tta(
+            net, data.test_images, data.test_labels, data.mean, data.std, tta="flip-translate"
+        )
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     val = None
     if len(data.val_images):
         with autocast:
-            val = engine.accuracy_by_tta(net, data.val_images, data.val_labels, data.mean, data.std, tta="flip-translate")["flip-translate"]
-    return {"seed": seed, "train_images": len(images), "epochs": epochs, "width": width, "batch_size": batch_size, "dirac": dirac,
-            "lr_scale": lr_scale, "precision": precision, "seconds": round(seconds, 1), "val_flip_translate": val,
-            "test_plain": test["none"], "test_flip": test["flip"], "test_flip_translate": test["flip-translate"]}
+            val = engine.accuracy_by_tta(
+                net, data.val_images, data.val_labels, data.mean, data.std, tta="flip-translate"
+            )["flip-translate"]
+    return {
+        "seed": seed,
+        "train_images": len(images),
+        "epochs": epochs,
+        "width": width,
+        "batch_size": batch_size,
+        "dirac": dirac,
+        "lr_scale": lr_scale,
+        "precision": precision,
+        "seconds": round(seconds, 1),
+        "val_flip_translate": val,
+        "test_plain": test["none"],
+        "test_flip": test["flip"],
+        "test_flip_translate": test["flip-translate"],
+    }
 
 
 def yardstick_precision(precision: str, device: str) -> str:
@@ -219,18 +294,49 @@ def yardstick_precision(precision: str, device: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=engine.non_negative_int, nargs="+", default=[0], help="seeds to run (default 0)")
-    parser.add_argument("--epochs", type=engine.positive_float, default=9.9, help="passes over the training images (default 9.9, airbench94's)")
-    parser.add_argument("--width", type=engine.positive_int, default=64, help="channels of the first stage; the others have 4x (default 64)")
-    parser.add_argument("--batch-size", type=engine.positive_int, default=1024, help="images per step; lr and weight decay adapt (default 1024)")
-    parser.add_argument("--no-dirac", dest="dirac", action="store_false",
-                        help="keep PyTorch's default initialisation instead of identity (dirac) convolutions (default: identity, airbench94's)")
-    parser.add_argument("--lr-scale", type=engine.positive_float, default=1.0,
-                        help="multiplies every learning rate, weight decay per step unchanged (default 1, airbench94's)")
-    engine.add_data_arguments(parser)  # its --no-validation trains on all 50,000 images, as airbench does (default: the 45,000 split)
+    parser.add_argument(
+        "--seeds", type=engine.non_negative_int, nargs="+", default=[0], help="seeds to run (default 0)"
+    )
+    parser.add_argument(
+        "--epochs",
+        type=engine.positive_float,
+        default=9.9,
+        help="passes over the training images (default 9.9, airbench94's)",
+    )
+    parser.add_argument(
+        "--width",
+        type=engine.positive_int,
+        default=64,
+        help="channels of the first stage; the others have 4x (default 64)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=engine.positive_int,
+        default=1024,
+        help="images per step; lr and weight decay adapt (default 1024)",
+    )
+    parser.add_argument(
+        "--no-dirac",
+        dest="dirac",
+        action="store_false",
+        help="keep PyTorch's default initialisation instead of identity (dirac) convolutions (default: identity, "
+        "airbench94's)",
+    )
+    parser.add_argument(
+        "--lr-scale",
+        type=engine.positive_float,
+        default=1.0,
+        help="multiplies every learning rate, weight decay per step unchanged (default 1, airbench94's)",
+    )
+    # its --no-validation trains on all 50,000 images, as airbench does (default: the 45,000 split)
+    engine.add_data_arguments(parser)
     parser.add_argument("--full-train", dest="validation", action="store_false", help="the same as --no-validation")
     engine.add_device_arguments(parser, distributed=False)
-    parser.add_argument("--out-dir", default="runs/bench_airbench_reference", help="folder for runs.csv (default runs/bench_airbench_reference)")
+    parser.add_argument(
+        "--out-dir",
+        default="runs/bench_airbench_reference",
+        help="folder for runs.csv (default runs/bench_airbench_reference)",
+    )
     args = parser.parse_args()
 
     device = engine.training_device(args.device)
@@ -244,20 +350,52 @@ def main() -> None:
     if not args.validation:
         data = replace(data, val_images=data.val_images[:0], val_labels=data.val_labels[:0])  # all of them trained
     data = data.to(device)
-    print(f"Data: {data.source}; {len(data.train_images)} train / {len(data.val_images)} validation / {len(data.test_images)} test images; "
-          f"{device}, {precision}")
+    print(
+        f"Data: {data.source}; {len(data.train_images)} train / {len(data.val_images)} validation / "
+        f"{len(data.test_images)} test images; {device}, {precision}"
+    )
     if device.type == "cuda":  # choosing convolution algorithms (and compiling) happens here, outside the timed runs
         random_labels = torch.randint(0, 10, data.train_labels.shape, device=device)
-        train_and_test(data, 0, args.epochs, args.width, args.batch_size, device, precision, args.compile, labels=random_labels,
-                       dirac=args.dirac, lr_scale=args.lr_scale)
+        train_and_test(
+            data,
+            0,
+            args.epochs,
+            args.width,
+            args.batch_size,
+            device,
+            precision,
+            args.compile,
+            labels=random_labels,
+            dirac=args.dirac,
+            lr_scale=args.lr_scale,
+        )
     rows = []
     for seed in args.seeds:
-        rows.append(train_and_test(data, seed, args.epochs, args.width, args.batch_size, device, precision, args.compile,
-                                   dirac=args.dirac, lr_scale=args.lr_scale))
+        rows.append(
+            train_and_test(
+                data,
+                seed,
+                args.epochs,
+                args.width,
+                args.batch_size,
+                device,
+                precision,
+                args.compile,
+                dirac=args.dirac,
+                lr_scale=args.lr_scale,
+            )
+        )
         r = rows[-1]
-        validation = "" if r["val_flip_translate"] is None else f"validation (flip-translate TTA) {r['val_flip_translate']:.4f}; "
-        print(f"seed {seed}: {r['epochs']} epochs in {r['seconds']:.1f} s; {validation}test {r['test_plain']:.4f}, with flip TTA {r['test_flip']:.4f}, "
-              f"with flip-translate TTA {r['test_flip_translate']:.4f}", flush=True)
+        validation = (
+            ""
+            if r["val_flip_translate"] is None
+            else f"validation (flip-translate TTA) {r['val_flip_translate']:.4f}; "
+        )
+        print(
+            f"seed {seed}: {r['epochs']} epochs in {r['seconds']:.1f} s; {validation}test {r['test_plain']:.4f}, with "
+            f"flip TTA {r['test_flip']:.4f}, with flip-translate TTA {r['test_flip_translate']:.4f}",
+            flush=True,
+        )
         engine.write_csv(Path(args.out_dir) / "runs.csv", rows, COLUMNS)
     print(f"Written {args.out_dir}/runs.csv")
 

@@ -3,7 +3,8 @@
     python -m benchmarks.bench_fast --data-dir ./data                          # FastVGG, seeds 0 1 2
     python -m benchmarks.bench_fast --data-dir ./data --model FastVGG_narrow --precision bf16-mixed
     python -m benchmarks.bench_fast --data-dir ./data --ablations --seeds 0    # one idea off at a time
-    python -m benchmarks.bench_fast --data-dir ./data --model Airbench94_muon_narrow --hiverge --seeds 0 1 2 3  # hiverge's changes
+    python -m benchmarks.bench_fast --data-dir ./data --model Airbench94_muon_narrow --hiverge --seeds 0 1 2 3  #
+    hiverge's changes
     python -m benchmarks.bench_fast --data-dir ./data --vary lr=0.2,0.4,0.8 --vary weight_decay=5e-4,1e-3
 
 Every run trains through the engine exactly as ``modified_models --model <name>`` does, so the
@@ -19,6 +20,7 @@ With --compile the first run also compiles the network; its time is reported as 
 the runs after it start with the network already compiled and the data already on the device (how
 airbench times itself). Writes runs.csv, runs.md and time_accuracy.png into --out-dir.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,10 +60,11 @@ AIRBENCH_ABLATIONS = {
     "lookahead added": {"weight_average": "lookahead"},
     "no label smoothing": {"label_smoothing": "0"},
 }
-# hiverge's changes to airbench94_muon (hiverge/cifar10-speedrun: 94% in 2.1 s on an A100), each alone against an airbench
-# model's recipe. Its own values where they carry over: label smoothing 0.09-0.1, brightness 0.14 and contrast 0.13 of a
-# channel's std, the stem bias for 0.19 of an epoch, whitening from 960 images, filters renormalised every 8th step and
-# decayed between (its 1.04e-6 x batch 1,536 at Muon's lr 0.205: 2.2e-4 per 1,024 examples, in --decoupled's terms).
+# hiverge's changes to airbench94_muon (hiverge/cifar10-speedrun: 94% in 2.1 s on an A100), each alone against an
+# airbench model's recipe. Its own values where they carry over: label smoothing 0.09-0.1, brightness 0.14 and contrast
+# 0.13 of a channel's std, the stem bias for 0.19 of an epoch, whitening from 960 images, filters renormalised every 8th
+# step and decayed between (its 1.04e-6 x batch 1,536 at Muon's lr 0.205: 2.2e-4 per 1,024 examples, in --decoupled's
+# terms).
 HIVERGE_CHANGES = {
     "label smoothing 0.1": {"label_smoothing": "0.1"},
     "brightness and contrast jitter": {"augment": "alternating-jitter"},
@@ -69,14 +72,33 @@ HIVERGE_CHANGES = {
     "whitening from 960 images": {"whiten_images": "960"},
     "filters renormalised every 8th step, decayed between": {"muon_renorm_every": "8", "muon_weight_decay": "2.2e-4"},
 }
-COLUMNS = ("variant", "seed", "epochs", "tta", "seconds", "val_accuracy", "val_tta", "test_plain", "test_flip", "test_flip_translate",
-           "test_selective", "test_tta", "first_run", "diverged")
+COLUMNS = (
+    "variant",
+    "seed",
+    "epochs",
+    "tta",
+    "seconds",
+    "val_accuracy",
+    "val_tta",
+    "test_plain",
+    "test_flip",
+    "test_flip_translate",
+    "test_selective",
+    "test_tta",
+    "first_run",
+    "diverged",
+)
 ACCURACY_COLUMNS = ("val_accuracy", "val_tta", "test_plain", "test_flip", "test_flip_translate", "test_selective")
 
 
 # Settings with a fixed set of values: a value outside it fails before any training.
-CHOICES = {"tta": engine.TTA_MODES, "augment": AUGMENTATIONS, "optimizer": engine.OPTIMIZERS, "scheduler": engine.SCHEDULERS,
-           "weight_average": engine.WEIGHT_AVERAGES}
+CHOICES = {
+    "tta": engine.TTA_MODES,
+    "augment": AUGMENTATIONS,
+    "optimizer": engine.OPTIMIZERS,
+    "scheduler": engine.SCHEDULERS,
+    "weight_average": engine.WEIGHT_AVERAGES,
+}
 
 
 def setting_value(key: str, text: str, current, kind: type):
@@ -111,8 +133,10 @@ def apply_settings(config: engine.RunConfig, settings: dict[str, str]) -> engine
         elif key in run_types and key not in ("recipe", "model_options"):
             run_changes[key] = setting_value(key, value, getattr(config, key), run_types[key])
         else:
-            raise UserError(f"unknown setting {key!r}; use a recipe field ({', '.join(recipe_types)}), an option of {config.model} "
-                            f"({', '.join(option.name for option in spec.options) or 'none'}) or precision, compile")
+            raise UserError(
+                f"unknown setting {key!r}; use a recipe field ({', '.join(recipe_types)}), an option of {config.model} "
+                f"({', '.join(option.name for option in spec.options) or 'none'}) or precision, compile"
+            )
     options = spec.resolve(config.model, {**config.model_options, **option_changes}, "--vary")
     return replace(config, recipe=replace(config.recipe, **recipe_changes), model_options=options, **run_changes)
 
@@ -132,12 +156,20 @@ def measure(config: engine.RunConfig, data: engine.SplitData, variant: str, firs
     """Train one run, time it, and measure it; returns the table row and the per-epoch history (none if it diverged:
     then the row says so, and the benchmark goes on with the next run)."""
     started = time.perf_counter()
-    run = {"variant": variant, "seed": config.seed, "epochs": config.recipe.epochs, "tta": config.recipe.tta, "first_run": first_run}
+    run = {
+        "variant": variant,
+        "seed": config.seed,
+        "epochs": config.recipe.epochs,
+        "tta": config.recipe.tta,
+        "first_run": first_run,
+    }
     try:
         fitted = engine.fit(config, engine.model_spec(config.model), data)
     except engine.TrainingDiverged as diverged:
-        row = run | {"seconds": round(time.perf_counter() - started, 2),
-                     "diverged": f"the {diverged.loss_name} is {diverged.value:.3g} after epoch {diverged.epoch}"}
+        row = run | {
+            "seconds": round(time.perf_counter() - started, 2),
+            "diverged": f"the {diverged.loss_name} is {diverged.value:.3g} after epoch {diverged.epoch}",
+        }
         print(f"{variant} seed {config.seed}: diverged, {row['diverged']}; the benchmark goes on", flush=True)
         return row, []
     seconds = time.perf_counter() - started
@@ -146,18 +178,28 @@ def measure(config: engine.RunConfig, data: engine.SplitData, variant: str, firs
     row = run | {
         "seconds": round(seconds, 2),
         "val_accuracy": fitted.history[-1]["val_accuracy"],
-        "val_tta": engine.accuracy_by_tta(net, data.val_images, data.val_labels, data.mean, data.std, tta=config.recipe.tta)[config.recipe.tta],
-        "test_plain": test["none"], "test_flip": test["flip"], "test_flip_translate": test["flip-translate"],
-        "test_selective": test["selective"], "test_tta": test[config.recipe.tta], "diverged": "",
+        "val_tta": engine.accuracy_by_tta(
+            net, data.val_images, data.val_labels, data.mean, data.std, tta=config.recipe.tta
+        )[config.recipe.tta],
+        "test_plain": test["none"],
+        "test_flip": test["flip"],
+        "test_flip_translate": test["flip-translate"],
+        "test_selective": test["selective"],
+        "test_tta": test[config.recipe.tta],
+        "diverged": "",
     }
-    print(f"{variant} seed {config.seed}: {row['epochs']} epochs in {seconds:.1f} s; validation {percent(row['val_accuracy'])} "
-          f"({config.recipe.tta} TTA {row['val_tta']:.4f}); test {row['test_plain']:.4f}, with flip TTA {row['test_flip']:.4f}, "
-          f"with flip-translate TTA {row['test_flip_translate']:.4f}", flush=True)
+    print(
+        f"{variant} seed {config.seed}: {row['epochs']} epochs in {seconds:.1f} s; validation "
+        f"{percent(row['val_accuracy'])} ({config.recipe.tta} TTA {row['val_tta']:.4f}); test {row['test_plain']:.4f}, "
+        f"with flip TTA {row['test_flip']:.4f}, with flip-translate TTA {row['test_flip_translate']:.4f}",
+        flush=True,
+    )
     return row, fitted.history
 
 
 def percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2%}"  # n/a: not measured (a run with --val-every 0 has no last validation)
+    # n/a: not measured (a run with --val-every 0 has no last validation)
+    return "n/a" if value is None else f"{value:.2%}"
 
 
 def mean_of(values) -> float | None:
@@ -166,26 +208,42 @@ def mean_of(values) -> float | None:
 
 
 def hiverge_changes(base: engine.RunConfig) -> dict[str, dict[str, str]]:
-    """hiverge's changes that ``base`` does not already make (Airbench94_muon_narrow has adopted the stem bias's 0.2 epochs)."""
+    """hiverge's changes that ``base`` does not already make (Airbench94_muon_narrow has adopted the stem bias's 0.2
+    epochs).
+    """
     return {name: settings for name, settings in HIVERGE_CHANGES.items() if apply_settings(base, settings) != base}
 
 
 def write_table(rows: list[dict], out_dir: Path, title: str) -> str:
     engine.write_csv(out_dir / "runs.csv", rows, COLUMNS)
-    lines = [title, "", "| variant | seed | epochs | seconds | val acc | val acc (run's TTA) | test acc | test (flip TTA) | test (flip-translate TTA) "
-             "| test (selective TTA) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        title,
+        "",
+        "| variant | seed | epochs | seconds | val acc | val acc (run's TTA) | test acc | test (flip TTA) | test "
+        "(flip-translate TTA) | test (selective TTA) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     order = list(dict.fromkeys(r["variant"] for r in rows))
     for r in sorted(rows, key=lambda r: order.index(r["variant"])):  # run in turns, shown variant by variant
-        accuracies = (f"diverged: {r['diverged']} |" + " |" * (len(ACCURACY_COLUMNS) - 1) if r["diverged"]
-                      else " | ".join(percent(r[key]) for key in ACCURACY_COLUMNS) + " |")
-        lines.append(f"| {r['variant']}{' (first run, compiles)' if r['first_run'] else ''} | {r['seed']} | {r['epochs']} | {r['seconds']:.1f} | "
-                     + accuracies)
+        accuracies = (
+            f"diverged: {r['diverged']} |" + " |" * (len(ACCURACY_COLUMNS) - 1)
+            if r["diverged"]
+            else " | ".join(percent(r[key]) for key in ACCURACY_COLUMNS) + " |"
+        )
+        lines.append(
+            f"| {r['variant']}{' (first run, compiles)' if r['first_run'] else ''} | {r['seed']} | {r['epochs']} "
+            f"| {r['seconds']:.1f} | " + accuracies
+        )
     finished = [r for r in rows if not r["first_run"] and not r["diverged"]]
     for variant in dict.fromkeys(r["variant"] for r in finished):
         group = [r for r in finished if r["variant"] == variant]
         if len(group) > 1:
-            lines.append(f"| **{variant}: mean of {len(group)}** | | {group[0]['epochs']} | {statistics.mean(r['seconds'] for r in group):.1f} | "
-                         + " | ".join(percent(mean_of(r[key] for r in group)) for key in ACCURACY_COLUMNS) + " |")
+            lines.append(
+                f"| **{variant}: mean of {len(group)}** | | {group[0]['epochs']} | "
+                f"{statistics.mean(r['seconds'] for r in group):.1f} | "
+                + " | ".join(percent(mean_of(r[key] for r in group)) for key in ACCURACY_COLUMNS)
+                + " |"
+            )
     text = "\n".join(lines) + "\n"
     write_atomically(out_dir / "runs.md", lambda tmp: tmp.write_text(text))
     return text
@@ -199,11 +257,22 @@ def plot_time_accuracy(curves: list[tuple[str, list[dict], dict]], path: Path, t
     for index, (label, history, row) in enumerate(curves):
         elapsed = list(itertools.accumulate(epoch["seconds"] for epoch in history))
         colour = colours(index % 10)
-        measured = [(seconds, epoch["val_accuracy"]) for seconds, epoch in zip(elapsed, history) if epoch["val_accuracy"] is not None]
+        measured = [
+            (seconds, epoch["val_accuracy"])
+            for seconds, epoch in zip(elapsed, history)
+            if epoch["val_accuracy"] is not None
+        ]
         if measured:  # none with --val-every 0
             axis.plot(*zip(*measured), marker=".", color=colour, label=f"{label}: validation per epoch")
-        axis.plot([row["seconds"]], [row["test_tta"]], marker="*", markersize=12, color=colour, linestyle="none",
-                  label=f"{label}: test {row['test_tta']:.2%} ({row['tta']} TTA)")
+        axis.plot(
+            [row["seconds"]],
+            [row["test_tta"]],
+            marker="*",
+            markersize=12,
+            color=colour,
+            linestyle="none",
+            label=f"{label}: test {row['test_tta']:.2%} ({row['tta']} TTA)",
+        )
     axis.axhline(0.93, color="grey", linestyle=":", label="93%")
     axis.set_xlabel("wall-clock seconds of training")
     axis.set_ylabel("accuracy")
@@ -217,46 +286,98 @@ def plot_time_accuracy(curves: list[tuple[str, list[dict], dict]], path: Path, t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="FastVGG", help="a registered model (python modified_models.py --list), trained with its own recipe (default FastVGG)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run each variant with (default 0 1 2)")
+    parser.add_argument(
+        "--model",
+        default="FastVGG",
+        help="a registered model (python modified_models.py --list), trained with its own recipe (default FastVGG)",
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run each variant with (default 0 1 2)"
+    )
     parser.add_argument("--epochs", type=engine.positive_int, help="override the recipe's epochs")
-    parser.add_argument("--ablations", action="store_true", help="also run each ablation: for the airbench models, "
-                        + "; ".join(AIRBENCH_ABLATIONS) + "; for the others, " + "; ".join(ABLATIONS))
-    parser.add_argument("--hiverge", action="store_true", help="also run each of hiverge's changes alone that the model does not "
-                        "already have (airbench models only): "
-                        + "; ".join(HIVERGE_CHANGES))
-    parser.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
-                        help="run every combination of these settings (recipe fields, the model's options, or precision, compile...) instead of the "
-                             "recipe alone; repeatable")
+    parser.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also run each ablation: for the airbench models, "
+        + "; ".join(AIRBENCH_ABLATIONS)
+        + "; for the others, "
+        + "; ".join(ABLATIONS),
+    )
+    parser.add_argument(
+        "--hiverge",
+        action="store_true",
+        help="also run each of hiverge's changes alone that the model does not already have (airbench models only): "
+        + "; ".join(HIVERGE_CHANGES),
+    )
+    parser.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="run every combination of these settings (recipe fields, the model's options, or precision, compile...) "
+        "instead of the recipe alone; repeatable",
+    )
     engine.add_data_arguments(parser)
     engine.add_device_arguments(parser, distributed=False)
-    parser.add_argument("--out-dir", default="runs/bench_fast", help="folder for the runs, runs.csv, runs.md and the figure (default runs/bench_fast)")
+    parser.add_argument(
+        "--out-dir",
+        default="runs/bench_fast",
+        help="folder for the runs, runs.csv, runs.md and the figure (default runs/bench_fast)",
+    )
     args = parser.parse_args()
 
     spec = engine.model_spec(args.model)
     recipe = replace(spec.recipe, epochs=args.epochs or spec.recipe.epochs)
     out_dir = Path(args.out_dir)
-    base = engine.RunConfig(model=args.model, model_options=spec.resolve(args.model, {}, "defaults"), recipe=recipe, data_dir=args.data_dir, num_workers=args.num_workers, device=args.device,
-                            precision=args.precision, compile=args.compile, limit_train=args.limit_train, progress=False, tsne=False)
-    variants = {"recipe": {}} if not args.vary else {",".join(f"{k}={v}" for k, v in s.items()): s for s in parse_vary(args.vary)}
+    base = engine.RunConfig(
+        model=args.model,
+        model_options=spec.resolve(args.model, {}, "defaults"),
+        recipe=recipe,
+        data_dir=args.data_dir,
+        num_workers=args.num_workers,
+        device=args.device,
+        precision=args.precision,
+        compile=args.compile,
+        limit_train=args.limit_train,
+        progress=False,
+        tsne=False,
+    )
+    variants = (
+        {"recipe": {}}
+        if not args.vary
+        else {",".join(f"{k}={v}" for k, v in s.items()): s for s in parse_vary(args.vary)}
+    )
     if args.ablations:
         variants.update(AIRBENCH_ABLATIONS if spec.option("whiten") else ABLATIONS)
     if args.hiverge:
         if not spec.option("whiten"):
-            raise UserError(f"--hiverge changes airbench's method; {args.model} is not an airbench model (Airbench94_muon, Airbench94_muon_narrow)")
+            raise UserError(
+                f"--hiverge changes airbench's method; {args.model} is not an airbench model (Airbench94_muon, "
+                "Airbench94_muon_narrow)"
+            )
         changes = hiverge_changes(base)
         variants.update(changes)
         if len(changes) < len(HIVERGE_CHANGES):
-            print(f"Already in {args.model}'s recipe, so not run: {'; '.join(name for name in HIVERGE_CHANGES if name not in changes)}")
-    configs = {name: apply_settings(base, settings) for name, settings in variants.items()}  # bad settings fail before any training
+            print(
+                f"Already in {args.model}'s recipe, so not run: "
+                f"{'; '.join(name for name in HIVERGE_CHANGES if name not in changes)}"
+            )
+    # bad settings fail before any training
+    configs = {name: apply_settings(base, settings) for name, settings in variants.items()}
 
     device = engine.training_device(args.device)
     data = engine.load_split(base).to(device)  # once, before the clock starts
-    print(f"Data: {data.source}; {len(data.train_images)} train / {len(data.val_images)} validation / {len(data.test_images)} test images")
+    print(
+        f"Data: {data.source}; {len(data.train_images)} train / {len(data.val_images)} validation / "
+        f"{len(data.test_images)} test images"
+    )
     precision = engine.resolve_precision(args.precision, engine.resolve_accelerator(args.device))
     varied = {key for settings in variants.values() for key in settings}
-    title = (f"{args.model}, {device}" + ("" if "precision" in varied else f", {precision}")
-             + (", compiled" if args.compile and "compile" not in varied else ""))
+    title = (
+        f"{args.model}, {device}"
+        + ("" if "precision" in varied else f", {precision}")
+        + (", compiled" if args.compile and "compile" not in varied else "")
+    )
     rows, curves = [], []
     compiled = set()  # precisions already compiled for: later runs reuse the compiled code
     for seed in args.seeds:  # variants interleaved, seed by seed: the machine's drift falls on every variant alike
@@ -264,11 +385,14 @@ def main() -> None:
             first_run = config.compile and config.precision not in compiled
             if config.compile:
                 compiled.add(config.precision)
-            row, history = measure(replace(config, seed=seed, out_dir=str(out_dir / "runs" / f"{len(rows):02d}")), data, name, first_run)
+            row, history = measure(
+                replace(config, seed=seed, out_dir=str(out_dir / "runs" / f"{len(rows):02d}")), data, name, first_run
+            )
             rows.append(row)
             if history:
                 curves.append((f"{name}, seed {seed}" + (" (first run)" if first_run else ""), history, row))
-            table = write_table(rows, out_dir, title)  # after every run: an interrupted benchmark keeps what it measured
+            # after every run: an interrupted benchmark keeps what it measured
+            table = write_table(rows, out_dir, title)
             plot_time_accuracy(curves, out_dir / "time_accuracy.png", title)
     print(table + f"Written {out_dir}/runs.csv, runs.md and time_accuracy.png")
 

@@ -15,6 +15,7 @@ All three train CIFAR10Net with batch 64 on the 45,000-image training split. Wit
 model with its own recipe (optimiser and parameter groups as the engine makes them, the same precision): (a)/(c) is
 the engine's overhead per epoch over a plain loop on the same batches.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,16 @@ from models.study import CIFAR10Net
 
 def ours(data: engine.SplitData, tmp: Path, model: str, precision: str) -> float:
     recipe = replace(engine.model_spec(model).recipe, epochs=1)
-    config = engine.RunConfig(model=model, recipe=recipe, out_dir=str(tmp / "ours"), progress=False, tsne=False, device="cpu",
-                              precision=precision, logger="none")
+    config = engine.RunConfig(
+        model=model,
+        recipe=recipe,
+        out_dir=str(tmp / "ours"),
+        progress=False,
+        tsne=False,
+        device="cpu",
+        precision=precision,
+        logger="none",
+    )
     fitted = engine.fit(config, engine.model_spec(model), data, checkpoints=False)
     return fitted.history[-1]["seconds"]
 
@@ -58,11 +67,20 @@ def original(data: engine.SplitData) -> float:
     from torchvision import transforms
 
     normalize = transforms.Normalize(mean=data.mean.tolist(), std=data.std.tolist())
-    train_transform = transforms.Compose([
-        transforms.RandomHorizontalFlip(), transforms.RandomVerticalFlip(), transforms.RandomRotation(degrees=90),
-        transforms.ColorJitter(brightness=0.5, hue=0.5, contrast=0.5, saturation=0.5), transforms.ToTensor(), normalize])
+    train_transform = transforms.Compose(
+        [
+            transforms.RandomHorizontalFlip(),
+            transforms.RandomVerticalFlip(),
+            transforms.RandomRotation(degrees=90),
+            transforms.ColorJitter(brightness=0.5, hue=0.5, contrast=0.5, saturation=0.5),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
     eval_transform = transforms.Compose([transforms.ToTensor(), normalize])
-    train_loader = DataLoader(PILImages(data.train_images, data.train_labels, train_transform), batch_size=64, shuffle=True)
+    train_loader = DataLoader(
+        PILImages(data.train_images, data.train_labels, train_transform), batch_size=64, shuffle=True
+    )
     val_loader = DataLoader(PILImages(data.val_images, data.val_labels, eval_transform), batch_size=64)
 
     model = CIFAR10Net()
@@ -89,7 +107,7 @@ def original(data: engine.SplitData) -> float:
 
 def in_memory_batches(images: torch.Tensor, labels: torch.Tensor, size: int, data: engine.SplitData) -> list:
     images = normalize(images.float() / 255, data.mean, data.std).contiguous(memory_format=torch.channels_last)
-    return [(images[i:i + size], labels[i:i + size]) for i in range(0, len(images), size)]
+    return [(images[i : i + size], labels[i : i + size]) for i in range(0, len(images), size)]
 
 
 def floor(data: engine.SplitData, model: str, precision: str) -> float:
@@ -98,15 +116,21 @@ def floor(data: engine.SplitData, model: str, precision: str) -> float:
     recipe = replace(spec.recipe, epochs=1)
     net = spec.build()
     spec.initialize(net, data, recipe)
-    module = engine.ImageClassifier(net, recipe, seed=0, steps_per_epoch=len(data.train_images) // recipe.batch_size,
-                                    parameter_groups=spec.parameter_groups)
+    module = engine.ImageClassifier(
+        net,
+        recipe,
+        seed=0,
+        steps_per_epoch=len(data.train_images) // recipe.batch_size,
+        parameter_groups=spec.parameter_groups,
+    )
     optimizer = module.make_optimizer()
     net = module.net
     reduction = module.training_loss_reduction()
     train = in_memory_batches(data.train_images, data.train_labels, recipe.batch_size, data)
     sample = len(data.val_images)
-    evaluation = (in_memory_batches(data.val_images, data.val_labels, engine.EVAL_BATCH, data)
-                  + in_memory_batches(data.train_images[:sample], data.train_labels[:sample], engine.EVAL_BATCH, data))
+    evaluation = in_memory_batches(data.val_images, data.val_labels, engine.EVAL_BATCH, data) + in_memory_batches(
+        data.train_images[:sample], data.train_labels[:sample], engine.EVAL_BATCH, data
+    )
     autocast = engine.autocast_for(precision, torch.device("cpu"))
     started = time.perf_counter()
     net.train()
@@ -114,7 +138,9 @@ def floor(data: engine.SplitData, model: str, precision: str) -> float:
         optimizer.zero_grad()
         with autocast:
             logits = net(inputs)
-        nn.functional.cross_entropy(logits.float(), labels, label_smoothing=recipe.label_smoothing, reduction=reduction).backward()
+        nn.functional.cross_entropy(
+            logits.float(), labels, label_smoothing=recipe.label_smoothing, reduction=reduction
+        ).backward()
         optimizer.step()
     net.eval()
     with torch.no_grad(), autocast:
@@ -127,24 +153,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     engine.add_data_arguments(parser, limit_train=False)
     parser.add_argument("--out-dir", default="runs/bench_pipeline", help="scratch folder for the engine's run")
-    parser.add_argument("--rounds", type=engine.positive_int, default=2,
-                        help="times each way is measured, interleaved; the fastest of each counts (shared machines are noisy) (default 2)")
-    parser.add_argument("--model", default="CIFAR10Net", help="a registered model, trained with its own recipe; the original loop only "
-                        "for CIFAR10Net (default CIFAR10Net)")
-    parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed"), help="on this CPU (default 32-true)")
+    parser.add_argument(
+        "--rounds",
+        type=engine.positive_int,
+        default=2,
+        help="times each way is measured, interleaved; the fastest of each counts (shared machines are noisy) "
+        "(default 2)",
+    )
+    parser.add_argument(
+        "--model",
+        default="CIFAR10Net",
+        help="a registered model, trained with its own recipe; the original loop only "
+        "for CIFAR10Net (default CIFAR10Net)",
+    )
+    parser.add_argument(
+        "--precision", default="32-true", choices=("32-true", "bf16-mixed"), help="on this CPU (default 32-true)"
+    )
     args = parser.parse_args()
     engine.model_spec(args.model)
     torch.manual_seed(0)
     data = engine.SplitData.from_arrays(engine.load_dataset(args.data_dir, args.num_workers))
     print(f"{data.source}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    ways = {"floor": lambda: floor(data, args.model, args.precision), "ours": lambda: ours(data, Path(args.out_dir), args.model, args.precision)}
+    ways = {
+        "floor": lambda: floor(data, args.model, args.precision),
+        "ours": lambda: ours(data, Path(args.out_dir), args.model, args.precision),
+    }
     if args.model == "CIFAR10Net":
         ways["original"] = lambda: original(data)
     rounds = {name: [] for name in ways}
     for round_number in range(args.rounds):
         for name, measure in ways.items():
             rounds[name].append(measure())
-        print(f"round {round_number + 1}: " + ", ".join(f"{name} {seconds[-1]:.1f} s" for name, seconds in rounds.items()), flush=True)
+        print(
+            f"round {round_number + 1}: "
+            + ", ".join(f"{name} {seconds[-1]:.1f} s" for name, seconds in rounds.items()),
+            flush=True,
+        )
     times = {name: min(seconds) for name, seconds in rounds.items()}
     print(f"{args.model}, {args.precision}")
     print(f"(a) ours, engine + batched device augmentation + metrics: {times['ours']:.1f} s/epoch")

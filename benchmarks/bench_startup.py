@@ -10,6 +10,7 @@ untimed round first warms the disk cache (the figures are warm starts; a first s
 both). Reports the median wall seconds of each and the ratio. Run it with nothing else running. Writes runs.csv and
 runs.md into --out-dir.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,16 @@ import engine
 from benchmarks.tables import write_runs
 from functions import UserError
 
-SCRIPTS = ("main.py", "modified_models.py", "hyperparameter_tune.py", "transfer_learning.py", "predict.py", "evaluate.py", "tsne.py", "export.py")
+SCRIPTS = (
+    "main.py",
+    "modified_models.py",
+    "hyperparameter_tune.py",
+    "transfer_learning.py",
+    "predict.py",
+    "evaluate.py",
+    "tsne.py",
+    "export.py",
+)
 CASES = {"--help": ["--help"], "a flag mistake": ["--no-such-flag"]}
 HERE = Path(__file__).resolve().parent.parent
 COLUMNS = ("script", "case", "before_s", "now_s", "ratio")
@@ -31,20 +41,35 @@ COLUMNS = ("script", "case", "before_s", "now_s", "ratio")
 
 def seconds_to_answer(checkout: Path, script: str, args: list[str]) -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, script, *args], cwd=checkout, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    subprocess.run(
+        [sys.executable, script, *args], cwd=checkout, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300
+    )
     return time.perf_counter() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--before", required=True, type=Path, help="a checkout of the commit to compare with (git worktree add DIR COMMIT)")
-    parser.add_argument("--rounds", type=engine.positive_int, default=5, help="timed rounds; the medians are reported (default 5)")
-    parser.add_argument("--scripts", nargs="+", choices=SCRIPTS, default=list(SCRIPTS), help="scripts to time (default all)")
-    parser.add_argument("--out-dir", default="runs/bench_startup", help="folder for runs.csv and runs.md (default runs/bench_startup)")
+    parser.add_argument(
+        "--before",
+        required=True,
+        type=Path,
+        help="a checkout of the commit to compare with (git worktree add DIR COMMIT)",
+    )
+    parser.add_argument(
+        "--rounds", type=engine.positive_int, default=5, help="timed rounds; the medians are reported (default 5)"
+    )
+    parser.add_argument(
+        "--scripts", nargs="+", choices=SCRIPTS, default=list(SCRIPTS), help="scripts to time (default all)"
+    )
+    parser.add_argument(
+        "--out-dir", default="runs/bench_startup", help="folder for runs.csv and runs.md (default runs/bench_startup)"
+    )
     args = parser.parse_args()
     if not all((args.before / script).is_file() for script in args.scripts):
-        raise UserError(f"--before {args.before} is not a checkout of this project (no {', '.join(args.scripts)}); make one with "
-                        "git worktree add DIR COMMIT")
+        raise UserError(
+            f"--before {args.before} is not a checkout of this project (no {', '.join(args.scripts)}); make one with "
+            "git worktree add DIR COMMIT"
+        )
 
     checkouts = {"before": args.before.resolve(), "now": HERE}
     times = {(name, script, case): [] for name in checkouts for script in args.scripts for case in CASES}
@@ -63,10 +88,23 @@ def main() -> None:
     for script in args.scripts:
         for case in CASES:
             before, now = (statistics.median(times[name, script, case]) for name in checkouts)
-            rows.append({"script": script, "case": case, "before_s": round(before, 2), "now_s": round(now, 2), "ratio": round(now / before, 2)})
-    text = write_runs(Path(args.out_dir), rows, COLUMNS, f"Median of {args.rounds} warm starts, seconds; before: {args.before}",
-                      {"script": "l", "case": "l", "before": "r", "now": "r", "now / before": "r"},
-                      lambda r: [r["script"], r["case"], f"{r['before_s']:.2f}", f"{r['now_s']:.2f}", f"{r['ratio']:.2f}x"])
+            rows.append(
+                {
+                    "script": script,
+                    "case": case,
+                    "before_s": round(before, 2),
+                    "now_s": round(now, 2),
+                    "ratio": round(now / before, 2),
+                }
+            )
+    text = write_runs(
+        Path(args.out_dir),
+        rows,
+        COLUMNS,
+        f"Median of {args.rounds} warm starts, seconds; before: {args.before}",
+        {"script": "l", "case": "l", "before": "r", "now": "r", "now / before": "r"},
+        lambda r: [r["script"], r["case"], f"{r['before_s']:.2f}", f"{r['now_s']:.2f}", f"{r['ratio']:.2f}x"],
+    )
     print(text)
 
 

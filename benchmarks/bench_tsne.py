@@ -9,6 +9,7 @@ a 2-core machine, the silhouette score by true class in the 2-D embedding (quali
 separated) and the 5-NN accuracy in the feature space (a property of the features, so the same for
 both methods on one split: a check that they embedded the same points).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,10 @@ def versions() -> str:
     import openTSNE
     import sklearn
 
-    return f"{os.cpu_count()} CPU cores, t-SNE n_jobs {tsne.N_JOBS}, openTSNE {openTSNE.__version__}, scikit-learn {sklearn.__version__}"
+    return (
+        f"{os.cpu_count()} CPU cores, t-SNE n_jobs {tsne.N_JOBS}, openTSNE {openTSNE.__version__}, scikit-learn "
+        f"{sklearn.__version__}"
+    )
 
 
 def main() -> None:
@@ -41,12 +45,21 @@ def main() -> None:
 
     started = time.perf_counter()
     predicted = {split: tsne.split_predictions(net, data, split) for split in tsne.SPLITS}
-    print(f"Features of {saved.name}: {sum(len(p['labels']) for p in predicted.values()):,} images on {device} "
-          f"in {time.perf_counter() - started:.1f} s", flush=True)
+    print(
+        f"Features of {saved.name}: {sum(len(p['labels']) for p in predicted.values()):,} images on {device} "
+        f"in {time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
 
     for split, method, target in CASES:
-        _, report = tsne.embed_and_score(predicted[split]["features"].numpy(), predicted[split]["labels"].numpy(), method, args.seed)
-        verdict = "" if target is None else f" [target <= {target} s: {'met' if report['tsne_seconds'] <= target else 'MISSED'}]"
+        _, report = tsne.embed_and_score(
+            predicted[split]["features"].numpy(), predicted[split]["labels"].numpy(), method, args.seed
+        )
+        verdict = (
+            ""
+            if target is None
+            else f" [target <= {target} s: {'met' if report['tsne_seconds'] <= target else 'MISSED'}]"
+        )
         print(tsne.describe(split, report) + verdict, flush=True)
 
 

@@ -1,9 +1,10 @@
-"""Batches made on the device: the study's split of the data, shuffled and augmented training batches, plain evaluation batches
-(the Lightning DataModule that serves them to the Trainer is in ``engine.classifier``).
+"""Batches made on the device: the study's split of the data, shuffled and augmented training batches, plain evaluation
+batches (the Lightning DataModule that serves them to the Trainer is in ``engine.classifier``).
 
 Images stay uint8 on the training device; each chunk of batches is turned into normalised floats there. The
 augmentation lives in ``TrainBatches`` and only there, so evaluation can never be augmented by mistake.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,9 +33,19 @@ class TrainBatches:
     augmented by mistake. Chunks of many batches are augmented at once to amortise per-call costs.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, augmentation: str,
-                 mean: torch.Tensor, std: torch.Tensor, seed: int, epoch: Callable[[], int],
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        augmentation: str,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        seed: int,
+        epoch: Callable[[], int],
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.images, self.labels = images, labels
         self.batch_size, self.augmentation = batch_size, augmentation
         self.mean, self.std = mean.to(images.device), std.to(images.device)
@@ -43,7 +54,8 @@ class TrainBatches:
         self.chunk = batch_size * max(1, 2048 // batch_size)
         self.first_flip = None  # for alternating flips: whether each image is mirrored in the even epochs
         if AUGMENTATIONS[augmentation].alternating_flip:
-            start = torch.Generator(device=images.device).manual_seed(seed)  # the same in every epoch, and after a resume
+            # the same in every epoch, and after a resume
+            start = torch.Generator(device=images.device).manual_seed(seed)
             self.first_flip = torch.rand(len(images), generator=start, device=images.device) < 0.5
 
     def __len__(self) -> int:
@@ -52,21 +64,29 @@ class TrainBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device, epoch = self.images.device, self.epoch()
         generator = torch.Generator(device=device).manual_seed(epoch_seed(self.seed, epoch))
-        order = torch.randperm(len(self.images), generator=generator, device=device)[self.rank::self.world_size]
+        order = torch.randperm(len(self.images), generator=generator, device=device)[self.rank :: self.world_size]
         for start in range(0, len(order), self.chunk):
-            index = order[start:start + self.chunk]
+            index = order[start : start + self.chunk]
             hflip = None if self.first_flip is None else self.first_flip[index] ^ bool(epoch % 2)
             images = model_input(self.images[index], self.mean, self.std, self.augmentation, generator, hflip)
             labels = self.labels[index]
             for offset in range(0, len(index), self.batch_size):
-                yield images[offset:offset + self.batch_size], labels[offset:offset + self.batch_size]
+                yield images[offset : offset + self.batch_size], labels[offset : offset + self.batch_size]
 
 
 class EvalBatches:
     """Normalised, never augmented, in a fixed order; optionally every ``world_size``-th image from ``rank``."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 mean: torch.Tensor, std: torch.Tensor, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.images, self.labels = images[rank::world_size], labels[rank::world_size]
         self.batch_size = batch_size
         self.mean, self.std = mean.to(images.device), std.to(images.device)
@@ -76,7 +96,10 @@ class EvalBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self.images), self.batch_size):
-            yield model_input(self.images[start:start + self.batch_size], self.mean, self.std), self.labels[start:start + self.batch_size]
+            yield (
+                model_input(self.images[start : start + self.batch_size], self.mean, self.std),
+                self.labels[start : start + self.batch_size],
+            )
 
 
 @dataclass
@@ -95,8 +118,13 @@ class SplitData:
     source: str
 
     @classmethod
-    def from_arrays(cls, data: DatasetArrays, limit_train: int | None = None, validation: bool = True,
-                    val_fraction: float = VAL_FRACTION) -> "SplitData":
+    def from_arrays(
+        cls,
+        data: DatasetArrays,
+        limit_train: int | None = None,
+        validation: bool = True,
+        val_fraction: float = VAL_FRACTION,
+    ) -> "SplitData":
         """The study's 45,000 / 5,000 split (``val_fraction`` of another data set's training images validate); without
         ``validation``, every training image trains (a final run)."""
         train_index, val_index = split_train_val(len(data.train_images), val_fraction)
@@ -106,19 +134,42 @@ class SplitData:
             train_index = train_index[:limit_train]
         train_images = data.train_images[train_index]
         mean, std = mean_std_per_channel(train_images)
-        return cls(train_images, data.train_labels[train_index], data.train_images[val_index], data.train_labels[val_index],
-                   data.test_images, data.test_labels, mean, std, data.classes, data.source)
+        return cls(
+            train_images,
+            data.train_labels[train_index],
+            data.train_images[val_index],
+            data.train_labels[val_index],
+            data.test_images,
+            data.test_labels,
+            mean,
+            std,
+            data.classes,
+            data.source,
+        )
 
     def to(self, device: torch.device) -> "SplitData":
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
+        return replace(
+            self,
+            **{
+                f.name: getattr(self, f.name).to(device)
+                for f in fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)
+            },
+        )
 
 
 def load_split(config: RunConfig) -> SplitData:
     if config.limit_train is not None and config.limit_train < 2:
         raise UserError(f"--limit-train {config.limit_train} leaves too few images to train on; give at least 2")
-    data = SplitData.from_arrays(load_dataset(config.data_dir, config.num_workers, config.dataset), config.limit_train, config.validation,
-                                 config.val_fraction)
+    data = SplitData.from_arrays(
+        load_dataset(config.data_dir, config.num_workers, config.dataset),
+        config.limit_train,
+        config.validation,
+        config.val_fraction,
+    )
     if len(data.train_images) < 2 or (config.validation and len(data.val_images) < 1):
-        raise UserError(f"{config.data_dir} holds too few training images to split {1 - config.val_fraction:.0%}/{config.val_fraction:.0%}; "
-                        f"it needs more, or a larger --val-fraction")
+        raise UserError(
+            f"{config.data_dir} holds too few training images to split "
+            f"{1 - config.val_fraction:.0%}/{config.val_fraction:.0%}; it needs more, or a larger --val-fraction"
+        )
     return data

@@ -1,6 +1,7 @@
 """What the Trainer does besides training, as Lightning callbacks and plugins: the per-epoch line, metrics.csv and
 curves.png; stopping a run that diverges; which epochs are measured; a hook for tuning; the epoch bar; the run's
 configuration stored in every checkpoint, written atomically."""
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,8 @@ from functions import write_atomically
 DIVERGED_LOSS = 1e4
 
 
-LOOKAHEAD_EVERY, LOOKAHEAD_DECAY = 5, 0.95  # airbench94's: a pull every 5 steps, the average's decay at most 0.95 a step
+# airbench94's: a pull every 5 steps, the average's decay at most 0.95 a step
+LOOKAHEAD_EVERY, LOOKAHEAD_DECAY = (5, 0.95)
 
 
 def lookahead_decay(step: int, total_steps: int) -> float | None:
@@ -39,7 +41,7 @@ def lookahead_decay(step: int, total_steps: int) -> float | None:
     if step >= total_steps:
         return 1.0
     if step % LOOKAHEAD_EVERY == 0:
-        return LOOKAHEAD_DECAY ** LOOKAHEAD_EVERY * (step / total_steps) ** 3
+        return LOOKAHEAD_DECAY**LOOKAHEAD_EVERY * (step / total_steps) ** 3
     return None
 
 
@@ -57,7 +59,9 @@ class Lookahead(Callback):
     def on_train_start(self, trainer: pl.Trainer, module: ImageClassifier) -> None:
         state = module.net.state_dict()
         if self.average is None:
-            self.average = {key: value.detach().clone() for key, value in state.items() if value.dtype.is_floating_point}
+            self.average = {
+                key: value.detach().clone() for key, value in state.items() if value.dtype.is_floating_point
+            }
         self.average = {key: value.to(state[key].device) for key, value in self.average.items()}  # restored on the CPU
 
     @torch.no_grad()
@@ -83,13 +87,17 @@ CURVES_EVERY_S = 30.0
 
 
 # The per-epoch line's metrics, in the original study's order.
-MEASURED = (("train_loss", "training loss"), ("val_loss", "validation loss"), ("train_accuracy", "training accuracy"),
-            ("val_accuracy", "validation accuracy"))
+MEASURED = (
+    ("train_loss", "training loss"),
+    ("val_loss", "validation loss"),
+    ("train_accuracy", "training accuracy"),
+    ("val_accuracy", "validation accuracy"),
+)
 
 
 class RunRecorder(Callback):
-    """After every epoch: the original study's console line and ``metrics.csv``; ``curves.png`` at most every half minute, and
-    when training stops. Resumes with the run (its history is in the checkpoints)."""
+    """After every epoch: the original study's console line and ``metrics.csv``; ``curves.png`` at most every half
+    minute, and when training stops. Resumes with the run (its history is in the checkpoints)."""
 
     def __init__(self, run_dir: Path, title: str):
         self.run_dir, self.title = run_dir, title
@@ -101,7 +109,8 @@ class RunRecorder(Callback):
         if not trainer.is_global_zero:
             return
         self.history.append(metrics)
-        measured = [f"{label} = {metrics[key]:.4f}" for key, label in MEASURED if metrics[key] is not None]  # --val-every: not each epoch
+        # --val-every: not each epoch
+        measured = [f"{label} = {metrics[key]:.4f}" for key, label in MEASURED if metrics[key] is not None]
         line = f"After epoch {metrics['epoch']}: " + ", ".join(measured) + f" ({metrics['seconds']:.1f} s)"
         bar = trainer.progress_bar_callback
         bar.print(line) if isinstance(bar, TQDMProgressBar) else print(line, flush=True)
@@ -128,8 +137,8 @@ class RunRecorder(Callback):
 
 
 class DivergenceGuard(Callback):
-    """Stops the run in the epoch its loss becomes NaN, infinite or explodes, before that epoch's checkpoints are written:
-    after its validation, or at its end in an epoch without one."""
+    """Stops the run in the epoch its loss becomes NaN, infinite or explodes, before that epoch's checkpoints are
+    written: after its validation, or at its end in an epoch without one."""
 
     def on_validation_end(self, trainer: pl.Trainer, module: ImageClassifier) -> None:
         self.check(module.epoch_metrics, module)
@@ -146,7 +155,8 @@ class DivergenceGuard(Callback):
 
 class ValidationSchedule(Callback):
     """--val-every N: the evaluation passes (validation split, training sample) after every N-th epoch and after the
-    last; none with 0. Sets Lightning's check_val_every_n_epoch for each epoch, as its own rule alone would skip the last."""
+    last; none with 0. Sets Lightning's check_val_every_n_epoch for each epoch, as its own rule alone would skip the
+    last."""
 
     def __init__(self, every: int):
         self.every = every
@@ -158,13 +168,16 @@ class ValidationSchedule(Callback):
 
 
 class EpochCheckpoints(Callback):
-    """--keep-epoch-checkpoints: after each epoch, a whole checkpoint of its own, epoch-NNN.ckpt (counted from 1, as metrics.csv)."""
+    """--keep-epoch-checkpoints: after each epoch, a whole checkpoint of its own, epoch-NNN.ckpt (counted from 1, as
+    metrics.csv).
+    """
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: ImageClassifier) -> None:
-        trainer.save_checkpoint(self.run_dir / f"epoch-{trainer.current_epoch + 1:03d}.ckpt", weights_only=False)  # whole, as last.ckpt
+        # whole, as last.ckpt
+        trainer.save_checkpoint(self.run_dir / f"epoch-{trainer.current_epoch + 1:03d}.ckpt", weights_only=False)
 
 
 class AfterValidation(Callback):

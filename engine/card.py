@@ -7,6 +7,7 @@ the image size and the test-time augmentation; and, to say what trained it, the 
 lightning and the git commit of the toolkit (when it ran from a git checkout). Cards written before the options
 existed (no ``options``) still load: their models are built with their default options, which is what trained them.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -38,11 +39,18 @@ def library_versions() -> dict[str, str]:
 def git_commit() -> str | None:
     """The toolkit's git commit, with "-dirty" when its tracked files have changes; None outside a git checkout."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPOSITORY, capture_output=True, text=True, timeout=10)
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPOSITORY, capture_output=True, text=True, timeout=10
+        )
         if commit.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPOSITORY, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPOSITORY,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):  # no git installed, or it hangs
         return None
     return commit.stdout.strip() + ("-dirty" if dirty else "")
@@ -81,11 +89,21 @@ class ModelCard:
         """The card read from ``source`` (a model.json, a checkpoint), checked; one line naming what is wrong otherwise."""
         problem = card_problem(card)
         if problem:
-            raise UserError(f"{source} is not a model card this toolkit wrote ({problem}); train the model again, or give its weights "
-                            f"with --checkpoint FILE --model NAME")
-        return cls(card["model"], tuple(card["classes"]), tuple(map(float, card["mean"])), tuple(map(float, card["std"])),
-                   dict(card.get("options", {})), int(card.get("image_size", 32)), card.get("tta", "none"),
-                   dict(card.get("versions", {})), card.get("commit"))
+            raise UserError(
+                f"{source} is not a model card this toolkit wrote ({problem}); train the model again, or give its "
+                "weights with --checkpoint FILE --model NAME"
+            )
+        return cls(
+            card["model"],
+            tuple(card["classes"]),
+            tuple(map(float, card["mean"])),
+            tuple(map(float, card["std"])),
+            dict(card.get("options", {})),
+            int(card.get("image_size", 32)),
+            card.get("tta", "none"),
+            dict(card.get("versions", {})),
+            card.get("commit"),
+        )
 
 
 def card_problem(card: Any) -> str:

@@ -4,6 +4,7 @@ A run writes Lightning checkpoints (``last.ckpt``, ``best.ckpt``: weights, optim
 configuration) and a plain state dict (``model.pth``). Everything here that reads one turns a wrong or damaged
 file into one ``UserError`` line.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,17 +24,28 @@ def read_checkpoint(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a damaged or foreign file
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}); give a .ckpt or .pth this toolkit wrote") from None
+        raise UserError(
+            f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}); give a .ckpt or .pth this "
+            "toolkit wrote"
+        ) from None
 
 
 def weights_in(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
     """The network's state dict from a plain state dict (model.pth) or a Lightning checkpoint (.ckpt)."""
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         # engine.ImageClassifier keeps the network as ``self.net``.
-        return {key.removeprefix("net."): value for key, value in checkpoint["state_dict"].items() if key.startswith("net.")}
-    if isinstance(checkpoint, dict) and checkpoint and all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+        return {
+            key.removeprefix("net."): value for key, value in checkpoint["state_dict"].items() if key.startswith("net.")
+        }
+    if (
+        isinstance(checkpoint, dict)
+        and checkpoint
+        and all(isinstance(value, torch.Tensor) for value in checkpoint.values())
+    ):
         return checkpoint
-    raise UserError(f"{path} holds neither a state dict nor a Lightning checkpoint; give a run's model.pth, best.ckpt or last.ckpt")
+    raise UserError(
+        f"{path} holds neither a state dict nor a Lightning checkpoint; give a run's model.pth, best.ckpt or last.ckpt"
+    )
 
 
 def listed(kind: str, items: list[str]) -> str:
@@ -44,14 +56,22 @@ def state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torc
     """What keeps ``given`` from loading into a network whose state dict is ``expected``; empty if nothing."""
     missing = [key for key in expected if key not in given]
     unexpected = [key for key in given if key not in expected]
-    reshaped = [f"{key} {tuple(given[key].shape)} for {tuple(value.shape)}"
-                for key, value in expected.items() if key in given and given[key].shape != value.shape]
-    return "; ".join(listed(kind, items) for kind, items in
-                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", reshaped)) if items)
+    reshaped = [
+        f"{key} {tuple(given[key].shape)} for {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in given and given[key].shape != value.shape
+    ]
+    return "; ".join(
+        listed(kind, items)
+        for kind, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", reshaped))
+        if items
+    )
 
 
 def load_weights(net: nn.Module, name: str, path: Path) -> nn.Module:
-    """``net`` (the model ``name``) with the weights saved at ``path``, in eval mode; one clear error if they do not fit."""
+    """``net`` (the model ``name``) with the weights saved at ``path``, in eval mode; one clear error if they do not
+    fit.
+    """
     checkpoint = read_checkpoint(path)
     state = weights_in(checkpoint, path)
     problem = state_dict_mismatch(net.state_dict(), state)
@@ -74,26 +94,39 @@ def resume_checkpoint(config: RunConfig, run_dir: Path) -> Path | None:
         return None
     path = resume_path(config)
     if config.resume == "last" and not path.is_file():
-        raise UserError(f"nothing to resume: {run_dir} has no last.ckpt (no epoch finished there); drop --resume to start the run again "
-                        f"(with --overwrite if the folder holds its first files), or give --out-dir of the interrupted run")
+        raise UserError(
+            f"nothing to resume: {run_dir} has no last.ckpt (no epoch finished there); drop --resume to start the run "
+            "again (with --overwrite if the folder holds its first files), or give --out-dir of the interrupted run"
+        )
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         held = "a plain state dict (model.pth)" if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}"
         raise UserError(f"{path} holds {held}, not a training checkpoint; resume from a run's last.ckpt or best.ckpt")
     saved = checkpoint.get("run_config", {})
     if not isinstance(saved, dict) or not isinstance(saved.get("recipe", {}), dict):
-        raise UserError(f"{path} holds damaged run settings (run_config is a {type(saved).__name__}); resume from another checkpoint "
-                        f"of the run, or start it again with --overwrite")
+        raise UserError(
+            f"{path} holds damaged run settings (run_config is a {type(saved).__name__}); resume from another "
+            "checkpoint of the run, or start it again with --overwrite"
+        )
     if saved.get("model") != config.model:
-        raise UserError(f"{path} is a checkpoint of {saved.get('model', 'an unknown model')}, not {config.model}; "
-                        f"resume with the same --model, or start a new --out-dir")
+        raise UserError(
+            f"{path} is a checkpoint of {saved.get('model', 'an unknown model')}, not {config.model}; "
+            f"resume with the same --model, or start a new --out-dir"
+        )
     options = saved.get("model_options", config.model_options)  # older checkpoints have none: their models had none
     if options != config.model_options:
-        changed = sorted(name for name in {*options, *config.model_options} if options.get(name) != config.model_options.get(name))
-        raise UserError(f"{path} is a checkpoint of {config.model} with other model options ({', '.join(f'{name} {options.get(name)!r}' for name in changed)}); "
-                        f"resume with the options it was trained with, or start a new --out-dir")
+        changed = sorted(
+            name for name in {*options, *config.model_options} if options.get(name) != config.model_options.get(name)
+        )
+        raise UserError(
+            f"{path} is a checkpoint of {config.model} with other model options "
+            f"({', '.join(f'{name} {options.get(name)!r}' for name in changed)}); "
+            f"resume with the options it was trained with, or start a new --out-dir"
+        )
     if saved.get("recipe", {}).get("epochs", config.recipe.epochs) > config.recipe.epochs:
-        raise UserError(f"{path} was trained for more epochs than --epochs {config.recipe.epochs}; raise --epochs to continue")
+        raise UserError(
+            f"{path} was trained for more epochs than --epochs {config.recipe.epochs}; raise --epochs to continue"
+        )
     return path
 
 

@@ -1,6 +1,7 @@
 """The LightningModule that trains any registered network: one loss, the recipe's optimiser over the model's
 parameter groups, the recipe's schedule, and per-epoch metrics summed on the device (no sync per step); and the
 LightningDataModule that serves it ``engine.batches``' batches."""
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,8 @@ from engine.config import Recipe
 from engine.optimizers import MuonSGD, newton_schulz_dtype
 from engine.registry import ParameterGroups, one_group
 
-PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.5, 1  # the "plateau" schedule: halve the lr after an epoch without a better val_loss
+# the "plateau" schedule: halve the lr after an epoch without a better val_loss
+PLATEAU_FACTOR, PLATEAU_PATIENCE = (0.5, 1)
 TRIANGLE_START, TRIANGLE_PEAK_AT, TRIANGLE_END = 0.2, 0.23, 0.07  # airbench94's triangle, as fractions of the peak lr
 DECOUPLED_EXAMPLES = 1024  # with --decoupled, --weight-decay is the decay per this many training examples
 
@@ -43,8 +45,14 @@ def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, shape: 
 class ImageClassifier(pl.LightningModule):
     """Trains ``net`` with cross-entropy; keeps per-epoch loss and accuracy sums on the device."""
 
-    def __init__(self, net: nn.Module, recipe: Recipe, seed: int, steps_per_epoch: int,
-                 parameter_groups: ParameterGroups = one_group):
+    def __init__(
+        self,
+        net: nn.Module,
+        recipe: Recipe,
+        seed: int,
+        steps_per_epoch: int,
+        parameter_groups: ParameterGroups = one_group,
+    ):
         super().__init__()
         self.net = net.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
         self.recipe, self.seed, self.steps_per_epoch = recipe, seed, steps_per_epoch
@@ -61,7 +69,9 @@ class ImageClassifier(pl.LightningModule):
         return F.cross_entropy(logits, labels, label_smoothing=smoothing, reduction=reduction)
 
     def training_loss_reduction(self) -> str:
-        """The mean, or with --decoupled the sum over the batch: then the lr is a step per example, whatever the batch size."""
+        """The mean, or with --decoupled the sum over the batch: then the lr is a step per example, whatever the batch
+        size.
+        """
         return "sum" if self.recipe.decoupled else "mean"
 
     def on_train_epoch_start(self) -> None:
@@ -75,23 +85,32 @@ class ImageClassifier(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        if hasattr(self.net, "training_progress"):  # a network that changes itself as it trains (airbench's stem bias stops learning)
+        if hasattr(self.net, "training_progress"):
+            # a network that changes itself as it trains (airbench's stem bias stops learning)
             self.net.training_progress(self.current_epoch + batch_idx / self.trainer.num_training_batches)
         reduction = self.training_loss_reduction()
         loss = self.loss(self.net(images), labels, reduction)
-        self.train_loss_sum += loss.detach() * (labels.numel() if reduction == "mean" else 1)  # no .item(): no device sync per step
+        # no .item(): no device sync per step
+        self.train_loss_sum += loss.detach() * (labels.numel() if reduction == "mean" else 1)
         self.train_count += labels.numel()
         return loss
 
     def on_validation_epoch_start(self) -> None:
         self.eval_sums = torch.zeros(2, 3, device=self.device, dtype=torch.float64)
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def validation_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         images, labels = batch
         logits = self.net(images).float()
         correct = (logits.argmax(1) == labels).sum()
-        self.eval_sums[dataloader_idx] += torch.stack([self.loss(logits, labels, reduction="sum").double(), correct.double(),
-                                                       torch.tensor(labels.numel(), device=self.device, dtype=torch.float64)])
+        self.eval_sums[dataloader_idx] += torch.stack(
+            [
+                self.loss(logits, labels, reduction="sum").double(),
+                correct.double(),
+                torch.tensor(labels.numel(), device=self.device, dtype=torch.float64),
+            ]
+        )
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
@@ -105,10 +124,12 @@ class ImageClassifier(pl.LightningModule):
         return self.epoch_metrics
 
     def close_epoch(self, eval_sums: torch.Tensor | None) -> dict[str, float | None]:
-        """Per-epoch metrics from the sums; an evaluation the epoch did not run (no validation split, no training sample,
-        or none this epoch) is None. Logged once an epoch (TensorBoard by default): the metrics a user watches live."""
-        train = self.trainer.strategy.reduce(torch.stack([self.train_loss_sum, self.train_loss_sum.new_tensor(self.train_count)]),
-                                             reduce_op="sum")
+        """Per-epoch metrics from the sums; an evaluation the epoch did not run (no validation split, no training
+        sample, or none this epoch) is None. Logged once an epoch (TensorBoard by default): the metrics a user watches
+        live."""
+        train = self.trainer.strategy.reduce(
+            torch.stack([self.train_loss_sum, self.train_loss_sum.new_tensor(self.train_count)]), reduce_op="sum"
+        )
         measured = {}
         for index, kind in enumerate(self.trainer.datamodule.eval_kinds if eval_sums is not None else ()):
             loss, correct, count = eval_sums[index].tolist()
@@ -124,7 +145,13 @@ class ImageClassifier(pl.LightningModule):
         if "val" in measured:
             self.log_dict({"val_loss": metrics["val_loss"], "val_accuracy": metrics["val_accuracy"]}, prog_bar=True)
         # "epoch" as metrics.csv counts it, from 1 (Lightning would log its own, counted from 0).
-        self.log_dict({name: metrics[name] for name in ("epoch", "train_loss", "train_accuracy", "lr") if metrics[name] is not None})
+        self.log_dict(
+            {
+                name: metrics[name]
+                for name in ("epoch", "train_loss", "train_accuracy", "lr")
+                if metrics[name] is not None
+            }
+        )
         return metrics
 
     def optimizer_groups(self) -> list[dict[str, Any]]:
@@ -135,19 +162,39 @@ class ImageClassifier(pl.LightningModule):
             filters = [p for group in groups for p in group["params"] if p.ndim == 4]
             groups = [dict(group, params=[p for p in group["params"] if p.ndim != 4]) for group in groups]
             groups = [group for group in groups if group["params"]]
-            groups.append({"params": filters, "lr": r.muon_lr, "momentum": r.muon_momentum, "weight_decay": r.muon_weight_decay,
-                           "orthogonalize": True, "renorm_every": r.muon_renorm_every})
-        if r.decoupled:  # weight decay per 1,024 examples; PyTorch decays by lr x weight_decay, so divide by the group's lr
+            groups.append(
+                {
+                    "params": filters,
+                    "lr": r.muon_lr,
+                    "momentum": r.muon_momentum,
+                    "weight_decay": r.muon_weight_decay,
+                    "orthogonalize": True,
+                    "renorm_every": r.muon_renorm_every,
+                }
+            )
+        if r.decoupled:
+            # weight decay per 1,024 examples; PyTorch decays by lr x weight_decay, so divide by the group's lr
             for group in groups:
-                group["weight_decay"] = group.get("weight_decay", r.weight_decay) * r.batch_size / DECOUPLED_EXAMPLES / group.get("lr", r.lr)
+                group["weight_decay"] = (
+                    group.get("weight_decay", r.weight_decay)
+                    * r.batch_size
+                    / DECOUPLED_EXAMPLES
+                    / group.get("lr", r.lr)
+                )
         return groups
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         r = self.recipe
         groups = self.optimizer_groups()
         if r.optimizer == "muon":
-            return MuonSGD(groups, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay, newton_schulz_dtype=newton_schulz_dtype(self.device),
-                           batched=r.muon_batched)
+            return MuonSGD(
+                groups,
+                lr=r.lr,
+                momentum=r.momentum,
+                weight_decay=r.weight_decay,
+                newton_schulz_dtype=newton_schulz_dtype(self.device),
+                batched=r.muon_batched,
+            )
         if r.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, nesterov=True, weight_decay=r.weight_decay)
         optimizer_class = torch.optim.AdamW if r.optimizer == "adamw" else torch.optim.Adam
@@ -157,24 +204,36 @@ class ImageClassifier(pl.LightningModule):
         r = self.recipe
         optimizer = self.make_optimizer()
         if r.scheduler == "plateau":
-            schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "monitor": "val_loss", "interval": "epoch"}}
+            schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE
+            )
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": schedule, "monitor": "val_loss", "interval": "epoch"},
+            }
         total = r.epochs * self.steps_per_epoch
         warmup = round(r.warmup_epochs * self.steps_per_epoch)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: learning_rate_factor(step, total, warmup, r.scheduler))
+            optimizer, lambda step: learning_rate_factor(step, total, warmup, r.scheduler)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 class CIFAR10DataModule(pl.LightningDataModule):
     """Training batches are shuffled and augmented; validation, train-accuracy and test batches never are."""
 
-    def __init__(self, data: SplitData, batch_size: int, augment: str, seed: int, train_accuracy_sample: int | None = None):
+    def __init__(
+        self, data: SplitData, batch_size: int, augment: str, seed: int, train_accuracy_sample: int | None = None
+    ):
         super().__init__()
         self.data, self.batch_size, self.augment, self.seed = data, batch_size, augment, seed
-        # Training images measured for the train accuracy after a validated epoch: by default as many as the validation split.
-        self.train_accuracy_sample = (len(data.val_images) or TRAIN_ACCURACY_SAMPLE) if train_accuracy_sample is None else train_accuracy_sample
-        self.eval_kinds = ("train",) * bool(self.train_accuracy_sample) + ("val",) * bool(len(data.val_images))  # val_dataloader's order
+        # Training images measured for the train accuracy after a validated epoch: by default as many as the validation
+        # split.
+        self.train_accuracy_sample = (
+            (len(data.val_images) or TRAIN_ACCURACY_SAMPLE) if train_accuracy_sample is None else train_accuracy_sample
+        )
+        # val_dataloader's order
+        self.eval_kinds = ("train",) * bool(self.train_accuracy_sample) + ("val",) * bool(len(data.val_images))
 
     def setup(self, stage: str) -> None:
         self.data = self.data.to(self.trainer.strategy.root_device)
@@ -184,8 +243,17 @@ class CIFAR10DataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> TrainBatches:
         d = self.data
-        return TrainBatches(d.train_images, d.train_labels, self.batch_size, self.augment, d.mean, d.std,
-                               self.seed, epoch=lambda: self.trainer.current_epoch, **self.shard())
+        return TrainBatches(
+            d.train_images,
+            d.train_labels,
+            self.batch_size,
+            self.augment,
+            d.mean,
+            d.std,
+            self.seed,
+            epoch=lambda: self.trainer.current_epoch,
+            **self.shard(),
+        )
 
     def eval_batches(self, images: torch.Tensor, labels: torch.Tensor) -> EvalBatches:
         return EvalBatches(images, labels, EVAL_BATCH, self.data.mean, self.data.std, **self.shard())

@@ -1,10 +1,11 @@
 """What decides a run: the recipe (how a network is trained) and the run's settings, written to ``config.json``.
 
-The original study's recipe for CIFAR10Net is ``Recipe()``; every other model's registry entry brings its own. What a network
-is (its layer sizes, airbench's whitened stem, ...) is not the recipe's: it is the model's options, declared in its
-registry entry and recorded in ``RunConfig.model_options``.
-The tables of named choices here are the ones every script's flags offer.
+The original study's recipe for CIFAR10Net is ``Recipe()``; every other model's registry entry brings its own. What a
+network is (its layer sizes, airbench's whitened stem, ...) is not the recipe's: it is the model's options, declared in
+its registry entry and recorded in ``RunConfig.model_options``. The tables of named choices here are the ones every
+script's flags offer.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,25 +22,39 @@ SCHEDULERS = {
 }
 WEIGHT_AVERAGES = {
     "none": "the network as trained",
-    "lookahead": "airbench94's lookahead: every 5 steps the network is pulled to an average of its weights that follows it "
-                 "closely at first and ever more slowly; at the end it is the average",
+    "lookahead": "airbench94's lookahead: every 5 steps the network is pulled to an average of its weights that "
+    "follows it closely at first and ever more slowly; at the end it is the average",
 }
 LOGGERS = {
     "tensorboard": "TensorBoard event files in <run folder>/tensorboard (tensorboard --logdir runs)",
     "csv": "Lightning's CSV log in <run folder>/csv_log",
     "none": "no logger (metrics.csv and curves.png are written all the same)",
 }
-# --precision: auto (ours: the precision that pays on the device) and every value Lightning 2.x accepts (its aliases too);
-# tests/test_settings.py checks this against Lightning's own list, so a bad value fails at the command line, not in the Trainer.
-PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
-              "transformer-engine-float16", "32", "16", "bf16", "64")
+# --precision: auto (ours: the precision that pays on the device) and every value Lightning 2.x accepts (its aliases
+# too); tests/test_settings.py checks this against Lightning's own list, so a bad value fails at the command line, not
+# in the Trainer.
+PRECISIONS = (
+    "auto",
+    "32-true",
+    "bf16-mixed",
+    "16-mixed",
+    "bf16-true",
+    "16-true",
+    "64-true",
+    "transformer-engine",
+    "transformer-engine-float16",
+    "32",
+    "16",
+    "bf16",
+    "64",
+)
 TTA_MODES = {
     "none": "the image alone",
     "flip": "the image and its mirror image, averaged",
-    "flip-translate": "half the flip average, half the flip averages of the image shifted one pixel up-left and one down-right "
-                      "(reflect-padded): 6 forward passes",
-    "selective": "the image alone, but for the fifth of each batch the network is least sure of (lowest top probability), "
-                 "flip-translate's six views (hiverge's): 2 forward passes",
+    "flip-translate": "half the flip average, half the flip averages of the image shifted one pixel up-left and one "
+    "down-right (reflect-padded): 6 forward passes",
+    "selective": "the image alone, but for the fifth of each batch the network is least sure of (lowest top "
+    "probability), flip-translate's six views (hiverge's): 2 forward passes",
 }
 SELECTIVE_FRACTION = 0.2  # of each batch, the least confident images, which selective TTA looks at six ways
 
@@ -61,11 +76,15 @@ class Recipe:
     augment: str = "readme"
     tta: str = "none"
     # The pieces of airbench's method, each off unless a recipe asks for it (docs/RESULTS.md measures each).
-    decoupled: bool = False  # loss summed over the batch, weight decay per 1,024 examples whatever the lr (airbench's form)
+    # loss summed over the batch, weight decay per 1,024 examples whatever the lr (airbench's form)
+    decoupled: bool = False
     muon_lr: float = 0.24  # with optimizer muon: the lr of the convolution filters, which Muon orthogonalises
     muon_momentum: float = 0.6
-    muon_renorm_every: int = 1  # with optimizer muon: each filter renormalised before every N-th step (airbench: every step)
-    muon_weight_decay: float = 0.0  # with optimizer muon: the filters' decay, read as --weight-decay is (airbench: none)
+    muon_renorm_every: int = (
+        1  # with optimizer muon: each filter renormalised before every N-th step (airbench: every step)
+    )
+    # with optimizer muon: the filters' decay, read as --weight-decay is (airbench: none)
+    muon_weight_decay: float = 0.0
     muon_batched: bool = False  # with optimizer muon: the filters of one shape orthogonalised in one call (hiverge's; the same arithmetic)
     weight_average: str = "none"
 
@@ -96,8 +115,10 @@ class RunConfig:
     overwrite: bool = False
     validation: bool = True  # False: train on all 50,000 training images, no validation split (a final run)
     val_every: int = 1  # the evaluation passes after every N-th epoch and the last (0: none); the epochs between record the training loss
-    train_accuracy_sample: int | None = None  # training images measured for train accuracy; None: as many as validate, or 5,000
-    keep_epoch_checkpoints: bool = False  # every epoch's checkpoint kept as epoch-NNN.ckpt: accuracy against time, after the run
+    # training images measured for train accuracy; None: as many as validate, or 5,000
+    train_accuracy_sample: int | None = None
+    # every epoch's checkpoint kept as epoch-NNN.ckpt: accuracy against time, after the run
+    keep_epoch_checkpoints: bool = False
     profile: bool = False  # Lightning's SimpleProfiler: where the Trainer's time goes, in fit-profile.txt
     val_fraction: float = 0.1  # of the training images, validated on: CIFAR-10's 5,000 of 50,000 (the study's split)
     progress: bool | None = None  # None: progress bars only when the output is a terminal

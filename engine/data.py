@@ -8,6 +8,7 @@ size by ``engine.images.decode_image``, as predict.py resizes a photo. Everythin
 tampered official file, half a tree, a class folder missing from one split, an undecodable file, an --out-dir inside
 the tree) stops with one ``UserError`` line before any training.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,9 +31,12 @@ from functions import UserError, is_temporary_copy, write_atomically
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 CACHE_NAME = "cifar10-uint8-cache.npz"
 INPUT_SIZE = 32  # the models' input: every image of a tree is resized to INPUT_SIZE x INPUT_SIZE once, into the cache
-DATASETS = {"auto": "CIFAR-10's or CIFAR-100's official folder, else an image-folder tree, else CIFAR-10 downloaded",
-            "cifar10": "CIFAR-10: its official cifar-10-batches-py folder, else an image-folder tree, else downloaded",
-            "cifar100": "CIFAR-100 (100 fine labels): its official cifar-100-python folder, else an image-folder tree, else downloaded"}
+DATASETS = {
+    "auto": "CIFAR-10's or CIFAR-100's official folder, else an image-folder tree, else CIFAR-10 downloaded",
+    "cifar10": "CIFAR-10: its official cifar-10-batches-py folder, else an image-folder tree, else downloaded",
+    "cifar100": "CIFAR-100 (100 fine labels): its official cifar-100-python folder, else an image-folder tree, else "
+    "downloaded",
+}
 
 SPLIT_SEED = 20  # the original study's torch.Generator().manual_seed(20)
 VAL_FRACTION = 0.1  # 5,000 of CIFAR-10's 50,000 training images: the study's 45,000 / 5,000
@@ -62,14 +66,17 @@ def find_image_folder_root(data_dir: Path) -> Path | None:
     for candidate in candidates:  # half a tree is a copy gone wrong, not a reason to download
         for present, missing in (("train", "test"), ("test", "train")):
             if (candidate / present).is_dir():
-                raise UserError(f"{candidate} has {present}/ but no {missing}/ folder; an image-folder tree needs both "
-                                f"train/<class>/ and test/<class>/")
+                raise UserError(
+                    f"{candidate} has {present}/ but no {missing}/ folder; an image-folder tree needs both "
+                    f"train/<class>/ and test/<class>/"
+                )
     return None
 
 
 def check_outside_data_tree(folder: Path, data_dir: str | os.PathLike, flag: str = "--out-dir") -> None:
-    """Refuse ``folder`` anywhere inside the image-folder tree that ``data_dir`` gives. Under train/ or test/ a run folder
-    would be read as a class folder, and the data, not the flag, would seem wrong; elsewhere it mixes runs into the data."""
+    """Refuse ``folder`` anywhere inside the image-folder tree that ``data_dir`` gives. Under train/ or test/ a run
+    folder would be read as a class folder, and the data, not the flag, would seem wrong; elsewhere it mixes runs into
+    the data."""
     data_dir = Path(data_dir)
     if official_folder(data_dir, "auto") is not None:
         return  # the official files are read, not the tree
@@ -87,7 +94,9 @@ def class_folders(root: Path) -> tuple[str, ...]:
 
     A class missing from test/ would otherwise crash after all the training. The sorted names give the labels:
     CIFAR-10's own names sort into its label order, whatever order the file system lists them in."""
-    found = {split: {path.name for path in visible_entries(root / split) if path.is_dir()} for split in ("train", "test")}
+    found = {
+        split: {path.name for path in visible_entries(root / split) if path.is_dir()} for split in ("train", "test")
+    }
     problems = []
     for split, other in (("test", "train"), ("train", "test")):
         lacking = sorted(found[other] - found[split])
@@ -98,8 +107,10 @@ def class_folders(root: Path) -> tuple[str, ...]:
         raise UserError(f"{root}: {'; '.join(problems)}; train/ and test/ must hold the same class folders")
     classes = tuple(sorted(found["train"]))
     if len(classes) < 2:
-        raise UserError(f"{root}: train/ and test/ hold {len(classes)} class folder{'s' if len(classes) != 1 else ''} "
-                        f"({quoted(classes) or 'none'}); a classifier needs at least 2: one folder per class in each")
+        raise UserError(
+            f"{root}: train/ and test/ hold {len(classes)} class folder{'s' if len(classes) != 1 else ''} "
+            f"({quoted(classes) or 'none'}); a classifier needs at least 2: one folder per class in each"
+        )
     return classes
 
 
@@ -135,7 +146,9 @@ def labels_of(files: list[ImageFile]) -> torch.Tensor:
 
 
 def tree_fingerprint(files: list[ImageFile]) -> str:
-    """Changes whenever a file is added, removed, renamed or rewritten, or the decoding changes: the cache is then rebuilt."""
+    """Changes whenever a file is added, removed, renamed or rewritten, or the decoding changes: the cache is then
+    rebuilt.
+    """
     digest = hashlib.sha1(f"decoding {DECODING_VERSION}\n".encode())
     for file in files:
         digest.update(f"{file.path.parent.name}/{file.path.name}|{file.label}|{file.size}|{file.mtime_ns}\n".encode())
@@ -161,10 +174,14 @@ def read_cache(path: Path, fingerprint: str, counts: tuple[int, int]) -> tuple[n
             images = cached["train_images"], cached["test_images"]
     except FileNotFoundError:
         return None
-    except Exception as error:  # zipfile, numpy and the OS each have their own errors for a damaged file; all mean: decode again
+    except Exception as error:
+        # zipfile, numpy and the OS each have their own errors for a damaged file; all mean: decode again
         reason = type(error).__name__
     else:
-        if all(array.dtype == np.uint8 and array.shape == (count, 3, INPUT_SIZE, INPUT_SIZE) for array, count in zip(images, counts)):
+        if all(
+            array.dtype == np.uint8 and array.shape == (count, 3, INPUT_SIZE, INPUT_SIZE)
+            for array, count in zip(images, counts)
+        ):
             return images
         reason = "arrays of the wrong shape"  # a damaged array header can still parse, as a shorter array
     print(f"note: the decoded-image cache {path} is unreadable ({reason}); rebuilding it", file=sys.stderr)
@@ -213,10 +230,13 @@ def load_image_folder(root: Path, workers: int = 2) -> DatasetArrays:
             break
     else:
         images = decode_images(train_files + test_files, workers)
-        train_images, test_images = images[:len(train_files)], images[len(train_files):]
-        written = write_cache(root, {"train_images": train_images, "test_images": test_images,
-                                     "fingerprint": np.array(fingerprint)})
-        source = f"image folders in {root}" + (f" (decoded once, cached in {written})" if written else " (no writable cache folder)")
+        train_images, test_images = images[: len(train_files)], images[len(train_files) :]
+        written = write_cache(
+            root, {"train_images": train_images, "test_images": test_images, "fingerprint": np.array(fingerprint)}
+        )
+        source = f"image folders in {root}" + (
+            f" (decoded once, cached in {written})" if written else " (no writable cache folder)"
+        )
     return DatasetArrays(
         train_images=torch.from_numpy(train_images),
         train_labels=labels_of(train_files),
@@ -235,7 +255,9 @@ def download_official(data_dir: Path, dataset: str) -> None:
 
 
 def official_folder(data_dir: Path, dataset: str) -> tuple[str, Path] | None:
-    """The official folder in ``data_dir`` of ``dataset`` (auto: CIFAR-10's, else CIFAR-100's), with its data set's name."""
+    """The official folder in ``data_dir`` of ``dataset`` (auto: CIFAR-10's, else CIFAR-100's), with its data set's
+    name.
+    """
     for name in ("cifar10", "cifar100") if dataset == "auto" else (dataset,):
         folder = data_dir / OFFICIAL[name].folder
         if folder.is_dir():
@@ -244,15 +266,19 @@ def official_folder(data_dir: Path, dataset: str) -> tuple[str, Path] | None:
 
 
 def has_local_dataset(data_dir: str | os.PathLike) -> bool:
-    """Whether ``data_dir`` holds a data set (an official folder or an image-folder tree), so that loading downloads nothing."""
+    """Whether ``data_dir`` holds a data set (an official folder or an image-folder tree), so that loading downloads
+    nothing.
+    """
     data_dir = Path(data_dir)
     return official_folder(data_dir, "auto") is not None or find_image_folder_root(data_dir) is not None
 
 
-def load_dataset(data_dir: str | os.PathLike, workers: int = 2, dataset: str = "auto",
-                 checksums: dict[str, str] | None = None) -> DatasetArrays:
+def load_dataset(
+    data_dir: str | os.PathLike, workers: int = 2, dataset: str = "auto", checksums: dict[str, str] | None = None
+) -> DatasetArrays:
     """The data set in ``data_dir``: the official folder of ``dataset``, else an image-folder tree, else a download of
-    ``dataset`` (CIFAR-10 for auto). ``checksums`` replaces the official folder's MD5 table (tests make their own files)."""
+    ``dataset`` (CIFAR-10 for auto). ``checksums`` replaces the official folder's MD5 table (tests make their own
+    files)."""
     data_dir = Path(data_dir)
     if data_dir.exists() and not data_dir.is_dir():
         raise UserError(f"--data-dir {data_dir} is a file; give the folder that holds the data set")
@@ -280,11 +306,14 @@ def load_dataset(data_dir: str | os.PathLike, workers: int = 2, dataset: str = "
 
 
 def split_train_val(num_images: int, val_fraction: float = VAL_FRACTION) -> tuple[torch.Tensor, torch.Tensor]:
-    """The original study's split, to the index: ``random_split`` with ``torch.Generator().manual_seed(20)``; other data sets
-    and other fractions the same way."""
+    """The original study's split, to the index: ``random_split`` with ``torch.Generator().manual_seed(20)``; other data
+    sets and other fractions the same way."""
     train_size = int((1 - val_fraction) * num_images)
     if train_size < 1:  # the floor leaves at least one validation image whenever the fraction is above 0
-        raise UserError(f"--val-fraction {val_fraction:g} of {num_images} training images leaves no training image; give a smaller one")
+        raise UserError(
+            f"--val-fraction {val_fraction:g} of {num_images} training images leaves no training image; give a "
+            "smaller one"
+        )
     train, val = torch.utils.data.random_split(
         range(num_images), [train_size, num_images - train_size], generator=torch.Generator().manual_seed(SPLIT_SEED)
     )

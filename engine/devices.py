@@ -1,4 +1,5 @@
 """Where a run computes: the accelerator, the precision that pays on it, and which process owns the run."""
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,11 @@ def cpu_has_bf16() -> bool:
 
 @functools.cache
 def warn_emulated_bf16() -> None:
-    print("warning: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 is emulated and training runs many "
-          "times slower than in float32; use --precision 32-true", file=sys.stderr)
+    print(
+        "warning: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 is emulated and training runs many "
+        "times slower than in float32; use --precision 32-true",
+        file=sys.stderr,
+    )
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -56,10 +60,10 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 
 def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The autocast that Lightning runs a ``precision`` (as resolve_precision gives it) under, for the passes made outside
-    the Trainer: the test set after training is measured at the precision the run trained and validated at (in float32
-    it added about 15 s to a 3-minute bf16 run on a CPU with AMX, docs/RESULTS.md). The -true precisions keep the
-    weights in their own dtype."""
+    """The autocast that Lightning runs a ``precision`` (as resolve_precision gives it) under, for the passes made
+    outside the Trainer: the test set after training is measured at the precision the run trained and validated at (in
+    float32 it added about 15 s to a 3-minute bf16 run on a CPU with AMX, docs/RESULTS.md). The -true precisions keep
+    the weights in their own dtype."""
     dtypes = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
     if precision not in dtypes:
         return contextlib.nullcontext()
@@ -67,5 +71,7 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
 
 
 def is_main_process() -> bool:
-    """False in the extra processes of data-parallel training (Lightning, torchrun and SLURM set these): the first one owns the run."""
+    """False in the extra processes of data-parallel training (Lightning, torchrun and SLURM set these): the first one
+    owns the run.
+    """
     return all(os.environ.get(name, "0") == "0" for name in ("LOCAL_RANK", "NODE_RANK", "RANK"))

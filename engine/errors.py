@@ -1,4 +1,5 @@
 """How a run can end other than well, besides a user's mistake (``functions.UserError``, exit status 2)."""
+
 from __future__ import annotations
 
 import signal
@@ -22,9 +23,11 @@ class TrainingDiverged(Exception):
     """The loss became NaN, infinite or exploded: later epochs cannot rescue the run."""
 
     def __init__(self, loss_name: str, value: float, epoch: int, lr: float):
-        super().__init__(f"training diverged: the {loss_name} is {value:.3g} after epoch {epoch}; lower the learning rate "
-                         f"(--lr, now {lr:g}) and start again; no model.pth was written"
-                         + (", last.ckpt keeps the last good epoch" if epoch > 1 else ""))
+        super().__init__(
+            f"training diverged: the {loss_name} is {value:.3g} after epoch {epoch}; lower the learning rate "
+            f"(--lr, now {lr:g}) and start again; no model.pth was written"
+            + (", last.ckpt keeps the last good epoch" if epoch > 1 else "")
+        )
         self.loss_name, self.value, self.epoch = loss_name, value, epoch
 
 

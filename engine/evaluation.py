@@ -3,6 +3,7 @@
 ``predict`` is the one way the toolkit asks a network about images: at the end of a run, in the t-SNE analysis,
 for the transfer-learning feature cache, in the benchmarks, and for a user's own photos.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,7 @@ def least_confident(logits: torch.Tensor, fraction: float = SELECTIVE_FRACTION) 
     """Whether each image is among the ``fraction`` (rounded up) whose top softmax probability is lowest."""
     confidence = logits.softmax(1).amax(1)
     chosen = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
-    chosen[confidence.argsort()[:math.ceil(fraction * len(logits))]] = True
+    chosen[confidence.argsort()[: math.ceil(fraction * len(logits))]] = True
     return chosen
 
 
@@ -38,7 +39,9 @@ def tta_logits(net: nn.Module, images: torch.Tensor, logits: torch.Tensor, mode:
     if mode == "selective":
         unsure = least_confident(logits)
         scores["selective"] = logits.clone()
-        scores["selective"][unsure] = tta_logits(net, images[unsure], logits[unsure], "flip-translate")["flip-translate"]
+        scores["selective"][unsure] = tta_logits(net, images[unsure], logits[unsure], "flip-translate")[
+            "flip-translate"
+        ]
         return scores
 
     def with_mirror(x: torch.Tensor, x_scores: torch.Tensor) -> torch.Tensor:
@@ -55,8 +58,16 @@ def tta_logits(net: nn.Module, images: torch.Tensor, logits: torch.Tensor, mode:
 
 
 @torch.no_grad()
-def predict(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-            tta: str = "none", with_features: bool = False, progress: str | None = None) -> dict[str, Any]:
+def predict(
+    net: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    tta: str = "none",
+    with_features: bool = False,
+    progress: str | None = None,
+) -> dict[str, Any]:
     """Logits (and penultimate features, from the same forward pass) of uint8 ``images``, normalised by ``mean`` and
     ``std``, in batches on the network's device, in eval mode.
 
@@ -69,7 +80,7 @@ def predict(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: to
     by_tta: dict[str, list[torch.Tensor]] = {}
     features = []
     batches = EvalBatches(images.to(device), labels, EVAL_BATCH, mean, std)
-    for batch, _ in (batches if progress is None else watched(batches, len(batches), progress)):
+    for batch, _ in batches if progress is None else watched(batches, len(batches), progress):
         if with_features:
             penultimate = net.forward_features(batch)
             batch_logits = net.classify(penultimate).float()
@@ -85,23 +96,32 @@ def predict(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: to
     return result
 
 
-def accuracy_by_tta(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                    tta: str) -> dict[str, float]:
+def accuracy_by_tta(
+    net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, tta: str
+) -> dict[str, float]:
     """Accuracy under each test-time augmentation up to ``tta``, from one pass of each view."""
     result = predict(net, images, labels, mean, std, tta=tta)
-    return {mode: (logits.argmax(1) == result["labels"]).double().mean().item() for mode, logits in result["logits_by_tta"].items()}
+    return {
+        mode: (logits.argmax(1) == result["labels"]).double().mean().item()
+        for mode, logits in result["logits_by_tta"].items()
+    }
 
 
 def test_report(labels: torch.Tensor, predictions: torch.Tensor, classes: tuple[str, ...]) -> dict[str, Any]:
-    """What test.json and evaluate.py report: accuracy, each class's accuracy (its recall), precision, recall and F1 (scikit-learn's
-    classification report, by class name, with its macro and weighted averages) and the confusion matrix (rows: true class)."""
+    """What test.json and evaluate.py report: accuracy, each class's accuracy (its recall), precision, recall and F1
+    (scikit-learn's classification report, by class name, with its macro and weighted averages) and the confusion matrix
+    (rows: true class)."""
     true, predicted, label_ids = labels.cpu().numpy(), predictions.cpu().numpy(), list(range(len(classes)))
     matrix = metrics.confusion_matrix(true, predicted, labels=label_ids)
-    report = metrics.classification_report(true, predicted, labels=label_ids, target_names=list(classes), output_dict=True, zero_division=0)
+    report = metrics.classification_report(
+        true, predicted, labels=label_ids, target_names=list(classes), output_dict=True, zero_division=0
+    )
     return {
         "test_accuracy": float((true == predicted).mean()),
         "per_class_accuracy": {name: report[name]["recall"] for name in classes},
-        "per_class": {name: {key: report[name][key] for key in ("precision", "recall", "f1-score", "support")} for name in classes},
+        "per_class": {
+            name: {key: report[name][key] for key in ("precision", "recall", "f1-score", "support")} for name in classes
+        },
         "macro_avg": report["macro avg"],
         "weighted_avg": report["weighted avg"],
         "confusion_matrix": matrix.tolist(),

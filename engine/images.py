@@ -1,10 +1,12 @@
-"""Decoding an image file into RGB pixels: the one way the toolkit reads an image, for image-folder trees and predict.py alike.
+"""Decoding an image file into RGB pixels: the one way the toolkit reads an image, for image-folder trees and predict.py
+alike.
 
 ``decode_image(path, size)`` opens whatever Pillow reads, turns it upright as its EXIF data says, converts every mode
 to 8-bit RGB the same way (16-bit images scaled by their depth, floating-point ones from 0..1, transparent parts laid
 on white) and, given ``size``, resizes it to ``size`` x ``size`` by area averaging. A file it cannot use raises
 ``UnreadableImage``: one line naming the file, the problem and the fix.
 """
+
 from __future__ import annotations
 
 import sys
@@ -50,19 +52,28 @@ def check_pixel_count(image: Image.Image, path: Path) -> None:
     """Refuse, from the header alone, an image whose decoding would take more than MAX_DECODED_PIXELS pixels."""
     pixels = image.width * image.height
     if pixels > MAX_DECODED_PIXELS:
-        raise UnreadableImage(path, f"is {image.width}x{image.height} pixels, more than the {MAX_DECODED_PIXELS:,} the toolkit "
-                                    f"decodes (its bound on memory)", "shrink it first")
+        raise UnreadableImage(
+            path,
+            f"is {image.width}x{image.height} pixels, more than the {MAX_DECODED_PIXELS:,} the toolkit "
+            f"decodes (its bound on memory)",
+            "shrink it first",
+        )
 
 
 def bytes_from(values: np.ndarray, full_scale: float, path: Path) -> np.ndarray:
     """``values`` from 0..``full_scale`` to 0..255. Values outside that range (a float image in other units, a 32-bit
     integer one) carry no scale to go by: stretched from their own lowest to their highest, with a note saying so."""
     if not np.isfinite(values).all():
-        raise UnreadableImage(path, "holds pixel values that are not numbers (NaN or infinite)", "save it with finite values")
+        raise UnreadableImage(
+            path, "holds pixel values that are not numbers (NaN or infinite)", "save it with finite values"
+        )
     low, high = float(values.min()), float(values.max())
     if low < 0 or high > full_scale:
-        print(f"note: {path} holds values from {low:.4g} to {high:.4g}, outside 0..{full_scale:g}: stretched from that range "
-              f"to 0..255", file=sys.stderr)
+        print(
+            f"note: {path} holds values from {low:.4g} to {high:.4g}, outside 0..{full_scale:g}: stretched from that "
+            "range to 0..255",
+            file=sys.stderr,
+        )
         values = (values - low) * (full_scale / ((high - low) or 1))
     return np.rint(values * (255 / full_scale)).astype(np.uint8)
 
@@ -101,17 +112,23 @@ def decode_image(path: Path, size: int | None = None) -> np.ndarray:
     (the whole image squeezed into the square: its aspect ratio is not kept).
 
     At most MAX_DECODED_PIXELS are decoded: a larger image is refused before its pixels are read. A file that is no
-    image, a damaged one or one that cannot be opened raises ``UnreadableImage`` with Pillow's or the system's reason."""
+    image, a damaged one or one that cannot be opened raises ``UnreadableImage`` with Pillow's or the system's reason.
+    """
     try:
         with Image.open(path) as image:
             if size is not None:
-                image.draft("RGB", (size, size))  # JPEG: decoded at 1/2, 1/4 or 1/8 scale where that still covers the size, 10x faster
+                # JPEG: decoded at 1/2, 1/4 or 1/8 scale where that still covers the size, 10x faster
+                image.draft("RGB", (size, size))
             check_pixel_count(image, path)
             ImageOps.exif_transpose(image, in_place=True)  # upright as the camera said, as every viewer shows it
             rgb = as_rgb(eight_bit(image, path))
             return np.array(rgb if size is None else resized(rgb, size))
     except Image.DecompressionBombError:
-        raise UnreadableImage(path, f"has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, too many to decode safely",
-                              "shrink it first") from None
-    except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for unreadable, unknown and damaged files (a broken PNG chunk: SyntaxError)
-        raise UnreadableImage(path, f"cannot be read as an image ({error_reason(error)})", "delete it or copy it again") from None
+        raise UnreadableImage(
+            path, f"has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, too many to decode safely", "shrink it first"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as error:
+        # Pillow's errors for unreadable, unknown and damaged files (a broken PNG chunk: SyntaxError)
+        raise UnreadableImage(
+            path, f"cannot be read as an image ({error_reason(error)})", "delete it or copy it again"
+        ) from None

@@ -1,5 +1,6 @@
-"""The official python archives of CIFAR-10 and CIFAR-100: each file MD5-checked against torchvision's own table before it
-is unpickled (a pickle is never opened unchecked), and torchvision's download of them where there is internet."""
+"""The official python archives of CIFAR-10 and CIFAR-100: each file MD5-checked against torchvision's own table before
+it is unpickled (a pickle is never opened unchecked), and torchvision's download of them where there is internet."""
+
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +16,9 @@ from functions import CLASSES, UserError
 
 @dataclass
 class DatasetArrays:
-    """The whole data set decoded into memory: uint8 images N x 3 x 32 x 32, int64 labels, the class names in label order."""
+    """The whole data set decoded into memory: uint8 images N x 3 x 32 x 32, int64 labels, the class names in label
+    order.
+    """
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -59,7 +62,9 @@ def check_files(folder: Path, checksums: dict[str, str], name: str) -> None:
         if not path.is_file():
             raise UserError(f"{path} is missing; the folder {folder} is incomplete: download {name} again")
         if md5sum(path) != expected:
-            raise UserError(f"{path} failed its MD5 check (truncated or altered); delete {folder} and download {name} again")
+            raise UserError(
+                f"{path} failed its MD5 check (truncated or altered); delete {folder} and download {name} again"
+            )
 
 
 def unpickled(path: Path) -> dict:
@@ -109,5 +114,7 @@ class Official:
     torchvision_class: str
 
 
-OFFICIAL = {"cifar10": Official("CIFAR-10", PYTHON_BATCHES_DIR, load_python_batches, "CIFAR10"),
-            "cifar100": Official("CIFAR-100", CIFAR100_DIR, load_cifar100, "CIFAR100")}
+OFFICIAL = {
+    "cifar10": Official("CIFAR-10", PYTHON_BATCHES_DIR, load_python_batches, "CIFAR10"),
+    "cifar100": Official("CIFAR-100", CIFAR100_DIR, load_cifar100, "CIFAR100"),
+}

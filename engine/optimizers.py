@@ -6,6 +6,7 @@ here: it takes 2-D parameters only, Lightning's automatic optimisation takes one
 with SGD, and airbench's Muon also renormalises each filter before its step. So the few lines are written here; a
 group marked ``orthogonalize`` gets Muon, every other group Nesterov SGD with its own weight decay.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,12 +28,15 @@ def newton_schulz_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
 
 
-def orthogonalize(matrix: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def orthogonalize(
+    matrix: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
     """``matrix`` with its singular values pushed towards 1 (U V^T of its SVD, approximately), computed in ``dtype``;
     given a stack of matrices (the last two dimensions), each of them."""
     a, b, c = NEWTON_SCHULZ
     x = matrix.to(dtype)
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # the largest singular value at most 1, where the iteration converges
+    # the largest singular value at most 1, where the iteration converges
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     wide = x.size(-2) <= x.size(-1)
     if not wide:
         x = x.mT
@@ -52,26 +56,40 @@ def orthogonalize_each(matrices: list[torch.Tensor], dtype: torch.dtype, batched
     for index, matrix in enumerate(matrices):
         by_shape.setdefault(tuple(matrix.shape), []).append(index)
     for indices in by_shape.values():
-        for index, matrix in zip(indices, orthogonalize(torch.stack([matrices[i] for i in indices]), dtype=dtype).unbind()):
+        for index, matrix in zip(
+            indices, orthogonalize(torch.stack([matrices[i] for i in indices]), dtype=dtype).unbind()
+        ):
             result[index] = matrix
     return result
 
 
 class MuonSGD(torch.optim.Optimizer):
-    """Per group: ``orthogonalize`` True, Muon (Nesterov momentum, the filter renormalised to norm sqrt(out channels) before
-    every ``renorm_every``-th step, the orthogonalised update times lr, then the filter shrunk by lr x weight decay); else
-    SGD with Nesterov momentum and weight decay. airbench renormalises every step, so its Muon needs no weight decay;
-    hiverge renormalises every 8th and decays the filters between. ``newton_schulz_dtype``: the iterations' precision
-    (``newton_schulz_dtype(device)``)."""
+    """Per group: ``orthogonalize`` True, Muon (Nesterov momentum, the filter renormalised to norm sqrt(out channels)
+    before every ``renorm_every``-th step, the orthogonalised update times lr, then the filter shrunk by lr x weight
+    decay); else SGD with Nesterov momentum and weight decay. airbench renormalises every step, so its Muon needs no
+    weight decay; hiverge renormalises every 8th and decays the filters between. ``newton_schulz_dtype``: the
+    iterations' precision (``newton_schulz_dtype(device)``)."""
 
-    def __init__(self, params, lr: float, momentum: float, weight_decay: float = 0.0, newton_schulz_dtype: torch.dtype = torch.bfloat16,
-                 batched: bool = False):
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "orthogonalize": False, "renorm_every": 1})
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float,
+        weight_decay: float = 0.0,
+        newton_schulz_dtype: torch.dtype = torch.bfloat16,
+        batched: bool = False,
+    ):
+        super().__init__(
+            params,
+            {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "orthogonalize": False, "renorm_every": 1},
+        )
         self.newton_schulz_dtype, self.batched = newton_schulz_dtype, batched
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:  # a checkpoint written before renorm_every was a setting renormalised every step
+        for (
+            group
+        ) in self.param_groups:  # a checkpoint written before renorm_every was a setting renormalised every step
             group.setdefault("renorm_every", 1)
 
     @torch.no_grad()
@@ -96,7 +114,9 @@ class MuonSGD(torch.optim.Optimizer):
                 steps = self.state[p]["steps"] = self.state[p].get("steps", 0) + 1
                 if steps % group["renorm_every"] == 0:
                     p.mul_(len(p) ** 0.5 / p.norm())  # the steps from the same scale: the lr alone sets their size
-            matrices = orthogonalize_each([update.reshape(len(update), -1) for update in updates], self.newton_schulz_dtype, self.batched)
+            matrices = orthogonalize_each(
+                [update.reshape(len(update), -1) for update in updates], self.newton_schulz_dtype, self.batched
+            )
             for p, update in zip(params, matrices):
                 p.add_(update.view_as(p), alpha=-lr)
                 if group["weight_decay"]:

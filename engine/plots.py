@@ -3,6 +3,7 @@
 Figures are made with matplotlib's object API (``Figure``), not pyplot: no backend is chosen or changed, so
 importing the toolkit in a notebook leaves its plotting alone, and nothing needs a display.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -55,8 +56,13 @@ def plot_comparison(histories: dict[str, list[dict]], path: Path, setting: str) 
             validation = measured(history, f"val_{key}")  # no validation curve for a run on every training image
             if validation[1]:
                 axis.plot(*validation, color=colours(index), label=name)
-            axis.plot(*measured(history, f"train_{key}"), color=colours(index), linestyle="--", alpha=0.6,
-                      label=None if validation[1] else name)
+            axis.plot(
+                *measured(history, f"train_{key}"),
+                color=colours(index),
+                linestyle="--",
+                alpha=0.6,
+                label=None if validation[1] else name,
+            )
     for axis, key in zip(axes, ("Loss", "Accuracy")):
         axis.set_xlabel("epoch")
         axis.set_ylabel(f"{key} (solid: validation, dashed: training)")
@@ -82,10 +88,19 @@ def plot_confusion(report: dict[str, Any], classes: tuple[str, ...], path: Path,
     if len(classes) <= ANNOTATED_CLASSES:
         for i in range(len(classes)):
             for j in range(len(classes)):
-                axis.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", fontsize=7,
-                          color="white" if rates[i, j] > 0.5 else "black")
+                axis.text(
+                    j,
+                    i,
+                    f"{int(matrix[i, j])}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if rates[i, j] > 0.5 else "black",
+                )
     names = {"fontsize": 9 if len(classes) <= ANNOTATED_CLASSES else 6}
-    axis.set_xticks(range(len(classes)), classes, rotation=45 if len(classes) <= ANNOTATED_CLASSES else 90, ha="right", **names)
+    axis.set_xticks(
+        range(len(classes)), classes, rotation=45 if len(classes) <= ANNOTATED_CLASSES else 90, ha="right", **names
+    )
     axis.set_yticks(range(len(classes)), classes, **names)
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")

@@ -3,6 +3,7 @@
 Its own module, listed among the names ``engine`` loads on first use, because importing torchvision takes about
 1.2 s of a 2-core CPU's start-up: a script's --help and a flag mistake answer without it.
 """
+
 from __future__ import annotations
 
 from torch import nn

@@ -4,6 +4,7 @@ On a terminal: tqdm bars. Piped to a file (a cluster's job log, ``> log.txt``), 
 cursor codes would fill the file with fragments, so there: a plain line at most every ``LINE_EVERY_S`` seconds.
 (The Trainer's epoch bar, a Lightning callback, is ``engine.callbacks.EpochProgressBar``.)
 """
+
 from __future__ import annotations
 
 import sys
@@ -27,7 +28,9 @@ def progress_enabled(setting: bool | None) -> bool:
 
 
 class ProgressLines:
-    """``report(done)`` prints "<label>: <done> of <total> <unit>" at most every ``LINE_EVERY_S`` seconds, and at the end."""
+    """``report(done)`` prints "<label>: <done> of <total> <unit>" at most every ``LINE_EVERY_S`` seconds, and at the
+    end.
+    """
 
     def __init__(self, label: str, total: int, unit: str):
         self.label, self.total, self.unit = label, total, unit

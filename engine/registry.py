@@ -1,4 +1,5 @@
-"""The model registry: a name for every network, with the options it is built with and everything else that belongs to it.
+"""The model registry: a name for every network, with the options it is built with and everything else that belongs to
+it.
 
 A model is one ``nn.Module`` class plus one ``register`` call: the options its constructor takes (each with a type, a
 default, the values it allows and a line of help), the recipe it trains with, how its weights start, which parameters
@@ -7,6 +8,7 @@ classes, which comes from the data): the run's ``config.json`` and model card re
 exactly. The engine reads all of it from here, so a model with its own options, initialisation or parameter groups
 needs no change to the engine; every script offers a model's options as flags (``engine.add_model_arguments``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +44,8 @@ def one_group(net: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
 @dataclass(frozen=True)
 class ModelOption:
     """One keyword argument of a model's constructor: its type, default, allowed values (``choices``, or the inclusive
-    range ``low``..``high`` for numbers) and one line of help. A value from a flag, a config file, a model card or a tuning
-    trial passes ``check`` before a network is built with it."""
+    range ``low``..``high`` for numbers) and one line of help. A value from a flag, a config file, a model card or a
+    tuning trial passes ``check`` before a network is built with it."""
 
     name: str
     kind: type
@@ -55,7 +57,9 @@ class ModelOption:
 
     def __post_init__(self) -> None:
         assert self.kind in OPTION_KINDS, f"option {self.name}: kind must be one of {OPTION_KINDS}"
-        assert self.problem(self.default) == "", f"option {self.name}: default {self.default!r} {self.problem(self.default)}"
+        assert self.problem(self.default) == "", (
+            f"option {self.name}: default {self.default!r} {self.problem(self.default)}"
+        )
 
     @property
     def flag(self) -> str:
@@ -82,14 +86,23 @@ class ModelOption:
             fits = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         else:
             fits = isinstance(value, str)
-        in_range = fits and (self.choices is None or value in self.choices) and (
-            self.kind not in (int, float) or ((self.low is None or value >= self.low) and (self.high is None or value <= self.high)))
+        in_range = (
+            fits
+            and (self.choices is None or value in self.choices)
+            and (
+                self.kind not in (int, float)
+                or ((self.low is None or value >= self.low) and (self.high is None or value <= self.high))
+            )
+        )
         return "" if in_range else f"must be {self.allowed()}"
 
     def check(self, value: Any, model: str, source: str) -> Any:
         problem = self.problem(value)
         if problem:
-            raise UserError(f"{source}: {self.name} = {value!r} for {model} {problem}; give {self.flag} a value it takes, or leave it out")
+            raise UserError(
+                f"{source}: {self.name} = {value!r} for {model} {problem}; give {self.flag} a value it takes, or "
+                "leave it out"
+            )
         return float(value) if self.kind is float else value
 
     def parse(self, text: str) -> Any:
@@ -116,12 +129,13 @@ def with_defaults(options: tuple[ModelOption, ...], **defaults: Any) -> tuple[Mo
 @dataclass(frozen=True)
 class ModelSpec:
     """A registry entry. ``network(num_classes=..., **options)`` builds the network; ``options`` declares the keyword
-    arguments it takes besides the number of classes. ``initialize(net, data, recipe)`` sets the built network's starting
-    weights (``data`` is the run's ``SplitData``: an initialisation may look at the training images). ``parameter_groups``
-    returns optimiser groups; a group's own ``lr`` or ``weight_decay`` (absolute, at the peak of the schedule) overrides the
-    recipe's, and the schedule scales every group alike. ``input_statistics(options)``: the mean and std a model's inputs
-    must be normalised with when they are its own (pretrained weights), instead of the training split's. ``script``: the
-    script that trains it (the transfer network is trained by transfer_learning.py, which caches its features)."""
+    arguments it takes besides the number of classes. ``initialize(net, data, recipe)`` sets the built network's
+    starting weights (``data`` is the run's ``SplitData``: an initialisation may look at the training images).
+    ``parameter_groups`` returns optimiser groups; a group's own ``lr`` or ``weight_decay`` (absolute, at the peak of
+    the schedule) overrides the recipe's, and the schedule scales every group alike. ``input_statistics(options)``: the
+    mean and std a model's inputs must be normalised with when they are its own (pretrained weights), instead of the
+    training split's. ``script``: the script that trains it (the transfer network is trained by transfer_learning.py,
+    which caches its features)."""
 
     network: Callable[..., nn.Module]
     recipe: Recipe
@@ -136,19 +150,33 @@ class ModelSpec:
         return next((option for option in self.options if option.name == name), None)
 
     def resolve(self, name: str, given: Any, source: str) -> dict[str, Any]:
-        """Every option's value: those ``given`` (checked), the defaults for the rest. One line for an unknown or bad one."""
+        """Every option's value: those ``given`` (checked), the defaults for the rest. One line for an unknown or bad
+        one.
+        """
         if not isinstance(given, dict):
-            raise UserError(f"{source}: the model options of {name} must be a mapping of option names to values, not a {type(given).__name__}")
+            raise UserError(
+                f"{source}: the model options of {name} must be a mapping of option names to values, not a "
+                f"{type(given).__name__}"
+            )
         unknown = [key for key in given if self.option(key) is None]
         if unknown:
             takes = ", ".join(option.name for option in self.options) or "none"
-            raise UserError(f"{source}: {unknown[0]} is not an option of {name} (its options: {takes}); leave it out, or choose a model "
-                            f"that has it (python modified_models.py --list)")
-        return {option.name: option.check(given[option.name], name, source) if option.name in given else option.default
-                for option in self.options}
+            raise UserError(
+                f"{source}: {unknown[0]} is not an option of {name} (its options: {takes}); leave it out, or choose a "
+                "model that has it (python modified_models.py --list)"
+            )
+        return {
+            option.name: option.check(given[option.name], name, source) if option.name in given else option.default
+            for option in self.options
+        }
 
-    def build(self, options: dict[str, Any] | None = None, num_classes: int = 10, name: str = "the model",
-              source: str = "its options") -> nn.Module:
+    def build(
+        self,
+        options: dict[str, Any] | None = None,
+        num_classes: int = 10,
+        name: str = "the model",
+        source: str = "its options",
+    ) -> nn.Module:
         """The network with ``options`` (checked; defaults for the rest) and a last layer of ``num_classes``."""
         return self.network(num_classes=num_classes, **self.resolve(name, options or {}, source))
 
@@ -178,14 +206,17 @@ def first_line(cls: type) -> str:
 
 
 def option_table(specs: dict[str, ModelSpec]) -> dict[str, tuple[ModelOption, dict[str, Any]]]:
-    """Each option name the ``specs`` declare: its declaration and each model's default. Models that share an option name
-    must declare the same type and allowed values, so that its flag means one thing."""
+    """Each option name the ``specs`` declare: its declaration and each model's default. Models that share an option
+    name must declare the same type and allowed values, so that its flag means one thing."""
     table: dict[str, tuple[ModelOption, dict[str, Any]]] = {}
     for model, spec in specs.items():
         for option in spec.options:
             first, defaults = table.setdefault(option.name, (option, {}))
-            assert (first.kind, first.choices, first.low, first.high) == (option.kind, option.choices, option.low, option.high), \
-                f"option {option.name} is declared two ways (by {next(iter(defaults))} and {model})"
+            assert (first.kind, first.choices, first.low, first.high) == (
+                option.kind,
+                option.choices,
+                option.low,
+                option.high,
+            ), f"option {option.name} is declared two ways (by {next(iter(defaults))} and {model})"
             defaults[model] = option.default
     return table
-

@@ -4,6 +4,7 @@
 mixed precision, multi-GPU strategies: Lightning's), then save the weights, measure the test set, and run the
 analyses the script handed in (the t-SNE plots, say). The scripts only choose the model, the recipe and the analyses.
 """
+
 from __future__ import annotations
 
 import errno
@@ -23,8 +24,17 @@ from lightning.pytorch.profilers import SimpleProfiler
 from torch import nn
 
 from engine.batches import SplitData, load_split
-from engine.callbacks import (AfterValidation, AtomicCheckpointIO, ConfigInCheckpoint, DivergenceGuard, EpochCheckpoints, EpochProgressBar,
-                              Lookahead, RunRecorder, ValidationSchedule)
+from engine.callbacks import (
+    AfterValidation,
+    AtomicCheckpointIO,
+    ConfigInCheckpoint,
+    DivergenceGuard,
+    EpochCheckpoints,
+    EpochProgressBar,
+    Lookahead,
+    RunRecorder,
+    ValidationSchedule,
+)
 from engine.card import ModelCard, git_commit, library_versions
 from engine.checkpoints import resume_checkpoint, saved_progress
 from engine.classifier import CIFAR10DataModule, ImageClassifier
@@ -39,22 +49,35 @@ from engine.registry import ModelSpec
 from engine.run_folder import claim_run_folder, release_run_folder, write_json
 from functions import write_atomically
 
-# Lightning's notes ("GPU available", tips, "max_epochs reached") say nothing the run's own lines do not (train prints the
-# device and precision); its warnings still show. Two warnings that say nothing to our users (a resumed run folder is
-# not empty by design).
+# Lightning's notes ("GPU available", tips, "max_epochs reached") say nothing the run's own lines do not (train prints
+# the device and precision); its warnings still show. Two warnings that say nothing to our users (a resumed run folder
+# is not empty by design).
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 # Metrics are logged once an epoch, not every n steps: a short epoch is no reason to warn.
-warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
+warnings.filterwarnings(
+    "ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval"
+)
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 # Frozen pretrained layers stay in eval mode on purpose (transfer learning): nothing to warn about.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-# The logged validation metrics are computed from sums already reduced over all processes: syncing them again is redundant.
+# The logged validation metrics are computed from sums already reduced over all processes: syncing them again is
+# redundant.
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val_")
 
 # What a finished run folder holds, in the order the closing line lists them.
-RUN_FILES = ("config.json", "model.json", "metrics.csv", "curves.png", "model.pth", "best.ckpt", "last.ckpt", "test.json", "confusion_matrix.png",
-             "fit-profile.txt")
+RUN_FILES = (
+    "config.json",
+    "model.json",
+    "metrics.csv",
+    "curves.png",
+    "model.pth",
+    "best.ckpt",
+    "last.ckpt",
+    "test.json",
+    "confusion_matrix.png",
+    "fit-profile.txt",
+)
 
 
 class Analysis(Protocol):
@@ -63,22 +86,37 @@ class Analysis(Protocol):
     def check(self, config: RunConfig, data: SplitData) -> None:
         """Raise a ``UserError`` now, before the training, if the analysis could not run."""
 
-    def run(self, net: nn.Module, data: SplitData, test: dict[str, Any], run_dir: Path, config: RunConfig,
-            device: torch.device) -> None:
+    def run(
+        self,
+        net: nn.Module,
+        data: SplitData,
+        test: dict[str, Any],
+        run_dir: Path,
+        config: RunConfig,
+        device: torch.device,
+    ) -> None:
         """Analyse the trained ``net``; ``test`` is ``predict``'s output on the test split, with features."""
 
 
 def model_card(config: RunConfig, data: SplitData) -> ModelCard:
     """What using the trained network needs besides its weights (written as model.json): which model it is with its
     options, the class names in label order, the normalisation its inputs had, and what trained it."""
-    return ModelCard(config.model, tuple(data.classes), tuple(data.mean.tolist()), tuple(data.std.tolist()),
-                     options=dict(config.model_options), image_size=INPUT_SIZE, tta=config.recipe.tta, versions=library_versions(),
-                     commit=git_commit())
+    return ModelCard(
+        config.model,
+        tuple(data.classes),
+        tuple(data.mean.tolist()),
+        tuple(data.std.tolist()),
+        options=dict(config.model_options),
+        image_size=INPUT_SIZE,
+        tta=config.recipe.tta,
+        versions=library_versions(),
+        commit=git_commit(),
+    )
 
 
 def for_model(model: ModelSpec, config: RunConfig, data: SplitData) -> SplitData:
-    """``data`` normalised as ``model`` needs: with its own statistics where it has them (pretrained weights), else as loaded
-    (the training split's)."""
+    """``data`` normalised as ``model`` needs: with its own statistics where it has them (pretrained weights), else as
+    loaded (the training split's)."""
     if model.input_statistics is None:
         return data
     mean, std = model.input_statistics(config.model_options)
@@ -93,8 +131,8 @@ def save_weights(net: nn.Module, run_dir: Path) -> None:
 
 @dataclass
 class Fitted:
-    """What ``fit`` leaves: the trained network, its per-epoch history, where and at what precision it trained, and whether
-    this process reports."""
+    """What ``fit`` leaves: the trained network, its per-epoch history, where and at what precision it trained, and
+    whether this process reports."""
 
     net: nn.Module
     history: list[dict[str, float]]
@@ -119,13 +157,18 @@ def stop_extra_processes(trainer: pl.Trainer) -> None:
         kill(signal.SIGKILL)
 
 
-def fit(config: RunConfig, model: ModelSpec, data: SplitData, after_validation: Callable[[dict[str, Any]], None] | None = None,
-        checkpoints: bool = True) -> Fitted:
-    """Build ``model`` with ``config.model_options``, initialise it its own way and train it on ``data`` (normalised for the
-    model: ``for_model``) by ``config`` with a Lightning Trainer.
+def fit(
+    config: RunConfig,
+    model: ModelSpec,
+    data: SplitData,
+    after_validation: Callable[[dict[str, Any]], None] | None = None,
+    checkpoints: bool = True,
+) -> Fitted:
+    """Build ``model`` with ``config.model_options``, initialise it its own way and train it on ``data`` (normalised for
+    the model: ``for_model``) by ``config`` with a Lightning Trainer.
 
-    ``after_validation`` gets each epoch's metrics once it is validated (hyperparameter tuning prunes with it); ``checkpoints``
-    writes last.ckpt after every epoch, and best.ckpt when the validation loss is the lowest so far.
+    ``after_validation`` gets each epoch's metrics once it is validated (hyperparameter tuning prunes with it);
+    ``checkpoints`` writes last.ckpt after every epoch, and best.ckpt when the validation loss is the lowest so far.
     """
     run_dir = Path(config.out_dir)
     accelerator = resolve_accelerator(config.device)
@@ -139,8 +182,13 @@ def fit(config: RunConfig, model: ModelSpec, data: SplitData, after_validation: 
         net.compile()  # in place: the state dict keeps its plain names, so checkpoints load with or without it
     recipe = config.recipe
     datamodule = CIFAR10DataModule(data, recipe.batch_size, recipe.augment, config.seed, config.train_accuracy_sample)
-    module = ImageClassifier(net, recipe, config.seed, steps_per_epoch=math.ceil(len(data.train_images) / recipe.batch_size),
-                             parameter_groups=model.parameter_groups)
+    module = ImageClassifier(
+        net,
+        recipe,
+        config.seed,
+        steps_per_epoch=math.ceil(len(data.train_images) / recipe.batch_size),
+        parameter_groups=model.parameter_groups,
+    )
 
     card = model_card(config, data).to_dict()
     if is_main_process():  # one writer, whatever the number of processes and nodes
@@ -156,22 +204,39 @@ def fit(config: RunConfig, model: ModelSpec, data: SplitData, after_validation: 
         all_callbacks.append(Lookahead(total_steps=recipe.epochs * module.steps_per_epoch))
     if checkpoints:
         # Two checkpoints: Lightning's save_last writes last.ckpt only in epochs where the monitored one saved.
-        all_callbacks += [ConfigInCheckpoint(config, card),
-                          ModelCheckpoint(dirpath=run_dir, filename="last", save_on_train_epoch_end=True, enable_version_counter=False)]
+        all_callbacks += [
+            ConfigInCheckpoint(config, card),
+            ModelCheckpoint(
+                dirpath=run_dir, filename="last", save_on_train_epoch_end=True, enable_version_counter=False
+            ),
+        ]
         if config.keep_epoch_checkpoints:
             all_callbacks.append(EpochCheckpoints(run_dir))
         if config.validation:  # the best epoch is the one with the lowest validation loss: none without validation
-            all_callbacks.append(ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val_loss", mode="min",
-                                                 enable_version_counter=False))
+            all_callbacks.append(
+                ModelCheckpoint(
+                    dirpath=run_dir, filename="best", monitor="val_loss", mode="min", enable_version_counter=False
+                )
+            )
     progress = progress_enabled(config.progress)
     if progress:
         all_callbacks.append(EpochProgressBar(refresh_rate=20))
     precision = resolve_precision(config.precision, accelerator)
     trainer = pl.Trainer(
-        max_epochs=recipe.epochs, accelerator=accelerator, devices=config.devices, num_nodes=config.num_nodes, strategy=config.strategy,
-        precision=precision, callbacks=all_callbacks,
-        logger=make_logger(config.logger, run_dir), plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0,
-        enable_model_summary=False, enable_checkpointing=checkpoints, enable_progress_bar=progress, default_root_dir=run_dir,
+        max_epochs=recipe.epochs,
+        accelerator=accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=config.strategy,
+        precision=precision,
+        callbacks=all_callbacks,
+        logger=make_logger(config.logger, run_dir),
+        plugins=[AtomicCheckpointIO()],
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+        enable_checkpointing=checkpoints,
+        enable_progress_bar=progress,
+        default_root_dir=run_dir,
         profiler=SimpleProfiler(dirpath=run_dir, filename="profile") if config.profile and is_main_process() else None,
     )
     try:
@@ -182,7 +247,9 @@ def fit(config: RunConfig, model: ModelSpec, data: SplitData, after_validation: 
     return Fitted(net, recorder.history, trainer.strategy.root_device, precision, trainer.is_global_zero)
 
 
-def train(config: RunConfig, model: ModelSpec, data: SplitData | None = None, analyses: Sequence[Analysis] = ()) -> dict[str, Any]:
+def train(
+    config: RunConfig, model: ModelSpec, data: SplitData | None = None, analyses: Sequence[Analysis] = ()
+) -> dict[str, Any]:
     """The whole run: claim the run folder, load data, fit, then test, write the run folder and run ``analyses``.
 
     Returns the test report (empty in the extra processes of data-parallel training).
@@ -195,9 +262,13 @@ def train(config: RunConfig, model: ModelSpec, data: SplitData | None = None, an
         for analysis in analyses:
             analysis.check(config, data)  # an analysis that cannot run fails now, not after the training
         if is_main_process():
-            print(f"Data: {data.source}; {len(data.train_images)} train / {len(data.val_images)} validation / {len(data.test_images)} test images\n"
-                  f"Training {config.model} for {config.recipe.epochs} epoch{'' if config.recipe.epochs == 1 else 's'} on {training_device(config.device)}, "
-                  f"{resolve_precision(config.precision, config.device)} precision, into {run_dir}", flush=True)
+            print(
+                f"Data: {data.source}; {len(data.train_images)} train / {len(data.val_images)} validation / "
+                f"{len(data.test_images)} test images\nTraining {config.model} for {config.recipe.epochs} "
+                f"epoch{'' if config.recipe.epochs == 1 else 's'} on {training_device(config.device)}, "
+                f"{resolve_precision(config.precision, config.device)} precision, into {run_dir}",
+                flush=True,
+            )
         fitted = fit(config, model, data)
         if not fitted.is_global_zero:
             return {}
@@ -213,22 +284,42 @@ def train(config: RunConfig, model: ModelSpec, data: SplitData | None = None, an
         release_run_folder(run_dir)
 
 
-def finish_run(config: RunConfig, fitted: Fitted, data: SplitData, run_dir: Path, analyses: Sequence[Analysis] = ()) -> dict[str, Any]:
+def finish_run(
+    config: RunConfig, fitted: Fitted, data: SplitData, run_dir: Path, analyses: Sequence[Analysis] = ()
+) -> dict[str, Any]:
     """Save the final weights, measure the test set, draw the confusion matrix, then run the analyses."""
     net, history = fitted.net.to(fitted.device), fitted.history
     save_weights(net, run_dir)
     with autocast_for(fitted.precision, fitted.device):  # the precision the run validated at
-        test = predict(net, data.test_images, data.test_labels, data.mean, data.std, tta=config.recipe.tta,
-                       with_features=hasattr(net, "forward_features"))
+        test = predict(
+            net,
+            data.test_images,
+            data.test_labels,
+            data.mean,
+            data.std,
+            tta=config.recipe.tta,
+            with_features=hasattr(net, "forward_features"),
+        )
     report = test_report(test["labels"], test["logits"].argmax(1), data.classes)
     final = history[-1] if history else {}
-    report.update({"model": config.model, "epochs": len(history), "tta": config.recipe.tta, "final_val_accuracy": final.get("val_accuracy"),
-                   "best_val_accuracy": max((row["val_accuracy"] for row in history if row["val_accuracy"] is not None), default=None),
-                   "data": data.source})
+    report.update(
+        {
+            "model": config.model,
+            "epochs": len(history),
+            "tta": config.recipe.tta,
+            "final_val_accuracy": final.get("val_accuracy"),
+            "best_val_accuracy": max(
+                (row["val_accuracy"] for row in history if row["val_accuracy"] is not None), default=None
+            ),
+            "data": data.source,
+        }
+    )
     write_json(run_dir / "test.json", report)
     plot_confusion(report, data.classes, run_dir / "confusion_matrix.png", config.model)
-    print(f"Test accuracy of {config.model}: {report['test_accuracy']:.4f} on {report['num_test_images']} images"
-          + (f" (with {config.recipe.tta} test-time augmentation)" if config.recipe.tta != "none" else ""))
+    print(
+        f"Test accuracy of {config.model}: {report['test_accuracy']:.4f} on {report['num_test_images']} images"
+        + (f" (with {config.recipe.tta} test-time augmentation)" if config.recipe.tta != "none" else "")
+    )
     written = [name for name in RUN_FILES if (run_dir / name).exists()]  # no best.ckpt without a validation split
     print(f"Run folder {run_dir}: {', '.join(written)}")
     for analysis in analyses:

@@ -4,6 +4,7 @@
 into it stops at once; a killed run leaves no lock behind), refuses another run's results unless asked to
 continue (--resume) or replace them (--overwrite), and clears the temporary files a kill left.
 """
+
 from __future__ import annotations
 
 import csv
@@ -22,9 +23,26 @@ from functions import UserError, is_temporary_copy, write_atomically
 
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr", "seconds")
 RESULT_FILES = ("metrics.csv", "last.ckpt", "best.ckpt", "model.pth", "test.json")
-RUN_OUTPUTS = ("config.json", "model.json", *RESULT_FILES, "epoch-*.ckpt", "curves.png", "confusion_matrix.png", "tsne_*.png", "tsne_*.npz", "tsne_metrics.json",
-               "tensorboard", "csv_log", "evaluation-*.json", "evaluation-*-confusion.png",
-               "*.onnx", "*.onnx.json", "*.pt2", "*.pt2.json")  # export.py's files of the run's weights: stale once these are replaced
+# export.py's files of the run's weights: stale once these are replaced
+RUN_OUTPUTS = (
+    "config.json",
+    "model.json",
+    *RESULT_FILES,
+    "epoch-*.ckpt",
+    "curves.png",
+    "confusion_matrix.png",
+    "tsne_*.png",
+    "tsne_*.npz",
+    "tsne_metrics.json",
+    "tensorboard",
+    "csv_log",
+    "evaluation-*.json",
+    "evaluation-*-confusion.png",
+    "*.onnx",
+    "*.onnx.json",
+    "*.pt2",
+    "*.pt2.json",
+)
 MIN_FREE_BYTES = 100 * 2**20  # a few checkpoints of the largest network here, written through temporary copies
 LOCK_FILE = ".lock"
 held_run_folders: dict[Path, tuple[FileLock, bool]] = {}  # folder: its lock, and whether this run created the folder
@@ -43,8 +61,10 @@ def check_writable_folder(folder: Path, flag: str = "--out-dir") -> None:
         raise UserError(f"cannot write in {flag} {folder} ({error.strerror}); choose another {flag}") from None
     free = shutil.disk_usage(folder).free
     if free < MIN_FREE_BYTES:
-        raise UserError(f"the disk of {flag} {folder} has {free / 2**20:.0f} MB free and a run needs {MIN_FREE_BYTES // 2**20} MB "
-                        f"for its checkpoints; free some space or choose another {flag}")
+        raise UserError(
+            f"the disk of {flag} {folder} has {free / 2**20:.0f} MB free and a run needs {MIN_FREE_BYTES // 2**20} MB "
+            f"for its checkpoints; free some space or choose another {flag}"
+        )
 
 
 def remove_temporary_files(folder: Path) -> None:
@@ -55,7 +75,9 @@ def remove_temporary_files(folder: Path) -> None:
 
 
 def continues_this_folder(config: RunConfig, run_dir: Path) -> bool:
-    return config.resume == "last" or (config.resume is not None and Path(config.resume).resolve().parent == run_dir.resolve())
+    return config.resume == "last" or (
+        config.resume is not None and Path(config.resume).resolve().parent == run_dir.resolve()
+    )
 
 
 def remove_run_outputs(run_dir: Path) -> None:
@@ -65,7 +87,8 @@ def remove_run_outputs(run_dir: Path) -> None:
 
 
 def keep_earlier_results(config: RunConfig, run_dir: Path) -> None:
-    """Refuse a folder that holds another run's results, unless this run continues it (--resume) or replaces it (--overwrite).
+    """Refuse a folder that holds another run's results, unless this run continues it (--resume) or replaces it
+    (--overwrite).
 
     A run that stopped before its first checkpoint (the disk filled up, say) left nothing to continue or keep: its files
     are removed and the folder reused, so the same command starts it again."""
@@ -78,22 +101,29 @@ def keep_earlier_results(config: RunConfig, run_dir: Path) -> None:
         return
     if not config.overwrite:
         finished = (run_dir / "test.json").exists()
-        way_on = ("train it further with --resume --epochs N (more epochs than it has)" if finished else "continue it with --resume")
-        raise UserError(f"{run_dir} holds {'a finished' if finished else 'an unfinished'} run ({', '.join(results)}); {way_on}, keep it "
-                        f"and give another --out-dir, or replace it with --overwrite")
+        way_on = (
+            "train it further with --resume --epochs N (more epochs than it has)"
+            if finished
+            else "continue it with --resume"
+        )
+        raise UserError(
+            f"{run_dir} holds {'a finished' if finished else 'an unfinished'} run ({', '.join(results)}); {way_on}, "
+            "keep it and give another --out-dir, or replace it with --overwrite"
+        )
     remove_run_outputs(run_dir)
     print(f"--overwrite: removed the earlier run's files from {run_dir}")
 
 
 def claim_run_folder(config: RunConfig) -> Path:
-    """Hold ``config.out_dir`` for this run: outside the data tree, writable, locked against a second live run, holding no
-    other run's results.
+    """Hold ``config.out_dir`` for this run: outside the data tree, writable, locked against a second live run, holding
+    no other run's results.
 
     Call it before any slow work. Idempotent within a process; ``release_run_folder`` lets go. The lock is the
     operating system's, so a killed run never leaves its folder locked.
     """
     run_dir = Path(config.out_dir)
-    if run_dir.resolve() in held_run_folders or not is_main_process():  # the extra data-parallel processes share the first's claim
+    if run_dir.resolve() in held_run_folders or not is_main_process():
+        # the extra data-parallel processes share the first's claim
         return run_dir
     if config.resume is not None and config.overwrite:
         raise UserError("--resume continues the run in --out-dir and --overwrite replaces it; give one of them")
@@ -104,7 +134,9 @@ def claim_run_folder(config: RunConfig) -> Path:
     try:
         lock.acquire()
     except Timeout:
-        raise UserError(f"another run is using {run_dir} right now; wait for it to end, or give another --out-dir") from None
+        raise UserError(
+            f"another run is using {run_dir} right now; wait for it to end, or give another --out-dir"
+        ) from None
     held_run_folders[run_dir.resolve()] = (lock, created)
     try:
         keep_earlier_results(config, run_dir)
@@ -136,11 +168,13 @@ def write_json(path: Path, value: Any) -> None:
 
 def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str] | tuple[str, ...]) -> None:
     """``rows`` as a CSV table of ``columns`` (other keys left out), written atomically."""
+
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
+
     write_atomically(path, write)
 
 

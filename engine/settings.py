@@ -11,6 +11,7 @@ finished epochs meant (the model or its options, the recipe, the data, the seed)
 the rest of it runs (``RESUME_MAY_CHANGE``: more epochs, where and how fast it computes, what it shows); such a change
 is recorded in config.json as made after epoch k.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,27 @@ from engine.registry import MODELS
 from functions import UserError
 
 # What --resume may change, and what it records as a change: how the remaining epochs run, not what they mean.
-RESUME_MAY_CHANGE = ("epochs", "device", "devices", "strategy", "num_nodes", "precision", "compile", "num_workers", "progress", "logger",
-                     "val_every", "train_accuracy_sample", "keep_epoch_checkpoints", "profile", "tsne", "tsne_samples", "tsne_method")
-NOT_COMPARED = ("out_dir", "resume", "overwrite", "config", "changes")  # where and whether a run goes: never a setting of its own
+RESUME_MAY_CHANGE = (
+    "epochs",
+    "device",
+    "devices",
+    "strategy",
+    "num_nodes",
+    "precision",
+    "compile",
+    "num_workers",
+    "progress",
+    "logger",
+    "val_every",
+    "train_accuracy_sample",
+    "keep_epoch_checkpoints",
+    "profile",
+    "tsne",
+    "tsne_samples",
+    "tsne_method",
+)
+# where and whether a run goes: never a setting of its own
+NOT_COMPARED = ("out_dir", "resume", "overwrite", "config", "changes")
 
 
 def is_switch(action: argparse.Action) -> bool:
@@ -44,7 +63,10 @@ def value_problem(action: argparse.Action, value: Any) -> tuple[str, Any]:
     if isinstance(action.nargs, int):
         if not isinstance(value, list) or len(value) != action.nargs:
             return f"it takes a list of {action.nargs} values", value
-        checked = [value_problem(argparse.Action([], action.dest, type=action.type, choices=action.choices), item) for item in value]
+        checked = [
+            value_problem(argparse.Action([], action.dest, type=action.type, choices=action.choices), item)
+            for item in value
+        ]
         problem = next((problem for problem, _ in checked if problem), "")
         return problem, [item for _, item in checked]
     if isinstance(value, (bool, list, dict)) or (action.type is None and not isinstance(value, str)):
@@ -70,8 +92,8 @@ class Settings:
         return next((action for action in self.parser._actions if action.dest == dest and action.option_strings), None)
 
     def check(self, values: dict[str, Any], source: str) -> dict[str, Any]:
-        """``values`` (argparse destinations) checked as their flags check them; those this script has no flag for are left
-        out. One line for the first bad one."""
+        """``values`` (argparse destinations) checked as their flags check them; those this script has no flag for are
+        left out. One line for the first bad one."""
         checked = {}
         for dest, value in values.items():
             action = self.action(dest)
@@ -80,8 +102,10 @@ class Settings:
             problem, checked[dest] = value_problem(action, value)
             if problem:
                 flag = action.option_strings[-1] if is_switch(action) and value is False else action.option_strings[0]
-                raise UserError(f"{source}: {dest.removeprefix(MODEL_OPTION)} = {json.dumps(value)} is not a value {flag} takes "
-                                f"({problem}); correct it there, or give {flag} on the command line")
+                raise UserError(
+                    f"{source}: {dest.removeprefix(MODEL_OPTION)} = {json.dumps(value)} is not a value {flag} takes "
+                    f"({problem}); correct it there, or give {flag} on the command line"
+                )
         return checked
 
 
@@ -104,7 +128,10 @@ def flattened(saved: dict[str, Any], source: str) -> dict[str, Any]:
     settings by their names, model options as model_option_<name>."""
     recipe, options = saved.get("recipe", {}), saved.get("model_options", {})
     if not isinstance(recipe, dict) or not isinstance(options, dict):
-        raise UserError(f"{source}: recipe and model_options must be mappings of names to values; copy the file again from its run folder")
+        raise UserError(
+            f"{source}: recipe and model_options must be mappings of names to values; copy the file again from "
+            "its run folder"
+        )
     rest = {key: value for key, value in saved.items() if key not in ("recipe", "model_options")}
     return {**recipe, **rest, **{MODEL_OPTION + name: value for name, value in options.items()}}
 
@@ -122,7 +149,11 @@ def same_setting(dest: str, a: Any, b: Any) -> bool:
 
 def changed_settings(now: dict[str, Any], before: dict[str, Any], dests: frozenset[str] | set[str]) -> list[str]:
     """The destinations among ``dests`` whose value in ``now`` differs from ``before``'s."""
-    return [dest for dest in dests if dest in before and dest not in NOT_COMPARED and not same_setting(dest, now.get(dest), before[dest])]
+    return [
+        dest
+        for dest in dests
+        if dest in before and dest not in NOT_COMPARED and not same_setting(dest, now.get(dest), before[dest])
+    ]
 
 
 def describe_change(dest: str, now: Any, before: Any) -> str:
@@ -130,23 +161,34 @@ def describe_change(dest: str, now: Any, before: Any) -> str:
 
 
 RECIPE_FLAGS = {f.name for f in fields(Recipe)}
-NOT_FROM_CONFIG = ("out_dir", "resume", "overwrite", "config", "progress", "changes")  # where, whether and how it shows: the new run's own
+# where, whether and how it shows: the new run's own
+NOT_FROM_CONFIG = ("out_dir", "resume", "overwrite", "config", "progress", "changes")
 # Recipe fields that became model options (airbench's), as config.json files written before then hold them.
 FORMER_RECIPE_FIELDS = ("whiten", "dirac", "freeze_norm_weights", "norm_bias_lr_scale")
 
 
 def run_settings(saved: Any, source: str) -> dict[str, Any]:
-    """A run's settings as config.json and checkpoints hold them, keyed by argparse destination; a file that is not a run's
-    settings (a tuning study's best_params.json, say) or has a key no run has is refused with one line."""
+    """A run's settings as config.json and checkpoints hold them, keyed by argparse destination; a file that is not a
+    run's settings (a tuning study's best_params.json, say) or has a key no run has is refused with one line."""
     if not isinstance(saved, dict):
-        raise UserError(f"{source} is not a run's settings (a {type(saved).__name__}, not a mapping); give <run folder>/config.json")
+        raise UserError(
+            f"{source} is not a run's settings (a {type(saved).__name__}, not a mapping); give <run folder>/config.json"
+        )
     recipe = saved.get("recipe", {})
-    unknown = sorted(set(saved) - {f.name for f in fields(RunConfig)} | set(recipe if isinstance(recipe, dict) else ())
-                     - RECIPE_FLAGS - set(FORMER_RECIPE_FIELDS))
+    unknown = sorted(
+        set(saved) - {f.name for f in fields(RunConfig)}
+        | set(recipe if isinstance(recipe, dict) else ()) - RECIPE_FLAGS - set(FORMER_RECIPE_FIELDS)
+    )
     if unknown or "model" not in saved:
-        tuned = " (for a tuning study's winner: <out-dir>/retrain/config.json, or trials/<N>/config.json for one trial)" if "trial" in saved else ""
-        raise UserError(f"{source} is not a run's config.json (it has {', '.join(unknown) or 'no model'}); give the config.json "
-                        f"of a run folder{tuned}")
+        tuned = (
+            " (for a tuning study's winner: <out-dir>/retrain/config.json, or trials/<N>/config.json for one trial)"
+            if "trial" in saved
+            else ""
+        )
+        raise UserError(
+            f"{source} is not a run's config.json (it has {', '.join(unknown) or 'no model'}); give the config.json "
+            f"of a run folder{tuned}"
+        )
     settings = flattened(saved, source)
     former = {name: settings.pop(name) for name in FORMER_RECIPE_FIELDS if name in settings}
     spec = MODELS.get(saved["model"])
@@ -161,14 +203,19 @@ def read_config(path: Path) -> dict[str, Any]:
     try:
         saved = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise UserError(f"--config {path} cannot be read as a run's config.json ({type(error).__name__}); give <run folder>/config.json") from None
+        raise UserError(
+            f"--config {path} cannot be read as a run's config.json ({type(error).__name__}); give <run "
+            "folder>/config.json"
+        ) from None
     settings = run_settings(saved, f"--config {path}")
     return {name: value for name, value in settings.items() if name not in NOT_FROM_CONFIG}
 
 
 def differences_from(config: RunConfig, saved: Any, source: str) -> list[str]:
-    """What differs between the run ``config`` describes and the run settings ``saved`` (a config.json's), apart from how it
-    runs (``RESUME_MAY_CHANGE`` but the epochs): one description each, e.g. 'lr 0.01 (it has 0.001)'."""
+    """What differs between the run ``config`` describes and the run settings ``saved`` (a config.json's), apart from
+    how it runs (``RESUME_MAY_CHANGE`` but the epochs): one description each, e.g. 'lr 0.01 (it has 0.001)'."""
     before, now = run_settings(saved, source), flattened(asdict(config), "the command line")
     how_it_runs = set(RESUME_MAY_CHANGE) - {"epochs"}
-    return [describe_change(dest, now[dest], before[dest]) for dest in changed_settings(now, before, set(now) - how_it_runs)]
+    return [
+        describe_change(dest, now[dest], before[dest]) for dest in changed_settings(now, before, set(now) - how_it_runs)
+    ]

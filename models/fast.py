@@ -4,6 +4,7 @@ FastVGG is airbench94's network (a 2x2 stem, three pooled stages of two 3x3 conv
 Nesterov momentum, a one-cycle schedule, label smoothing, light augmentation, flip TTA) is measured in
 benchmarks/bench_fast.py, each choice a flag.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,23 +24,31 @@ class ConvGroup(nn.Sequential):
             return nn.BatchNorm2d(out_channels, eps=norm_eps, momentum=norm_momentum)
 
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.MaxPool2d(2), norm(), nn.GELU(),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), norm(), nn.GELU())
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.MaxPool2d(2),
+            norm(),
+            nn.GELU(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            norm(),
+            nn.GELU(),
+        )
 
 
 class FastVGG(nn.Module):
     """A 7-conv BatchNorm VGG (2x2 stem, three pooled stages of two 3x3 convs), after Keller Jordan's airbench94.
 
-    32x32 -> 31 (stem) -> 15 -> 7 -> 3 -> max-pooled to 1x1; the stages are ``width``, 4 x ``width`` and 4 x ``width`` wide
-    (airbench's 64, 256, 256). The class scores are scaled by ``logit_scale`` (airbench's 1/9), which keeps the early logits
-    small so label-smoothed cross-entropy trains at a high lr.
+    32x32 -> 31 (stem) -> 15 -> 7 -> 3 -> max-pooled to 1x1; the stages are ``width``, 4 x ``width`` and 4 x ``width``
+    wide (airbench's 64, 256, 256). The class scores are scaled by ``logit_scale`` (airbench's 1/9), which keeps the
+    early logits small so label-smoothed cross-entropy trains at a high lr.
     """
 
     def __init__(self, width: int = 64, stem_width: int = 24, logit_scale: float = 1 / 9, num_classes: int = 10):
         super().__init__()
         widths = (width, 4 * width, 4 * width)
         self.stem = nn.Sequential(nn.Conv2d(3, stem_width, 2), nn.BatchNorm2d(stem_width), nn.GELU())
-        self.stages = nn.Sequential(ConvGroup(stem_width, widths[0]), ConvGroup(widths[0], widths[1]), ConvGroup(widths[1], widths[2]))
+        self.stages = nn.Sequential(
+            ConvGroup(stem_width, widths[0]), ConvGroup(widths[0], widths[1]), ConvGroup(widths[1], widths[2])
+        )
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.fc = nn.Linear(widths[2], num_classes, bias=False)
         self.logit_scale = logit_scale
@@ -56,17 +65,42 @@ class FastVGG(nn.Module):
 
 
 # FastVGG's own recipe: every choice a flag, each measured in benchmarks/bench_fast.py (see docs/RESULTS.md).
-FAST_RECIPE = Recipe(epochs=10, batch_size=512, optimizer="sgd", lr=0.8, momentum=0.9, weight_decay=5e-4,
-                     label_smoothing=0.2, scheduler="onecycle", warmup_epochs=2.0, augment="light", tta="flip")
+FAST_RECIPE = Recipe(
+    epochs=10,
+    batch_size=512,
+    optimizer="sgd",
+    lr=0.8,
+    momentum=0.9,
+    weight_decay=5e-4,
+    label_smoothing=0.2,
+    scheduler="onecycle",
+    warmup_epochs=2.0,
+    augment="light",
+    tta="flip",
+)
 
 
 def recipe_summary(r: Recipe) -> str:
-    return (f"Trains {r.epochs} epochs, batch {r.batch_size}, {r.optimizer} lr {r.lr:g} (momentum {r.momentum}, weight decay {r.weight_decay:g}), "
-            f"{r.scheduler} schedule with {r.warmup_epochs:g} warm-up epochs, label smoothing {r.label_smoothing}, "
-            f"{r.augment} augmentation{f', {r.tta} TTA' if r.tta != 'none' else ''}.")
+    return (
+        f"Trains {r.epochs} epochs, batch {r.batch_size}, {r.optimizer} lr {r.lr:g} (momentum {r.momentum}, weight "
+        f"decay {r.weight_decay:g}), {r.scheduler} schedule with {r.warmup_epochs:g} warm-up epochs, label smoothing "
+        f"{r.label_smoothing}, {r.augment} augmentation{f', {r.tta} TTA' if r.tta != 'none' else ''}."
+    )
 
 
-FAST_OPTIONS = (ModelOption("width", int, 64, "filters of the first stage; the other two have 4 times as many", low=1, high=1024),)
-register("FastVGG", ModelSpec(FastVGG, FAST_RECIPE, first_line(FastVGG) + " " + recipe_summary(FAST_RECIPE), options=FAST_OPTIONS))
-register("FastVGG_narrow", ModelSpec(FastVGG, FAST_RECIPE, "FastVGG at half the width (32, 128, 128): a quarter of the arithmetic. "
-                                     + recipe_summary(FAST_RECIPE), options=with_defaults(FAST_OPTIONS, width=32)))
+FAST_OPTIONS = (
+    ModelOption("width", int, 64, "filters of the first stage; the other two have 4 times as many", low=1, high=1024),
+)
+register(
+    "FastVGG",
+    ModelSpec(FastVGG, FAST_RECIPE, first_line(FastVGG) + " " + recipe_summary(FAST_RECIPE), options=FAST_OPTIONS),
+)
+register(
+    "FastVGG_narrow",
+    ModelSpec(
+        FastVGG,
+        FAST_RECIPE,
+        "FastVGG at half the width (32, 128, 128): a quarter of the arithmetic. " + recipe_summary(FAST_RECIPE),
+        options=with_defaults(FAST_OPTIONS, width=32),
+    ),
+)

@@ -4,6 +4,7 @@ Parameter names are the original study's, so a state dict saved by the original 
 here trains with the original study's recipe and starts from Kaiming-normal weights (the registry's defaults); only
 CIFAR10Net_optim, the original tuning run's winner, brings its own learning rate, weight decay and batch size.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -25,18 +26,32 @@ def pooled_side(size: int, conv1_kernel: int, conv2_kernel: int) -> int:
 class CIFAR10Net(nn.Module):
     """Conv-BN-ReLU-pool twice, then three fully connected layers: the original study's first model.
 
-    Parameter names are the original study's, so a state dict saved by the original scripts loads unchanged. The defaults are
-    the original study's sizes (20 filters 3x3, 40 filters 4x4, fc 124 and 64); ``dropout`` after the ReLUs of fc1 and fc2 (none
-    here) is the original study's Change #6. Every size is an option, so a tuned network is this class with other options.
+    Parameter names are the original study's, so a state dict saved by the original scripts loads unchanged. The
+    defaults are the original study's sizes (20 filters 3x3, 40 filters 4x4, fc 124 and 64); ``dropout`` after the ReLUs
+    of fc1 and fc2 (none here) is the original study's Change #6. Every size is an option, so a tuned network is this
+    class with other options.
     """
 
-    def __init__(self, conv1_width: int = 20, conv1_kernel: int = 3, conv2_width: int = 40, conv2_kernel: int = 4,
-                 fc1_size: int = 124, fc2_size: int = 64, dropout: float = 0.0, num_classes: int = 10):
+    def __init__(
+        self,
+        conv1_width: int = 20,
+        conv1_kernel: int = 3,
+        conv2_width: int = 40,
+        conv2_kernel: int = 4,
+        fc1_size: int = 124,
+        fc2_size: int = 64,
+        dropout: float = 0.0,
+        num_classes: int = 10,
+    ):
         super().__init__()
         side = pooled_side(32, conv1_kernel, conv2_kernel)
         if side < 1:
-            raise UserError(f"conv1_kernel {conv1_kernel} and conv2_kernel {conv2_kernel} leave nothing of a 32x32 image; choose smaller kernels")
-        self.conv1 = nn.Conv2d(in_channels=3, out_channels=conv1_width, kernel_size=conv1_kernel)  # 32 -> 30, pooled to 15
+            raise UserError(
+                f"conv1_kernel {conv1_kernel} and conv2_kernel {conv2_kernel} leave nothing of a 32x32 image; "
+                "choose smaller kernels"
+            )
+        # 32 -> 30, pooled to 15
+        self.conv1 = nn.Conv2d(in_channels=3, out_channels=conv1_width, kernel_size=conv1_kernel)
         self.bn1 = nn.BatchNorm2d(conv1_width)
         self.conv2 = nn.Conv2d(conv1_width, conv2_width, conv2_kernel)  # 15 -> 12, pooled to 6
         self.bn2 = nn.BatchNorm2d(conv2_width)
@@ -175,8 +190,17 @@ class CIFAR10Net_6(CIFAR10Net_4):
 class CIFAR10Net_7(CIFAR10Net):
     """Change #6: CIFAR10Net with dropout 0.5 after the ReLUs of fc1 and fc2 (same parameter names)."""
 
-    def __init__(self, conv1_width: int = 20, conv1_kernel: int = 3, conv2_width: int = 40, conv2_kernel: int = 4,
-                 fc1_size: int = 124, fc2_size: int = 64, dropout: float = 0.5, num_classes: int = 10):
+    def __init__(
+        self,
+        conv1_width: int = 20,
+        conv1_kernel: int = 3,
+        conv2_width: int = 40,
+        conv2_kernel: int = 4,
+        fc1_size: int = 124,
+        fc2_size: int = 64,
+        dropout: float = 0.5,
+        num_classes: int = 10,
+    ):
         super().__init__(conv1_width, conv1_kernel, conv2_width, conv2_kernel, fc1_size, fc2_size, dropout, num_classes)
 
 
@@ -187,7 +211,8 @@ class CIFAR10Net_optim(CIFAR10Net_7):
         super().__init__(fc1_size=128, fc2_size=128, dropout=0.46, num_classes=num_classes)
 
 
-# CIFAR10Net's options: its layer sizes and dropout (what hyperparameter_tune.py searches), defaults the original study's.
+# CIFAR10Net's options: its layer sizes and dropout (what hyperparameter_tune.py searches), defaults the original
+# study's.
 CIFAR10NET_OPTIONS = (
     ModelOption("conv1_width", int, 20, "filters of the first convolution", low=1, high=512),
     ModelOption("conv1_kernel", int, 3, "kernel size of the first convolution", low=1, high=9),
@@ -200,8 +225,28 @@ CIFAR10NET_OPTIONS = (
 register("CIFAR10Net", ModelSpec(CIFAR10Net, README_RECIPE, first_line(CIFAR10Net), options=CIFAR10NET_OPTIONS))
 for model in (CIFAR10Net_2, CIFAR10Net_3, CIFAR10Net_4, CIFAR10Net_5, CIFAR10Net_6):
     register(model.__name__, ModelSpec(model, README_RECIPE, first_line(model)))
-register("CIFAR10Net_7", ModelSpec(CIFAR10Net_7, README_RECIPE, first_line(CIFAR10Net_7), options=with_defaults(CIFAR10NET_OPTIONS, dropout=0.5)))
-register("CIFAR10Net_optim", ModelSpec(CIFAR10Net_optim, replace(README_RECIPE, lr=0.00216, weight_decay=0.000925, batch_size=128),
-                                       first_line(CIFAR10Net_optim) + " Trains with lr 0.00216, weight decay 0.000925, batch 128."))
-README_MODELS = ("CIFAR10Net", "CIFAR10Net_2", "CIFAR10Net_3", "CIFAR10Net_4", "CIFAR10Net_5", "CIFAR10Net_6", "CIFAR10Net_7",
-                 "CIFAR10Net_optim")  # CIFAR10Net and the seven modified models: the --all set
+register(
+    "CIFAR10Net_7",
+    ModelSpec(
+        CIFAR10Net_7, README_RECIPE, first_line(CIFAR10Net_7), options=with_defaults(CIFAR10NET_OPTIONS, dropout=0.5)
+    ),
+)
+register(
+    "CIFAR10Net_optim",
+    ModelSpec(
+        CIFAR10Net_optim,
+        replace(README_RECIPE, lr=0.00216, weight_decay=0.000925, batch_size=128),
+        first_line(CIFAR10Net_optim) + " Trains with lr 0.00216, weight decay 0.000925, batch 128.",
+    ),
+)
+# CIFAR10Net and the seven modified models: the --all set
+README_MODELS = (
+    "CIFAR10Net",
+    "CIFAR10Net_2",
+    "CIFAR10Net_3",
+    "CIFAR10Net_4",
+    "CIFAR10Net_5",
+    "CIFAR10Net_6",
+    "CIFAR10Net_7",
+    "CIFAR10Net_optim",
+)

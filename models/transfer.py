@@ -7,6 +7,7 @@ frozen backbone's features. Its initialisation loads the pretrained weights (a s
 options without them: its own weights replace them all), and its inputs are normalised with the statistics those
 weights were trained with.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from functions import UserError
 
 FINETUNE_CHOICES = ("fc", "layer4", "all")
 
-# The README's optimiser (Adam, lr 0.01, no weight decay, batch 64); no augmentation and 10 epochs: see transfer_learning.py.
+# The README's optimiser (Adam, lr 0.01, no weight decay, batch 64); no augmentation and 10 epochs: see
+# transfer_learning.py.
 TRANSFER_RECIPE = Recipe(epochs=10, batch_size=64, optimizer="adam", lr=0.01, weight_decay=0.0, augment="none")
 
 
@@ -43,8 +45,9 @@ ARCHS = {
     "resnet34": RESNET,
     "resnet50": RESNET,
     "vgg16": Arch(head="classifier.6", last_stage=("features.24", "features.26", "features.28", "classifier")),
-    "mobilenet_v3_small": Arch(head="classifier.3",
-                               last_stage=("features.9", "features.10", "features.11", "features.12", "classifier")),
+    "mobilenet_v3_small": Arch(
+        head="classifier.3", last_stage=("features.9", "features.10", "features.11", "features.12", "classifier")
+    ),
     "efficientnet_b0": Arch(head="classifier.1", last_stage=("features.7", "features.8")),
 }
 
@@ -59,7 +62,9 @@ class TransferNet(nn.Module):
     in training mode, so their BatchNorm statistics and dropout do not change them either.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear, image_size: int, arch: str, weights: str, backbone_lr_scale: float):
+    def __init__(
+        self, backbone: nn.Module, head: nn.Linear, image_size: int, arch: str, weights: str, backbone_lr_scale: float
+    ):
         super().__init__()
         self.backbone, self.head, self.image_size = backbone, head, image_size
         self.arch, self.weights, self.backbone_lr_scale = arch, weights, backbone_lr_scale
@@ -67,7 +72,9 @@ class TransferNet(nn.Module):
     def resize(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-2:] == (self.image_size, self.image_size):
             return images
-        return F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=False)
+        return F.interpolate(
+            images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=False
+        )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's output, the head's input: what the t-SNE analysis projects. Given features already (a batch of
@@ -83,8 +90,11 @@ class TransferNet(nn.Module):
         return self.classify(self.forward_features(x))
 
     def frozen_modules(self) -> list[nn.Module]:
-        return [m for m in self.backbone.modules()
-                if any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters())]
+        return [
+            m
+            for m in self.backbone.modules()
+            if any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters())
+        ]
 
     def train(self, mode: bool = True) -> "TransferNet":
         super().train(mode)
@@ -110,9 +120,11 @@ def download_state_dict(weights) -> dict[str, torch.Tensor]:
         return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except Exception as error:  # offline, refused, truncated, failed hash: all the same advice
         reason = " ".join(str(getattr(error, "reason", error)).split())
-        raise UserError(f"could not get the pretrained weights {weights} ({type(error).__name__}: {reason}); download "
-                        f"{weights.url} and put it at {weights_file(weights)} (torchvision's cache), or pass "
-                        f"--weights PATH with a local copy (--weights none: random backbone)") from None
+        raise UserError(
+            f"could not get the pretrained weights {weights} ({type(error).__name__}: {reason}); download "
+            f"{weights.url} and put it at {weights_file(weights)} (torchvision's cache), or pass "
+            f"--weights PATH with a local copy (--weights none: random backbone)"
+        ) from None
 
 
 def read_state_dict(path: Path, arch: str) -> dict[str, torch.Tensor]:
@@ -146,7 +158,9 @@ def load_backbone_state(backbone: nn.Module, state: dict[str, torch.Tensor], arc
     state = {name: value for name, value in state.items() if not name.startswith(head_prefix)}
     problem = state_dict_mismatch(backbone.state_dict(), state)
     if problem:
-        raise UserError(f"{source} does not fit torchvision's {arch}: {problem}; give weights of torchvision.models.{arch}")
+        raise UserError(
+            f"{source} does not fit torchvision's {arch}: {problem}; give weights of torchvision.models.{arch}"
+        )
     backbone.load_state_dict(state)
 
 
@@ -176,10 +190,17 @@ def backbone_without_head(arch: str) -> tuple[nn.Module, int]:
     return backbone, imagenet_head.in_features
 
 
-def transfer_network(arch: str = "resnet18", weights: str = "default", image_size: int = 224, finetune: str = "fc",
-                     backbone_lr_scale: float = 0.1, feature_cache: bool = True, num_classes: int = 10) -> TransferNet:
-    """The network of the options: ``arch`` with a new ``num_classes``-way head, frozen per ``finetune``; its weights are
-    random until ``load_pretrained`` (a training run's initialisation) or a saved state dict replaces them.
+def transfer_network(
+    arch: str = "resnet18",
+    weights: str = "default",
+    image_size: int = 224,
+    finetune: str = "fc",
+    backbone_lr_scale: float = 0.1,
+    feature_cache: bool = True,
+    num_classes: int = 10,
+) -> TransferNet:
+    """The network of the options: ``arch`` with a new ``num_classes``-way head, frozen per ``finetune``; its weights
+    are random until ``load_pretrained`` (a training run's initialisation) or a saved state dict replaces them.
     ``feature_cache`` is transfer_learning.py's to read; the network is the same either way."""
     backbone, features = backbone_without_head(arch)
     net = TransferNet(backbone, nn.Linear(features, num_classes), image_size, arch, weights, backbone_lr_scale)
@@ -211,17 +232,52 @@ def parameter_groups(net: TransferNet, recipe: Recipe) -> list[dict[str, Any]]:
 
 TRANSFER_OPTIONS = (
     ModelOption("arch", str, "resnet18", "torchvision network", choices=tuple(ARCHS)),
-    ModelOption("weights", str, "default", "what the backbone starts from: default, torchvision's DEFAULT ImageNet weights for --arch "
-                "(resnet18: IMAGENET1K_V1, the README's), downloaded once into the torch.hub cache; a weights name such as IMAGENET1K_V2; "
-                "PATH, a local state-dict file of the torchvision network; none, a random backbone"),
-    ModelOption("image_size", int, 224, "side the 32x32 images are resized to, in batches on the device", low=32, high=1024),
-    ModelOption("finetune", str, "fc", "what trains: fc, the new head only (the README); layer4, also the last stage (resnet layer4; "
-                "for the others their last block and the pretrained layers after it); all, the whole network", choices=FINETUNE_CHOICES),
-    ModelOption("backbone_lr_scale", float, 0.1, "learning rate of trained pretrained layers as a fraction of the head's", low=1e-6, high=10.0),
-    ModelOption("feature_cache", bool, True, "with --finetune fc and --augment none, compute the frozen backbone's features once and "
-                "train the head on them (--no-feature-cache runs the full backbone every epoch)"),
+    ModelOption(
+        "weights",
+        str,
+        "default",
+        "what the backbone starts from: default, torchvision's DEFAULT ImageNet weights for --arch (resnet18: "
+        "IMAGENET1K_V1, the README's), downloaded once into the torch.hub cache; a weights name such as IMAGENET1K_V2; "
+        "PATH, a local state-dict file of the torchvision network; none, a random backbone",
+    ),
+    ModelOption(
+        "image_size", int, 224, "side the 32x32 images are resized to, in batches on the device", low=32, high=1024
+    ),
+    ModelOption(
+        "finetune",
+        str,
+        "fc",
+        "what trains: fc, the new head only (the README); layer4, also the last stage (resnet layer4; "
+        "for the others their last block and the pretrained layers after it); all, the whole network",
+        choices=FINETUNE_CHOICES,
+    ),
+    ModelOption(
+        "backbone_lr_scale",
+        float,
+        0.1,
+        "learning rate of trained pretrained layers as a fraction of the head's",
+        low=1e-6,
+        high=10.0,
+    ),
+    ModelOption(
+        "feature_cache",
+        bool,
+        True,
+        "with --finetune fc and --augment none, compute the frozen backbone's features once and "
+        "train the head on them (--no-feature-cache runs the full backbone every epoch)",
+    ),
 )
-register("TransferNet", ModelSpec(transfer_network, TRANSFER_RECIPE, "Transfer learning: an ImageNet-trained torchvision backbone (resnet18 by "
-                                  "default, frozen) behind a batch resize, and a new head.", initialize=load_pretrained,
-                                  parameter_groups=parameter_groups, options=TRANSFER_OPTIONS,
-                                  input_statistics=lambda options: pretrained_statistics(options["arch"]), script="transfer_learning.py"))
+register(
+    "TransferNet",
+    ModelSpec(
+        transfer_network,
+        TRANSFER_RECIPE,
+        "Transfer learning: an ImageNet-trained torchvision backbone (resnet18 by "
+        "default, frozen) behind a batch resize, and a new head.",
+        initialize=load_pretrained,
+        parameter_groups=parameter_groups,
+        options=TRANSFER_OPTIONS,
+        input_statistics=lambda options: pretrained_statistics(options["arch"]),
+        script="transfer_learning.py",
+    ),
+)

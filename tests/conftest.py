@@ -1,4 +1,5 @@
 """Small synthetic CIFAR-10 look-alikes: learnable, written in both on-disk layouts, no network."""
+
 from __future__ import annotations
 
 import errno
@@ -21,12 +22,13 @@ import functions as fn
 
 def synthetic_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Class k: its own colour and a stripe at row 3k, plus noise. A small CNN learns it in a few epochs."""
-    palette = torch.rand(10, 3, generator=torch.Generator().manual_seed(1234)) * 0.6 + 0.2  # one palette for every split
+    # one palette for every split
+    palette = torch.rand(10, 3, generator=torch.Generator().manual_seed(1234)) * 0.6 + 0.2
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % 10
     images = palette[labels].view(n, 3, 1, 1).expand(n, 3, 32, 32).clone()
     for k in range(10):
-        images[labels == k, :, 3 * k:3 * k + 2, :] = 1.0
+        images[labels == k, :, 3 * k : 3 * k + 2, :] = 1.0
     images += 0.35 * torch.randn(images.shape, generator=generator)
     order = torch.randperm(n, generator=generator)
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)[order], labels[order]
@@ -63,6 +65,7 @@ def from_pil(image) -> torch.Tensor:
 def png_header_claiming(path: Path, width: int, height: int) -> Path:
     """A PNG whose header claims ``width`` x ``height`` RGB pixels, followed by a few bytes of pixel data: refusing it
     names its size only if nothing was decoded (decoding would find it truncated)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -74,7 +77,10 @@ def png_header_claiming(path: Path, width: int, height: int) -> Path:
 def write_image_folder(root: Path, data: data_module.DatasetArrays) -> Path:
     from PIL import Image
 
-    for split_name, images, labels in (("train", data.train_images, data.train_labels), ("test", data.test_images, data.test_labels)):
+    for split_name, images, labels in (
+        ("train", data.train_images, data.train_labels),
+        ("test", data.test_images, data.test_labels),
+    ):
         for index, (image, label) in enumerate(zip(images, labels)):
             folder = root / split_name / data.classes[label]
             folder.mkdir(parents=True, exist_ok=True)
@@ -87,7 +93,9 @@ def write_python_batches(root: Path, data: data_module.DatasetArrays) -> dict[st
     folder = root / official.PYTHON_BATCHES_DIR
     folder.mkdir(parents=True)
     chunks = np.array_split(np.arange(len(data.train_images)), 5)
-    batches = {name: (data.train_images[idx], data.train_labels[idx]) for name, idx in zip(official.TRAIN_BATCHES, chunks)}
+    batches = {
+        name: (data.train_images[idx], data.train_labels[idx]) for name, idx in zip(official.TRAIN_BATCHES, chunks)
+    }
     batches["test_batch"] = (data.test_images, data.test_labels)
     for name, (images, labels) in batches.items():
         with open(folder / name, "wb") as handle:
@@ -123,8 +131,14 @@ def quick_config(tmp_path: Path, model: str = "CIFAR10Net", **recipe) -> engine.
     base.update(recipe)
     from dataclasses import replace
 
-    return engine.RunConfig(model=model, recipe=replace(engine.Recipe(), **base), out_dir=str(tmp_path / "run"),
-                            progress=False, tsne=False, device="cpu")
+    return engine.RunConfig(
+        model=model,
+        recipe=replace(engine.Recipe(), **base),
+        out_dir=str(tmp_path / "run"),
+        progress=False,
+        tsne=False,
+        device="cpu",
+    )
 
 
 def run_script(monkeypatch, main, name: str, *argv: str) -> int:
@@ -138,7 +152,9 @@ def run_script(monkeypatch, main, name: str, *argv: str) -> int:
 
 
 def disk_full_when(full: Callable[[Path], bool]) -> Callable[[Path, Callable[[Path], None]], None]:
-    """A ``write_atomically`` that fails as a full disk does (ENOSPC) for the paths ``full`` picks, and writes the others."""
+    """A ``write_atomically`` that fails as a full disk does (ENOSPC) for the paths ``full`` picks, and writes the
+    others.
+    """
     real_write = fn.write_atomically
 
     def write(path: Path, writer: Callable[[Path], None]) -> None:
@@ -162,8 +178,12 @@ def run_command(script, monkeypatch, capsys, *argv) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def transfer_net(finetune: str = "fc", image_size: int = 32, weights: str = "none", arch: str = "resnet18", seed: int = 0):
-    """The TransferNet a seed-``seed`` run starts from: built from its options, then initialised under the seed, as engine.fit does."""
+def transfer_net(
+    finetune: str = "fc", image_size: int = 32, weights: str = "none", arch: str = "resnet18", seed: int = 0
+):
+    """The TransferNet a seed-``seed`` run starts from: built from its options, then initialised under the seed, as
+    engine.fit does.
+    """
     spec = engine.model_spec("TransferNet")
     net = spec.build({"arch": arch, "weights": weights, "image_size": image_size, "finetune": finetune})
     torch.manual_seed(seed)

@@ -1,4 +1,7 @@
-"""A throwaway PostgreSQL server for tests: a fresh cluster in a temporary folder, on 127.0.0.1 with trust authentication."""
+"""A throwaway PostgreSQL server for tests: a fresh cluster in a temporary folder, on 127.0.0.1 with trust
+authentication.
+"""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,14 +25,21 @@ class ServerUnavailable(Exception):
 
 
 def server_bin_dir() -> Path:
-    """The folder with the server's programs: the one initdb on PATH is in, else Debian's /usr/lib/postgresql/<version>/bin."""
+    """The folder with the server's programs: the one initdb on PATH is in, else Debian's
+    /usr/lib/postgresql/<version>/bin.
+    """
     on_path = shutil.which("initdb")
-    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda folder: int(folder.parent.name) if folder.parent.name.isdigit() else 0)
+    debian = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"),
+        key=lambda folder: int(folder.parent.name) if folder.parent.name.isdigit() else 0,
+    )
     for folder in ([Path(on_path).resolve().parent] if on_path else []) + debian[::-1]:  # the newest version first
         if all((folder / name).is_file() for name in SERVER_PROGRAMS):
             return folder
-    raise ServerUnavailable("PostgreSQL's server programs (initdb, pg_ctl, postgres) are not installed: "
-                            "apt-get install postgresql (.ci/run does it where it can)")
+    raise ServerUnavailable(
+        "PostgreSQL's server programs (initdb, pg_ctl, postgres) are not installed: "
+        "apt-get install postgresql (.ci/run does it where it can)"
+    )
 
 
 def server_user() -> dict[str, Any]:
@@ -39,8 +49,10 @@ def server_user() -> dict[str, Any]:
     try:
         user = pwd.getpwnam(SERVER_USER)
     except KeyError:
-        raise ServerUnavailable(f"running as root and there is no {SERVER_USER!r} user to run the server as "
-                                "(initdb refuses root; apt-get install postgresql makes the user)") from None
+        raise ServerUnavailable(
+            f"running as root and there is no {SERVER_USER!r} user to run the server as "
+            "(initdb refuses root; apt-get install postgresql makes the user)"
+        ) from None
     return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": [], "env": dict(os.environ, HOME=user.pw_dir)}
 
 
@@ -51,9 +63,15 @@ def free_port() -> int:
 
 
 def failure(program: str, result: subprocess.CompletedProcess, log: Path) -> str:
-    """One line: what the program said first, and the server log's fatal errors (a port taken, a folder it may not write)."""
+    """One line: what the program said first, and the server log's fatal errors (a port taken, a folder it may not
+    write).
+    """
     said = (result.stderr or result.stdout).strip().splitlines()
-    fatal = [line.split("FATAL:", 1)[1].strip() for line in (log.read_text().splitlines() if log.is_file() else []) if "FATAL:" in line]
+    fatal = [
+        line.split("FATAL:", 1)[1].strip()
+        for line in (log.read_text().splitlines() if log.is_file() else [])
+        if "FATAL:" in line
+    ]
     return "; ".join([f"{program} failed: {said[0] if said else f'exit status {result.returncode}'}", *fatal])
 
 
@@ -66,7 +84,13 @@ class Server:
         self.url = f"postgresql+psycopg2://{SERVER_USER}@127.0.0.1:{self.port}/{DATABASE}"  # as hyperparameter_tune.py's docstring names the driver
 
     def run(self, *command: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.bin_dir / command[0]), *command[1:]], cwd=self.root, capture_output=True, text=True, **self.as_server_user)
+        return subprocess.run(
+            [str(self.bin_dir / command[0]), *command[1:]],
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            **self.as_server_user,
+        )
 
     def checked(self, *command: str) -> None:
         result = self.run(*command)
@@ -74,8 +98,20 @@ class Server:
             raise ServerUnavailable(failure(command[0], result, self.log))
 
     def start(self) -> None:
-        self.checked("pg_ctl", "start", "-D", str(self.data_dir), "-l", str(self.log), "-w", "-t", "60",
-                     "-o", f"-h 127.0.0.1 -p {self.port} -k {shlex.quote(str(self.root))} -F")  # -F: no fsync, the data is thrown away
+        # -F: no fsync, the data is thrown away
+        self.checked(
+            "pg_ctl",
+            "start",
+            "-D",
+            str(self.data_dir),
+            "-l",
+            str(self.log),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-h 127.0.0.1 -p {self.port} -k {shlex.quote(str(self.root))} -F",
+        )
 
     def stop(self, mode: str = "fast") -> None:
         if (self.data_dir / "postmaster.pid").exists():
@@ -86,13 +122,22 @@ class Server:
 def running_server() -> Iterator[Server]:
     """Start a server with an empty database; stop it and delete its files on exit."""
     bin_dir, as_server_user = server_bin_dir(), server_user()
-    root = Path(tempfile.mkdtemp(prefix="test-postgres-"))  # in /tmp, not under pytest's root-only folders: the server user reaches it
+    # in /tmp, not under pytest's root-only folders: the server user reaches it
+    root = Path(tempfile.mkdtemp(prefix="test-postgres-"))
     server = Server(root, bin_dir, as_server_user)
     try:
         if "user" in server.as_server_user:
             os.chown(root, server.as_server_user["user"], server.as_server_user["group"])
-        server.checked("initdb", "-D", str(server.data_dir), "--auth=trust", f"--username={SERVER_USER}", "--no-locale", "--encoding=UTF8",
-                       "--no-sync")
+        server.checked(
+            "initdb",
+            "-D",
+            str(server.data_dir),
+            "--auth=trust",
+            f"--username={SERVER_USER}",
+            "--no-locale",
+            "--encoding=UTF8",
+            "--no-sync",
+        )
         server.start()
         import psycopg2  # here, not at the top: without the driver only the tests that use a server fail
 

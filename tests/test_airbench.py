@@ -1,5 +1,6 @@
-"""The fast recipe's pieces inside the engine: whitening, identity convolutions, parameter groups, Muon, alternating flips,
-lookahead, the schedules, training on every image, and a short run that learns."""
+"""The fast recipe's pieces inside the engine: whitening, identity convolutions, parameter groups, Muon, alternating
+flips, lookahead, the schedules, training on every image, and a short run that learns."""
+
 from __future__ import annotations
 
 import sys
@@ -20,6 +21,7 @@ from benchmarks import bench_newton_schulz
 from conftest import quick_config, run_script
 from models.airbench import AIRBENCH_RECIPE, AirbenchNet, initialize, parameter_groups, whitening_filters
 
+
 def airbench(split, recipe=AIRBENCH_RECIPE, **options) -> AirbenchNet:
     """A small airbench network (first stage 8 filters) with the model's options, initialised as a run does."""
     torch.manual_seed(0)
@@ -34,7 +36,9 @@ def test_whitening_filters_give_identity_covariance_on_the_patches(split):
     assert filters.shape == (24, 3, 2, 2)
     torch.testing.assert_close(filters[12:], -filters[:12])
     responses = F.conv2d(images.double(), filters[:12].double()).permute(0, 2, 3, 1).reshape(-1, 12)
-    torch.testing.assert_close(responses.T @ responses / len(responses), torch.eye(12, dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        responses.T @ responses / len(responses), torch.eye(12, dtype=torch.float64), atol=1e-4, rtol=0
+    )
 
 
 def test_the_whitening_images_and_the_stem_bias_epochs_are_options(split):
@@ -42,7 +46,11 @@ def test_the_whitening_images_and_the_stem_bias_epochs_are_options(split):
     images = fn.normalize(split.train_images[:40].float() / 255, split.mean, split.std)
     torch.testing.assert_close(net.whiten.weight, whitening_filters(images))  # the first 40 images, not 5,000
     assert not torch.allclose(net.whiten.weight, airbench(split).whiten.weight)
-    assert [(net.training_progress(epoch), net.whiten.bias.requires_grad)[1] for epoch in range(3)] == [True, False, False]
+    assert [(net.training_progress(epoch), net.whiten.bias.requires_grad)[1] for epoch in range(3)] == [
+        True,
+        False,
+        False,
+    ]
     options = engine.model_spec("Airbench94_muon").resolve("Airbench94_muon", {"whiten_bias_epochs": 0}, "the test")
     assert options["whiten_images"] == 5000 and options["whiten_bias_epochs"] == 0
 
@@ -52,7 +60,13 @@ def test_the_whitened_stem_is_frozen_and_its_bias_learns_three_epochs(split):
     images = fn.normalize(split.train_images[:5000].float() / 255, split.mean, split.std)
     torch.testing.assert_close(net.whiten.weight, whitening_filters(images))
     assert not net.whiten.weight.requires_grad and not net.whiten.bias.any()
-    assert [(net.training_progress(epoch), net.whiten.bias.requires_grad)[1] for epoch in range(5)] == [True, True, True, False, False]
+    assert [(net.training_progress(epoch), net.whiten.bias.requires_grad)[1] for epoch in range(5)] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
     plain = airbench(split, whiten=False)
     assert plain.whiten.weight.requires_grad and not torch.allclose(plain.whiten.weight, net.whiten.weight)
     assert [(plain.training_progress(epoch), plain.whiten.bias.requires_grad)[1] for epoch in range(5)] == [True] * 5
@@ -63,10 +77,10 @@ def test_dirac_initialisation_passes_the_input_through_an_identity_shaped_conv(s
     conv = net.stages[1][0]  # 8 -> 32 channels, 3x3, same padding: the first 8 output channels are the input
     x = torch.randn(4, conv.in_channels, 6, 6)
     with torch.no_grad():
-        torch.testing.assert_close(conv(x)[:, :conv.in_channels], x)
+        torch.testing.assert_close(conv(x)[:, : conv.in_channels], x)
     without = airbench(split, dirac=False).stages[1][0]
     with torch.no_grad():
-        assert not torch.allclose(without(x)[:, :conv.in_channels], x)
+        assert not torch.allclose(without(x)[:, : conv.in_channels], x)
 
 
 def test_the_optimiser_groups_carry_the_rates_and_decays_asked_for(split):
@@ -77,11 +91,20 @@ def test_the_optimiser_groups_carry_the_rates_and_decays_asked_for(split):
     others, biases, filters = optimizer.param_groups  # the recipe's rate first: metrics.csv's lr
     norm_biases = [m.bias for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert [id(p) for p in biases["params"]] == [id(net.whiten.bias)] + [id(p) for p in norm_biases]
-    assert [id(p) for p in others["params"]] == [id(net.head.weight)]  # BatchNorm weights frozen, the filters taken by Muon
-    assert {id(p) for p in filters["params"]} == {id(m.weight) for m in net.stages.modules() if isinstance(m, torch.nn.Conv2d)}
+    # BatchNorm weights frozen, the filters taken by Muon
+    assert [id(p) for p in others["params"]] == [id(net.head.weight)]
+    assert {id(p) for p in filters["params"]} == {
+        id(m.weight) for m in net.stages.modules() if isinstance(m, torch.nn.Conv2d)
+    }
     assert (biases["lr"], others["lr"], filters["lr"]) == pytest.approx((0.053, 0.67, 0.24))
-    assert filters["orthogonalize"] and not biases["orthogonalize"] and filters["momentum"] == 0.6 and others["momentum"] == 0.85
-    per_step = AIRBENCH_RECIPE.weight_decay * AIRBENCH_RECIPE.batch_size / 1024  # 0.004: airbench94_muon's 2e-6 x batch 2000
+    assert (
+        filters["orthogonalize"]
+        and not biases["orthogonalize"]
+        and filters["momentum"] == 0.6
+        and others["momentum"] == 0.85
+    )
+    # 0.004: airbench94_muon's 2e-6 x batch 2000
+    per_step = AIRBENCH_RECIPE.weight_decay * AIRBENCH_RECIPE.batch_size / 1024
     assert per_step == pytest.approx(0.004)
     assert biases["lr"] * biases["weight_decay"] == pytest.approx(per_step) == others["lr"] * others["weight_decay"]
     assert filters["weight_decay"] == 0.0
@@ -92,25 +115,32 @@ def test_muon_orthogonalises_the_update_and_keeps_each_filter_at_its_norm():
     singular = torch.linalg.svdvals(engine.optimizers.orthogonalize(update).float())
     assert singular.min() > 0.3 and singular.max() < 1.5  # pushed towards 1 (three quintic steps: roughly 0.5 to 1.5)
     weight = torch.nn.Parameter(torch.randn(16, 8, 3, 3) * 5)
-    optimizer = engine.optimizers.MuonSGD([{"params": [weight], "orthogonalize": True, "lr": 0.1, "momentum": 0.6}], lr=1.0, momentum=0.9)
+    optimizer = engine.optimizers.MuonSGD(
+        [{"params": [weight], "orthogonalize": True, "lr": 0.1, "momentum": 0.6}], lr=1.0, momentum=0.9
+    )
     weight.grad = torch.randn_like(weight)
     before = weight.detach().clone()
     optimizer.step()
     normalised = before * 4 / before.norm()  # sqrt(16 output channels)
     step = normalised - weight.detach()
-    assert step.norm().item() == pytest.approx(0.1 * engine.optimizers.orthogonalize((weight.grad * 1.6).reshape(16, -1)).float().norm().item(),
-                                             rel=1e-2)
+    assert step.norm().item() == pytest.approx(
+        0.1 * engine.optimizers.orthogonalize((weight.grad * 1.6).reshape(16, -1)).float().norm().item(), rel=1e-2
+    )
 
 
 @pytest.mark.parametrize("has_bf16, dtype", [(False, torch.float32), (True, torch.bfloat16)])
 def test_newton_schulz_runs_in_bf16_only_where_the_cpu_computes_it(monkeypatch, split, has_bf16, dtype):
     monkeypatch.setattr(engine.optimizers, "cpu_has_bf16", lambda: has_bf16)
-    module = engine.ImageClassifier(airbench(split), AIRBENCH_RECIPE, seed=0, steps_per_epoch=10, parameter_groups=parameter_groups)
+    module = engine.ImageClassifier(
+        airbench(split), AIRBENCH_RECIPE, seed=0, steps_per_epoch=10, parameter_groups=parameter_groups
+    )
     optimizer = module.configure_optimizers()["optimizer"]
     assert optimizer.newton_schulz_dtype == dtype
     seen = []
     real = engine.optimizers.orthogonalize
-    monkeypatch.setattr(engine.optimizers, "orthogonalize", lambda matrix, **kw: seen.append(kw["dtype"]) or real(matrix, **kw))
+    monkeypatch.setattr(
+        engine.optimizers, "orthogonalize", lambda matrix, **kw: seen.append(kw["dtype"]) or real(matrix, **kw)
+    )
     module.net(torch.randn(4, 3, 32, 32)).sum().backward()
     optimizer.step()
     assert seen and set(seen) == {dtype}
@@ -121,17 +151,25 @@ def test_each_image_is_flipped_in_alternate_epochs_from_its_own_start(monkeypatc
     seen: dict[int, list[bool]] = {}
     flips = []
     real = engine.batches.model_input
-    monkeypatch.setattr(engine.batches, "model_input",
-                        lambda images, mean, std, augmentation, generator, hflip: flips.append(hflip) or real(images, mean, std, augmentation,
-                                                                                                              generator, hflip))
+    monkeypatch.setattr(
+        engine.batches,
+        "model_input",
+        lambda images, mean, std, augmentation, generator, hflip: (
+            flips.append(hflip) or real(images, mean, std, augmentation, generator, hflip)
+        ),
+    )
     for epoch in range(4):
-        batches = engine.TrainBatches(split.train_images, ids, 32, "alternating", split.mean, split.std, seed=3, epoch=lambda: epoch)
+        batches = engine.TrainBatches(
+            split.train_images, ids, 32, "alternating", split.mean, split.std, seed=3, epoch=lambda: epoch
+        )
         labels = torch.cat([labels for _, labels in batches])
         for image, flipped in zip(labels.tolist(), torch.cat(flips).tolist()):
             seen.setdefault(image, []).append(flipped)
         flips.clear()
     assert len(seen) == len(ids)
-    assert all(flipped[1] != flipped[0] and flipped[2] == flipped[0] and flipped[3] == flipped[1] for flipped in seen.values())
+    assert all(
+        flipped[1] != flipped[0] and flipped[2] == flipped[0] and flipped[3] == flipped[1] for flipped in seen.values()
+    )
     first = torch.tensor([flipped[0] for flipped in seen.values()], dtype=torch.float)
     assert 0.3 < first.mean() < 0.7  # a random start per image, not one for all
 
@@ -149,7 +187,7 @@ def test_the_weight_average_follows_its_formula():
         weights = weights + 1.0
         trainer.global_step = step
         lookahead.on_train_batch_end(trainer, module)
-        decay = 1.0 if step == 20 else (0.95 ** 5 * (step / 20) ** 3 if step % 5 == 0 else None)
+        decay = 1.0 if step == 20 else (0.95**5 * (step / 20) ** 3 if step % 5 == 0 else None)
         if decay is not None:  # the average moves towards the network, and the network is set to it
             average = decay * average + (1 - decay) * weights
             weights = average.clone()
@@ -171,19 +209,36 @@ def test_training_on_every_image_writes_the_usual_outputs_without_a_validation_s
     config = replace(quick_config(tmp_path, epochs=2), validation=False)
     report = engine.train(config, engine.model_spec("CIFAR10Net"), data=data)
     run_dir = tmp_path / "run"
-    for name in ("model.pth", "last.ckpt", "test.json", "metrics.csv", "curves.png", "confusion_matrix.png", "model.json"):
+    for name in (
+        "model.pth",
+        "last.ckpt",
+        "test.json",
+        "metrics.csv",
+        "curves.png",
+        "confusion_matrix.png",
+        "model.json",
+    ):
         assert (run_dir / name).is_file(), name
     assert not (run_dir / "best.ckpt").exists()  # "best" is by validation loss: there is none
     assert "best.ckpt" not in capsys.readouterr().out.splitlines()[-1]  # the closing line lists what was written
     history = engine.read_metrics_csv(run_dir / "metrics.csv")
-    assert [row["val_loss"] for row in history] == [None, None] and all(row["train_accuracy"] is not None for row in history)
+    assert [row["val_loss"] for row in history] == [None, None] and all(
+        row["train_accuracy"] is not None for row in history
+    )
     assert report["num_test_images"] == len(arrays.test_images) and report["best_val_accuracy"] is None
 
 
 def test_a_short_fast_recipe_run_learns_the_synthetic_task(tmp_path, split):
     recipe = replace(engine.model_spec("Airbench94_muon_narrow").recipe, epochs=4, batch_size=32)
-    config = engine.RunConfig(model="Airbench94_muon_narrow", recipe=recipe, out_dir=str(tmp_path / "run"), progress=False, tsne=False,
-                              device="cpu", logger="none")
+    config = engine.RunConfig(
+        model="Airbench94_muon_narrow",
+        recipe=recipe,
+        out_dir=str(tmp_path / "run"),
+        progress=False,
+        tsne=False,
+        device="cpu",
+        logger="none",
+    )
     report = engine.train(config, engine.model_spec("Airbench94_muon_narrow"), data=split)
     history = engine.read_metrics_csv(tmp_path / "run/metrics.csv")
     assert history[-1]["train_loss"] < history[0]["train_loss"] and report["test_accuracy"] > 0.5  # chance is 0.1
@@ -193,12 +248,19 @@ def test_airbench_options_on_a_model_without_them_are_one_line(monkeypatch, caps
     monkeypatch.setattr(sys, "argv", ["main.py", "--whiten", "--out-dir", str(tmp_path / "run")])
     with pytest.raises(SystemExit) as exit_info:
         engine.run_cli(main_script.main)
-    assert exit_info.value.code == 2 and "unrecognized arguments: --whiten" in capsys.readouterr().err  # main.py trains CIFAR10Net only
-    monkeypatch.setattr(sys, "argv", ["modified_models.py", "--model", "FastVGG", "--no-whiten", "--out-dir", str(tmp_path / "run")])
+    # main.py trains CIFAR10Net only
+    assert exit_info.value.code == 2 and "unrecognized arguments: --whiten" in capsys.readouterr().err
+    monkeypatch.setattr(
+        sys, "argv", ["modified_models.py", "--model", "FastVGG", "--no-whiten", "--out-dir", str(tmp_path / "run")]
+    )
     with pytest.raises(SystemExit) as exit_info:
         engine.run_cli(modified_models.main)
     error = capsys.readouterr().err
-    assert exit_info.value.code == 2 and error.count("\n") == 1 and "whiten is not an option of FastVGG (its options: width)" in error
+    assert (
+        exit_info.value.code == 2
+        and error.count("\n") == 1
+        and "whiten is not an option of FastVGG (its options: width)" in error
+    )
     assert not (tmp_path / "run").exists()
     assert not (tmp_path / "run").exists()
 
@@ -207,5 +269,7 @@ def test_the_newton_schulz_benchmark_times_both_dtypes_beside_a_step(monkeypatch
     argv = ["--model", "Airbench94_muon_narrow", "--width", "4", "--rounds", "1", "--out-dir", str(tmp_path)]
     assert run_script(monkeypatch, bench_newton_schulz.main, "bench_newton_schulz.py", *argv) == 0
     table = (tmp_path / "runs.md").read_text()
-    assert "| Newton-Schulz, every filter | float32 |" in table and "| Newton-Schulz, every filter | bfloat16 |" in table
+    assert (
+        "| Newton-Schulz, every filter | float32 |" in table and "| Newton-Schulz, every filter | bfloat16 |" in table
+    )
     assert "forward and backward of a batch | float32" in table

@@ -1,4 +1,5 @@
 """The airbench94 yardstick (benchmarks/bench_airbench_reference.py): whitening stem, schedule, a short run that learns."""
+
 from __future__ import annotations
 
 import csv
@@ -36,31 +37,40 @@ def test_the_stem_bias_learns_at_the_base_rate_and_only_batchnorm_biases_at_64x(
     bias_group, other_group = reference.make_optimizer(net, batch_size=1024).param_groups
     norm_biases = [m.bias for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert [id(p) for p in bias_group["params"]] == [id(p) for p in norm_biases]
-    assert any(p is net[0].bias for p in other_group["params"])  # airbench94 groups by the name "norm": the stem is no norm
+    # airbench94 groups by the name "norm": the stem is no norm
+    assert any(p is net[0].bias for p in other_group["params"])
     assert bias_group["lr"] == 64 * other_group["lr"]
-    assert bias_group["lr"] * bias_group["weight_decay"] == other_group["lr"] * other_group["weight_decay"]  # the same decay per step
-    assert not any(p is net[0].weight for group in (bias_group, other_group) for p in group["params"])  # the whitening filters stay
+    # the same decay per step
+    assert bias_group["lr"] * bias_group["weight_decay"] == other_group["lr"] * other_group["weight_decay"]
+    # the whitening filters stay
+    assert not any(p is net[0].weight for group in (bias_group, other_group) for p in group["params"])
 
 
 def test_no_dirac_keeps_the_default_initialisation_and_lr_scale_scales_every_rate_but_not_the_decay(split):
     images = fn.normalize(split.train_images.float() / 255, split.mean, split.std)
     torch.manual_seed(0)
-    identity = reference.airbench_net(8, images)[2][0].weight  # 8 filters of 24 inputs: the first 8 pass their channel through
+    identity = reference.airbench_net(8, images)[2][
+        0
+    ].weight  # 8 filters of 24 inputs: the first 8 pass their channel through
     torch.manual_seed(0)
     default = reference.airbench_net(8, images, dirac=False)[2][0].weight
     assert torch.equal(identity[:, :8, 1, 1], torch.eye(8)) and not torch.equal(default[:, :8, 1, 1], torch.eye(8))
     net = reference.airbench_net(8, images)
-    plain, scaled = reference.make_optimizer(net, 512).param_groups, reference.make_optimizer(net, 512, lr_scale=1.5).param_groups
+    plain, scaled = (
+        reference.make_optimizer(net, 512).param_groups,
+        reference.make_optimizer(net, 512, lr_scale=1.5).param_groups,
+    )
     for before, after in zip(plain, scaled):
         assert after["lr"] == pytest.approx(1.5 * before["lr"], rel=1e-12)
-        assert abs(after["lr"] * after["weight_decay"] - before["lr"] * before["weight_decay"]) < 1e-15  # decay per step unchanged
+        # decay per step unchanged
+        assert abs(after["lr"] * after["weight_decay"] - before["lr"] * before["weight_decay"]) < 1e-15
 
 
 def test_lookahead_pulls_every_five_steps_from_the_start_and_fully_at_the_end():
     total = 100
     pulls = {step: reference.lookahead_decay(step, total) for step in range(1, total + 1)}
     assert [step for step, decay in pulls.items() if decay is not None] == list(range(5, 101, 5))
-    assert pulls[5] == 0.95 ** 5 * 0.05 ** 3 and pulls[50] == 0.95 ** 5 * 0.5 ** 3
+    assert pulls[5] == 0.95**5 * 0.05**3 and pulls[50] == 0.95**5 * 0.5**3
     assert pulls[100] == 1.0  # the network ends as the average
 
 
@@ -82,41 +92,99 @@ def test_short_run_learns_the_synthetic_task(split):
 
 
 def test_the_row_has_validation_accuracy_and_the_flags_reach_the_run(monkeypatch, tmp_path, image_folder, split):
-    row = reference.train_and_test(split, seed=0, epochs=1, width=8, batch_size=32, device=torch.device("cpu"), dirac=False, lr_scale=0.5)
+    row = reference.train_and_test(
+        split, seed=0, epochs=1, width=8, batch_size=32, device=torch.device("cpu"), dirac=False, lr_scale=0.5
+    )
     assert 0 <= row["val_flip_translate"] <= 1 and row["dirac"] is False and row["lr_scale"] == 0.5
     seen = []
-    monkeypatch.setattr(reference, "train_and_test", lambda data, seed, *rest, **kw: seen.append(kw) or
-                        dict.fromkeys(reference.COLUMNS, 0.1) | {"seed": seed, "val_flip_translate": 0.2})
-    argv = ["--data-dir", str(image_folder), "--device", "cpu", "--out-dir", str(tmp_path), "--no-dirac", "--lr-scale", "1.25"]
+    monkeypatch.setattr(
+        reference,
+        "train_and_test",
+        lambda data, seed, *rest, **kw: (
+            seen.append(kw) or dict.fromkeys(reference.COLUMNS, 0.1) | {"seed": seed, "val_flip_translate": 0.2}
+        ),
+    )
+    argv = [
+        "--data-dir",
+        str(image_folder),
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(tmp_path),
+        "--no-dirac",
+        "--lr-scale",
+        "1.25",
+    ]
     assert run_script(monkeypatch, reference.main, "bench_airbench_reference.py", *argv) == 0
     assert seen == [{"dirac": False, "lr_scale": 1.25}]
-    assert run_script(monkeypatch, reference.main, "bench_airbench_reference.py", *argv[:-1], "0") == 2  # a scale must be positive
+    # a scale must be positive
+    assert run_script(monkeypatch, reference.main, "bench_airbench_reference.py", *argv[:-1], "0") == 2
 
 
 def test_no_validation_and_full_train_both_train_on_every_image(monkeypatch, tmp_path, image_folder):
     seen = []
-    monkeypatch.setattr(reference, "train_and_test", lambda data, seed, *rest, **kw: seen.append(len(data.train_images)) or
-                        dict.fromkeys(reference.COLUMNS, 0.1) | {"seed": seed})
+    monkeypatch.setattr(
+        reference,
+        "train_and_test",
+        lambda data, seed, *rest, **kw: (
+            seen.append(len(data.train_images)) or dict.fromkeys(reference.COLUMNS, 0.1) | {"seed": seed}
+        ),
+    )
     for flag in (None, "--no-validation", "--full-train"):
-        argv = ["--data-dir", str(image_folder), "--device", "cpu", "--out-dir", str(tmp_path / str(flag))] + ([flag] if flag else [])
+        argv = ["--data-dir", str(image_folder), "--device", "cpu", "--out-dir", str(tmp_path / str(flag))] + (
+            [flag] if flag else []
+        )
         assert run_script(monkeypatch, reference.main, "bench_airbench_reference.py", *argv) == 0
     assert seen == [270, 300, 300]  # the study's 90% split, then all 300 synthetic training images
 
 
 def test_fewer_images_than_one_batch_is_one_clear_line(monkeypatch, tmp_path, image_folder, capsys):
-    argv = ["--data-dir", str(image_folder), "--device", "cpu", "--limit-train", "100", "--batch-size", "128", "--out-dir", str(tmp_path)]
+    argv = [
+        "--data-dir",
+        str(image_folder),
+        "--device",
+        "cpu",
+        "--limit-train",
+        "100",
+        "--batch-size",
+        "128",
+        "--out-dir",
+        str(tmp_path),
+    ]
     assert run_script(monkeypatch, reference.main, "bench_airbench_reference.py", *argv) == 2
     assert "100 training images do not fill one batch of 128" in capsys.readouterr().err
     assert not (tmp_path / "runs.csv").exists()
 
 
-def test_the_side_by_side_gives_the_yardstick_its_tuned_settings_and_reports_validation(monkeypatch, tmp_path, image_folder):
+def test_the_side_by_side_gives_the_yardstick_its_tuned_settings_and_reports_validation(
+    monkeypatch, tmp_path, image_folder
+):
     seen = []
     real = reference.train_and_test
     monkeypatch.setattr(reference, "train_and_test", lambda *args, **kw: seen.append(kw) or real(*args, **kw))
-    argv = ["--data-dir", str(image_folder), "--device", "cpu", "--model", "Airbench94_muon_narrow", "--width", "8", "--seeds", "0",
-            "--epochs", "1", "--reference-epochs", "1", "--reference-batch-size", "32", "--reference-no-dirac", "--reference-lr-scale", "0.5",
-            "--out-dir", str(tmp_path)]
+    argv = [
+        "--data-dir",
+        str(image_folder),
+        "--device",
+        "cpu",
+        "--model",
+        "Airbench94_muon_narrow",
+        "--width",
+        "8",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--reference-epochs",
+        "1",
+        "--reference-batch-size",
+        "32",
+        "--reference-no-dirac",
+        "--reference-lr-scale",
+        "0.5",
+        "--out-dir",
+        str(tmp_path),
+    ]
     assert run_script(monkeypatch, versus.main, "bench_versus_airbench.py", *argv) == 0
     assert seen == [{"dirac": False, "lr_scale": 0.5, "snapshots": None}]
     rows = list(csv.DictReader(open(tmp_path / "runs.csv")))
@@ -126,8 +194,27 @@ def test_the_side_by_side_gives_the_yardstick_its_tuned_settings_and_reports_val
 
 
 def test_the_curve_measures_every_epochs_weights_of_both_sides_after_the_clock(monkeypatch, tmp_path, image_folder):
-    argv = ["--data-dir", str(image_folder), "--device", "cpu", "--model", "Airbench94_muon_narrow", "--width", "8", "--seeds", "0",
-            "--epochs", "2", "--reference-epochs", "2", "--reference-batch-size", "32", "--curve", "--out-dir", str(tmp_path)]
+    argv = [
+        "--data-dir",
+        str(image_folder),
+        "--device",
+        "cpu",
+        "--model",
+        "Airbench94_muon_narrow",
+        "--width",
+        "8",
+        "--seeds",
+        "0",
+        "--epochs",
+        "2",
+        "--reference-epochs",
+        "2",
+        "--reference-batch-size",
+        "32",
+        "--curve",
+        "--out-dir",
+        str(tmp_path),
+    ]
     assert run_script(monkeypatch, versus.main, "bench_versus_airbench.py", *argv) == 0
     rows = {row["method"]: row for row in csv.DictReader(open(tmp_path / "runs.csv"))}
     points = list(csv.DictReader(open(tmp_path / "curve.csv")))
@@ -135,6 +222,10 @@ def test_the_curve_measures_every_epochs_weights_of_both_sides_after_the_clock(m
         curve = [p for p in points if p["method"] == method]
         assert [p["epoch"] for p in curve] == ["1", "2"]
         assert 0 < float(curve[0]["seconds"]) < float(curve[1]["seconds"]) <= float(row["seconds"])
-        assert curve[-1]["test_flip_translate"] == row["test_flip_translate"]  # the last epoch's weights are the run's final ones
-    assert sorted(path.name for path in (tmp_path / "runs/ours-seed0").glob("epoch-*.ckpt")) == ["epoch-001.ckpt", "epoch-002.ckpt"]
+        # the last epoch's weights are the run's final ones
+        assert curve[-1]["test_flip_translate"] == row["test_flip_translate"]
+    assert sorted(path.name for path in (tmp_path / "runs/ours-seed0").glob("epoch-*.ckpt")) == [
+        "epoch-001.ckpt",
+        "epoch-002.ckpt",
+    ]
     assert (tmp_path / "time_to_accuracy.png").stat().st_size > 10_000

@@ -1,4 +1,5 @@
 """Data: loading in every layout, the README's split, statistics, augmentation presets."""
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,8 @@ import functions as fn
 def test_split_is_the_readmes_random_split():
     train, val = data_module.split_train_val(50_000)
     reference_train, reference_val = torch.utils.data.random_split(
-        range(50_000), [45_000, 5_000], generator=torch.Generator().manual_seed(20))
+        range(50_000), [45_000, 5_000], generator=torch.Generator().manual_seed(20)
+    )
     assert train.tolist() == list(reference_train.indices)
     assert val.tolist() == list(reference_val.indices)
     assert len(set(train.tolist()) | set(val.tolist())) == 50_000
@@ -119,7 +121,6 @@ def test_offline_download_failure_is_one_clear_message(tmp_path):
     assert not (tmp_path / "empty").exists()
 
 
-
 def sorted_by_label(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The images in the order a tree written by ``write_image_folder`` lists them: by class, then by file name."""
     return images[torch.argsort(labels, stable=True)]
@@ -130,14 +131,14 @@ def flip_bytes_inside(path: Path, member: str) -> None:
     with zipfile.ZipFile(path) as archive:
         info = archive.getinfo(member)
     raw = bytearray(path.read_bytes())
-    name_length, extra_length = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    name_length, extra_length = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
     middle = info.header_offset + 30 + name_length + extra_length + info.compress_size // 2
-    raw[middle:middle + 4] = bytes(byte ^ 0xFF for byte in raw[middle:middle + 4])
+    raw[middle : middle + 4] = bytes(byte ^ 0xFF for byte in raw[middle : middle + 4])
     path.write_bytes(raw)
 
 
 CACHE_DAMAGE = {
-    "truncated": lambda cache: cache.write_bytes(cache.read_bytes()[:cache.stat().st_size // 2]),
+    "truncated": lambda cache: cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2]),
     "zero bytes": lambda cache: cache.write_bytes(b""),
     "a flipped bit in the training images": lambda cache: flip_bytes_inside(cache, "train_images.npy"),
     "a flipped bit in the test images": lambda cache: flip_bytes_inside(cache, "test_images.npy"),
@@ -189,8 +190,12 @@ def test_stale_temporary_cache_files_are_removed_and_fresh_ones_kept(image_folde
 
 
 def test_hidden_folders_and_files_are_ignored(image_folder, arrays):
-    for hidden in (image_folder.parent / ".ipynb_checkpoints", image_folder / "train" / ".ipynb_checkpoints",
-                   image_folder / "test" / ".ipynb_checkpoints", image_folder / "train" / "cat" / ".ipynb_checkpoints"):
+    for hidden in (
+        image_folder.parent / ".ipynb_checkpoints",
+        image_folder / "train" / ".ipynb_checkpoints",
+        image_folder / "test" / ".ipynb_checkpoints",
+        image_folder / "train" / "cat" / ".ipynb_checkpoints",
+    ):
         hidden.mkdir()
         (hidden / "0000-checkpoint.png").write_bytes(b"not an image")
     (image_folder / "train" / "cat" / "._0003.png").write_bytes(b"macOS resource fork")  # an image suffix, but hidden
@@ -262,11 +267,14 @@ def test_zero_byte_image_is_refused_while_listing(image_folder, monkeypatch):
     assert f"{victim} is empty (0 bytes)" in refused(image_folder, monkeypatch)
 
 
-@pytest.mark.parametrize("fault, reason", [
-    ("not an image", "not an image Pillow can decode"),
-    ("truncated", "truncated"),
-    ("unreadable", "Permission denied"),
-])
+@pytest.mark.parametrize(
+    "fault, reason",
+    [
+        ("not an image", "not an image Pillow can decode"),
+        ("truncated", "truncated"),
+        ("unreadable", "Permission denied"),
+    ],
+)
 def test_bad_image_file_is_one_line_naming_it(image_folder, monkeypatch, fault, reason):
     import PIL.Image
 
@@ -274,7 +282,7 @@ def test_bad_image_file_is_one_line_naming_it(image_folder, monkeypatch, fault, 
     if fault == "not an image":
         victim.write_bytes(b"<html>404 not found</html>")
     elif fault == "truncated":
-        victim.write_bytes(victim.read_bytes()[:len(victim.read_bytes()) // 2])
+        victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 2])
     else:  # the tests may run as root, whom file permissions do not stop: refuse the file as the OS would
         opened = PIL.Image.open
 
@@ -312,10 +320,12 @@ def test_readme_augmentation_equals_torchvision_image_by_image():
     images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     p = params(16, "readme")
     ours = fn.apply_readme(images, p)
-    jitters = (lambda x, i: TF.adjust_brightness(x, float(p["brightness"][i])),
-               lambda x, i: TF.adjust_contrast(x, float(p["contrast"][i])),
-               lambda x, i: TF.adjust_saturation(x, float(p["saturation"][i])),
-               lambda x, i: TF.adjust_hue(x, float(p["hue"][i])))
+    jitters = (
+        lambda x, i: TF.adjust_brightness(x, float(p["brightness"][i])),
+        lambda x, i: TF.adjust_contrast(x, float(p["contrast"][i])),
+        lambda x, i: TF.adjust_saturation(x, float(p["saturation"][i])),
+        lambda x, i: TF.adjust_hue(x, float(p["hue"][i])),
+    )
     for i in range(16):
         x = images[i]
         x = TF.horizontal_flip(x) if p["hflip"][i] else x
@@ -334,7 +344,7 @@ def test_crop_and_flip(preset, pad, mode):
     padded = torch.nn.functional.pad(images, (pad,) * 4, mode=mode)
     for i in range(64):
         dy, dx = int(p["dy"][i]), int(p["dx"][i])
-        crop = padded[i, :, dy:dy + 32, dx:dx + 32]
+        crop = padded[i, :, dy : dy + 32, dx : dx + 32]
         torch.testing.assert_close(ours[i], crop.flip(2) if p["hflip"][i] else crop)
     big = params(20_000, preset)
     assert big["dy"].min() == 0 and big["dy"].max() == 2 * pad and abs(big["hflip"].float().mean() - 0.5) < 0.02
@@ -357,15 +367,19 @@ def test_training_batches_are_augmented_and_evaluation_batches_never(split):
     plain = fn.normalize(split.train_images.float() / 255, split.mean, split.std)
     train_images, train_labels = next(iter(datamodule.train_dataloader()))
     originals = [plain[(split.train_labels == label).nonzero().squeeze(1)] for label in train_labels[:8]]
-    assert not any(torch.allclose(image, candidate) for image, pool in zip(train_images, originals) for candidate in pool)
+    assert not any(
+        torch.allclose(image, candidate) for image, pool in zip(train_images, originals) for candidate in pool
+    )
     for batches, source in zip(datamodule.val_dataloader(), (split.train_images, split.val_images)):
         images, _ = next(iter(batches))
-        torch.testing.assert_close(images, fn.normalize(source[:len(images)].float() / 255, split.mean, split.std))
+        torch.testing.assert_close(images, fn.normalize(source[: len(images)].float() / 255, split.mean, split.std))
 
 
 def test_epochs_shuffle_differently_and_repeat_per_seed(split):
     def first_labels(seed, epoch):
-        batches = engine.TrainBatches(split.train_images, split.train_labels, 32, "none", split.mean, split.std, seed, lambda: epoch)
+        batches = engine.TrainBatches(
+            split.train_images, split.train_labels, 32, "none", split.mean, split.std, seed, lambda: epoch
+        )
         return next(iter(batches))[1]
 
     assert torch.equal(first_labels(0, 1), first_labels(0, 1))

@@ -1,4 +1,5 @@
 """export.py: the exported file answers as predict.py does, for a trained run and for every registered architecture."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,8 +42,9 @@ def predict_probabilities(run: Path, images: torch.Tensor, tta: str, checkpoint:
 
 
 def random_network(name: str, options: dict, images: torch.Tensor) -> nn.Module:
-    """``name``'s network with random weights, its head scaled so its answers on ``images`` are far from uniform: as built,
-    some (FastVGG, Airbench94_muon) answer about 0.1 for every class, which any normalisation or view would match."""
+    """``name``'s network with random weights, its head scaled so its answers on ``images`` are far from uniform: as
+    built, some (FastVGG, Airbench94_muon) answer about 0.1 for every class, which any normalisation or view would
+    match."""
     torch.manual_seed(0)
     net = engine.model_spec(name).build(options).eval()
     with torch.no_grad():
@@ -73,18 +75,24 @@ def test_the_exported_run_answers_as_predict_py(monkeypatch, capsys, tiny_run):
         assert (onnx_probabilities(exported, images[:1]) - answers[tta][:1]).abs().max() <= TOLERANCE  # any batch size
         described = engine.read_json(Path(f"{exported}.json"))
         card = engine.ModelCard.from_dict(described, "the export's JSON")
-        assert card == engine.ModelCard.from_dict({**engine.read_json(tiny_run / "model.json"), "tta": tta}, "model.json")
+        assert card == engine.ModelCard.from_dict(
+            {**engine.read_json(tiny_run / "model.json"), "tta": tta}, "model.json"
+        )
         assert described["input"]["shape"] == ["N", 3, 32, 32] and described["input"]["dtype"] == "uint8"
         assert described["output"]["name"] == "probabilities"
     assert (answers["none"] - answers["flip"]).abs().max() > 100 * TOLERANCE  # the flip is inside the file
 
 
-def test_a_checkpoint_exports_as_pt2_and_outside_a_users_run_under_runs_exports(monkeypatch, capsys, tmp_path, tiny_run):
+def test_a_checkpoint_exports_as_pt2_and_outside_a_users_run_under_runs_exports(
+    monkeypatch, capsys, tmp_path, tiny_run
+):
     copy = tmp_path / "copied-run"  # no config.json: not a run folder of the user's
     copy.mkdir()
     (copy / "best.ckpt").write_bytes((tiny_run / "best.ckpt").read_bytes())
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_command(export, monkeypatch, capsys, "--run", copy, "--checkpoint", "best.ckpt", "--format", "pt2")
+    code, out, err = run_command(
+        export, monkeypatch, capsys, "--run", copy, "--checkpoint", "best.ckpt", "--format", "pt2"
+    )
     assert (code, err) == (0, ""), err
     exported = Path("runs/exports/copied-run/best.pt2")
     images = synthetic_images(4, seed=6)[0]

@@ -1,4 +1,5 @@
 """FastVGG and its recipe: test-time flips, the warm-up-then-decay schedule, a short run, the benchmark's settings."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,9 @@ def test_recipe_lowers_the_loss_of_a_tiny_batch():
     torch.manual_seed(0)
     net = mm.MODELS["FastVGG_narrow"].build()
     r = mm.FAST_RECIPE
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=r.momentum, nesterov=True, weight_decay=r.weight_decay)
+    optimizer = torch.optim.SGD(
+        net.parameters(), lr=0.1, momentum=r.momentum, nesterov=True, weight_decay=r.weight_decay
+    )
     x, y = torch.randn(32, 3, 32, 32), torch.arange(32) % 10
     losses = []
     for _ in range(15):
@@ -53,17 +56,21 @@ def test_tta_modes_average_the_views_they_name(split):
     images = torch.cat([images for images, _ in engine.EvalBatches(*test[:2], 16, split.mean, split.std)])
     padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
     with torch.no_grad():
+
         def mirror_mean(x):
             return (net(x) + net(x.flip(3))) / 2
+
         flip = mirror_mean(images)
         down_right, up_left = mirror_mean(padded[:, :, 0:32, 0:32]), mirror_mean(padded[:, :, 2:34, 2:34])
-    assert torch.equal(padded[:, :, 0:32, 0:32][:, :, 1:, 1:], images[:, :, :31, :31])  # content moved one pixel down-right
+    # content moved one pixel down-right
+    assert torch.equal(padded[:, :, 0:32, 0:32][:, :, 1:, 1:], images[:, :, :31, :31])
     torch.testing.assert_close(with_tta["logits_by_tta"]["none"], plain)
     torch.testing.assert_close(with_tta["logits_by_tta"]["flip"], flip)
     torch.testing.assert_close(with_tta["logits"], flip / 2 + (down_right + up_left) / 4)
     torch.testing.assert_close(engine.predict(net, *test, tta="flip")["logits"], flip)
     assert not torch.allclose(flip, plain) and not torch.allclose(with_tta["logits"], flip)
-    torch.testing.assert_close(with_tta["features"], engine.predict(net, *test, with_features=True)["features"])  # features: the image itself
+    # features: the image itself
+    torch.testing.assert_close(with_tta["features"], engine.predict(net, *test, with_features=True)["features"])
 
 
 def test_fast_recipe_schedule_warms_up_peaks_and_decays():
@@ -91,15 +98,46 @@ def test_fastvgg_one_epoch_run_writes_the_usual_outputs(monkeypatch, capsys, tmp
     from conftest import write_image_folder
 
     data_dir = write_image_folder(tmp_path / "data", arrays)
-    monkeypatch.setattr(sys, "argv", ["modified_models.py", "--model", "FastVGG_narrow", "--data-dir", str(data_dir), "--epochs", "1",
-                                      "--batch-size", "64", "--no-progress", "--tsne-samples", "60", "--out-dir", str(tmp_path / "run")])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "modified_models.py",
+            "--model",
+            "FastVGG_narrow",
+            "--data-dir",
+            str(data_dir),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--no-progress",
+            "--tsne-samples",
+            "60",
+            "--out-dir",
+            str(tmp_path / "run"),
+        ],
+    )
     mm.main()
     out = capsys.readouterr().out
     assert "(with flip test-time augmentation)" in out
-    for name in ("config.json", "metrics.csv", "curves.png", "model.pth", "last.ckpt", "test.json", "confusion_matrix.png", "tsne_test.png"):
+    for name in (
+        "config.json",
+        "metrics.csv",
+        "curves.png",
+        "model.pth",
+        "last.ckpt",
+        "test.json",
+        "confusion_matrix.png",
+        "tsne_test.png",
+    ):
         assert (tmp_path / "run" / name).is_file(), name
     config = json.loads((tmp_path / "run/config.json").read_text())
-    assert config["recipe"]["optimizer"] == "sgd" and config["recipe"]["augment"] == "light" and config["recipe"]["tta"] == "flip"
+    assert (
+        config["recipe"]["optimizer"] == "sgd"
+        and config["recipe"]["augment"] == "light"
+        and config["recipe"]["tta"] == "flip"
+    )
     assert json.loads((tmp_path / "run/test.json").read_text())["tta"] == "flip"
 
 
@@ -107,8 +145,14 @@ def test_benchmark_settings_cross_product_and_types():
     base = engine.RunConfig(model="FastVGG", recipe=mm.FAST_RECIPE)
     variants = bench_fast.parse_vary(["lr=0.2,0.4", "augment=standard,light", "tta=none"])
     assert len(variants) == 4 and variants[0] == {"lr": "0.2", "augment": "standard", "tta": "none"}
-    config = bench_fast.apply_settings(base, {"lr": "0.2", "batch_size": "x2", "tta": "flip-translate", "precision": "bf16-mixed", "compile": "on"})
-    assert config.recipe.lr == 0.2 and config.recipe.batch_size == 2 * mm.FAST_RECIPE.batch_size and config.recipe.tta == "flip-translate"
+    config = bench_fast.apply_settings(
+        base, {"lr": "0.2", "batch_size": "x2", "tta": "flip-translate", "precision": "bf16-mixed", "compile": "on"}
+    )
+    assert (
+        config.recipe.lr == 0.2
+        and config.recipe.batch_size == 2 * mm.FAST_RECIPE.batch_size
+        and config.recipe.tta == "flip-translate"
+    )
     assert config.precision == "bf16-mixed" and config.compile is True
     for bad in ({"lr": "fast"}, {"colour": "red"}, {"betas": "0.9"}, {"tta": "off"}, {"augment": "heavy"}):
         with pytest.raises(fn.UserError):
@@ -148,13 +192,31 @@ def test_benchmark_records_a_diverged_run_and_goes_on(monkeypatch, capsys, tmp_p
     from conftest import run_script, write_image_folder
 
     data_dir = write_image_folder(tmp_path / "data", arrays)
-    status = run_script(monkeypatch, bench_fast.main, "bench_fast.py", "--model", "FastVGG_narrow", "--data-dir", str(data_dir), "--epochs", "1",
-                        "--seeds", "0", "--vary", "lr=1e9,0.05", "--vary", "batch_size=64", "--out-dir", str(tmp_path / "bench"))
+    status = run_script(
+        monkeypatch,
+        bench_fast.main,
+        "bench_fast.py",
+        "--model",
+        "FastVGG_narrow",
+        "--data-dir",
+        str(data_dir),
+        "--epochs",
+        "1",
+        "--seeds",
+        "0",
+        "--vary",
+        "lr=1e9,0.05",
+        "--vary",
+        "batch_size=64",
+        "--out-dir",
+        str(tmp_path / "bench"),
+    )
     assert status == 0
     table = (tmp_path / "bench/runs.md").read_text().splitlines()
     diverged, learned = [line for line in table if line.startswith("| lr=")]
     assert "diverged: the training loss" in diverged or "diverged: the validation loss" in diverged
-    assert "diverged" not in learned and learned.count("%") == 6  # the run after the diverged one was trained and measured
+    # the run after the diverged one was trained and measured
+    assert "diverged" not in learned and learned.count("%") == 6
     rows = (tmp_path / "bench/runs.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[1].endswith("after epoch 1") and "lr=1e9" in capsys.readouterr().out
 
@@ -163,22 +225,67 @@ def test_benchmark_times_a_run_that_measures_nothing_between_epochs(monkeypatch,
     from conftest import run_script, write_image_folder
 
     data_dir = write_image_folder(tmp_path / "data", arrays)
-    status = run_script(monkeypatch, bench_fast.main, "bench_fast.py", "--model", "FastVGG_narrow", "--data-dir", str(data_dir), "--epochs", "2",
-                        "--seeds", "0", "--vary", "val_every=0,1", "--vary", "train_accuracy_sample=0", "--out-dir", str(tmp_path / "bench"))
+    status = run_script(
+        monkeypatch,
+        bench_fast.main,
+        "bench_fast.py",
+        "--model",
+        "FastVGG_narrow",
+        "--data-dir",
+        str(data_dir),
+        "--epochs",
+        "2",
+        "--seeds",
+        "0",
+        "--vary",
+        "val_every=0,1",
+        "--vary",
+        "train_accuracy_sample=0",
+        "--out-dir",
+        str(tmp_path / "bench"),
+    )
     assert status == 0
-    silent, watched = [line for line in (tmp_path / "bench/runs.md").read_text().splitlines() if line.startswith("| val_every=")]
-    assert silent.split(" | ")[4] == "n/a" and watched.split(" | ")[4].endswith("%")  # no validation in the run; one after its last epoch
-    assert silent.count("%") == 5  # validation with the run's TTA and the test set are measured after the run all the same
+    silent, watched = [
+        line for line in (tmp_path / "bench/runs.md").read_text().splitlines() if line.startswith("| val_every=")
+    ]
+    # no validation in the run; one after its last epoch
+    assert silent.split(" | ")[4] == "n/a" and watched.split(" | ")[4].endswith("%")
+    # validation with the run's TTA and the test set are measured after the run all the same
+    assert silent.count("%") == 5
 
 
 def test_benchmark_runs_the_variants_in_turns_seed_by_seed(monkeypatch, tmp_path, arrays):
     from conftest import run_script, write_image_folder
 
     data_dir = write_image_folder(tmp_path / "data", arrays)
-    status = run_script(monkeypatch, bench_fast.main, "bench_fast.py", "--model", "FastVGG_narrow", "--data-dir", str(data_dir), "--epochs", "1",
-                        "--limit-train", "64", "--seeds", "0", "1", "--vary", "lr=0.05,0.1", "--out-dir", str(tmp_path / "bench"))
+    status = run_script(
+        monkeypatch,
+        bench_fast.main,
+        "bench_fast.py",
+        "--model",
+        "FastVGG_narrow",
+        "--data-dir",
+        str(data_dir),
+        "--epochs",
+        "1",
+        "--limit-train",
+        "64",
+        "--seeds",
+        "0",
+        "1",
+        "--vary",
+        "lr=0.05,0.1",
+        "--out-dir",
+        str(tmp_path / "bench"),
+    )
     assert status == 0
     ran = [line.split(",")[:2] for line in (tmp_path / "bench/runs.csv").read_text().splitlines()[1:]]
-    assert ran == [["lr=0.05", "0"], ["lr=0.1", "0"], ["lr=0.05", "1"], ["lr=0.1", "1"]]  # drift falls on both variants alike
-    shown = [line.split(" | ")[:2] for line in (tmp_path / "bench/runs.md").read_text().splitlines() if line.startswith("| lr=")]
-    assert shown == [["| lr=0.05", "0"], ["| lr=0.05", "1"], ["| lr=0.1", "0"], ["| lr=0.1", "1"]]  # the table reads variant by variant
+    # drift falls on both variants alike
+    assert ran == [["lr=0.05", "0"], ["lr=0.1", "0"], ["lr=0.05", "1"], ["lr=0.1", "1"]]
+    shown = [
+        line.split(" | ")[:2]
+        for line in (tmp_path / "bench/runs.md").read_text().splitlines()
+        if line.startswith("| lr=")
+    ]
+    # the table reads variant by variant
+    assert shown == [["| lr=0.05", "0"], ["| lr=0.05", "1"], ["| lr=0.1", "0"], ["| lr=0.1", "1"]]

@@ -1,4 +1,7 @@
-"""Faults a user's machine meets: a second run into a used folder, two runs at once, divergence, signals, bad folders, a full disk."""
+"""Faults a user's machine meets: a second run into a used folder, two runs at once, divergence, signals, bad folders, a
+full disk.
+"""
+
 from __future__ import annotations
 
 import errno
@@ -25,7 +28,18 @@ import tsne
 from conftest import disk_full_when, quick_config, run_command, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK_FLAGS = ("--epochs", "2", "--batch-size", "32", "--augment", "none", "--no-tsne", "--no-progress", "--device", "cpu")
+QUICK_FLAGS = (
+    "--epochs",
+    "2",
+    "--batch-size",
+    "32",
+    "--augment",
+    "none",
+    "--no-tsne",
+    "--no-progress",
+    "--device",
+    "cpu",
+)
 
 
 def run_main(monkeypatch, capsys, *argv):
@@ -83,11 +97,15 @@ time.sleep(60)
 
 def test_a_second_live_run_into_the_same_folder_stops_before_loading_data(monkeypatch, capsys, tmp_path):
     (tmp_path / "run").mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "run" / engine.LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / "run" / engine.LOCK_FILE)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         # No data there: had it tried to load any, the message would be about the missing data set.
-        code, err = run_main(monkeypatch, capsys, "--data-dir", str(tmp_path / "no-data"), "--out-dir", str(tmp_path / "run"))
+        code, err = run_main(
+            monkeypatch, capsys, "--data-dir", str(tmp_path / "no-data"), "--out-dir", str(tmp_path / "run")
+        )
     finally:
         holder.kill()
         holder.wait()
@@ -97,11 +115,16 @@ def test_a_second_live_run_into_the_same_folder_stops_before_loading_data(monkey
 
 def test_a_killed_runs_lock_does_not_block_the_next_run(monkeypatch, capsys, tmp_path, data_dir):
     (tmp_path / "run").mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "run" / engine.LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / "run" / engine.LOCK_FILE)], stdout=subprocess.PIPE, text=True
+    )
     assert holder.stdout.readline().strip() == "held"
     holder.kill()  # as kill -9 would: no clean-up ran
     holder.wait()
-    assert run_main(monkeypatch, capsys, "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "run"), *QUICK_FLAGS)[0] == 0
+    assert (
+        run_main(monkeypatch, capsys, "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "run"), *QUICK_FLAGS)[0]
+        == 0
+    )
 
 
 def test_stale_temporary_files_are_removed_at_the_next_start(monkeypatch, capsys, tmp_path, data_dir):
@@ -144,16 +167,30 @@ def test_last_checkpoint_holds_the_last_epoch_when_validation_loss_rises(monkeyp
 
     config.recipe.epochs, config.resume = 5, "last"
     engine.train(config, engine.model_spec("CIFAR10Net"), data=split)
-    assert [row["epoch"] for row in engine.read_metrics_csv(tmp_path / "run/metrics.csv")] == [1, 2, 3, 4, 5]  # no epoch repeated
+    # no epoch repeated
+    assert [row["epoch"] for row in engine.read_metrics_csv(tmp_path / "run/metrics.csv")] == [1, 2, 3, 4, 5]
 
 
 # --------------------------------------------------------------------------------------------
 # Divergence
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("optimizer, shown", [("sgd", "is nan"), ("adam", "e+")])
-def test_a_diverging_run_exits_non_zero_and_writes_no_final_model(monkeypatch, capsys, tmp_path, data_dir, optimizer, shown):
-    code, err = run_main(monkeypatch, capsys, "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "run"), *QUICK_FLAGS,
-                         "--lr", "1e6", "--optimizer", optimizer)
+def test_a_diverging_run_exits_non_zero_and_writes_no_final_model(
+    monkeypatch, capsys, tmp_path, data_dir, optimizer, shown
+):
+    code, err = run_main(
+        monkeypatch,
+        capsys,
+        "--data-dir",
+        str(data_dir),
+        "--out-dir",
+        str(tmp_path / "run"),
+        *QUICK_FLAGS,
+        "--lr",
+        "1e6",
+        "--optimizer",
+        optimizer,
+    )
     assert code == 1 and err.count("\n") == 1
     assert "training diverged" in err and shown in err and "lower the learning rate" in err
     assert not (tmp_path / "run/model.pth").exists() and not (tmp_path / "run/test.json").exists()
@@ -178,9 +215,30 @@ def test_divergence_keeps_the_last_good_checkpoint(monkeypatch, tmp_path, split)
 # Signals
 # --------------------------------------------------------------------------------------------
 def start_training(data_dir: Path, run_dir: Path, epochs: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / "main.py"), "--data-dir", str(data_dir), "--out-dir", str(run_dir),
-                             "--epochs", str(epochs), "--batch-size", "16", "--augment", "none", "--no-tsne", "--no-progress",
-                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "main.py"),
+            "--data-dir",
+            str(data_dir),
+            "--out-dir",
+            str(run_dir),
+            "--epochs",
+            str(epochs),
+            "--batch-size",
+            "16",
+            "--augment",
+            "none",
+            "--no-tsne",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
 
 
 def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
@@ -238,12 +296,15 @@ def failing_probe(*args, **kwargs):
 Usage = namedtuple("Usage", "total used free")
 
 
-@pytest.mark.parametrize("case, message", [
-    ("a file", "is a file"),
-    ("under a file", "lies under a file"),
-    ("read-only", "cannot write in --out-dir"),
-    ("full disk", "MB free"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("a file", "is a file"),
+        ("under a file", "lies under a file"),
+        ("read-only", "cannot write in --out-dir"),
+        ("full disk", "MB free"),
+    ],
+)
 def test_an_unusable_out_dir_is_one_line_before_the_data_load(monkeypatch, capsys, tmp_path, case, message):
     (tmp_path / "file").write_text("x")
     out_dir = {"a file": tmp_path / "file", "under a file": tmp_path / "file" / "run"}.get(case, tmp_path / "run")
@@ -259,13 +320,17 @@ def test_an_unusable_out_dir_is_one_line_before_the_data_load(monkeypatch, capsy
 SHIPPED = str(REPO / "pretrained" / "FastVGG_narrow")
 
 
-@pytest.mark.parametrize("script, model", [(main_script, ()), (hyperparameter_tune, ()), (evaluate, ("--run", SHIPPED)),
-                                           (tsne, ("--run", SHIPPED))])
+@pytest.mark.parametrize(
+    "script, model",
+    [(main_script, ()), (hyperparameter_tune, ()), (evaluate, ("--run", SHIPPED)), (tsne, ("--run", SHIPPED))],
+)
 def test_an_out_dir_inside_the_data_tree_is_one_line_naming_it(monkeypatch, capsys, tmp_path, data_dir, script, model):
     """Not 'test/ lacks the class folder myrun': the flag is wrong, not the data; and nothing is written into the tree."""
     before = sorted(data_dir.rglob("*"))
     out_dir = data_dir / "train" / "myrun"
-    code, _, err = run_command(script, monkeypatch, capsys, *model, "--data-dir", tmp_path, "--out-dir", out_dir, "--device", "cpu")
+    code, _, err = run_command(
+        script, monkeypatch, capsys, *model, "--data-dir", tmp_path, "--out-dir", out_dir, "--device", "cpu"
+    )
     assert code == 2
     assert err == f"error: --out-dir {out_dir} lies inside the data tree {data_dir}; give a folder outside it\n"
     assert sorted(data_dir.rglob("*")) == before
@@ -273,18 +338,27 @@ def test_an_out_dir_inside_the_data_tree_is_one_line_naming_it(monkeypatch, caps
 
 def test_a_disk_that_fills_up_mid_run_is_one_line(monkeypatch, capsys, tmp_path, data_dir):
     monkeypatch.setattr(engine.run, "write_atomically", disk_full_when(lambda path: path.name == "model.pth"))
-    code, err = run_main(monkeypatch, capsys, "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "run"), *QUICK_FLAGS)
+    code, err = run_main(
+        monkeypatch, capsys, "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "run"), *QUICK_FLAGS
+    )
     assert code == 1 and err.count("\n") == 1 and "disk is full" in err and "--resume" in err
     assert (tmp_path / "run/last.ckpt").is_file()
 
 
 def test_limit_train_of_one_image_blames_the_flag(monkeypatch, capsys, tmp_path, data_dir):
-    code, err = run_main(monkeypatch, capsys, "--data-dir", str(data_dir), "--limit-train", "1", "--out-dir", str(tmp_path / "run"))
+    code, err = run_main(
+        monkeypatch, capsys, "--data-dir", str(data_dir), "--limit-train", "1", "--out-dir", str(tmp_path / "run")
+    )
     assert code == 2 and "--limit-train 1" in err and str(data_dir) not in err
 
 
-@pytest.mark.parametrize("content, held", [(torch.zeros(3), "a Tensor"), ([1, 2], "a list"), ({"fc1.weight": torch.zeros(2)}, "plain state dict")])
+@pytest.mark.parametrize(
+    "content, held",
+    [(torch.zeros(3), "a Tensor"), ([1, 2], "a list"), ({"fc1.weight": torch.zeros(2)}, "plain state dict")],
+)
 def test_resume_from_a_file_that_is_no_training_checkpoint(monkeypatch, capsys, tmp_path, content, held):
     torch.save(content, tmp_path / "other.pt")
-    code, err = run_main(monkeypatch, capsys, "--resume", str(tmp_path / "other.pt"), "--out-dir", str(tmp_path / "run"))
+    code, err = run_main(
+        monkeypatch, capsys, "--resume", str(tmp_path / "other.pt"), "--out-dir", str(tmp_path / "run")
+    )
     assert code == 2 and err.count("\n") == 1 and held in err and "not a training checkpoint" in err

@@ -1,4 +1,7 @@
-"""Decoding image files: engine.decode_image, the one decoding of image-folder trees and predict.py, for every mode and size."""
+"""Decoding image files: engine.decode_image, the one decoding of image-folder trees and predict.py, for every mode and
+size.
+"""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -67,7 +70,9 @@ def test_a_float_tiff_is_scaled_from_0_1_or_else_stretched_from_its_range_with_a
     assert torch.equal(decoded(tmp_path / "light.tiff")[0], torch.from_numpy(np.rint(light * 255).astype(np.uint8)))
     assert capsys.readouterr().err == ""
     Image.fromarray(light * 4 - 1).save(tmp_path / "other-units.tiff")  # -1..3: no scale to go by
-    assert torch.equal(decoded(tmp_path / "other-units.tiff")[0], torch.from_numpy(np.rint(light * 255).astype(np.uint8)))
+    assert torch.equal(
+        decoded(tmp_path / "other-units.tiff")[0], torch.from_numpy(np.rint(light * 255).astype(np.uint8))
+    )
     notes = capsys.readouterr().err.splitlines()
     assert len(notes) == 1 and notes[0].startswith(f"note: {tmp_path / 'other-units.tiff'} holds values from -1 to 3")
     Image.fromarray(np.full((32, 32), np.nan, dtype=np.float32)).save(tmp_path / "nan.tiff")
@@ -79,9 +84,12 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header_alone(tmp_path
     huge = png_header_claiming(tmp_path / "huge.png", 11_000, 11_000)  # 121 million pixels: Pillow only warns
     with pytest.raises(engine.UnreadableImage) as refused:
         decoded(huge)
-    assert str(refused.value) == (f"{huge} is 11000x11000 pixels, more than the {engine.MAX_DECODED_PIXELS:,} the toolkit decodes "
-                                  f"(its bound on memory); shrink it first")
-    # A smaller limit, for real images: a PNG is decoded whole, so it is refused; a JPEG being resized is decoded at 1/8 scale.
+    assert str(refused.value) == (
+        f"{huge} is 11000x11000 pixels, more than the {engine.MAX_DECODED_PIXELS:,} the toolkit decodes "
+        f"(its bound on memory); shrink it first"
+    )
+    # A smaller limit, for real images: a PNG is decoded whole, so it is refused; a JPEG being resized is decoded at 1/8
+    # scale.
     monkeypatch.setattr(images_module, "MAX_DECODED_PIXELS", 64 * 64)
     big = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
     Image.fromarray(big).save(tmp_path / "big.png")
@@ -96,7 +104,11 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header_alone(tmp_path
 def test_a_cache_of_another_decoding_is_rebuilt(image_folder, monkeypatch):
     data_module.load_dataset(image_folder)
     decodings = []
-    monkeypatch.setattr(data_module, "decode_image", lambda path, size=None: decodings.append(path) or images_module.decode_image(path, size))
+    monkeypatch.setattr(
+        data_module,
+        "decode_image",
+        lambda path, size=None: decodings.append(path) or images_module.decode_image(path, size),
+    )
     data_module.load_dataset(image_folder)
     assert decodings == []  # the cache served
     monkeypatch.setattr(data_module, "DECODING_VERSION", "a later one")

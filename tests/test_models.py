@@ -1,4 +1,5 @@
 """The README's models: shapes, sizes, gradients, learning, registry, comparison runs."""
+
 from __future__ import annotations
 
 
@@ -25,15 +26,63 @@ def bn(c):
 
 
 EXPECTED_PARAMETERS = {
-    "CIFAR10Net": conv(3, 20, 3) + bn(20) + conv(20, 40, 4) + bn(40) + linear(1440, 124) + bn(124) + linear(124, 64) + bn(64) + linear(64, 10),
-    "CIFAR10Net_2": conv(3, 20, 3) + bn(20) + conv(20, 40, 4) + bn(40) + linear(1440, 32) + bn(32) + linear(32, 16) + bn(16) + linear(16, 10),
+    "CIFAR10Net": conv(3, 20, 3)
+    + bn(20)
+    + conv(20, 40, 4)
+    + bn(40)
+    + linear(1440, 124)
+    + bn(124)
+    + linear(124, 64)
+    + bn(64)
+    + linear(64, 10),
+    "CIFAR10Net_2": conv(3, 20, 3)
+    + bn(20)
+    + conv(20, 40, 4)
+    + bn(40)
+    + linear(1440, 32)
+    + bn(32)
+    + linear(32, 16)
+    + bn(16)
+    + linear(16, 10),
     "CIFAR10Net_3": conv(3, 20, 3) + bn(20) + conv(20, 40, 4) + bn(40) + linear(1440, 10),
-    "CIFAR10Net_4": conv(3, 16, 5) + conv(16, 16, 5) + conv(16, 32, 3) + conv(32, 32, 3) + bn(16) * 2 + bn(32) * 2
-    + linear(512, 64) + bn(64) + linear(64, 32) + bn(32) + linear(32, 10),
-    "CIFAR10Net_5": conv(3, 32, 3) + conv(32, 32, 3) + conv(32, 64, 3) + conv(64, 64, 3) + bn(32) * 2 + bn(64) * 2
-    + linear(1600, 32) + bn(32) + linear(32, 10),
-    "CIFAR10Net_7": conv(3, 20, 3) + bn(20) + conv(20, 40, 4) + bn(40) + linear(1440, 124) + bn(124) + linear(124, 64) + bn(64) + linear(64, 10),
-    "CIFAR10Net_optim": conv(3, 20, 3) + bn(20) + conv(20, 40, 4) + bn(40) + linear(1440, 128) + bn(128) + linear(128, 128) + bn(128) + linear(128, 10),
+    "CIFAR10Net_4": conv(3, 16, 5)
+    + conv(16, 16, 5)
+    + conv(16, 32, 3)
+    + conv(32, 32, 3)
+    + bn(16) * 2
+    + bn(32) * 2
+    + linear(512, 64)
+    + bn(64)
+    + linear(64, 32)
+    + bn(32)
+    + linear(32, 10),
+    "CIFAR10Net_5": conv(3, 32, 3)
+    + conv(32, 32, 3)
+    + conv(32, 64, 3)
+    + conv(64, 64, 3)
+    + bn(32) * 2
+    + bn(64) * 2
+    + linear(1600, 32)
+    + bn(32)
+    + linear(32, 10),
+    "CIFAR10Net_7": conv(3, 20, 3)
+    + bn(20)
+    + conv(20, 40, 4)
+    + bn(40)
+    + linear(1440, 124)
+    + bn(124)
+    + linear(124, 64)
+    + bn(64)
+    + linear(64, 10),
+    "CIFAR10Net_optim": conv(3, 20, 3)
+    + bn(20)
+    + conv(20, 40, 4)
+    + bn(40)
+    + linear(1440, 128)
+    + bn(128)
+    + linear(128, 128)
+    + bn(128)
+    + linear(128, 10),
 }
 EXPECTED_PARAMETERS["CIFAR10Net_6"] = EXPECTED_PARAMETERS["CIFAR10Net_4"] + conv(3, 16, 9) + conv(16, 32, 5)
 
@@ -47,7 +96,8 @@ def fast_vgg(w0, w1, w2):
 
 EXPECTED_PARAMETERS["FastVGG"] = fast_vgg(64, 256, 256)
 EXPECTED_PARAMETERS["FastVGG_narrow"] = fast_vgg(32, 128, 128)
-EXPECTED_PARAMETERS["Airbench94_muon"] = fast_vgg(64, 256, 256) - bn(24)  # the same, but its whitening stem has no BatchNorm
+# the same, but its whitening stem has no BatchNorm
+EXPECTED_PARAMETERS["Airbench94_muon"] = fast_vgg(64, 256, 256) - bn(24)
 EXPECTED_PARAMETERS["Airbench94_muon_narrow"] = fast_vgg(32, 128, 128) - bn(24)
 
 
@@ -119,11 +169,28 @@ def test_list_and_unknown_model(monkeypatch, capsys):
 
 def test_comparison_writes_table_and_figure_and_resumes(monkeypatch, capsys, tmp_path, split):
     monkeypatch.setattr(engine, "load_split", lambda config: split)
-    flags = ["--models", "CIFAR10Net_2", "CIFAR10Net_3", "--epochs", "1", "--batch-size", "32", "--augment", "none",
-             "--no-tsne", "--no-progress", "--device", "cpu", "--out-dir", str(tmp_path)]
+    flags = [
+        "--models",
+        "CIFAR10Net_2",
+        "CIFAR10Net_3",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--augment",
+        "none",
+        "--no-tsne",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(tmp_path),
+    ]
     trained = []
     original_train = engine.train
-    monkeypatch.setattr(engine, "train", lambda config, net, **kw: trained.append(config.model) or original_train(config, net, **kw))
+    monkeypatch.setattr(
+        engine, "train", lambda config, net, **kw: trained.append(config.model) or original_train(config, net, **kw)
+    )
 
     # Interrupted after the first model: its test.json exists, the second has only a checkpoint.
     assert run_script(monkeypatch, "--models", "CIFAR10Net_2", *flags[3:]) == 0

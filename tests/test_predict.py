@@ -1,4 +1,5 @@
 """Using a trained model: predict.py on the user's own images, evaluate.py on the test set, saved_models underneath."""
+
 from __future__ import annotations
 
 import csv
@@ -18,7 +19,16 @@ import evaluate
 import functions as fn
 import predict
 import saved_models
-from conftest import from_pil, png_header_claiming, quick_config, run_command as run_script, synthetic_arrays, to_pil, transfer_net, write_image_folder
+from conftest import (
+    from_pil,
+    png_header_claiming,
+    quick_config,
+    run_command as run_script,
+    synthetic_arrays,
+    to_pil,
+    transfer_net,
+    write_image_folder,
+)
 from models.transfer import TransferNet
 
 
@@ -58,13 +68,15 @@ def card_normalisation(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def expected_probabilities(net, images: torch.Tensor, mean, std, tta: str = "none") -> torch.Tensor:
     """The model's own answer on its own tensors: engine.predict on the uint8 images, softmaxed."""
-    return engine.predict(net, images, torch.zeros(len(images), dtype=torch.long), mean, std, tta=tta)["logits"].softmax(1)
+    return engine.predict(net, images, torch.zeros(len(images), dtype=torch.long), mean, std, tta=tta)[
+        "logits"
+    ].softmax(1)
 
 
 @pytest.fixture
 def photos(tmp_path, tiny_run) -> tuple[list[Path], torch.Tensor]:
-    """Four test images as files, and the uint8 tensors the model should see for them: a 32x32 PNG, one enlarged to a 64x64
-    PNG by nearest neighbour, one in grayscale ("L"; the model sees it as gray RGB) and a BMP."""
+    """Four test images as files, and the uint8 tensors the model should see for them: a 32x32 PNG, one enlarged to a
+    64x64 PNG by nearest neighbour, one in grayscale ("L"; the model sees it as gray RGB) and a BMP."""
     images = tiny_run.split.test_images[:4]
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -114,8 +126,20 @@ def untrained(name: str, seed: int) -> torch.nn.Module:
 def test_predict_answers_with_the_models_own_classes_and_probabilities(monkeypatch, capsys, tmp_path, tiny_run, photos):
     paths, seen = photos
     expected = expected_probabilities(trained_net(tiny_run.run_dir), seen, *card_normalisation(tiny_run.run_dir))
-    code, out, err = run_script(predict, monkeypatch, capsys, "--run", tiny_run.run_dir, "--device", "cpu", "--top", 10,
-                                "--csv", tmp_path / "out.csv", *paths)
+    code, out, err = run_script(
+        predict,
+        monkeypatch,
+        capsys,
+        "--run",
+        tiny_run.run_dir,
+        "--device",
+        "cpu",
+        "--top",
+        10,
+        "--csv",
+        tmp_path / "out.csv",
+        *paths,
+    )
     assert (code, err) == (0, "")
     assert "resized to 32x32" in out
     rows = read_csv(tmp_path / "out.csv")
@@ -130,39 +154,75 @@ def test_predict_answers_with_the_models_own_classes_and_probabilities(monkeypat
     assert all(line.count("%") == 3 for line in lines)
 
 
-def test_predict_with_test_time_augmentation_answers_as_predict_does_under_it(monkeypatch, capsys, tmp_path, tiny_run, photos):
+def test_predict_with_test_time_augmentation_answers_as_predict_does_under_it(
+    monkeypatch, capsys, tmp_path, tiny_run, photos
+):
     paths, seen = photos
     net, normalisation = trained_net(tiny_run.run_dir), card_normalisation(tiny_run.run_dir)
     for tta in ("flip", "flip-translate"):
-        code, out, err = run_script(predict, monkeypatch, capsys, "--run", tiny_run.run_dir, "--device", "cpu", "--top", 10,
-                                    "--tta", tta, "--csv", tmp_path / f"{tta}.csv", *paths)
+        code, out, err = run_script(
+            predict,
+            monkeypatch,
+            capsys,
+            "--run",
+            tiny_run.run_dir,
+            "--device",
+            "cpu",
+            "--top",
+            10,
+            "--tta",
+            tta,
+            "--csv",
+            tmp_path / f"{tta}.csv",
+            *paths,
+        )
         assert code == 0 and f"{tta} test-time augmentation" in out
         got = csv_probabilities(read_csv(tmp_path / f"{tta}.csv"), fn.CLASSES)
         assert torch.allclose(got, expected_probabilities(net, seen, *normalisation, tta=tta).double(), atol=2e-6)
-        assert not torch.allclose(got, expected_probabilities(net, seen, *normalisation).double(), atol=1e-4)  # the views count
+        # the views count
+        assert not torch.allclose(got, expected_probabilities(net, seen, *normalisation).double(), atol=1e-4)
 
 
-def test_a_folder_gives_its_images_by_suffix_and_its_sub_folders_only_when_recursive(monkeypatch, capsys, tmp_path, tiny_run, photos):
+def test_a_folder_gives_its_images_by_suffix_and_its_sub_folders_only_when_recursive(
+    monkeypatch, capsys, tmp_path, tiny_run, photos
+):
     paths, _ = photos
     folder = paths[0].parent
     (folder / "notes.txt").write_text("not an image")
     (folder / ".hidden.png").write_bytes(b"not an image either")
     (folder / "more").mkdir()
     to_pil(tiny_run.split.test_images[9]).save(folder / "more" / "e.webp", lossless=True)
-    code, _, err = run_script(predict, monkeypatch, capsys, "--run", tiny_run.run_dir, "--device", "cpu", "--csv", tmp_path / "f.csv", folder)
+    code, _, err = run_script(
+        predict, monkeypatch, capsys, "--run", tiny_run.run_dir, "--device", "cpu", "--csv", tmp_path / "f.csv", folder
+    )
     assert (code, err) == (0, "")
     assert [row["path"] for row in read_csv(tmp_path / "f.csv")] == [str(path) for path in sorted(paths)]
-    code, _, err = run_script(predict, monkeypatch, capsys, "--run", tiny_run.run_dir, "--device", "cpu", "--recursive",
-                              "--csv", tmp_path / "r.csv", folder, paths[0])  # paths[0] twice: predicted once
+    # paths[0] twice: predicted once
+    code, _, err = run_script(
+        predict,
+        monkeypatch,
+        capsys,
+        "--run",
+        tiny_run.run_dir,
+        "--device",
+        "cpu",
+        "--recursive",
+        "--csv",
+        tmp_path / "r.csv",
+        folder,
+        paths[0],
+    )
     assert (code, err) == (0, "")
-    assert [row["path"] for row in read_csv(tmp_path / "r.csv")] == [str(path) for path in sorted([*paths, folder / "more" / "e.webp"])]
+    assert [row["path"] for row in read_csv(tmp_path / "r.csv")] == [
+        str(path) for path in sorted([*paths, folder / "more" / "e.webp"])
+    ]
 
 
 def test_many_images_without_csv_print_a_summary_and_ask_for_csv(monkeypatch, capsys, tmp_path, tiny_run):
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "many"
     folder.mkdir()
-    for index, image in enumerate(tiny_run.split.test_images[:predict.PRINTED_IMAGES + 1]):
+    for index, image in enumerate(tiny_run.split.test_images[: predict.PRINTED_IMAGES + 1]):
         to_pil(image).save(folder / f"{index:02d}.png")
     code, out, err = run_script(predict, monkeypatch, capsys, "--run", tiny_run.run_dir, "--device", "cpu", folder)
     assert (code, err) == (0, "")
@@ -181,14 +241,19 @@ def test_a_path_that_gives_no_image_is_one_line_before_the_model_loads(monkeypat
         bad.mkdir()
         (bad / "readme.txt").write_text("no images here")
     monkeypatch.setattr(saved_models, "open_saved_model", lambda *args: pytest.fail("the model should not load"))
-    code, out, err = run_script(predict, monkeypatch, capsys, "--run", tiny_run.run_dir, "--device", "cpu", folder / "fine.png", bad)
+    code, out, err = run_script(
+        predict, monkeypatch, capsys, "--run", tiny_run.run_dir, "--device", "cpu", folder / "fine.png", bad
+    )
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and str(bad) in err
 
 
-def test_files_that_cannot_be_used_are_listed_after_the_predictions_of_the_others(monkeypatch, capsys, tmp_path, tiny_run):
-    """A truncated JPEG, a PNG over the pixel limit and a text file named on the command line, among good images: the good
-    ones are predicted as if alone, each bad one is one line with its reason, and the exit status says the data had a problem."""
+def test_files_that_cannot_be_used_are_listed_after_the_predictions_of_the_others(
+    monkeypatch, capsys, tmp_path, tiny_run
+):
+    """A truncated JPEG, a PNG over the pixel limit and a text file named on the command line, among good images: the
+    good ones are predicted as if alone, each bad one is one line with its reason, and the exit status says the data had
+    a problem."""
     folder = tmp_path / "holiday"
     folder.mkdir()
     images = tiny_run.split.test_images[:3]
@@ -202,8 +267,21 @@ def test_files_that_cannot_be_used_are_listed_after_the_predictions_of_the_other
     monkeypatch.setattr(engine.images, "MAX_DECODED_PIXELS", 64 * 64)
     text = tmp_path / "notes.txt"
     text.write_text("these are not pixels")
-    code, out, err = run_script(predict, monkeypatch, capsys, "--run", tiny_run.run_dir, "--device", "cpu", "--top", 10,
-                                "--csv", tmp_path / "out.csv", folder, text)
+    code, out, err = run_script(
+        predict,
+        monkeypatch,
+        capsys,
+        "--run",
+        tiny_run.run_dir,
+        "--device",
+        "cpu",
+        "--top",
+        10,
+        "--csv",
+        tmp_path / "out.csv",
+        folder,
+        text,
+    )
     assert code == 2
     rows = read_csv(tmp_path / "out.csv")
     assert [row["path"] for row in rows] == [str(path) for path in good]
@@ -212,7 +290,8 @@ def test_files_that_cannot_be_used_are_listed_after_the_predictions_of_the_other
     assert torch.allclose(csv_probabilities(rows, fn.CLASSES), expected.double(), atol=2e-6)
     assert "3 images resized to 32x32" in out and all(str(path) in out for path in good)
     lines = err.splitlines()
-    assert lines[0].startswith(f"{truncated} cannot be read as an image (") and "truncated" in lines[0].lower()  # Pillow's words
+    # Pillow's words
+    assert lines[0].startswith(f"{truncated} cannot be read as an image (") and "truncated" in lines[0].lower()
     assert lines[1:] == [
         f"{too_large} is 96x96 pixels, more than the 4,096 the toolkit decodes (its bound on memory); shrink it first",
         f"{text} cannot be read as an image (not an image Pillow can decode); delete it or copy it again",
@@ -225,11 +304,15 @@ def test_a_png_of_121_million_pixels_is_refused_in_one_line_without_pillows_warn
     huge = png_header_claiming(tmp_path / "huge.png", 11_000, 11_000)
     photo = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(photo)
-    done = subprocess.run([sys.executable, predict.__file__, str(huge), str(photo)], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, predict.__file__, str(huge), str(photo)], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 2 and done.stdout.splitlines()[-1].startswith(f"{photo}: ")
-    assert done.stderr.splitlines() == [f"{huge} is 11000x11000 pixels, more than the 33,554,432 the toolkit decodes (its bound on "
-                                        "memory); shrink it first", "error: 1 of 2 images could not be used (listed above); 1 was predicted"]
+    assert done.stderr.splitlines() == [
+        f"{huge} is 11000x11000 pixels, more than the 33,554,432 the toolkit decodes (its bound on "
+        "memory); shrink it first",
+        "error: 1 of 2 images could not be used (listed above); 1 was predicted",
+    ]
 
 
 def test_a_missing_run_folder_is_one_line_naming_run(monkeypatch, capsys, tmp_path, photos):
@@ -243,34 +326,73 @@ def test_a_missing_run_folder_is_one_line_naming_run(monkeypatch, capsys, tmp_pa
 
 def test_a_checkpoint_alone_carries_its_model_card(monkeypatch, capsys, tmp_path, tiny_run, photos):
     paths, seen = photos
-    expected = expected_probabilities(trained_net(tiny_run.run_dir, "best.ckpt"), seen, *card_normalisation(tiny_run.run_dir))
+    expected = expected_probabilities(
+        trained_net(tiny_run.run_dir, "best.ckpt"), seen, *card_normalisation(tiny_run.run_dir)
+    )
     lonely = tmp_path / "elsewhere" / "best.ckpt"  # no model.json beside it: the card comes from the checkpoint
     lonely.parent.mkdir()
     lonely.write_bytes((tiny_run.run_dir / "best.ckpt").read_bytes())
     for flags in (("--checkpoint", lonely), ("--run", tiny_run.run_dir, "--checkpoint", "best.ckpt")):
-        code, _, err = run_script(predict, monkeypatch, capsys, *flags, "--device", "cpu", "--top", 10, "--csv", tmp_path / "c.csv", *paths)
+        code, _, err = run_script(
+            predict, monkeypatch, capsys, *flags, "--device", "cpu", "--top", 10, "--csv", tmp_path / "c.csv", *paths
+        )
         assert (code, err) == (0, "")
         assert torch.allclose(csv_probabilities(read_csv(tmp_path / "c.csv"), fn.CLASSES), expected.double(), atol=2e-6)
 
 
-def test_a_plain_state_dict_takes_the_datas_statistics_or_cifar10s_published_ones(monkeypatch, capsys, tmp_path, tiny_run, photos):
+def test_a_plain_state_dict_takes_the_datas_statistics_or_cifar10s_published_ones(
+    monkeypatch, capsys, tmp_path, tiny_run, photos
+):
     paths, seen = photos
     weights = tmp_path / "study" / "CIFAR10Net.pth"
     weights.parent.mkdir()
     torch.save(trained_net(tiny_run.run_dir).state_dict(), weights)
     code, _, err = run_script(predict, monkeypatch, capsys, "--checkpoint", weights, "--device", "cpu", paths[0])
     assert code == 2 and "--model" in err and len(err.strip().splitlines()) == 1
-    code, out, err = run_script(predict, monkeypatch, capsys, "--checkpoint", weights, "--model", "CIFAR10Net", "--data-dir",
-                                tmp_path / "no-data", "--device", "cpu", "--top", 10, "--csv", tmp_path / "p.csv", *paths)
+    code, out, err = run_script(
+        predict,
+        monkeypatch,
+        capsys,
+        "--checkpoint",
+        weights,
+        "--model",
+        "CIFAR10Net",
+        "--data-dir",
+        tmp_path / "no-data",
+        "--device",
+        "cpu",
+        "--top",
+        10,
+        "--csv",
+        tmp_path / "p.csv",
+        *paths,
+    )
     assert (code, err) == (0, "")
     notes = [line for line in out.splitlines() if line.startswith("note:")]
-    assert len(notes) == 1 and "published" in notes[0] and not (tmp_path / "no-data").exists()  # said once; nothing downloaded
+    # said once; nothing downloaded
+    assert len(notes) == 1 and "published" in notes[0] and not (tmp_path / "no-data").exists()
     official = torch.tensor(saved_models.OFFICIAL_MEAN), torch.tensor(saved_models.OFFICIAL_STD)
     expected = expected_probabilities(trained_net(tiny_run.run_dir), seen, *official)
     assert torch.allclose(csv_probabilities(read_csv(tmp_path / "p.csv"), fn.CLASSES), expected.double(), atol=2e-6)
     # With the data at hand, its training split's statistics, as training computes them; no note.
-    code, out, err = run_script(predict, monkeypatch, capsys, "--checkpoint", weights, "--model", "CIFAR10Net", "--data-dir",
-                                tiny_run.data_dir, "--device", "cpu", "--top", 10, "--csv", tmp_path / "d.csv", *paths)
+    code, out, err = run_script(
+        predict,
+        monkeypatch,
+        capsys,
+        "--checkpoint",
+        weights,
+        "--model",
+        "CIFAR10Net",
+        "--data-dir",
+        tiny_run.data_dir,
+        "--device",
+        "cpu",
+        "--top",
+        10,
+        "--csv",
+        tmp_path / "d.csv",
+        *paths,
+    )
     assert (code, err) == (0, "") and "note:" not in out
     data = engine.load_split(engine.RunConfig(model="CIFAR10Net", data_dir=str(tiny_run.data_dir)))
     expected = expected_probabilities(trained_net(tiny_run.run_dir), seen, data.mean, data.std)
@@ -282,12 +404,20 @@ def test_an_old_transfer_learning_run_is_rebuilt_from_its_transfer_json(tmp_path
     run_dir = tmp_path / "resnet18-transfer-fc"
     run_dir.mkdir()
     torch.save(net.state_dict(), run_dir / "model.pth")
-    card = {"model": "resnet18-transfer-fc", "classes": list(fn.CLASSES), "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-            "image_size": 32, "tta": "none"}
+    card = {
+        "model": "resnet18-transfer-fc",
+        "classes": list(fn.CLASSES),
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "image_size": 32,
+        "tta": "none",
+    }
     engine.write_json(run_dir / "model.json", card)
     with pytest.raises(fn.UserError, match="resnet18-transfer-fc, which is not a registered model"):
         saved_models.open_saved_model(run=run_dir)
-    engine.write_json(run_dir / "transfer.json", {"arch": "resnet18", "weights": "default", "image_size": 32, "finetune": "fc"})
+    engine.write_json(
+        run_dir / "transfer.json", {"arch": "resnet18", "weights": "default", "image_size": 32, "finetune": "fc"}
+    )
     saved = saved_models.open_saved_model(run=run_dir)
     assert isinstance(saved.net, TransferNet) and saved.card.mean == (0.485, 0.456, 0.406)
     assert all(torch.equal(value, net.state_dict()[key]) for key, value in saved.net.state_dict().items())
@@ -299,7 +429,9 @@ def test_a_card_that_disagrees_with_model_or_is_damaged_is_one_line(tmp_path, ti
     copy = tmp_path / "copy"
     copy.mkdir()
     (copy / "model.pth").write_bytes((tiny_run.run_dir / "model.pth").read_bytes())
-    (copy / "model.json").write_text('{"model": "CIFAR10Net", "classes": ["cat"], "mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}')
+    (copy / "model.json").write_text(
+        '{"model": "CIFAR10Net", "classes": ["cat"], "mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}'
+    )
     with pytest.raises(fn.UserError, match="classes must be a list of at least 2 class names"):
         saved_models.open_saved_model(run=copy)
 
@@ -307,17 +439,31 @@ def test_a_card_that_disagrees_with_model_or_is_damaged_is_one_line(tmp_path, ti
 # --------------------------------------------------------------------------------------------
 # evaluate.py
 # --------------------------------------------------------------------------------------------
-REPORT_KEYS = ("test_accuracy", "per_class_accuracy", "per_class", "macro_avg", "weighted_avg", "confusion_matrix", "num_test_images")
+REPORT_KEYS = (
+    "test_accuracy",
+    "per_class_accuracy",
+    "per_class",
+    "macro_avg",
+    "weighted_avg",
+    "confusion_matrix",
+    "num_test_images",
+)
 
 
 def test_evaluating_a_runs_model_pth_reproduces_its_test_json(monkeypatch, capsys, tiny_run):
     test_json = (tiny_run.run_dir / "test.json").read_bytes()
-    code, out, err = run_script(evaluate, monkeypatch, capsys, "--run", tiny_run.run_dir, "--data-dir", tiny_run.data_dir, "--device", "cpu")
+    code, out, err = run_script(
+        evaluate, monkeypatch, capsys, "--run", tiny_run.run_dir, "--data-dir", tiny_run.data_dir, "--device", "cpu"
+    )
     assert (code, err) == (0, "")
     evaluation = engine.read_json(tiny_run.run_dir / "evaluation-model.json")
     recorded = engine.read_json(tiny_run.run_dir / "test.json")
     assert {key: evaluation[key] for key in REPORT_KEYS} == {key: recorded[key] for key in REPORT_KEYS}
-    assert (evaluation["model"], evaluation["tta"], evaluation["checkpoint"]) == ("CIFAR10Net", "none", str(tiny_run.run_dir / "model.pth"))
+    assert (evaluation["model"], evaluation["tta"], evaluation["checkpoint"]) == (
+        "CIFAR10Net",
+        "none",
+        str(tiny_run.run_dir / "model.pth"),
+    )
     assert f"{recorded['test_accuracy']:.4f}" in out
     assert (tiny_run.run_dir / "evaluation-model-confusion.png").stat().st_size > 0
     assert (tiny_run.run_dir / "test.json").read_bytes() == test_json  # the run's own results untouched
@@ -330,7 +476,9 @@ def test_evaluate_normalises_by_the_model_card_not_by_the_data(monkeypatch, caps
     (copy / "model.pth").write_bytes((tiny_run.run_dir / "model.pth").read_bytes())
     card = {**engine.read_json(tiny_run.run_dir / "model.json"), "mean": [0.1, 0.6, 0.3], "std": [0.5, 0.2, 0.9]}
     engine.write_json(copy / "model.json", card)
-    code, _, err = run_script(evaluate, monkeypatch, capsys, "--run", copy, "--data-dir", tiny_run.data_dir, "--device", "cpu")
+    code, _, err = run_script(
+        evaluate, monkeypatch, capsys, "--run", copy, "--data-dir", tiny_run.data_dir, "--device", "cpu"
+    )
     assert (code, err) == (0, "")
     evaluation = {key: engine.read_json(copy / "evaluation-model.json")[key] for key in REPORT_KEYS}
     assert evaluation == report_of(trained_net(copy), tiny_run.split, card["mean"], card["std"])
@@ -339,9 +487,23 @@ def test_evaluate_normalises_by_the_model_card_not_by_the_data(monkeypatch, caps
 
 def test_evaluating_best_ckpt_reports_the_weights_it_holds(monkeypatch, capsys, tmp_path, tiny_run):
     """test.json measured model.pth, the final weights; best.ckpt holds the epoch of the lowest validation loss, the
-    same weights only when that epoch was the last one. A checkpoint given other weights shows which ones are measured."""
-    code, _, err = run_script(evaluate, monkeypatch, capsys, "--run", tiny_run.run_dir, "--checkpoint", "best.ckpt", "--data-dir",
-                              tiny_run.data_dir, "--device", "cpu", "--out-dir", tmp_path)
+    same weights only when that epoch was the last one. A checkpoint given other weights shows which ones are measured.
+    """
+    code, _, err = run_script(
+        evaluate,
+        monkeypatch,
+        capsys,
+        "--run",
+        tiny_run.run_dir,
+        "--checkpoint",
+        "best.ckpt",
+        "--data-dir",
+        tiny_run.data_dir,
+        "--device",
+        "cpu",
+        "--out-dir",
+        tmp_path,
+    )
     assert (code, err) == (0, "")
     assert not (tiny_run.run_dir / "evaluation-best.json").exists()  # --out-dir respected
     evaluation = {key: engine.read_json(tmp_path / "evaluation-best.json")[key] for key in REPORT_KEYS}
@@ -355,8 +517,19 @@ def test_evaluating_best_ckpt_reports_the_weights_it_holds(monkeypatch, capsys, 
     other = untrained("CIFAR10Net", seed=5)
     checkpoint["state_dict"] = {f"net.{key}": value for key, value in other.state_dict().items()}
     torch.save(checkpoint, tmp_path / "other.ckpt")
-    code, _, err = run_script(evaluate, monkeypatch, capsys, "--checkpoint", tmp_path / "other.ckpt", "--data-dir", tiny_run.data_dir,
-                              "--device", "cpu", "--out-dir", tmp_path)
+    code, _, err = run_script(
+        evaluate,
+        monkeypatch,
+        capsys,
+        "--checkpoint",
+        tmp_path / "other.ckpt",
+        "--data-dir",
+        tiny_run.data_dir,
+        "--device",
+        "cpu",
+        "--out-dir",
+        tmp_path,
+    )
     assert (code, err) == (0, "")
     evaluation = {key: engine.read_json(tmp_path / "evaluation-other.json")[key] for key in REPORT_KEYS}
     assert evaluation == report_of(other, tiny_run.split) != {key: recorded[key] for key in REPORT_KEYS}
@@ -367,23 +540,63 @@ def test_a_plain_state_dict_with_model_evaluates_with_the_datas_statistics(monke
     weights = tmp_path / "CIFAR10Net_7.pth"
     torch.save(net.state_dict(), weights)
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_script(evaluate, monkeypatch, capsys, "--checkpoint", weights, "--model", "CIFAR10Net_7", "--data-dir",
-                                tiny_run.data_dir, "--device", "cpu")
+    code, out, err = run_script(
+        evaluate,
+        monkeypatch,
+        capsys,
+        "--checkpoint",
+        weights,
+        "--model",
+        "CIFAR10Net_7",
+        "--data-dir",
+        tiny_run.data_dir,
+        "--device",
+        "cpu",
+    )
     assert (code, err) == (0, "")
     written = Path("runs/evaluations") / tmp_path.name / "evaluation-CIFAR10Net_7.json"  # weights outside a run folder
     assert str(written) in out and not (tmp_path / "evaluation-CIFAR10Net_7.json").exists()
     evaluation = {key: engine.read_json(tmp_path / written)[key] for key in REPORT_KEYS}
-    data = engine.load_split(engine.RunConfig(model="CIFAR10Net_7", data_dir=str(tiny_run.data_dir)))  # its statistics, as training's
+    # its statistics, as training's
+    data = engine.load_split(engine.RunConfig(model="CIFAR10Net_7", data_dir=str(tiny_run.data_dir)))
     assert evaluation == report_of(net, data)
-    assert evaluation != report_of(net, data, saved_models.OFFICIAL_MEAN, saved_models.OFFICIAL_STD)  # the data's, not CIFAR-10's
-    code, out, err = run_script(evaluate, monkeypatch, capsys, "--checkpoint", weights, "--model", "CIFAR10Net_7", "--tta", "flip",
-                                "--data-dir", tiny_run.data_dir, "--device", "cpu", "--out-dir", tmp_path / "flip")
+    # the data's, not CIFAR-10's
+    assert evaluation != report_of(net, data, saved_models.OFFICIAL_MEAN, saved_models.OFFICIAL_STD)
+    code, out, err = run_script(
+        evaluate,
+        monkeypatch,
+        capsys,
+        "--checkpoint",
+        weights,
+        "--model",
+        "CIFAR10Net_7",
+        "--tta",
+        "flip",
+        "--data-dir",
+        tiny_run.data_dir,
+        "--device",
+        "cpu",
+        "--out-dir",
+        tmp_path / "flip",
+    )
     assert (code, err) == (0, "") and "with flip test-time augmentation" in out
     evaluation = engine.read_json(tmp_path / "flip" / "evaluation-CIFAR10Net_7.json")
     assert evaluation["tta"] == "flip"
     assert {key: evaluation[key] for key in REPORT_KEYS} == report_of(net, data, tta="flip") != report_of(net, data)
-    code, _, err = run_script(evaluate, monkeypatch, capsys, "--checkpoint", weights, "--model", "CIFAR10Net_2", "--data-dir",
-                              tiny_run.data_dir, "--device", "cpu")  # (CIFAR10Net_7 has CIFAR10Net's very shapes: not a test of this)
+    # (CIFAR10Net_7 has CIFAR10Net's very shapes: not a test of this)
+    code, _, err = run_script(
+        evaluate,
+        monkeypatch,
+        capsys,
+        "--checkpoint",
+        weights,
+        "--model",
+        "CIFAR10Net_2",
+        "--data-dir",
+        tiny_run.data_dir,
+        "--device",
+        "cpu",
+    )
     assert code == 2 and "does not fit CIFAR10Net_2" in err and len(err.strip().splitlines()) == 1
 
 
@@ -395,7 +608,10 @@ def test_every_option_of_both_scripts_is_explained():
 
 def test_the_shipped_model_answers_without_training(monkeypatch, capsys, tmp_path):
     card = json.loads((predict.DEFAULT_RUN / "model.json").read_text())
-    assert card["model"] == "FastVGG_narrow" and json.loads((predict.DEFAULT_RUN / "test.json").read_text())["test_accuracy"] > 0.85
+    assert (
+        card["model"] == "FastVGG_narrow"
+        and json.loads((predict.DEFAULT_RUN / "test.json").read_text())["test_accuracy"] > 0.85
+    )
     photo = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(photo)
     monkeypatch.setattr(sys, "argv", ["predict.py", str(photo)])
@@ -407,7 +623,9 @@ def test_the_shipped_model_answers_without_training(monkeypatch, capsys, tmp_pat
 def test_evaluating_the_shipped_model_writes_nothing_into_the_repository(monkeypatch, capsys, tmp_path, tiny_run):
     before = sorted(path.name for path in predict.DEFAULT_RUN.iterdir())
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_script(evaluate, monkeypatch, capsys, "--run", predict.DEFAULT_RUN, "--data-dir", tiny_run.data_dir, "--device", "cpu")
+    code, out, err = run_script(
+        evaluate, monkeypatch, capsys, "--run", predict.DEFAULT_RUN, "--data-dir", tiny_run.data_dir, "--device", "cpu"
+    )
     assert (code, err) == (0, "")
     assert sorted(path.name for path in predict.DEFAULT_RUN.iterdir()) == before
     written = Path("runs/evaluations/FastVGG_narrow/evaluation-model.json")

@@ -1,4 +1,7 @@
-"""A model is one class and one registry entry: its options, recipe, initialisation and parameter groups reach the engine unchanged."""
+"""A model is one class and one registry entry: its options, recipe, initialisation and parameter groups reach the
+engine unchanged.
+"""
+
 from __future__ import annotations
 
 import json
@@ -17,7 +20,9 @@ import transfer_learning
 from conftest import write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
-TOY_RECIPE = engine.Recipe(epochs=2, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3, augment="none")
+TOY_RECIPE = engine.Recipe(
+    epochs=2, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3, augment="none"
+)
 INIT_SEED = 1234
 
 
@@ -53,10 +58,14 @@ def toy_initialize(net: ToyNet, data, recipe) -> None:
 
 
 def toy_parameter_groups(net: ToyNet, recipe: engine.Recipe) -> list[dict]:
-    """Convolution weights at 3x the rate with no weight decay; biases at half the rate, decayed 10x; the rest as the recipe says."""
-    return [{"params": [net.conv.weight], "lr": 3 * recipe.lr, "weight_decay": 0.0},
-            {"params": [net.conv.bias, net.fc.bias], "lr": recipe.lr / 2, "weight_decay": 10 * recipe.weight_decay},
-            {"params": [net.fc.weight]}]
+    """Convolution weights at 3x the rate with no weight decay; biases at half the rate, decayed 10x; the rest as the
+    recipe says.
+    """
+    return [
+        {"params": [net.conv.weight], "lr": 3 * recipe.lr, "weight_decay": 0.0},
+        {"params": [net.conv.bias, net.fc.bias], "lr": recipe.lr / 2, "weight_decay": 10 * recipe.weight_decay},
+        {"params": [net.fc.weight]},
+    ]
 
 
 @pytest.fixture
@@ -64,25 +73,53 @@ def toy_registered(monkeypatch):
     monkeypatch.setattr(engine.registry, "MODELS", dict(engine.MODELS))  # the registration stays in this test
     monkeypatch.setattr(engine, "MODELS", engine.registry.MODELS)
     monkeypatch.setattr(modified_models, "MODELS", engine.registry.MODELS)
-    engine.register("ToyNet", engine.ModelSpec(ToyNet, TOY_RECIPE, engine.first_line(ToyNet), initialize=toy_initialize,
-                                               parameter_groups=toy_parameter_groups,
-                                               options=(engine.ModelOption("toy_channels", int, 16, "the toy's filters", low=1, high=64),)))
+    engine.register(
+        "ToyNet",
+        engine.ModelSpec(
+            ToyNet,
+            TOY_RECIPE,
+            engine.first_line(ToyNet),
+            initialize=toy_initialize,
+            parameter_groups=toy_parameter_groups,
+            options=(engine.ModelOption("toy_channels", int, 16, "the toy's filters", low=1, high=64),),
+        ),
+    )
 
 
-def test_a_toy_model_trains_through_the_command_line_with_its_own_initialisation_and_groups(monkeypatch, capsys, tmp_path, arrays,
-                                                                                            toy_registered):
+def test_a_toy_model_trains_through_the_command_line_with_its_own_initialisation_and_groups(
+    monkeypatch, capsys, tmp_path, arrays, toy_registered
+):
     seen = {}
 
     def record_start(module):  # what the Trainer really starts from and optimises with
         seen["weights"] = {name: tensor.detach().clone() for name, tensor in module.net.state_dict().items()}
-        seen["groups"] = [(group["lr"], group["weight_decay"], [id(p) for p in group["params"]])
-                          for group in module.trainer.optimizers[0].param_groups]
+        seen["groups"] = [
+            (group["lr"], group["weight_decay"], [id(p) for p in group["params"]])
+            for group in module.trainer.optimizers[0].param_groups
+        ]
         seen["ids"] = {name: id(parameter) for name, parameter in module.net.named_parameters()}
 
     monkeypatch.setattr(engine.ImageClassifier, "on_train_start", record_start)
     data_dir = write_image_folder(tmp_path / "data", arrays)
-    monkeypatch.setattr(sys, "argv", ["modified_models.py", "--model", "ToyNet", "--toy-channels", "8", "--data-dir", str(data_dir),
-                                      "--no-tsne", "--no-progress", "--device", "cpu", "--out-dir", str(tmp_path / "run")])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "modified_models.py",
+            "--model",
+            "ToyNet",
+            "--toy-channels",
+            "8",
+            "--data-dir",
+            str(data_dir),
+            "--no-tsne",
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(tmp_path / "run"),
+        ],
+    )
     engine.run_cli(modified_models.main)
 
     initial = toy_initial_weights(8)
@@ -90,7 +127,11 @@ def test_a_toy_model_trains_through_the_command_line_with_its_own_initialisation
     assert seen["weights"].keys() == initial.keys()
     assert all(torch.equal(seen["weights"][name], initial[name]) for name in initial)  # not overwritten by Kaiming, say
     ids = seen["ids"]
-    assert [params for _, _, params in seen["groups"]] == [[ids["conv.weight"]], [ids["conv.bias"], ids["fc.bias"]], [ids["fc.weight"]]]
+    assert [params for _, _, params in seen["groups"]] == [
+        [ids["conv.weight"]],
+        [ids["conv.bias"], ids["fc.bias"]],
+        [ids["fc.weight"]],
+    ]
     assert [lr for lr, _, _ in seen["groups"]] == pytest.approx([0.15, 0.025, 0.05])
     assert [decay for _, decay, _ in seen["groups"]] == pytest.approx([0.0, 0.01, 1e-3])
     config = json.loads((tmp_path / "run/config.json").read_text())
@@ -105,7 +146,11 @@ def test_the_registry_lists_a_registered_model_with_its_description(monkeypatch,
     monkeypatch.setattr(sys, "argv", ["modified_models.py", "--list"])
     modified_models.main()
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("ToyNet"))
-    assert "618 parameters" in line and "A convolution, global pooling and a linear layer" in line and "Options: --toy-channels" in line
+    assert (
+        "618 parameters" in line
+        and "A convolution, global pooling and a linear layer" in line
+        and "Options: --toy-channels" in line
+    )
 
 
 def test_a_models_option_is_a_flag_only_of_the_scripts_that_train_it(monkeypatch, capsys, toy_registered):
@@ -121,9 +166,16 @@ def test_a_models_option_is_a_flag_only_of_the_scripts_that_train_it(monkeypatch
     assert "--arch" in help_text(transfer_learning) and "--arch" not in help_text(modified_models)
 
 
-@pytest.mark.parametrize("value, message", [("0", "must be a whole number from 1 to 64, got 0"), ("x", "must be a whole number from 1 to 64, got x")])
+@pytest.mark.parametrize(
+    "value, message",
+    [("0", "must be a whole number from 1 to 64, got 0"), ("x", "must be a whole number from 1 to 64, got x")],
+)
 def test_a_bad_option_value_is_argparses_one_line(monkeypatch, capsys, tmp_path, toy_registered, value, message):
-    monkeypatch.setattr(sys, "argv", ["modified_models.py", "--model", "ToyNet", "--toy-channels", value, "--out-dir", str(tmp_path / "run")])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["modified_models.py", "--model", "ToyNet", "--toy-channels", value, "--out-dir", str(tmp_path / "run")],
+    )
     with pytest.raises(SystemExit) as exit_info:
         modified_models.main()
     assert exit_info.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "run").exists()
@@ -135,7 +187,9 @@ def test_an_option_value_from_a_file_is_checked_like_a_flag(toy_registered):
     for bad in (0, 65, 8.0, "8", True, None):
         with pytest.raises(engine.UserError, match="toy_channels = .* for ToyNet must be a whole number from 1 to 64"):
             spec.build({"toy_channels": bad}, name="ToyNet", source="some.json")
-    with pytest.raises(engine.UserError, match="some.json: width is not an option of ToyNet \\(its options: toy_channels\\)"):
+    with pytest.raises(
+        engine.UserError, match="some.json: width is not an option of ToyNet \\(its options: toy_channels\\)"
+    ):
         spec.build({"width": 8}, name="ToyNet", source="some.json")
 
 
@@ -143,10 +197,15 @@ def test_the_study_models_start_kaiming_normal_and_train_in_one_group(split, tmp
     spec = engine.model_spec("CIFAR10Net")
     net = spec.build()
     spec.initialize(net, None, spec.recipe)
-    assert all(not bias.any() for name, bias in net.named_parameters() if name.endswith("bias") and not name.startswith("bn"))
-    assert net.fc1.weight.std().item() == pytest.approx((2 / net.fc1.in_features) ** 0.5, rel=0.1)  # Kaiming: gain sqrt(2), fan-in
+    assert all(
+        not bias.any() for name, bias in net.named_parameters() if name.endswith("bias") and not name.startswith("bn")
+    )
+    # Kaiming: gain sqrt(2), fan-in
+    assert net.fc1.weight.std().item() == pytest.approx((2 / net.fc1.in_features) ** 0.5, rel=0.1)
     groups = spec.parameter_groups(net, spec.recipe)
-    assert len(groups) == 1 and len(groups[0]["params"]) == len(list(net.parameters())) and groups[0].keys() == {"params"}
+    assert (
+        len(groups) == 1 and len(groups[0]["params"]) == len(list(net.parameters())) and groups[0].keys() == {"params"}
+    )
 
 
 def test_an_unknown_model_names_the_registered_ones():
@@ -167,8 +226,15 @@ def test_the_readmes_extending_example_registers_a_model_that_trains(monkeypatch
     assert [len(group["params"]) for group in groups] == [2, 2] and groups[1]["weight_decay"] == 0.0
     options = spec.resolve("TinyNet", {"channels": 8}, "the test")
     assert spec.build(options).conv.out_channels == 8 and spec.build(num_classes=4).fc.out_features == 4
-    config = engine.RunConfig(model="TinyNet", model_options=options, recipe=replace(spec.recipe, epochs=2, augment="none"),
-                              out_dir=str(tmp_path / "run"), progress=False, tsne=False, device="cpu")
+    config = engine.RunConfig(
+        model="TinyNet",
+        model_options=options,
+        recipe=replace(spec.recipe, epochs=2, augment="none"),
+        out_dir=str(tmp_path / "run"),
+        progress=False,
+        tsne=False,
+        device="cpu",
+    )
     report = engine.train(config, spec, data=split)
     history = engine.read_metrics_csv(tmp_path / "run/metrics.csv")
     assert history[-1]["train_loss"] < history[0]["train_loss"] and report["num_test_images"] == len(split.test_labels)

@@ -1,5 +1,7 @@
-"""Parse first: every script's --help and its flag mistakes answer before Lightning, scikit-learn, matplotlib and torchvision
-load (engine.ON_FIRST_USE and models/transfer.py load them on first use), and the names loaded on first use exist."""
+"""Parse first: every script's --help and its flag mistakes answer before Lightning, scikit-learn, matplotlib and
+torchvision load (engine.ON_FIRST_USE and models/transfer.py load them on first use), and the names loaded on first use
+exist."""
+
 from __future__ import annotations
 
 import importlib
@@ -15,7 +17,16 @@ from benchmarks import bench_startup
 from conftest import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ("main.py", "modified_models.py", "hyperparameter_tune.py", "transfer_learning.py", "predict.py", "evaluate.py", "tsne.py", "export.py")
+SCRIPTS = (
+    "main.py",
+    "modified_models.py",
+    "hyperparameter_tune.py",
+    "transfer_learning.py",
+    "predict.py",
+    "evaluate.py",
+    "tsne.py",
+    "export.py",
+)
 HEAVY = ("lightning", "sklearn", "matplotlib", "torchvision")
 # Optuna's figures are drawn through pyplot, which tuning.py imports (0.4 s of the tuner's start on a 2-core CPU).
 ALLOWED = {"hyperparameter_tune.py": ("matplotlib",)}
@@ -35,7 +46,9 @@ print("PROBE " + json.dumps({"status": status, "loaded": [name for name in %r if
 
 
 def probe(script: str, *args: str) -> dict:
-    result = subprocess.run([sys.executable, "-c", PROBE, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     lines = [line for line in result.stdout.splitlines() if line.startswith("PROBE ")]
     assert lines, result.stderr[-2000:]
     return json.loads(lines[-1].removeprefix("PROBE ")) | {"stdout": result.stdout, "stderr": result.stderr}
@@ -48,7 +61,9 @@ def test_help_and_a_flag_mistake_answer_before_the_heavy_libraries_load(script):
     assert set(shown["loaded"]) <= set(ALLOWED.get(script, ())), f"{script} --help loaded {shown['loaded']}"
     mistake = probe(script, "--no-such-flag")
     assert mistake["status"] == 2 and "error:" in mistake["stderr"]  # predict.py names its missing images first
-    assert set(mistake["loaded"]) <= set(ALLOWED.get(script, ())), f"{script} with a wrong flag loaded {mistake['loaded']}"
+    assert set(mistake["loaded"]) <= set(ALLOWED.get(script, ())), (
+        f"{script} with a wrong flag loaded {mistake['loaded']}"
+    )
 
 
 def test_a_bad_value_is_refused_before_lightning_loads():
@@ -69,4 +84,15 @@ def test_the_start_up_benchmark_times_both_checkouts_and_refuses_a_folder_that_i
     assert run_script(monkeypatch, bench_startup.main, "bench_startup.py", *argv) == 0
     rows = (tmp_path / "bench/runs.md").read_text().splitlines()
     assert [row.split(" | ")[1] for row in rows if row.startswith("| evaluate.py")] == ["--help", "a flag mistake"]
-    assert run_script(monkeypatch, bench_startup.main, "bench_startup.py", "--before", str(tmp_path), "--out-dir", str(tmp_path / "b2")) == 2
+    assert (
+        run_script(
+            monkeypatch,
+            bench_startup.main,
+            "bench_startup.py",
+            "--before",
+            str(tmp_path),
+            "--out-dir",
+            str(tmp_path / "b2"),
+        )
+        == 2
+    )

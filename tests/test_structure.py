@@ -1,4 +1,5 @@
 """The shape of the code: imports that flow one way, modules that can be read in one sitting, flags that mean one thing."""
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,7 @@ def imported_project_modules(path: Path, package: str, modules: dict[str, Path])
             elif isinstance(child, ast.ImportFrom):
                 base = child.module or ""
                 if child.level:
-                    base = ".".join([*package.split(".")[:len(package.split(".")) - child.level + 1], base]).strip(".")
+                    base = ".".join([*package.split(".")[: len(package.split(".")) - child.level + 1], base]).strip(".")
                 names = [f"{base}.{alias.name}" for alias in child.names] + [base]
             for name in names:
                 module = resolve(name)
@@ -70,8 +71,11 @@ def import_graph() -> tuple[dict[str, set[str]], list[str]]:
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         imports = imported_project_modules(path, package, modules)
         graph[name] = {module for module, _ in imports if module != name}
-        hidden += [f"{name} imports {module} inside a function" for module, inside in imports if inside and module != name]
-    graph["engine"] |= {f"engine.{module}" for module in engine.ON_FIRST_USE}  # loaded on first use: imports all the same
+        hidden += [
+            f"{name} imports {module} inside a function" for module, inside in imports if inside and module != name
+        ]
+    # loaded on first use: imports all the same
+    graph["engine"] |= {f"engine.{module}" for module in engine.ON_FIRST_USE}
     return graph, hidden
 
 
@@ -81,10 +85,10 @@ def cycle_in(graph: dict[str, set[str]]) -> list[str] | None:
     path: list[str] = []
 
     def walk(module: str) -> list[str] | None:
-        state[module], path[len(path):] = "open", [module]
+        state[module], path[len(path) :] = "open", [module]
         for imported in sorted(graph.get(module, ())):
             if state.get(imported) == "open":
-                return path[path.index(imported):] + [imported]
+                return path[path.index(imported) :] + [imported]
             if imported not in state and (found := walk(imported)):
                 return found
         state[module] = "done"
@@ -109,15 +113,30 @@ def test_project_imports_flow_one_way_and_never_hide_inside_a_function():
     assert hidden == []
 
 
-@pytest.mark.parametrize("lower, higher", [
-    ("functions", "engine"), ("engine", "models"), ("engine", "tsne"), ("models", "tsne"), ("engine", "saved_models"),
-    ("models", "saved_models"), ("saved_models", "predict"), ("saved_models", "evaluate"), ("saved_models", "export"),
-    ("engine", "main"), ("models", "main"), ("tsne", "main"),
-])
+@pytest.mark.parametrize(
+    "lower, higher",
+    [
+        ("functions", "engine"),
+        ("engine", "models"),
+        ("engine", "tsne"),
+        ("models", "tsne"),
+        ("engine", "saved_models"),
+        ("models", "saved_models"),
+        ("saved_models", "predict"),
+        ("saved_models", "evaluate"),
+        ("saved_models", "export"),
+        ("engine", "main"),
+        ("models", "main"),
+        ("tsne", "main"),
+    ],
+)
 def test_no_layer_imports_one_above_it(lower, higher):
     graph, _ = import_graph()
-    offenders = {module: sorted(target for target in imports if target == higher or target.startswith(higher + "."))
-                 for module, imports in graph.items() if module == lower or module.startswith(lower + ".")}
+    offenders = {
+        module: sorted(target for target in imports if target == higher or target.startswith(higher + "."))
+        for module, imports in graph.items()
+        if module == lower or module.startswith(lower + ".")
+    }
     assert not any(offenders.values()), offenders
 
 
@@ -126,10 +145,19 @@ def test_every_module_can_be_read_in_one_sitting():
     assert {name: lines for name, lines in long.items() if lines > MAX_LINES} == {}
 
 
-SCRIPTS = {"main.py": main.main, "modified_models.py": modified_models.main, "transfer_learning.py": transfer_learning.main,
-           "tsne.py": tsne.main, "hyperparameter_tune.py": hyperparameter_tune.main, "predict.py": predict.main,
-           "evaluate.py": evaluate.main, "export.py": export.main, "bench_fast": bench_fast.main,
-           "bench_airbench_reference": bench_airbench_reference.main, "bench_startup": bench_startup.main}
+SCRIPTS = {
+    "main.py": main.main,
+    "modified_models.py": modified_models.main,
+    "transfer_learning.py": transfer_learning.main,
+    "tsne.py": tsne.main,
+    "hyperparameter_tune.py": hyperparameter_tune.main,
+    "predict.py": predict.main,
+    "evaluate.py": evaluate.main,
+    "export.py": export.main,
+    "bench_fast": bench_fast.main,
+    "bench_airbench_reference": bench_airbench_reference.main,
+    "bench_startup": bench_startup.main,
+}
 
 
 def parsers(monkeypatch) -> dict[str, argparse.ArgumentParser]:
@@ -154,10 +182,25 @@ def test_a_flag_takes_the_same_choices_in_every_script(monkeypatch):
             for flag in action.option_strings:
                 seen.setdefault(flag, {})[prog] = (tuple(action.choices or ()), action.type, action.dest)
     assert {"--device", "--data-dir", "--seed", "--scheduler", "--augment", "--tta"} <= set(seen)
-    for flag in ("--device", "--data-dir", "--num-workers", "--limit-train", "--scheduler", "--augment", "--tta", "--precision",
-                 "--out-dir", "--resume", "--overwrite", "--no-tsne", "--tsne-samples", "--tsne-method"):
+    for flag in (
+        "--device",
+        "--data-dir",
+        "--num-workers",
+        "--limit-train",
+        "--scheduler",
+        "--augment",
+        "--tta",
+        "--precision",
+        "--out-dir",
+        "--resume",
+        "--overwrite",
+        "--no-tsne",
+        "--tsne-samples",
+        "--tsne-method",
+    ):
         assert len(set(seen[flag].values())) == 1, (flag, seen[flag])
-    assert "plateau" in seen["--scheduler"]["main.py"][0]  # one set of schedules for every script, transfer learning's too
+    # one set of schedules for every script, transfer learning's too
+    assert "plateau" in seen["--scheduler"]["main.py"][0]
 
 
 def fenced_blocks(markdown: str, heading: str) -> list[str]:
@@ -173,7 +216,10 @@ def test_ci_runs_the_readmes_setup_and_test_commands_in_a_new_environment():
     assert (setup, test) == ("pip install -r requirements.txt", "python -m pytest -q")
     commands = [line.strip() for line in ci.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert setup in commands and commands[-1] == test  # verbatim, the tests last
-    assert commands.index(setup) > next(i for i, line in enumerate(commands) if line.startswith("source ") and "venv/bin/activate" in line)
+    assert commands.index(setup) > next(
+        i for i, line in enumerate(commands) if line.startswith("source ") and "venv/bin/activate" in line
+    )
     assert "python3 -m venv" in ci and "--system-site-packages" not in ci and "rm -rf" in ci
     assert not (REPO / ".ci" / "constraints.txt").exists()
-    assert not [line for line in commands if "pip install" in line and (" -c " in line or "--constraint" in line)]  # no constraints file
+    # no constraints file
+    assert not [line for line in commands if "pip install" in line and (" -c " in line or "--constraint" in line)]

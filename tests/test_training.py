@@ -1,4 +1,5 @@
 """The engine: learning, reproducibility, resume, run folder, command-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -29,12 +30,40 @@ def run(tmp_path, split, model="CIFAR10Net", **recipe):
 
 
 def test_two_process_data_parallel_run_on_the_cpu_learns(tmp_path, image_folder):
-    """The multi-GPU path (Lightning DDP: sharded batches, metrics reduced over processes, rank 0 writes) on two CPU processes."""
+    """The multi-GPU path (Lightning DDP: sharded batches, metrics reduced over processes, rank 0 writes) on two CPU
+    processes.
+    """
     main_py = Path(__file__).resolve().parents[1] / "main.py"
-    result = subprocess.run([sys.executable, str(main_py), "--data-dir", str(image_folder), "--device", "cpu", "--devices", "2",
-                             "--strategy", "ddp", "--epochs", "4", "--lr", "3e-3", "--batch-size", "16", "--augment", "none",
-                             "--no-tsne", "--no-progress", "--out-dir", str(tmp_path / "run")],
-                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(main_py),
+            "--data-dir",
+            str(image_folder),
+            "--device",
+            "cpu",
+            "--devices",
+            "2",
+            "--strategy",
+            "ddp",
+            "--epochs",
+            "4",
+            "--lr",
+            "3e-3",
+            "--batch-size",
+            "16",
+            "--augment",
+            "none",
+            "--no-tsne",
+            "--no-progress",
+            "--out-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     history = engine.read_metrics_csv(tmp_path / "run/metrics.csv")
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]
@@ -44,22 +73,57 @@ def test_two_process_data_parallel_run_on_the_cpu_learns(tmp_path, image_folder)
 
 
 def test_two_nodes_train_one_model_into_one_run_folder(tmp_path, image_folder):
-    """Two nodes as separate process groups on this machine, started as a cluster starts them (MASTER_ADDR, MASTER_PORT and
-    NODE_RANK; gloo over 127.0.0.1), one device each, sharing the run folder: one model, one set of files, written by node 0."""
+    """Two nodes as separate process groups on this machine, started as a cluster starts them (MASTER_ADDR, MASTER_PORT
+    and NODE_RANK; gloo over 127.0.0.1), one device each, sharing the run folder: one model, one set of files, written
+    by node 0."""
     main_py = Path(__file__).resolve().parents[1] / "main.py"
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, str(main_py), "--data-dir", str(image_folder), "--device", "cpu", "--devices", "1", "--num-nodes", "2",
-               "--strategy", "ddp", "--epochs", "3", "--lr", "3e-3", "--batch-size", "16", "--augment", "none", "--no-tsne", "--no-progress",
-               "--out-dir", str(tmp_path / "run")]
-    nodes = [subprocess.Popen(command, env=dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK=str(rank),
-                                                OMP_NUM_THREADS="1"),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path) for rank in (0, 1)]
+    command = [
+        sys.executable,
+        str(main_py),
+        "--data-dir",
+        str(image_folder),
+        "--device",
+        "cpu",
+        "--devices",
+        "1",
+        "--num-nodes",
+        "2",
+        "--strategy",
+        "ddp",
+        "--epochs",
+        "3",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "16",
+        "--augment",
+        "none",
+        "--no-tsne",
+        "--no-progress",
+        "--out-dir",
+        str(tmp_path / "run"),
+    ]
+    nodes = [
+        subprocess.Popen(
+            command,
+            env=dict(
+                os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK=str(rank), OMP_NUM_THREADS="1"
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )
+        for rank in (0, 1)
+    ]
     outputs = [node.communicate(timeout=600) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
     assert "After epoch 3" in outputs[0][0] and "Test accuracy" in outputs[0][0]
-    assert "After epoch" not in outputs[1][0] and "Test accuracy" not in outputs[1][0]  # node 1 trains, node 0 alone reports and writes
+    # node 1 trains, node 0 alone reports and writes
+    assert "After epoch" not in outputs[1][0] and "Test accuracy" not in outputs[1][0]
     history = engine.read_metrics_csv(tmp_path / "run/metrics.csv")
     assert [row["epoch"] for row in history] == [1, 2, 3] and history[-1]["train_loss"] < history[0]["train_loss"]
     assert json.loads((tmp_path / "run/config.json").read_text())["num_nodes"] == 2
@@ -73,7 +137,15 @@ def test_short_run_learns_and_writes_the_run_folder(tmp_path, split):
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert report["test_accuracy"] > 0.5  # chance is 0.1
-    for name in ("config.json", "curves.png", "model.pth", "best.ckpt", "last.ckpt", "test.json", "confusion_matrix.png"):
+    for name in (
+        "config.json",
+        "curves.png",
+        "model.pth",
+        "best.ckpt",
+        "last.ckpt",
+        "test.json",
+        "confusion_matrix.png",
+    ):
         assert (run_dir / name).is_file(), name
     saved = json.loads((run_dir / "test.json").read_text())
     assert set(saved["per_class_accuracy"]) == set(fn.CLASSES)
@@ -85,8 +157,10 @@ def test_short_run_learns_and_writes_the_run_folder(tmp_path, split):
 def test_same_seed_same_numbers(tmp_path, split):
     _, first = run(tmp_path / "a", split, model="CIFAR10Net_7", augment="readme")
     _, second = run(tmp_path / "b", split, model="CIFAR10Net_7", augment="readme")
-    assert engine.read_metrics_csv(tmp_path / "a/run/metrics.csv")[-1]["train_loss"] == \
-        engine.read_metrics_csv(tmp_path / "b/run/metrics.csv")[-1]["train_loss"]
+    assert (
+        engine.read_metrics_csv(tmp_path / "a/run/metrics.csv")[-1]["train_loss"]
+        == engine.read_metrics_csv(tmp_path / "b/run/metrics.csv")[-1]["train_loss"]
+    )
     a = torch.load(tmp_path / "a/run/model.pth", weights_only=True)
     b = torch.load(tmp_path / "b/run/model.pth", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -103,8 +177,9 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, split):
     engine.train(rest, modified_models.MODELS["CIFAR10Net_7"], data=split)
 
     drop_time = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
-    assert drop_time(engine.read_metrics_csv(tmp_path / "full/run/metrics.csv")) == \
-        drop_time(engine.read_metrics_csv(tmp_path / "parts/run/metrics.csv"))
+    assert drop_time(engine.read_metrics_csv(tmp_path / "full/run/metrics.csv")) == drop_time(
+        engine.read_metrics_csv(tmp_path / "parts/run/metrics.csv")
+    )
     a = torch.load(tmp_path / "full/run/model.pth", weights_only=True)
     b = torch.load(tmp_path / "parts/run/model.pth", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -128,12 +203,15 @@ def run_main(monkeypatch, capsys, *argv, script=main_script):
     return exit_info.value.code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--epochs", "-3"], "must be a positive whole number"),
-    (["--augment", "fancy"], "invalid choice"),
-    (["--lr", "nan"], "must be a number > 0"),
-    (["--batch-size", "0"], "must be a positive whole number"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--epochs", "-3"], "must be a positive whole number"),
+        (["--augment", "fancy"], "invalid choice"),
+        (["--lr", "nan"], "must be a number > 0"),
+        (["--batch-size", "0"], "must be a positive whole number"),
+    ],
+)
 def test_bad_flag_values_exit_2(monkeypatch, capsys, tmp_path, flags, message):
     code, err = run_main(monkeypatch, capsys, *flags, "--out-dir", str(tmp_path / "run"))
     assert code == 2 and message in err
@@ -141,7 +219,9 @@ def test_bad_flag_values_exit_2(monkeypatch, capsys, tmp_path, flags, message):
 
 
 def test_data_dir_with_nothing_usable_exits_2_with_one_line(monkeypatch, capsys, tmp_path):
-    code, err = run_main(monkeypatch, capsys, "--data-dir", str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "run"))
+    code, err = run_main(
+        monkeypatch, capsys, "--data-dir", str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "run")
+    )
     assert code == 2 and err.count("\n") == 1 and "download failed" in err
     assert not (tmp_path / "run").exists()
 
@@ -156,8 +236,16 @@ def test_tampered_batch_file_exits_2(monkeypatch, capsys, tmp_path, python_batch
 def test_checkpoint_of_another_model_is_refused(monkeypatch, capsys, tmp_path, split, arrays):
     run(tmp_path, split, model="CIFAR10Net_3", epochs=1)
     data_dir = write_image_folder(tmp_path / "data", arrays)
-    code, err = run_main(monkeypatch, capsys, "--data-dir", str(data_dir), "--resume", str(tmp_path / "run/last.ckpt"),
-                         "--out-dir", str(tmp_path / "other"))
+    code, err = run_main(
+        monkeypatch,
+        capsys,
+        "--data-dir",
+        str(data_dir),
+        "--resume",
+        str(tmp_path / "run/last.ckpt"),
+        "--out-dir",
+        str(tmp_path / "other"),
+    )
     assert code == 2 and "checkpoint of CIFAR10Net_3, not CIFAR10Net" in err
     assert not (tmp_path / "other").exists()
 
@@ -169,19 +257,39 @@ def test_resume_with_nothing_to_resume(monkeypatch, capsys, tmp_path):
 
 def test_garbage_checkpoint_is_refused(monkeypatch, capsys, tmp_path):
     (tmp_path / "junk.ckpt").write_bytes(b"\x00" * 100)
-    code, err = run_main(monkeypatch, capsys, "--resume", str(tmp_path / "junk.ckpt"), "--out-dir", str(tmp_path / "run"))
+    code, err = run_main(
+        monkeypatch, capsys, "--resume", str(tmp_path / "junk.ckpt"), "--out-dir", str(tmp_path / "run")
+    )
     assert code == 2 and "not a readable PyTorch checkpoint" in err
 
 
 def test_main_trains_end_to_end_from_an_image_folder(monkeypatch, capsys, tmp_path, arrays):
     data_dir = write_image_folder(tmp_path / "data", arrays)
-    code, _ = run_main(monkeypatch, capsys, "--data-dir", str(data_dir), "--epochs", "2", "--no-tsne", "--no-progress",
-                       "--augment", "standard", "--lr", "3e-3", "--out-dir", str(tmp_path / "run"))
+    code, _ = run_main(
+        monkeypatch,
+        capsys,
+        "--data-dir",
+        str(data_dir),
+        "--epochs",
+        "2",
+        "--no-tsne",
+        "--no-progress",
+        "--augment",
+        "standard",
+        "--lr",
+        "3e-3",
+        "--out-dir",
+        str(tmp_path / "run"),
+    )
     capsys.readouterr()
     assert code == 0
     report = json.loads((tmp_path / "run/test.json").read_text())
     config = json.loads((tmp_path / "run/config.json").read_text())
-    assert config["recipe"]["augment"] == "standard" and config["recipe"]["lr"] == 3e-3 and config["recipe"]["batch_size"] == 64
+    assert (
+        config["recipe"]["augment"] == "standard"
+        and config["recipe"]["lr"] == 3e-3
+        and config["recipe"]["batch_size"] == 64
+    )
     assert report["epochs"] == 2 and report["test_accuracy"] > 0.3
 
 
@@ -206,7 +314,8 @@ def test_the_test_report_has_precision_recall_and_f1_per_class():
     assert report["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]] and report["test_accuracy"] == 0.6
     assert report["per_class"]["a"] == {"precision": 0.5, "recall": 0.5, "f1-score": 0.5, "support": 1 + 1}
     assert report["per_class"]["b"]["precision"] == pytest.approx(2 / 3) and report["per_class"]["b"]["recall"] == 1.0
-    assert report["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1-score": 0.0, "support": 1}  # never predicted: 0, no warning
+    # never predicted: 0, no warning
+    assert report["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1-score": 0.0, "support": 1}
     assert report["per_class_accuracy"] == {"a": 0.5, "b": 1.0, "c": 0.0}
     assert report["macro_avg"]["recall"] == pytest.approx(0.5) and report["weighted_avg"]["support"] == 5
 
@@ -222,7 +331,8 @@ def test_val_every_measures_every_nth_and_the_last_epoch_and_trains_the_same(tmp
     full, thin = (engine.read_metrics_csv(Path(c.out_dir) / "metrics.csv") for c in (every, sparse))
     assert [row["val_loss"] is not None for row in thin] == [False, True, True]  # epoch 2, then the last
     assert [row["train_accuracy"] is not None for row in thin] == [False, True, True]
-    assert [row["train_loss"] for row in thin] == [row["train_loss"] for row in full]  # measuring never changes the training
+    # measuring never changes the training
+    assert [row["train_loss"] for row in thin] == [row["train_loss"] for row in full]
     assert [row["val_accuracy"] for row in thin][1:] == [row["val_accuracy"] for row in full][1:]
     a, b = (torch.load(Path(c.out_dir) / "model.pth", weights_only=True) for c in (every, sparse))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -247,11 +357,14 @@ def test_the_training_accuracy_sample_is_the_size_asked(split):
     assert engine.CIFAR10DataModule(split, 32, "none", 0, train_accuracy_sample=0).eval_kinds == ("val",)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--val-every", "-1"], "argument --val-every: must be a whole number >= 0"),
-    (["--train-accuracy-sample", "x"], "argument --train-accuracy-sample"),
-    (["--val-every", "2", "--scheduler", "plateau"], "--val-every 2 with --scheduler plateau"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--val-every", "-1"], "argument --val-every: must be a whole number >= 0"),
+        (["--train-accuracy-sample", "x"], "argument --train-accuracy-sample"),
+        (["--val-every", "2", "--scheduler", "plateau"], "--val-every 2 with --scheduler plateau"),
+    ],
+)
 def test_watching_flags_are_checked_before_anything_is_written(monkeypatch, capsys, tmp_path, flags, message):
     code, err = run_main(monkeypatch, capsys, *flags, "--out-dir", str(tmp_path / "run"))
     assert code == 2 and message in err.splitlines()[-1]

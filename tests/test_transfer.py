@@ -1,4 +1,5 @@
 """transfer_learning.py on the synthetic data: random backbones (--weights none) at small image sizes, offline."""
+
 from __future__ import annotations
 
 import sys
@@ -16,10 +17,24 @@ from conftest import transfer_net
 from models.transfer import freeze
 
 
-
 def run_flags(out_dir: Path, *flags: str) -> list[str]:
-    return ["--weights", "none", "--image-size", "32", "--epochs", "1", "--batch-size", "32", "--device", "cpu",
-            "--no-progress", "--no-tsne", "--out-dir", str(out_dir), *flags]
+    return [
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-tsne",
+        "--out-dir",
+        str(out_dir),
+        *flags,
+    ]
 
 
 def train(split: engine.SplitData, out_dir: Path, *flags: str) -> dict[str, torch.Tensor]:
@@ -59,17 +74,27 @@ def test_frozen_backbone_is_bit_identical_after_training_while_the_head_learns(t
     assert all(torch.equal(before[k], after[k]) for k in backbone)
     assert not torch.equal(before["head.weight"], after["head.weight"])
     output = capsys.readouterr().out
-    assert "note: --augment standard changes the images every epoch, so the backbone's features cannot be cached" in output
+    assert (
+        "note: --augment standard changes the images every epoch, so the backbone's features cannot be cached" in output
+    )
     assert len(engine.read_metrics_csv(tmp_path / "run" / "metrics.csv")) == 2
     assert not (tmp_path / "run" / tl.FEATURE_FILE).exists()
     assert engine.read_json(tmp_path / "run" / "config.json")["model_options"] == {
-        "arch": "resnet18", "weights": "none", "image_size": 32, "finetune": "fc", "backbone_lr_scale": 0.1, "feature_cache": True}
+        "arch": "resnet18",
+        "weights": "none",
+        "image_size": 32,
+        "finetune": "fc",
+        "backbone_lr_scale": 0.1,
+        "feature_cache": True,
+    }
 
 
 @pytest.mark.parametrize("finetune", tl.FINETUNE_CHOICES)
 def test_each_finetune_mode_trains_exactly_the_parameters_it_names(tmp_path, split, finetune):
     all_names, trainable = backbone_parameter_names(finetune)
-    expected = {"fc": set(), "layer4": {n for n in all_names if n.startswith("backbone.layer4.")}, "all": all_names}[finetune]
+    expected = {"fc": set(), "layer4": {n for n in all_names if n.startswith("backbone.layer4.")}, "all": all_names}[
+        finetune
+    ]
     assert trainable == expected
     before = initial_state(finetune)
     after = train(first_training_images(split, 64), tmp_path / finetune, "--finetune", finetune)
@@ -132,12 +157,23 @@ def test_a_weights_file_that_does_not_fit_is_refused_with_exit_2(tmp_path, monke
         torch.save(torchvision.models.resnet34().state_dict(), path)
     else:
         path.write_text(content)
-    code = run_main(monkeypatch, "--weights", str(path), "--device", "cpu", "--data-dir", str(tmp_path / "no-data"),
-                    "--out-dir", str(tmp_path / "run"))
+    code = run_main(
+        monkeypatch,
+        "--weights",
+        str(path),
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(tmp_path / "no-data"),
+        "--out-dir",
+        str(tmp_path / "run"),
+    )
     assert code == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and str(path) in error
-    assert ("does not fit torchvision's resnet18" if content == "resnet34" else "not a readable PyTorch state dict") in error
+    assert (
+        "does not fit torchvision's resnet18" if content == "resnet34" else "not a readable PyTorch state dict"
+    ) in error
 
 
 @pytest.mark.parametrize("arch", list(tl.ARCHS))
@@ -165,7 +201,9 @@ def test_offline_download_failure_is_one_clear_line(tmp_path, monkeypatch, capsy
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    code = run_main(monkeypatch, "--device", "cpu", "--data-dir", str(tmp_path / "no-data"), "--out-dir", str(tmp_path / "run"))
+    code = run_main(
+        monkeypatch, "--device", "cpu", "--data-dir", str(tmp_path / "no-data"), "--out-dir", str(tmp_path / "run")
+    )
     assert code == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1

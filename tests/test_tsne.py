@@ -1,4 +1,5 @@
 """The t-SNE analysis: penultimate features, one class -> colour map, black edges, files, redraw, CLI errors."""
+
 from __future__ import annotations
 
 import sys
@@ -23,7 +24,6 @@ from functions import UserError
 from modified_models import MODELS, CIFAR10Net_2, CIFAR10Net_7, ModelSpec
 
 
-
 @pytest.fixture(autouse=True)
 def one_thread(monkeypatch):
     """One thread for these tiny t-SNEs: on shared cores, every step's hand-over between two threads waits
@@ -34,7 +34,9 @@ def one_thread(monkeypatch):
 
 
 def tsne_config(tmp_path: Path, method: str = "sklearn", samples: int | None = 60) -> engine.RunConfig:
-    return engine.RunConfig(model="CIFAR10Net_7", out_dir=str(tmp_path), device="cpu", tsne_samples=samples, tsne_method=method)
+    return engine.RunConfig(
+        model="CIFAR10Net_7", out_dir=str(tmp_path), device="cpu", tsne_samples=samples, tsne_method=method
+    )
 
 
 def run_cli(monkeypatch, *argv) -> int:
@@ -109,7 +111,18 @@ def test_stratified_sample_keeps_each_class_share_and_follows_the_seed():
 # --------------------------------------------------------------------------------------------
 def test_class_colours_are_tab10_by_class_label():
     # airplane tab:blue, automobile tab:orange, bird tab:green, cat tab:red, ... truck tab:cyan
-    tab10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+    tab10 = [
+        "#1f77b4",
+        "#ff7f0e",
+        "#2ca02c",
+        "#d62728",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#7f7f7f",
+        "#bcbd22",
+        "#17becf",
+    ]
     assert np.allclose(tsne.class_colours(10), [matplotlib.colors.to_rgba(colour) for colour in tab10])
 
 
@@ -146,7 +159,8 @@ def test_black_edge_exactly_on_misclassified_points():
 # --------------------------------------------------------------------------------------------
 # A run's analysis and the saved files
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method, splits", [("sklearn", ("test", "train")), ("opentsne", ("test",))])  # openTSNE's train split: the CLI test
+# openTSNE's train split: the CLI test
+@pytest.mark.parametrize("method, splits", [("sklearn", ("test", "train")), ("opentsne", ("test",))])
 def test_small_run_writes_figures_embeddings_and_numbers(tmp_path, split, method, splits, capsys):
     net = CIFAR10Net_7().eval()
     test = tsne.split_predictions(net, split, "test")
@@ -169,10 +183,14 @@ def test_small_run_writes_figures_embeddings_and_numbers(tmp_path, split, method
 
 
 def test_a_training_run_ends_with_the_analysis(tmp_path, split):
-    config = replace(quick_config(tmp_path, model="CIFAR10Net_7", epochs=1), tsne=True, tsne_samples=40, tsne_method="sklearn")
+    config = replace(
+        quick_config(tmp_path, model="CIFAR10Net_7", epochs=1), tsne=True, tsne_samples=40, tsne_method="sklearn"
+    )
     engine.train(config, MODELS["CIFAR10Net_7"], data=split, analyses=tsne.analyses(config))
     run_dir = Path(config.out_dir)
-    assert {"tsne_test.png", "tsne_test.npz", "tsne_train.png", "tsne_train.npz", "tsne_metrics.json"} <= {p.name for p in run_dir.iterdir()}
+    assert {"tsne_test.png", "tsne_test.npz", "tsne_train.png", "tsne_train.npz", "tsne_metrics.json"} <= {
+        p.name for p in run_dir.iterdir()
+    }
 
 
 def test_too_few_points_for_the_perplexity_is_a_user_error(tmp_path, split):
@@ -205,15 +223,36 @@ def test_redraw_of_a_foreign_file_is_one_line_and_exit_2(tmp_path, monkeypatch, 
 # --------------------------------------------------------------------------------------------
 def test_cli_embeds_the_splits_asked_for_from_a_checkpoint(tmp_path, monkeypatch, image_folder):
     torch.save(CIFAR10Net_7().state_dict(), tmp_path / "model.pth")
-    status = run_cli(monkeypatch, "--model", "CIFAR10Net_7", "--checkpoint", tmp_path / "model.pth", "--data-dir", image_folder,
-                     "--splits", "train", "--tsne-samples", 40, "--tsne-method", "opentsne", "--out-dir", tmp_path / "out")
+    status = run_cli(
+        monkeypatch,
+        "--model",
+        "CIFAR10Net_7",
+        "--checkpoint",
+        tmp_path / "model.pth",
+        "--data-dir",
+        image_folder,
+        "--splits",
+        "train",
+        "--tsne-samples",
+        40,
+        "--tsne-method",
+        "opentsne",
+        "--out-dir",
+        tmp_path / "out",
+    )
     assert status == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tsne_metrics.json", "tsne_train.npz", "tsne_train.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "tsne_metrics.json",
+        "tsne_train.npz",
+        "tsne_train.png",
+    ]
 
 
 def test_lightning_checkpoint_loads_with_its_net_prefix(tmp_path):
     trained = CIFAR10Net_7()
-    torch.save({"state_dict": {f"net.{k}": v for k, v in trained.state_dict().items()}, "epoch": 1}, tmp_path / "last.ckpt")
+    torch.save(
+        {"state_dict": {f"net.{k}": v for k, v in trained.state_dict().items()}, "epoch": 1}, tmp_path / "last.ckpt"
+    )
     loaded = saved_models.open_saved_model(checkpoint=tmp_path / "last.ckpt", model="CIFAR10Net_7").net
     assert not loaded.training
     for key, value in trained.state_dict().items():
@@ -222,7 +261,15 @@ def test_lightning_checkpoint_loads_with_its_net_prefix(tmp_path):
 
 def test_checkpoint_of_another_model_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     torch.save(CIFAR10Net_2().state_dict(), tmp_path / "model.pth")
-    status = run_cli(monkeypatch, "--model", "CIFAR10Net_7", "--checkpoint", tmp_path / "model.pth", "--data-dir", tmp_path / "no-data")
+    status = run_cli(
+        monkeypatch,
+        "--model",
+        "CIFAR10Net_7",
+        "--checkpoint",
+        tmp_path / "model.pth",
+        "--data-dir",
+        tmp_path / "no-data",
+    )
     lines = error_lines(capsys)
     assert status == 2 and len(lines) == 1
     assert "does not fit CIFAR10Net_7" in lines[0] and "wrong shape fc1.weight (32, 1440) for (124, 1440)" in lines[0]
@@ -236,9 +283,15 @@ def test_lightning_checkpoint_of_another_model_names_it(tmp_path, monkeypatch, c
     assert len(lines) == 1 and "trained as CIFAR10Net_2" in lines[0] and "unexpected" in lines[0]
 
 
-@pytest.mark.parametrize("model, message", [("ResNet50", "ResNet50, which is not a registered model"), ("Plain", "no forward_features")])
+@pytest.mark.parametrize(
+    "model, message", [("ResNet50", "ResNet50, which is not a registered model"), ("Plain", "no forward_features")]
+)
 def test_unusable_model_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, model, message):
-    monkeypatch.setitem(MODELS, "Plain", ModelSpec(lambda num_classes: nn.Linear(3, num_classes), engine.Recipe(), "no penultimate layer"))
+    monkeypatch.setitem(
+        MODELS,
+        "Plain",
+        ModelSpec(lambda num_classes: nn.Linear(3, num_classes), engine.Recipe(), "no penultimate layer"),
+    )
     torch.save((nn.Linear(3, 10) if model == "Plain" else CIFAR10Net_7()).state_dict(), tmp_path / "model.pth")
     assert run_cli(monkeypatch, "--model", model, "--checkpoint", tmp_path / "model.pth") == 2
     lines = error_lines(capsys)
@@ -255,6 +308,17 @@ def test_help_explains_every_option():
     parser = tsne.build_parser()
     assert all(action.help for action in parser._actions)
     text = parser.format_help()
-    for option in ("--run", "--model", "--checkpoint", "--data-dir", "--device", "--seed", "--splits", "--tsne-samples",
-                   "--tsne-method", "--out-dir", "--redraw"):
+    for option in (
+        "--run",
+        "--model",
+        "--checkpoint",
+        "--data-dir",
+        "--device",
+        "--seed",
+        "--splits",
+        "--tsne-samples",
+        "--tsne-method",
+        "--out-dir",
+        "--redraw",
+    ):
         assert option in text

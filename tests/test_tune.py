@@ -1,4 +1,5 @@
 """hyperparameter_tune.py on the synthetic data: outputs, resuming, failing trials, several workers, the search spaces."""
+
 from __future__ import annotations
 
 import csv
@@ -83,10 +84,15 @@ def start_worker(tmp_path: Path, *args: str, host: str | None = None) -> subproc
     """A worker process on the synthetic data; with ``host``, as if it ran on a machine of that name."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1",  # two workers share the machine's cores
-               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
-               **({"WORKER_HOST": host} if host else {}))
-    return subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",  # two workers share the machine's cores
+        PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+        **({"WORKER_HOST": host} if host else {}),
+    )
+    return subprocess.Popen(
+        [sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,18 +102,32 @@ def test_tiny_study_writes_every_output_and_a_rerun_continues_it(tmp_path, capsy
     out = tmp_path / "tune"
     tune.main(flags(out, "--n-trials", "3", "--epochs", "1"))
     printed = capsys.readouterr().out
-    for name in ("study.db", "trials.csv", "best_params.json", "optimization_history.png", "param_importances.png",
-                 "parallel_coordinate.png", "slice.png", "trials/0002/metrics.csv"):
+    for name in (
+        "study.db",
+        "trials.csv",
+        "best_params.json",
+        "optimization_history.png",
+        "param_importances.png",
+        "parallel_coordinate.png",
+        "slice.png",
+        "trials/0002/metrics.csv",
+    ):
         assert (out / name).is_file(), name
     assert all(f"Trial {n} COMPLETE" in printed for n in range(3))
     first = read_trials(out)
     assert [row["number"] for row in first] == ["0", "1", "2"]
-    assert all(row["state"] == "COMPLETE" and row["epochs_run"] == "1" and float(row["duration_s"]) > 0 for row in first)
+    assert all(
+        row["state"] == "COMPLETE" and row["epochs_run"] == "1" and float(row["duration_s"]) > 0 for row in first
+    )
     assert {"fc1_size", "fc2_size", "dropout", "lr", "weight_decay", "batch_size"} <= set(first[0])
 
     best = json.loads((out / "best_params.json").read_text())
     assert best["val_loss"] == min(float(row["value"]) for row in first)
-    assert best["model"] == "CIFAR10Net_7" and best["recipe"]["lr"] == best["params"]["lr"] and best["recipe"]["epochs"] == 100
+    assert (
+        best["model"] == "CIFAR10Net_7"
+        and best["recipe"]["lr"] == best["params"]["lr"]
+        and best["recipe"]["epochs"] == 100
+    )
     study = load_study(f"sqlite:///{out}/study.db")
     assert all(trial.intermediate_values.keys() == {0} for trial in study.trials)  # the pruning callback saw val_loss
 
@@ -149,7 +169,9 @@ def test_retraining_another_trial_keeps_the_earlier_retraining_unless_told_to_ov
     first = {name: (out / "retrain" / name).read_bytes() for name in ("trial.json", "model.pth", "test.json")}
     study = load_study(f"sqlite:///{out}/study.db")
     trial = study.trials[0]
-    study.add_trial(optuna.trial.create_trial(params=trial.params, distributions=trial.distributions, value=trial.value - 1))
+    study.add_trial(
+        optuna.trial.create_trial(params=trial.params, distributions=trial.distributions, value=trial.value - 1)
+    )
     tune.main(flags(out, "--n-trials", "0"))
     assert json.loads((out / "best_params.json").read_text())["trial"] == 1
     with pytest.raises(tuning.UserError, match="--overwrite"):
@@ -169,8 +191,12 @@ def test_a_signal_mid_trial_fails_that_trial_with_its_reason_and_exits_143(no_fi
         engine.run_cli(tune.main)
     assert exit_info.value.code == 143
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("interrupted by SIGTERM: the finished trials are kept in sqlite:///") and "--resume" not in line
-    assert line.endswith("continue with: python hyperparameter_tune.py " + " ".join(flags(tmp_path, "--n-trials", "2", "--epochs", "1")))
+    assert (
+        line.startswith("interrupted by SIGTERM: the finished trials are kept in sqlite:///") and "--resume" not in line
+    )
+    assert line.endswith(
+        "continue with: python hyperparameter_tune.py " + " ".join(flags(tmp_path, "--n-trials", "2", "--epochs", "1"))
+    )
     rows = read_trials(tmp_path)
     assert [(row["state"], row["reason"]) for row in rows] == [("FAIL", "interrupted by SIGTERM")]
 
@@ -199,8 +225,10 @@ def test_a_resumed_study_proposes_no_configuration_twice(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # asked and told by hand, not by optimize
 def test_a_fresh_study_with_the_same_seed_proposes_the_same_first_trials(tmp_path):
-    first, again, other_seed = (proposed_by_runs(f"sqlite:///{tmp_path}/{name}.db", seed, runs=1)
-                                for name, seed in (("first", 0), ("again", 0), ("other", 1)))
+    first, again, other_seed = (
+        proposed_by_runs(f"sqlite:///{tmp_path}/{name}.db", seed, runs=1)
+        for name, seed in (("first", 0), ("again", 0), ("other", 1))
+    )
     assert first == again and first != other_seed
 
 
@@ -255,8 +283,13 @@ def test_pruned_trials_stop_early_and_the_saved_epochs_are_reported(no_figures, 
 def test_two_workers_on_one_journal_finish_exactly_the_requested_trials(tmp_path):
     storage = tmp_path / "tune/study.log"
     storage.parent.mkdir()
-    workers = [start_worker(tmp_path, *flags(storage.parent, "--storage", str(storage), "--n-trials", "3", "--epochs", "1", "--seed", seed))
-               for seed in ("1", "2")]
+    workers = [
+        start_worker(
+            tmp_path,
+            *flags(storage.parent, "--storage", str(storage), "--n-trials", "3", "--epochs", "1", "--seed", seed),
+        )
+        for seed in ("1", "2")
+    ]
     outputs = [worker.communicate(timeout=180)[0] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], outputs
     study = load_study(storage)
@@ -294,7 +327,10 @@ def test_two_workers_started_together_on_a_fresh_sqlite_file_both_run(tmp_path):
     for attempt in range(5):
         out = tmp_path / f"try{attempt}"
         start = fork.Event()
-        workers = [fork.Process(target=run_when_started, args=(start, flags(out, "--n-trials", "0", "--seed", seed))) for seed in ("1", "2")]
+        workers = [
+            fork.Process(target=run_when_started, args=(start, flags(out, "--n-trials", "0", "--seed", seed)))
+            for seed in ("1", "2")
+        ]
         for worker in workers:
             worker.start()
         start.set()
@@ -306,8 +342,25 @@ def test_two_workers_started_together_on_a_fresh_sqlite_file_both_run(tmp_path):
 
 def test_two_workers_on_one_postgresql_study_finish_exactly_the_requested_trials(tmp_path, postgresql_url):
     name = "two-workers"
-    workers = [start_worker(tmp_path, *flags(tmp_path / seed, "--storage", postgresql_url, "--study-name", name,
-                                              "--n-trials", "3", "--epochs", "1", "--seed", seed)) for seed in ("1", "2")]
+    workers = [
+        start_worker(
+            tmp_path,
+            *flags(
+                tmp_path / seed,
+                "--storage",
+                postgresql_url,
+                "--study-name",
+                name,
+                "--n-trials",
+                "3",
+                "--epochs",
+                "1",
+                "--seed",
+                seed,
+            ),
+        )
+        for seed in ("1", "2")
+    ]
     outputs = [worker.communicate(timeout=180)[0] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], outputs
     study = optuna.load_study(study_name=name, storage=postgresql_url)
@@ -326,7 +379,9 @@ def runs_a_trial(worker: subprocess.Popen, storage: str, name: str) -> bool:
 def test_a_worker_killed_mid_trial_on_postgresql_loses_that_trial_as_failed(no_figures, tmp_path, postgresql_url):
     name, out = "killed-worker", tmp_path / "tune"
     # 1000 epochs: the trial is still running when it is killed
-    worker = start_worker(tmp_path, *flags(out, "--storage", postgresql_url, "--study-name", name, "--n-trials", "1", "--epochs", "1000"))
+    worker = start_worker(
+        tmp_path, *flags(out, "--storage", postgresql_url, "--study-name", name, "--n-trials", "1", "--epochs", "1000")
+    )
     try:
         deadline = time.monotonic() + 120
         while not runs_a_trial(worker, postgresql_url, name):
@@ -338,7 +393,8 @@ def test_a_worker_killed_mid_trial_on_postgresql_loses_that_trial_as_failed(no_f
         worker.communicate()
     assert worker.returncode == -signal.SIGKILL
 
-    tune.main(flags(out, "--storage", postgresql_url, "--study-name", name, "--n-trials", "0"))  # the next run of the command
+    # the next run of the command
+    tune.main(flags(out, "--storage", postgresql_url, "--study-name", name, "--n-trials", "0"))
     rows = read_trials(out)
     assert [row["state"] for row in rows] == ["FAIL"]
     assert rows[0]["reason"] == f"its worker (process {worker.pid}) ended mid-trial"
@@ -351,11 +407,13 @@ def wait_until_it_runs_a_trial(worker: subprocess.Popen, storage: str, name: str
         time.sleep(0.2)
 
 
-FAST_HEARTBEAT = ("--heartbeat", "1", "--heartbeat-grace", "10")  # the survivor reaches its first look well within the grace
+# the survivor reaches its first look well within the grace
+FAST_HEARTBEAT = ("--heartbeat", "1", "--heartbeat-grace", "10")
 
 
-def test_a_worker_dead_on_another_machine_is_replaced_and_the_study_ends_with_exactly_n_trials(no_figures, tmp_path, postgresql_url,
-                                                                                              capsys):
+def test_a_worker_dead_on_another_machine_is_replaced_and_the_study_ends_with_exactly_n_trials(
+    no_figures, tmp_path, postgresql_url, capsys
+):
     name, out = "dead-elsewhere", tmp_path / "tune"
     study_flags = ("--storage", postgresql_url, "--study-name", name, "--n-trials", "1", *FAST_HEARTBEAT)
     dead = start_worker(tmp_path, *flags(tmp_path / "a", *study_flags, "--epochs", "1000", "--seed", "1"), host="nodeA")
@@ -366,7 +424,8 @@ def test_a_worker_dead_on_another_machine_is_replaced_and_the_study_ends_with_ex
         dead.kill()
         dead.communicate()
     study = optuna.load_study(study_name=name, storage=postgresql_url)
-    study.set_user_attr("epochs", 1)  # the survivor's trial takes a second (the dead worker's would have taken 1000 epochs)
+    # the survivor's trial takes a second (the dead worker's would have taken 1000 epochs)
+    study.set_user_attr("epochs", 1)
     tune.main(flags(out, *study_flags, "--seed", "2"))  # the dead worker's trial holds the study's only place
     assert "Waiting for 1 trial(s) running on other workers (trial 0 on nodeA)" in capsys.readouterr().out
     trials = study.get_trials()
@@ -381,8 +440,21 @@ def test_a_worker_rides_out_a_database_restart_and_keeps_its_trial(no_figures, t
     except postgres.ServerUnavailable as reason:
         pytest.skip(f"no PostgreSQL server: {reason}")
     try:
-        worker = start_worker(tmp_path, *flags(tmp_path / "tune", "--storage", server.url, "--n-trials", "1", "--epochs", "4",
-                                               "--db-patience", "60", "--no-prune"))
+        worker = start_worker(
+            tmp_path,
+            *flags(
+                tmp_path / "tune",
+                "--storage",
+                server.url,
+                "--n-trials",
+                "1",
+                "--epochs",
+                "4",
+                "--db-patience",
+                "60",
+                "--no-prune",
+            ),
+        )
         wait_until_it_runs_a_trial(worker, server.url, STUDY)
         server.stop()  # mid-trial: the worker's next report and its result meet a closed server
         time.sleep(4)
@@ -391,7 +463,11 @@ def test_a_worker_rides_out_a_database_restart_and_keeps_its_trial(no_figures, t
         assert worker.returncode == 0, output
         assert "the study's database is unreachable" in output and "Traceback" not in output
         trials = optuna.load_study(study_name=STUDY, storage=server.url).get_trials()
-        assert [t.state for t in trials] == [TrialState.COMPLETE] and trials[0].value > 0 and trials[0].user_attrs["epochs_run"] == 4
+        assert (
+            [t.state for t in trials] == [TrialState.COMPLETE]
+            and trials[0].value > 0
+            and trials[0].user_attrs["epochs_run"] == 4
+        )
     finally:
         server_context.__exit__(None, None, None)
 
@@ -399,7 +475,9 @@ def test_a_worker_rides_out_a_database_restart_and_keeps_its_trial(no_figures, t
 def test_a_trial_started_when_running_trials_already_make_up_the_study_steps_back():
     study = optuna.create_study()
     study.ask()  # another worker's trial, still running: it will make up the one trial asked for
-    objective = tune.make_objective(tuning.StudySettings(space="readme", epochs=1), base=None, data=None, n_trials=1, prune=True)
+    objective = tune.make_objective(
+        tuning.StudySettings(space="readme", epochs=1), base=None, data=None, n_trials=1, prune=True
+    )
     tune.run_trials(study, objective, n_trials=1, epochs=1, timeout=None)
     assert len(study.trials) == 1  # checked before starting: no trial at all
     study.optimize(objective, n_trials=1, catch=(tune.NotNeeded,))  # started at the same moment as the other
@@ -410,8 +488,15 @@ def test_a_trial_started_when_running_trials_already_make_up_the_study_steps_bac
 # --------------------------------------------------------------------------------------------
 # The command line
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("storage", ["sqlite:////nonexistent/folder/study.db", "postgresql://tuner:secret@localhost:1/optuna",
-                                     "journal:/nonexistent/folder/study.log", "no such storage"])
+@pytest.mark.parametrize(
+    "storage",
+    [
+        "sqlite:////nonexistent/folder/study.db",
+        "postgresql://tuner:secret@localhost:1/optuna",
+        "journal:/nonexistent/folder/study.log",
+        "no such storage",
+    ],
+)
 def test_unusable_storage_exits_2_with_one_line(monkeypatch, capsys, tmp_path, storage):
     monkeypatch.setattr(sys, "argv", ["hyperparameter_tune.py", *flags(tmp_path / "tune", "--storage", storage)])
     with pytest.raises(SystemExit) as exit_info:
@@ -430,8 +515,18 @@ def test_empty_storage_exits_2_with_one_line_naming_the_flag(monkeypatch, capsys
     assert not (tmp_path / "tune").exists()
 
 
-@pytest.mark.parametrize("bad", [["--n-trials", "-1"], ["--epochs", "0"], ["--space", "huge"], ["--timeout", "nan"],
-                                 ["--limit-train", "0"], ["--device", "tpu"], ["--retrain-epochs", "x"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--n-trials", "-1"],
+        ["--epochs", "0"],
+        ["--space", "huge"],
+        ["--timeout", "nan"],
+        ["--limit-train", "0"],
+        ["--device", "tpu"],
+        ["--retrain-epochs", "x"],
+    ],
+)
 def test_bad_flag_values_exit_2(tmp_path, bad):
     with pytest.raises(SystemExit) as exit_info:
         tune.main(flags(tmp_path / "tune", *bad))
@@ -464,12 +559,21 @@ def test_readme_space_is_the_readme_study():
         assert set(params) == {"fc1_size", "fc2_size", "dropout", "lr", "weight_decay", "batch_size"}
         check_readme_bounds(params)
     lrs = sorted(params["lr"] for params in samples)
-    assert lrs[len(lrs) // 2] < 10 ** -2.3  # log-uniform: the median is near 10^-2.5, not 0.05
+    assert lrs[len(lrs) // 2] < 10**-2.3  # log-uniform: the median is near 10^-2.5, not 0.05
     assert {params["fc1_size"] for params in samples} == {32, 64, 128, 256, 512}
     recipe = tuning.recipe_for(samples[0], epochs=5)
-    assert (recipe.epochs, recipe.lr, recipe.batch_size, recipe.optimizer) == (5, samples[0]["lr"], samples[0]["batch_size"], "adam")
+    assert (recipe.epochs, recipe.lr, recipe.batch_size, recipe.optimizer) == (
+        5,
+        samples[0]["lr"],
+        samples[0]["batch_size"],
+        "adam",
+    )
     net = engine.model_spec("CIFAR10Net_7").build(tuning.options_for(samples[0]))
-    assert isinstance(net, CIFAR10Net_7) and net.fc1.out_features == samples[0]["fc1_size"] and net.dropout.p == samples[0]["dropout"]
+    assert (
+        isinstance(net, CIFAR10Net_7)
+        and net.fc1.out_features == samples[0]["fc1_size"]
+        and net.dropout.p == samples[0]["dropout"]
+    )
 
 
 def test_extended_space_adds_convolutions_and_optimisers_and_every_network_builds():
@@ -498,6 +602,11 @@ def test_extended_space_adds_convolutions_and_optimisers_and_every_network_build
 def test_cifar10net_7_with_its_default_options_is_the_readmes():
     net = engine.model_spec("CIFAR10Net_7").build()
     shapes = {name: tuple(p.shape) for name, p in net.state_dict().items()}
-    assert (shapes["conv1.weight"], shapes["conv2.weight"], shapes["fc1.weight"], shapes["fc2.weight"], shapes["fc3.weight"]) == (
-        (20, 3, 3, 3), (40, 20, 4, 4), (124, 1440), (64, 124), (10, 64))
+    assert (
+        shapes["conv1.weight"],
+        shapes["conv2.weight"],
+        shapes["fc1.weight"],
+        shapes["fc2.weight"],
+        shapes["fc3.weight"],
+    ) == ((20, 3, 3, 3), (40, 20, 4, 4), (124, 1440), (64, 124), (10, 64))
     assert net.dropout.p == 0.5
