@@ -5,16 +5,18 @@ figure.
     python evaluate.py --run runs/FastVGG --checkpoint best.ckpt
     python evaluate.py --checkpoint ~/study/CIFAR10Net_7.pth --model CIFAR10Net_7 --data-dir ./data --out-dir results
 
-Measures the 10,000 test images exactly as a training run does at its end (engine.predict, then engine.test_report),
-for a run's model.pth (its final weights: the same numbers as its test.json), its best.ckpt or last.ckpt, or a
-plain state dict saved by the original study's scripts (torch.save(net.state_dict(), path)) with --model.
+Measures the 10,000 test images exactly as a training run does at its end (engine.predict, then engine.test_report,
+at the precision the run tested at), for a run's model.pth (its final weights: the same numbers as its test.json), its
+best.ckpt or last.ckpt, or a plain state dict saved by the original study's scripts (torch.save(net.state_dict(),
+path)) with --model.
 Inputs are normalised with the model card's mean and std (the run's model.json, or the card inside a checkpoint);
 a plain state dict has none, so the training split's statistics are computed from --data-dir, as training does.
 
 Prints the test accuracy and writes, beside the weights in a run folder of yours (for the shipped model, a read-only
 folder or weights outside a run folder: in runs/evaluations/<folder name>; or into --out-dir):
     evaluation-<weights>.json            test_accuracy, per_class_accuracy, confusion_matrix, num_test_images, model,
-                                         checkpoint, tta, data (the keys of a run's test.json)
+                                         checkpoint, tta, precision, data (the keys of a run's
+                                         test.json)
     evaluation-<weights>-confusion.png   the confusion matrix
 where <weights> is the file's name without its suffix (model, best, last, ...). A run's own test.json and
 confusion_matrix.png are never touched; evaluating the same weights again replaces their evaluation files.
@@ -28,7 +30,7 @@ from typing import Any
 
 import engine
 import saved_models
-from functions import UserError
+from engine import UserError
 from saved_models import ModelCard, SavedModel
 
 
@@ -37,12 +39,18 @@ def evaluation_files(out_dir: Path, weights: Path) -> tuple[Path, Path]:
     return out_dir / f"evaluation-{weights.stem}.json", out_dir / f"evaluation-{weights.stem}-confusion.png"
 
 
-def measure(saved: SavedModel, card: ModelCard, data: engine.SplitData, tta: str, device) -> dict[str, Any]:
-    """The test report of a training run's end: predictions of the test split, normalised by the card, under ``tta``."""
+def measure(
+    saved: SavedModel, card: ModelCard, data: engine.SplitData, tta: str, precision: str, device
+) -> dict[str, Any]:
+    """The test report of a training run's end: predictions of the test split, normalised by the card, under ``tta``,
+    at ``precision`` (as a run's test pass: autocast for the -mixed ones)."""
     mean, std = card.normalisation
-    test = engine.predict(saved.net.to(device), data.test_images, data.test_labels, mean, std, tta=tta)
+    with engine.autocast_for(precision, device):
+        test = engine.predict(saved.net.to(device), data.test_images, data.test_labels, mean, std, tta=tta)
     report = engine.test_report(test["labels"], test["logits"].argmax(1), data.classes)
-    report.update({"model": saved.name, "checkpoint": str(saved.weights), "tta": tta, "data": data.source})
+    report.update(
+        {"model": saved.name, "checkpoint": str(saved.weights), "tta": tta, "precision": precision, "data": data.source}
+    )
     return report
 
 
@@ -60,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     engine.add_data_arguments(parser, limit_train=False)
     engine.add_device_arguments(parser, training=False)
+    parser.add_argument(
+        "--precision",
+        choices=engine.PRECISIONS,
+        metavar="PRECISION",
+        help="measure at this precision (Lightning's names: 32-true, bf16-mixed, 16-mixed, ...; auto as in training) "
+        "(default: the one the run trained and tested at, from its model card, so a run's model.pth gives its "
+        "test.json's numbers; 32-true for a plain state dict)",
+    )
     return parser
 
 
@@ -80,13 +96,15 @@ def main() -> None:
     )
     card = saved_models.card_for_data(saved, data)
     tta = args.tta or card.tta
-    report = measure(saved, card, data, tta, device)
+    precision = engine.resolve_precision(args.precision or card.precision, args.device)
+    report = measure(saved, card, data, tta, precision, device)
     report_file, figure_file = evaluation_files(out_dir, saved.weights)
     engine.write_json(report_file, report)
     engine.plot_confusion(report, data.classes, figure_file, f"{saved.name} ({saved.weights.name})")
     print(
         f"Test accuracy of {saved.describe()}: {report['test_accuracy']:.4f} on {report['num_test_images']} images"
         + (f" (with {tta} test-time augmentation)" if tta != "none" else "")
+        + (f", at {precision} precision" if precision != "32-true" else "")
     )
     print(f"Wrote {report_file} and {figure_file}")
 

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import onnxruntime
 import torch
@@ -36,7 +37,8 @@ from torch import nn
 
 import engine
 import saved_models
-from functions import UserError, model_input, write_atomically
+from engine import UserError, write_atomically
+from functions import model_input
 from saved_models import ModelCard, SavedModel
 
 FORMATS = {
@@ -71,7 +73,8 @@ class ExportedClassifier(nn.Module):
 # Writing the file, checked
 # --------------------------------------------------------------------------------------------
 def example_batch(size: int) -> torch.Tensor:
-    """What the exporters trace with: two images, so the batch size stays a variable (torch.export fixes sizes 0 and 1)."""
+    """What the exporters trace with: two images, so the batch size stays a variable (torch.export fixes
+    sizes 0 and 1)."""
     return torch.zeros(2, 3, size, size, dtype=torch.uint8)
 
 
@@ -125,7 +128,8 @@ def check_answers(model: ExportedClassifier, size: int, exported: Callable[[torc
 
 
 def description(card: ModelCard, tta: str, weights: Path, file_format: str) -> dict[str, Any]:
-    """<file>.json: the card (its tta the file's) and what goes in and comes out; ``ModelCard.from_dict`` reads it back."""
+    """<file>.json: the card (its tta the file's) and what goes in and comes out;
+    ``ModelCard.from_dict`` reads it back."""
     return {
         **replace(card, tta=tta).to_dict(),
         "input": {

@@ -3,86 +3,37 @@
 The bottom layer of the toolkit: plain functions and small classes that import nothing of the project.
 Images are uint8 tensors N x 3 x 32 x 32, turned into normalised float batches (``model_input``) and
 augmented a whole chunk of batches at a time, every image with its own random parameters.
-Also here: ``UserError``, the one kind of error the scripts print as one line, and ``write_atomically``.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import re
-import sys
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if sys.version_info < (3, 10):
-    sys.exit(f"this toolkit needs Python 3.10 or newer; this is Python {sys.version.split()[0]}")
-
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
-
-class UserError(Exception):
-    """A mistake the user can fix; the scripts print its message on one line and exit with status 2."""
-
-
-# --------------------------------------------------------------------------------------------
-# Files written whole or not at all
-# --------------------------------------------------------------------------------------------
-# write_atomically's temporary copy of NAME.SUFFIX: ".NAME." + mkstemp's 8 random characters + ".SUFFIX"
-TEMPORARY_COPY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}(?P<suffix>\.[^.]*)?")
-
-
-def is_temporary_copy(path: Path) -> bool:
-    match = TEMPORARY_COPY.fullmatch(path.name)
-    return match is not None and (match["suffix"] or "") == Path(match["name"]).suffix
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(handle)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------
 # Statistics and normalisation
 # --------------------------------------------------------------------------------------------
-def mean_std_per_channel(images: torch.Tensor | Iterable) -> tuple[torch.Tensor, torch.Tensor]:
+def mean_std_per_channel(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact per-channel mean and (population) std over every pixel of every image, in [0, 1] units.
 
-    Takes a uint8 or float tensor N x C x H x W, or an iterable of ``(images, labels)`` batches such
-    as a DataLoader. Unlike the original, which averaged per-image standard deviations, this is the
-    standard deviation of the pixel distribution itself.
+    Takes a uint8 or float tensor N x C x H x W. Unlike the original, which averaged per-image standard deviations
+    over a DataLoader's batches, this is the standard deviation of the pixel distribution itself.
     """
-    batches = [(images, None)] if isinstance(images, torch.Tensor) else images
-    total = total_sq = None
-    count = 0
-    for batch, _ in batches:
-        values = batch.to(torch.float64)
-        if batch.dtype == torch.uint8:
-            values = values / 255.0
-        values = values.transpose(0, 1).reshape(values.shape[1], -1)
-        total = values.sum(1) if total is None else total + values.sum(1)
-        total_sq = (values**2).sum(1) if total_sq is None else total_sq + (values**2).sum(1)
-        count += values.shape[1]
-    mean = total / count
-    std = (total_sq / count - mean**2).clamp_min(0).sqrt()
+    values = images.to(torch.float64)
+    if images.dtype == torch.uint8:
+        values = values / 255.0
+    values = values.transpose(0, 1).reshape(values.shape[1], -1)
+    mean = values.mean(1)
+    std = ((values**2).mean(1) - mean**2).clamp_min(0).sqrt()
     return mean.float(), std.float()
 
 
@@ -324,23 +275,15 @@ def model_input(
 # Initialisation and accuracy
 # --------------------------------------------------------------------------------------------
 def initialize_using_norm_kaiming(module: nn.Module) -> None:
-    """Kaiming-normal weights (fan-in, ReLU gain) and zero biases for conv and linear layers; use with ``model.apply``."""
+    """Kaiming-normal weights (fan-in, ReLU gain) and zero biases for conv and linear layers; use with
+    ``model.apply``."""
     if isinstance(module, (nn.Conv2d, nn.Linear)):
         nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
         if module.bias is not None:
             nn.init.zeros_(module.bias)
 
 
-@torch.no_grad()
-def get_accuracy(model: nn.Module, batches: Iterable) -> float:
-    """Fraction of correctly classified images over ``(images, labels)`` batches, in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct = total = 0
-    for images, labels in batches:
-        predictions = model(images.to(device)).argmax(1)
-        correct += (predictions == labels.to(device)).sum().item()
-        total += labels.numel()
-    model.train(was_training)
-    return correct / total
+def count_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How many images the class scores ``logits`` (N x classes) classify as ``labels``: a tensor on their device, so
+    summing over batches needs no synchronisation per step."""
+    return (logits.argmax(1) == labels).sum()

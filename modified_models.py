@@ -23,6 +23,7 @@ the chosen model's recipe.
 from __future__ import annotations
 
 import argparse
+import copy
 import shlex
 import sys
 from pathlib import Path
@@ -31,21 +32,39 @@ from torch import nn
 
 import engine
 import tsne
-from engine import MODELS, ModelSpec, model_spec  # noqa: F401  (the registry, under the names this module always offered)
-from models.fast import FAST_RECIPE, ConvGroup, FastVGG  # noqa: F401  (the models, under the study's names)
+from engine import MODELS, ModelSpec, UserError, model_spec, write_atomically
+from models.fast import FAST_RECIPE, ConvGroup, FastVGG
 from models.study import (
     README_MODELS,
     README_RECIPE,
     CIFAR10Net,
     CIFAR10Net_2,
     CIFAR10Net_3,
-    CIFAR10Net_4,  # noqa: F401
+    CIFAR10Net_4,
     CIFAR10Net_5,
     CIFAR10Net_6,
     CIFAR10Net_7,
     CIFAR10Net_optim,
 )
-from functions import UserError, write_atomically
+
+# The study's names, as the study's own modified_models.py offered them: from modified_models import CIFAR10Net_2.
+__all__ = [
+    "MODELS",
+    "ModelSpec",
+    "model_spec",
+    "FAST_RECIPE",
+    "ConvGroup",
+    "FastVGG",
+    "CIFAR10Net",
+    "CIFAR10Net_2",
+    "CIFAR10Net_3",
+    "CIFAR10Net_4",
+    "CIFAR10Net_5",
+    "CIFAR10Net_6",
+    "CIFAR10Net_7",
+    "CIFAR10Net_optim",
+    "main",
+]
 
 
 def parameter_count(net: nn.Module) -> int:
@@ -56,13 +75,13 @@ def trained_here() -> dict[str, ModelSpec]:
     """The models this script trains: every registered model but those another script trains (TransferNet:
     transfer_learning.py).
     """
-    return {name: spec for name, spec in MODELS.items() if spec.script == "modified_models.py"}
+    return {name: spec for name, spec in MODELS.items() if spec.own_script is None}
 
 
 def print_model_list() -> None:
     width = max(map(len, MODELS))
     for name, spec in MODELS.items():
-        trained_by = "" if spec.script == "modified_models.py" else f" (python {spec.script})"
+        trained_by = f" (python {spec.own_script})" if spec.own_script else ""
         options = f" Options: {', '.join(option.flag for option in spec.options)}." if spec.options else ""
         print(
             f"{name:<{width}}  {parameter_count(spec.build()):>9,} parameters  {spec.description}{trained_by}{options}"
@@ -71,8 +90,10 @@ def print_model_list() -> None:
 
 def check_trained_here(name: str) -> None:
     spec = model_spec(name)
-    if spec.script != "modified_models.py":
-        raise UserError(f"{name} is trained by {spec.script}; run python {spec.script} (its --help lists its options)")
+    if spec.own_script:
+        raise UserError(
+            f"{name} is trained by {spec.own_script}; run python {spec.own_script} (its --help lists its options)"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,7 +165,10 @@ def write_comparison(rows: list[dict], histories: dict[str, list[dict]], out_dir
 
 
 def comparison_args(args: argparse.Namespace, run_dir: Path, resume: str | None) -> argparse.Namespace:
-    return argparse.Namespace(**{**vars(args), "out_dir": str(run_dir), "resume": resume})
+    """The command line's settings for one model of a comparison: its own run folder and resume."""
+    one_model = copy.copy(args)
+    one_model.out_dir, one_model.resume = str(run_dir), resume
+    return one_model
 
 
 def check_same_setting(names: list[str], args: argparse.Namespace, out_dir: Path) -> None:

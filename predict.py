@@ -35,7 +35,7 @@ import torch
 
 import engine
 import saved_models
-from functions import UserError
+from engine import UserError
 from saved_models import ModelCard, SavedModel
 
 # The shipped model (trained by the project, see README): found beside this script, wherever it is run from.
@@ -133,8 +133,8 @@ def top_classes(probs: torch.Tensor, classes: tuple[str, ...], k: int) -> list[l
     """Per image, its ``k`` likeliest classes with their probabilities, likeliest first."""
     values, indices = probs.topk(min(k, len(classes)), dim=1)
     return [
-        [(classes[i], p) for i, p in zip(image_indices, image_values)]
-        for image_values, image_indices in zip(values.tolist(), indices.tolist())
+        [(classes[i], p) for i, p in zip(image_indices, image_values, strict=True)]
+        for image_values, image_indices in zip(values.tolist(), indices.tolist(), strict=True)
     ]
 
 
@@ -144,7 +144,7 @@ def describe_row(path: Path, row: list[tuple[str, float]]) -> str:
 
 def csv_rows(paths: list[Path], rows: list[list[tuple[str, float]]]) -> list[dict[str, object]]:
     table = []
-    for path, row in zip(paths, rows):
+    for path, row in zip(paths, rows, strict=True):
         entry: dict[str, object] = {"path": str(path)}
         for rank, (name, p) in enumerate(row, 1):
             entry[f"class_{rank}"], entry[f"probability_{rank}"] = name, round(p, 6)
@@ -180,7 +180,7 @@ def report(paths: list[Path], rows: list[list[tuple[str, float]]], csv_file: str
     Many images without --csv print the summary and ask for --csv rather than write a file the user did not name: a
     predictions.csv appearing in the current folder (or replacing one there) would be a surprise."""
     if len(rows) <= PRINTED_IMAGES:
-        for path, row in zip(paths, rows):
+        for path, row in zip(paths, rows, strict=True):
             print(describe_row(path, row))
     else:
         print(summary(rows))

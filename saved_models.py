@@ -29,8 +29,8 @@ from torch import nn
 
 import engine
 import models  # noqa: F401  (registers every model, so a card's or --model's name finds its network)
-from engine import ModelCard
-from functions import CLASSES, UserError
+from engine import ModelCard, UserError
+from functions import CLASSES
 
 CARD_FILE = "model.json"
 SHIPPED_MODELS = Path(__file__).resolve().parent / "pretrained"  # the trained models that come with the toolkit

@@ -17,9 +17,10 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import wraps
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
@@ -68,10 +69,11 @@ def unreachable(error: BaseException) -> BaseException | None:
 
 
 def patient(method: Callable[..., Any]) -> Callable[..., Any]:
-    """``method`` of a storage, retried with backoff while its database is unreachable, for ``self.patience`` seconds."""
+    """``method`` of a storage, retried with backoff while its database is unreachable, for
+    ``self.patience`` seconds."""
 
     @wraps(method)
-    def call(self: "PatientRDBStorage", *args: Any, **kwargs: Any) -> Any:
+    def call(self: PatientRDBStorage, *args: Any, **kwargs: Any) -> Any:
         wait, deadline = FIRST_RETRY_SECONDS, None
         while True:
             try:

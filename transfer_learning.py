@@ -38,7 +38,7 @@ import torch
 
 import engine
 import tsne
-from functions import write_atomically
+from engine import write_atomically
 from models.transfer import ARCHS, FINETUNE_CHOICES, TRANSFER_RECIPE, TransferNet, pretrained_statistics  # noqa: F401
 
 MODEL = "TransferNet"

@@ -3,37 +3,35 @@
     python -m benchmarks.bench_airbench_reference --data-dir ./data --seeds 0
     python -m benchmarks.bench_airbench_reference --data-dir ./data --full-train --seeds 0 1 2
 
-This script runs Keller Jordan's airbench94 method ("94% on CIFAR-10 in 3.29 seconds", 2024; its
-legacy/airbench94.py), written here from that source and outside the engine, so that what the data allows
-and what our recipes leave out can be told apart:
+This script runs Keller Jordan's airbench94 method ("94% on CIFAR-10 in 3.29 seconds", 2024; its legacy/airbench94.py),
+written here from that source and outside the engine, so that what the data allows and what our recipes leave out can be
+told apart:
 
-- a frozen 2x2 stem whose filters whiten the training set's patches (its bias trains for 3 epochs, at the
-  base learning rate: airbench94 picks the 64x group by the name ``norm``, which the stem does not have);
+- a frozen 2x2 stem whose filters whiten the training set's patches (its bias trains for 3 epochs, at the base learning
+  rate: airbench94 picks the 64x group by the name ``norm``, which the stem does not have);
 - convolutions initialised to pass their input through (identity, "dirac", on the first channels);
 - BatchNorm weights frozen at 1, BatchNorm biases at 64x the learning rate (same weight decay per step);
 - learning rate and weight decay decoupled from batch size and momentum (per 1,024 summed losses);
 - a triangular schedule (0.2 -> 1 at 23% of the steps -> 0.07);
-- lookahead: an average of the weights kept from the first step; every 5 steps it moves towards the
-  network by 1 - 0.95^5 (step/total)^3 and the network is set to it, and at the last step the network
-  takes the average whole;
-- alternating flips (a random half flipped once, then every image flipped every other epoch) and 2-pixel
-  reflect-padded random crops;
+- lookahead: an average of the weights kept from the first step; every 5 steps it moves towards the network by 1 -
+  0.95^5 (step/total)^3 and the network is set to it, and at the last step the network takes the average whole;
+- alternating flips (a random half flipped once, then every image flipped every other epoch) and 2-pixel reflect-padded
+  random crops;
 - flip-translate test-time augmentation (the engine's ``--tta flip-translate``).
 
-Timed as airbench94 times itself: from normalising the training images, through the whitening set-up and
-the training, to the end of the final test pass with flip-translate TTA; the data is already on the
-device. Precision: airbench94 keeps fp16 weights with fp32 BatchNorm on its GPU; here the weights stay
-fp32 and ``--precision bf16-mixed`` runs the forward and backward passes under bf16 autocast (the
-default on CUDA; float32 elsewhere, as the engine's ``auto``). With ``--compile`` the network is
-compiled. On CUDA a first run with random labels warms up (chooses convolution algorithms, compiles) before the timed
-runs.
+Timed as airbench94 times itself: from normalising the training images, through the whitening set-up and the training,
+to the end of the final test pass with flip-translate TTA; the data is already on the device. Precision: airbench94
+keeps fp16 weights with fp32 BatchNorm on its GPU; here the weights stay fp32 and ``--precision bf16-mixed`` runs the
+forward and backward passes under bf16 autocast (the default on CUDA; float32 elsewhere, as the engine's ``auto``). With
+``--compile`` the network is compiled. On CUDA a first run with random labels warms up (chooses convolution algorithms,
+compiles) before the timed runs.
 
-Its published figure, 94.01% (mean of 1,000 runs on an A100), is on the official files with all
-50,000 training images: ``--full-train`` trains on them too; the default trains on the README's
-45,000-image split, as our recipes do, and then also measures the 5,000 validation images (flip-translate
-TTA, after the clock): the number to tune the yardstick by, as our recipes were tuned. ``--no-dirac`` and
-``--lr-scale`` give it the same chance our narrow recipe had (which dropped identity initialisation and
-changed its batch and learning rate); their defaults are airbench94's. Writes runs.csv into --out-dir.
+Its published figure, 94.01% (mean of 1,000 runs on an A100), is on the official files with all 50,000 training images:
+``--full-train`` trains on them too; the default trains on the README's 45,000-image split, as our recipes do, and then
+also measures the 5,000 validation images (flip-translate TTA, after the clock): the number to tune the yardstick by, as
+our recipes were tuned. ``--no-dirac`` and ``--lr-scale`` give it the same chance our narrow recipe had (which dropped
+identity initialisation and changed its batch and learning rate); their defaults are airbench94's. Writes runs.csv into
+--out-dir.
 """
 
 from __future__ import annotations
@@ -42,6 +40,7 @@ import argparse
 import math
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import engine
+from benchmarks.accuracy import accuracy_by_tta
 from functions import apply_crop, normalize, sample_crop_params
 from models.fast import ConvGroup
 
@@ -255,18 +255,16 @@ def train_and_test(
             flush=True,
         )
     with autocast:
-        test = engine.accuracy_by_tta(
-            net, data.test_images, data.test_labels, data.mean, data.std, tta="flip-translate"
-        )
+        test = accuracy_by_tta(net, data.test_images, data.test_labels, data.mean, data.std, tta="flip-translate")
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     val = None
     if len(data.val_images):
         with autocast:
-            val = engine.accuracy_by_tta(
-                net, data.val_images, data.val_labels, data.mean, data.std, tta="flip-translate"
-            )["flip-translate"]
+            val = accuracy_by_tta(net, data.val_images, data.val_labels, data.mean, data.std, tta="flip-translate")[
+                "flip-translate"
+            ]
     return {
         "seed": seed,
         "train_images": len(images),
@@ -347,44 +345,29 @@ def main() -> None:
     if not args.validation:  # airbench's setting: every training image (the split's statistics still normalise them)
         keep = slice(args.limit_train)
         data = replace(data, train_images=arrays.train_images[keep], train_labels=arrays.train_labels[keep])
-    if not args.validation:
         data = replace(data, val_images=data.val_images[:0], val_labels=data.val_labels[:0])  # all of them trained
     data = data.to(device)
     print(
         f"Data: {data.source}; {len(data.train_images)} train / {len(data.val_images)} validation / "
         f"{len(data.test_images)} test images; {device}, {precision}"
     )
+    run = partial(
+        train_and_test,
+        data,
+        epochs=args.epochs,
+        width=args.width,
+        batch_size=args.batch_size,
+        device=device,
+        precision=precision,
+        compile=args.compile,
+        dirac=args.dirac,
+        lr_scale=args.lr_scale,
+    )
     if device.type == "cuda":  # choosing convolution algorithms (and compiling) happens here, outside the timed runs
-        random_labels = torch.randint(0, 10, data.train_labels.shape, device=device)
-        train_and_test(
-            data,
-            0,
-            args.epochs,
-            args.width,
-            args.batch_size,
-            device,
-            precision,
-            args.compile,
-            labels=random_labels,
-            dirac=args.dirac,
-            lr_scale=args.lr_scale,
-        )
+        run(0, labels=torch.randint(0, 10, data.train_labels.shape, device=device))
     rows = []
     for seed in args.seeds:
-        rows.append(
-            train_and_test(
-                data,
-                seed,
-                args.epochs,
-                args.width,
-                args.batch_size,
-                device,
-                precision,
-                args.compile,
-                dirac=args.dirac,
-                lr_scale=args.lr_scale,
-            )
-        )
+        rows.append(run(seed))
         r = rows[-1]
         validation = (
             ""

@@ -3,22 +3,20 @@
     python -m benchmarks.bench_fast --data-dir ./data                          # FastVGG, seeds 0 1 2
     python -m benchmarks.bench_fast --data-dir ./data --model FastVGG_narrow --precision bf16-mixed
     python -m benchmarks.bench_fast --data-dir ./data --ablations --seeds 0    # one idea off at a time
-    python -m benchmarks.bench_fast --data-dir ./data --model Airbench94_muon_narrow --hiverge --seeds 0 1 2 3  #
-    hiverge's changes
+    python -m benchmarks.bench_fast --data-dir ./data --model Airbench94_muon_narrow --hiverge --seeds 0 1  # hiverge's
     python -m benchmarks.bench_fast --data-dir ./data --vary lr=0.2,0.4,0.8 --vary weight_decay=5e-4,1e-3
 
-Every run trains through the engine exactly as ``modified_models --model <name>`` does, so the
-time includes what a user's run includes (the per-epoch validation, the checkpoints), but not the
-data loading, which happens once. The variants take turns, seed by seed (every variant's seed 0, then
-every variant's seed 1...), so a machine that slows down mid-benchmark slows them all alike. After each
-run it measures validation accuracy with the run's TTA (the number to choose settings by) and test
-accuracy under each TTA mode (none, flip, flip-translate, and selective: flip-translate for the least
-confident fifth only), from one forward pass of each view. A run that diverges is a row that says so,
-and the benchmark goes on.
+Every run trains through the engine exactly as ``modified_models --model <name>`` does, so the time includes what a
+user's run includes (the per-epoch validation, the checkpoints), but not the data loading, which happens once. The
+variants take turns, seed by seed (every variant's seed 0, then every variant's seed 1...), so a machine that slows down
+mid-benchmark slows them all alike. After each run it measures validation accuracy with the run's TTA (the number to
+choose settings by) and test accuracy under each TTA mode (none, flip, flip-translate, and selective: flip-translate for
+the least confident fifth only), from one forward pass of each view. A run that diverges is a row that says so, and the
+benchmark goes on.
 
-With --compile the first run also compiles the network; its time is reported as the first run, and
-the runs after it start with the network already compiled and the data already on the device (how
-airbench times itself). Writes runs.csv, runs.md and time_accuracy.png into --out-dir.
+With --compile the first run also compiles the network; its time is reported as the first run, and the runs after it
+start with the network already compiled and the data already on the device (how airbench times itself). Writes runs.csv,
+runs.md and time_accuracy.png into --out-dir.
 """
 
 from __future__ import annotations
@@ -36,7 +34,10 @@ from matplotlib.figure import Figure
 
 import engine
 import models  # noqa: F401  (registers every model)
-from functions import AUGMENTATIONS, UserError, write_atomically
+from benchmarks.accuracy import accuracy_by_tta
+from benchmarks.tables import percent
+from engine import UserError, write_atomically
+from functions import AUGMENTATIONS
 
 # One idea off (or changed) at a time against the model's recipe; TTA needs no run of its own (test_plain).
 ABLATIONS = {
@@ -174,13 +175,13 @@ def measure(config: engine.RunConfig, data: engine.SplitData, variant: str, firs
         return row, []
     seconds = time.perf_counter() - started
     net = fitted.net.to(fitted.device)  # the data is already there (main moves it once)
-    test = engine.accuracy_by_tta(net, data.test_images, data.test_labels, data.mean, data.std, tta="flip-translate")
+    test = accuracy_by_tta(net, data.test_images, data.test_labels, data.mean, data.std, tta="flip-translate")
     row = run | {
         "seconds": round(seconds, 2),
         "val_accuracy": fitted.history[-1]["val_accuracy"],
-        "val_tta": engine.accuracy_by_tta(
-            net, data.val_images, data.val_labels, data.mean, data.std, tta=config.recipe.tta
-        )[config.recipe.tta],
+        "val_tta": accuracy_by_tta(net, data.val_images, data.val_labels, data.mean, data.std, tta=config.recipe.tta)[
+            config.recipe.tta
+        ],
         "test_plain": test["none"],
         "test_flip": test["flip"],
         "test_flip_translate": test["flip-translate"],
@@ -195,11 +196,6 @@ def measure(config: engine.RunConfig, data: engine.SplitData, variant: str, firs
         flush=True,
     )
     return row, fitted.history
-
-
-def percent(value: float | None) -> str:
-    # n/a: not measured (a run with --val-every 0 has no last validation)
-    return "n/a" if value is None else f"{value:.2%}"
 
 
 def mean_of(values) -> float | None:
@@ -259,11 +255,11 @@ def plot_time_accuracy(curves: list[tuple[str, list[dict], dict]], path: Path, t
         colour = colours(index % 10)
         measured = [
             (seconds, epoch["val_accuracy"])
-            for seconds, epoch in zip(elapsed, history)
+            for seconds, epoch in zip(elapsed, history, strict=True)
             if epoch["val_accuracy"] is not None
         ]
         if measured:  # none with --val-every 0
-            axis.plot(*zip(*measured), marker=".", color=colour, label=f"{label}: validation per epoch")
+            axis.plot(*zip(*measured, strict=True), marker=".", color=colour, label=f"{label}: validation per epoch")
         axis.plot(
             [row["seconds"]],
             [row["test_tta"]],
@@ -340,7 +336,7 @@ def main() -> None:
         compile=args.compile,
         limit_train=args.limit_train,
         progress=False,
-        tsne=False,
+        analyses={"tsne": False},
     )
     variants = (
         {"recipe": {}}

@@ -41,7 +41,7 @@ def write_digits_tree(root: Path) -> Path:
     digits = load_digits()
     images = np.rint(digits.images * (255 / 16)).astype(np.uint8)
     split = train_test_split(np.arange(len(images)), test_size=0.2, stratify=digits.target, random_state=0)
-    for name, indices in zip(("train", "test"), split):
+    for name, indices in zip(("train", "test"), split, strict=True):
         for index in indices:
             folder = root / name / str(digits.target[index])
             folder.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import engine
-from functions import get_accuracy, initialize_using_norm_kaiming, normalize
+from benchmarks.accuracy import get_accuracy
+from functions import initialize_using_norm_kaiming, normalize
 from models.study import CIFAR10Net
 
 
@@ -39,7 +40,7 @@ def ours(data: engine.SplitData, tmp: Path, model: str, precision: str) -> float
         recipe=recipe,
         out_dir=str(tmp / "ours"),
         progress=False,
-        tsne=False,
+        analyses={"tsne": False},
         device="cpu",
         precision=precision,
         logger="none",
@@ -111,7 +112,8 @@ def in_memory_batches(images: torch.Tensor, labels: torch.Tensor, size: int, dat
 
 
 def floor(data: engine.SplitData, model: str, precision: str) -> float:
-    """One epoch's arithmetic with nothing else: the model's optimiser on batches already made, then the metric passes."""
+    """One epoch's arithmetic with nothing else: the model's optimiser on batches already made, then the
+    metric passes."""
     spec = engine.model_spec(model)
     recipe = replace(spec.recipe, epochs=1)
     net = spec.build()

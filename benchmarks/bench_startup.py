@@ -22,7 +22,7 @@ from pathlib import Path
 
 import engine
 from benchmarks.tables import write_runs
-from functions import UserError
+from engine import UserError
 
 SCRIPTS = (
     "main.py",

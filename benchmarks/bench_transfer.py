@@ -35,8 +35,8 @@ from torch import nn
 from torchvision import transforms
 
 import engine
-from functions import get_accuracy
 import transfer_learning as tl
+from benchmarks.accuracy import get_accuracy
 
 BATCH_SIZE = 64
 README_LR = 0.01

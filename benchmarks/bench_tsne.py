@@ -18,6 +18,7 @@ import time
 
 import engine
 import tsne
+from analyses import embedding as tsne_embedding
 
 # (split, method, target seconds on 2 cores; None: the reference, no target)
 CASES = (("test", "opentsne", 60), ("test", "sklearn", None), ("train", "opentsne", 240))
@@ -28,8 +29,8 @@ def versions() -> str:
     import sklearn
 
     return (
-        f"{os.cpu_count()} CPU cores, t-SNE n_jobs {tsne.N_JOBS}, openTSNE {openTSNE.__version__}, scikit-learn "
-        f"{sklearn.__version__}"
+        f"{os.cpu_count()} CPU cores, t-SNE n_jobs {tsne_embedding.N_JOBS}, openTSNE {openTSNE.__version__}, "
+        f"scikit-learn {sklearn.__version__}"
     )
 
 
@@ -52,7 +53,7 @@ def main() -> None:
     )
 
     for split, method, target in CASES:
-        _, report = tsne.embed_and_score(
+        _, report = tsne_embedding.embed_and_score(
             predicted[split]["features"].numpy(), predicted[split]["labels"].numpy(), method, args.seed
         )
         verdict = (
@@ -60,7 +61,7 @@ def main() -> None:
             if target is None
             else f" [target <= {target} s: {'met' if report['tsne_seconds'] <= target else 'MISSED'}]"
         )
-        print(tsne.describe(split, report) + verdict, flush=True)
+        print(tsne_embedding.describe(split, report) + verdict, flush=True)
 
 
 if __name__ == "__main__":

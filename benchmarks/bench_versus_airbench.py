@@ -44,7 +44,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import engine
 import models  # noqa: F401  (registers every model)
 from benchmarks import bench_airbench_reference as reference
-from functions import write_atomically
+from benchmarks.accuracy import accuracy_by_tta
+from benchmarks.tables import percent
+from engine import write_atomically
 
 COLUMNS = (
     "method",
@@ -87,12 +89,13 @@ def curve_points(
     precision: str,
     device: torch.device,
 ) -> list[dict]:
-    """Test accuracy (flip-translate TTA) of the weights after each epoch, measured after the clock: curve.csv's rows."""
+    """Test accuracy (flip-translate TTA) of the weights after each epoch, measured after the clock:
+    curve.csv's rows."""
     points = []
     for epoch, seconds, weights in snapshots:
         net.load_state_dict(weights)
         with engine.autocast_for(precision, device):
-            test = engine.accuracy_by_tta(
+            test = accuracy_by_tta(
                 net.to(device), data.test_images, data.test_labels, data.mean, data.std, tta="flip-translate"
             )
         points.append(
@@ -167,7 +170,7 @@ def run_ours(
         precision=precision,
         compile=args.compile,
         progress=False,
-        tsne=False,
+        analyses={"tsne": False},
         validation=not args.full_train,
         overwrite=True,
         keep_epoch_checkpoints=args.curve,
@@ -180,11 +183,11 @@ def run_ours(
     net = spec.build(options)
     net.load_state_dict(torch.load(Path(config.out_dir) / "model.pth", map_location=device, weights_only=True))
     with engine.autocast_for(precision, device):  # as the run's own test pass, and the yardstick's
-        test = engine.accuracy_by_tta(
+        test = accuracy_by_tta(
             net.to(device), data.test_images, data.test_labels, data.mean, data.std, tta="flip-translate"
         )
         val = (
-            engine.accuracy_by_tta(net, data.val_images, data.val_labels, data.mean, data.std, tta="flip-translate")[
+            accuracy_by_tta(net, data.val_images, data.val_labels, data.mean, data.std, tta="flip-translate")[
                 "flip-translate"
             ]
             if len(data.val_images)
@@ -227,7 +230,8 @@ def plot_time_to_accuracy(points: list[dict], path: Path, title: str) -> None:
     """Test accuracy after each epoch against the seconds on the method's clock: a line per method and seed."""
     figure = Figure(figsize=(8, 5))
     axis = figure.subplots()
-    colours = dict(zip(dict.fromkeys(p["method"] for p in points), matplotlib.colormaps["tab10"].colors))
+    # tab10 has more colours than methods
+    colours = dict(zip(dict.fromkeys(p["method"] for p in points), matplotlib.colormaps["tab10"].colors, strict=False))
     for (method, seed), run in itertools.groupby(points, key=lambda p: (p["method"], p["seed"])):
         run = list(run)
         axis.plot(
@@ -249,7 +253,6 @@ def plot_time_to_accuracy(points: list[dict], path: Path, title: str) -> None:
 
 def write_tables(rows: list[dict], out_dir: Path, title: str) -> str:
     engine.write_csv(out_dir / "runs.csv", rows, COLUMNS)
-    percent = lambda value: "n/a" if value is None else f"{value:.2%}"
     lines = [
         title,
         "",

@@ -24,10 +24,11 @@ import argparse
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import engine
-from functions import write_atomically
+from engine import write_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 STEP_TIMEOUT = 1800  # seconds: a step that hangs ends, and the session goes on
@@ -169,7 +170,7 @@ def main() -> None:
             summary += ["End of its log:", "", "```", *(out / f"{name}.log").read_text().splitlines()[-30:], "```", ""]
         text = "\n".join(summary) + "\n"
         # after every step: a session cut short keeps what it did
-        write_atomically(out / "summary.md", lambda tmp: tmp.write_text(text))
+        write_atomically(out / "summary.md", partial(Path.write_text, data=text))
     print(f"Written {out}/summary.md")
 
 

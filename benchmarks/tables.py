@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import engine
-from functions import write_atomically
+from engine import write_atomically
 
 
 def write_runs(
@@ -31,3 +31,8 @@ def write_runs(
     text = "\n".join(lines) + "\n"
     write_atomically(out_dir / "runs.md", lambda tmp: tmp.write_text(text))
     return text
+
+
+def percent(value: float | None) -> str:
+    """A fraction as a table writes it; n/a where it was not measured (a run with --val-every 0 has no validation)."""
+    return "n/a" if value is None else f"{value:.2%}"

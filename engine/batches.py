@@ -8,14 +8,15 @@ augmentation lives in ``TrainBatches`` and only there, so evaluation can never b
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
-from typing import Callable, Iterator
 
 import torch
 
 from engine.config import RunConfig
 from engine.data import VAL_FRACTION, DatasetArrays, load_dataset, split_train_val
-from functions import AUGMENTATIONS, UserError, mean_std_per_channel, model_input
+from engine.errors import UserError
+from functions import AUGMENTATIONS, mean_std_per_channel, model_input
 
 EVAL_BATCH = 500  # images per evaluation batch: large, as nothing is kept for a backward pass
 TRAIN_ACCURACY_SAMPLE = 5000  # training images measured after each epoch when there is no validation split to match
@@ -124,7 +125,7 @@ class SplitData:
         limit_train: int | None = None,
         validation: bool = True,
         val_fraction: float = VAL_FRACTION,
-    ) -> "SplitData":
+    ) -> SplitData:
         """The study's 45,000 / 5,000 split (``val_fraction`` of another data set's training images validate); without
         ``validation``, every training image trains (a final run)."""
         train_index, val_index = split_train_val(len(data.train_images), val_fraction)
@@ -147,7 +148,7 @@ class SplitData:
             data.source,
         )
 
-    def to(self, device: torch.device) -> "SplitData":
+    def to(self, device: torch.device) -> SplitData:
         return replace(
             self,
             **{

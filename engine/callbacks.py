@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -19,9 +20,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from engine.classifier import ImageClassifier
 from engine.config import RunConfig
 from engine.errors import TrainingDiverged
+from engine.files import write_atomically
 from engine.plots import plot_curves
 from engine.run_folder import write_metrics_csv
-from functions import write_atomically
 
 # Cross-entropy over 10 classes starts near ln 10 = 2.3, and a poor but sound run stays within hundreds
 # (BatchNorm statistics that lag a high learning rate); above 10,000 the weights have blown up.

@@ -3,9 +3,10 @@
 A run writes it as model.json and into every checkpoint (``model_card``); ``saved_models`` reads it back with
 ``ModelCard.from_dict`` and rebuilds the network from it exactly: the model's registry name and its options, the class
 names in label order (their number sizes the last layer), the per-channel mean and std the inputs were normalised with,
-the image size and the test-time augmentation; and, to say what trained it, the versions of torch, torchvision and
-lightning and the git commit of the toolkit (when it ran from a git checkout). Cards written before the options
-existed (no ``options``) still load: their models are built with their default options, which is what trained them.
+the image size, the test-time augmentation and the precision it was trained and tested at; and, to say what trained it,
+the versions of torch, torchvision and lightning and the git commit of the toolkit (when it ran from a git checkout).
+Cards written before the options existed (no ``options``) still load: their models are built with their default options,
+which is what trained them.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any
 
 import torch
 
-from engine.config import TTA_MODES
-from functions import UserError
+from engine.config import PRECISIONS, TTA_MODES
+from engine.errors import UserError
 
 LIBRARIES = ("torch", "torchvision", "lightning")
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -71,6 +72,8 @@ class ModelCard:
     options: dict[str, Any] = field(default_factory=dict)
     image_size: int = 32
     tta: str = "none"
+    # as the run resolved --precision; cards written before it was recorded default to float32
+    precision: str = "32-true"
     versions: dict[str, str] = field(default_factory=dict)
     commit: str | None = None
 
@@ -85,8 +88,9 @@ class ModelCard:
         return card
 
     @classmethod
-    def from_dict(cls, card: Any, source: str) -> "ModelCard":
-        """The card read from ``source`` (a model.json, a checkpoint), checked; one line naming what is wrong otherwise."""
+    def from_dict(cls, card: Any, source: str) -> ModelCard:
+        """The card read from ``source`` (a model.json, a checkpoint), checked; one line naming what is
+        wrong otherwise."""
         problem = card_problem(card)
         if problem:
             raise UserError(
@@ -101,6 +105,7 @@ class ModelCard:
             dict(card.get("options", {})),
             int(card.get("image_size", 32)),
             card.get("tta", "none"),
+            card.get("precision", "32-true"),
             dict(card.get("versions", {})),
             card.get("commit"),
         )
@@ -128,4 +133,6 @@ def card_problem(card: Any) -> str:
         return "image_size must be a positive whole number"
     if card.get("tta", "none") not in TTA_MODES:
         return f"tta must be one of {', '.join(TTA_MODES)}"
+    if card.get("precision", "32-true") not in PRECISIONS[1:]:
+        return f"precision must be one of {', '.join(PRECISIONS[1:])}"
     return ""

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from engine.config import RunConfig
-from functions import UserError
+from engine.errors import UserError
 
 
 def read_checkpoint(path: Path) -> Any:

@@ -16,7 +16,8 @@ from torch import nn
 from engine.batches import EVAL_BATCH, TRAIN_ACCURACY_SAMPLE, EvalBatches, SplitData, TrainBatches, epoch_seed
 from engine.config import Recipe
 from engine.optimizers import MuonSGD, newton_schulz_dtype
-from engine.registry import ParameterGroups, one_group
+from engine.registry import ParameterGroups, ProgressAware, one_group
+from functions import count_correct
 
 # the "plateau" schedule: halve the lr after an epoch without a better val_loss
 PLATEAU_FACTOR, PLATEAU_PATIENCE = (0.5, 1)
@@ -77,7 +78,8 @@ class ImageClassifier(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         # Dropout draws from the global generator: seed it per epoch so a resumed run repeats the full one.
         torch.manual_seed(epoch_seed(self.seed, self.current_epoch) + 1)
-        self.net.train()  # a network may keep parts in eval mode on purpose (frozen pretrained layers): its own train() knows
+        # a network may keep parts in eval mode on purpose (frozen pretrained layers): its own train() knows
+        self.net.train()
         self.train_loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         self.train_count = 0
         self.epoch_started = time.perf_counter()
@@ -85,8 +87,7 @@ class ImageClassifier(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        if hasattr(self.net, "training_progress"):
-            # a network that changes itself as it trains (airbench's stem bias stops learning)
+        if isinstance(self.net, ProgressAware):
             self.net.training_progress(self.current_epoch + batch_idx / self.trainer.num_training_batches)
         reduction = self.training_loss_reduction()
         loss = self.loss(self.net(images), labels, reduction)
@@ -103,7 +104,7 @@ class ImageClassifier(pl.LightningModule):
     ) -> None:
         images, labels = batch
         logits = self.net(images).float()
-        correct = (logits.argmax(1) == labels).sum()
+        correct = count_correct(logits, labels)
         self.eval_sums[dataloader_idx] += torch.stack(
             [
                 self.loss(logits, labels, reduction="sum").double(),
@@ -259,7 +260,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         return EvalBatches(images, labels, EVAL_BATCH, self.data.mean, self.data.std, **self.shard())
 
     def val_dataloader(self) -> list[EvalBatches]:
-        """A fixed training sample for train accuracy, then the validation split: each if there is one (``eval_kinds``)."""
+        """A fixed training sample for train accuracy, then the validation split: each if there is one
+        (``eval_kinds``)."""
         d, sample = self.data, self.train_accuracy_sample
         images = {"train": (d.train_images[:sample], d.train_labels[:sample]), "val": (d.val_images, d.val_labels)}
         return [self.eval_batches(*images[kind]) for kind in self.eval_kinds]

@@ -1,42 +1,21 @@
-"""The command line every script shares: flag types, the argument groups, the config a run's flags make, exit statuses.
+"""The command line every script shares: flag types and the argument groups.
 
 A flag means the same thing and takes the same choices in every script and benchmark, because each declares it
-through the groups here. ``run_cli`` turns how a run ended into one line on stderr and an exit status.
+through the groups here. The settings the flags make are ``engine.settings``'s; how a run ends, ``engine.exits``'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import math
-import shlex
-import signal
-import sys
-from dataclasses import asdict, fields, replace
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
-from engine.config import LOGGERS, OPTIMIZERS, PRECISIONS, SCHEDULERS, TTA_MODES, WEIGHT_AVERAGES, Recipe, RunConfig
+from engine.config import LOGGERS, OPTIMIZERS, PRECISIONS, SCHEDULERS, TTA_MODES, WEIGHT_AVERAGES, Recipe
 from engine.data import DATASETS, VAL_FRACTION
-from engine.devices import is_main_process
-from engine.errors import DiskFull, RunInterrupted, TrainingDiverged
-from engine.checkpoints import read_checkpoint, resume_path
-from engine.registry import ModelSpec, model_spec, option_table
-from engine.settings import (
-    MODEL_OPTION,
-    NOT_COMPARED,
-    RECIPE_FLAGS,
-    RESUME_MAY_CHANGE,
-    Settings,
-    changed_settings,
-    describe_change,
-    flattened,
-    given_flags,
-    normalised,
-    read_config,
-    run_settings,
-)
-from functions import AUGMENTATIONS, UserError
+from engine.registry import ModelSpec, option_table
+from engine.settings import MODEL_OPTION, RESUME_MAY_CHANGE
+from functions import AUGMENTATIONS
 
 DEVICES = ("auto", "cpu", "cuda", "gpu", "mps")
 
@@ -226,17 +205,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, specs: dict[str, ModelS
         )
 
 
-def model_options_given(args: argparse.Namespace) -> dict[str, Any]:
-    """The model options given as flags (or by --config): the flags' values that are not None."""
-    return {
-        name.removeprefix(MODEL_OPTION): value
-        for name, value in vars(args).items()
-        if name.startswith(MODEL_OPTION) and value is not None
-    }
-
-
-def add_data_arguments(parser: argparse.ArgumentParser, limit_train: bool = True) -> None:
-    """--data-dir and --num-workers everywhere; --limit-train and --no-validation where the training split is free to
+def add_data_arguments(
+    parser: argparse.ArgumentParser, limit_train: bool = True, optional_validation: bool = True
+) -> None:
+    """--data-dir and --num-workers everywhere; --limit-train, --val-fraction and (with ``optional_validation``: not
+    where the validation split is needed, as tuning's objective) --no-validation where the training split is free to
     choose.
     """
     group = parser.add_argument_group("data")
@@ -258,13 +231,14 @@ def add_data_arguments(parser: argparse.ArgumentParser, limit_train: bool = True
             metavar="N",
             help="train on only the first N images of the 45,000-image training split, for a quick look",
         )
-        group.add_argument(
-            "--no-validation",
-            dest="validation",
-            action="store_false",
-            help="train on all 50,000 training images, "
-            "with no validation split (a final run: no validation loss, no best.ckpt; the test set as always)",
-        )
+        if optional_validation:
+            group.add_argument(
+                "--no-validation",
+                dest="validation",
+                action="store_false",
+                help="train on all 50,000 training images, "
+                "with no validation split (a final run: no validation loss, no best.ckpt; the test set as always)",
+            )
         group.add_argument(
             "--val-fraction",
             type=open_fraction,
@@ -349,8 +323,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, run_name: str) -> None:
         metavar="CKPT",
         help="continue the run in --out-dir with its own settings: with no "
         "value, from its last.ckpt; or from the checkpoint given. Only how the rest of it runs may change: "
-        + ", ".join("--" + name.replace("_", "-") for name in RESUME_MAY_CHANGE).replace("--tsne,", "--no-tsne,")
-        + " (recorded in config.json); any other flag that differs from the run's is refused",
+        + ", ".join("--" + name.replace("_", "-") for name in RESUME_MAY_CHANGE)
+        + " and the analyses' flags (recorded in config.json); any other flag that differs from the run's is refused",
     )
     group.add_argument(
         "--overwrite",
@@ -385,7 +359,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, run_name: str) -> None:
         "--keep-epoch-checkpoints",
         action="store_true",
         help="keep every epoch's checkpoint as epoch-001.ckpt, epoch-002.ckpt, ... beside last.ckpt (each a whole "
-        "checkpoint: evaluate.py --checkpoint measures the network as it was after that epoch), for curves of accuracy "
+        "checkpoint, to evaluate the network as it was after that epoch), for curves of accuracy "
         "against time (default: last.ckpt only)",
     )
     group.add_argument(
@@ -414,197 +388,3 @@ def add_training_arguments(parser: argparse.ArgumentParser, recipe: Recipe, run_
     add_data_arguments(parser)
     add_run_arguments(parser, run_name)
     add_device_arguments(parser)
-
-
-def parse_arguments(
-    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None, model: str | None = None
-) -> argparse.Namespace:
-    """The command line; with --config, the earlier run's settings (checked as their flags check them) are the defaults
-    that the flags given override. ``args.settings`` keeps the parser and the flags given, for --resume's checks.
-
-    ``model``: the one model this script trains; a config of another model is refused. Scripts that choose the model by
-    --model take the config's as its default.
-    """
-    settings = Settings(parser, given_flags(parser, argv))
-    config_only = argparse.ArgumentParser(add_help=False)
-    config_only.add_argument("--config")
-    path = config_only.parse_known_args(argv)[0].config
-    if path is not None:
-        saved = read_config(Path(path))
-        if model is not None and saved.get("model") != model:
-            raise UserError(
-                f"--config {path} is a run of {saved.get('model')}, not {model}; give it to the script that trained it "
-                f"(python modified_models.py --config {path} for a registered model)"
-            )
-        parser.set_defaults(**settings.check(saved, f"--config {path}"))
-    args = parser.parse_args(argv)
-    args.settings = settings
-    return args
-
-
-def run_config(args: argparse.Namespace, model: str, run_name: str) -> RunConfig:
-    """The registered ``model`` with its options and recipe, every setting in ``args`` laid over them."""
-    spec = model_spec(model)
-    recipe = {name: value for name, value in vars(args).items() if name in RECIPE_FLAGS and value is not None}
-    if "betas" in recipe:
-        recipe["betas"] = tuple(recipe["betas"])
-    source = f"--config {args.config} or the flags" if getattr(args, "config", None) else "the flags"
-    options = spec.resolve(model, model_options_given(args), source)
-    settings = {
-        f.name: getattr(args, f.name)
-        for f in fields(RunConfig)
-        if f.name not in ("model", "model_options", "recipe", "out_dir") and hasattr(args, f.name)
-    }
-    config = RunConfig(
-        model=model,
-        model_options=options,
-        recipe=replace(spec.recipe, **recipe),
-        out_dir=args.out_dir or str(Path("runs") / run_name),
-        **settings,
-    )
-    if config.val_every != 1 and config.recipe.scheduler == "plateau":
-        raise UserError(
-            f"--val-every {config.val_every} with --scheduler plateau: that schedule lowers the lr after an epoch "
-            "whose validation loss did not improve, so it needs one after every epoch; give --val-every 1 or another "
-            "--scheduler"
-        )
-    return config
-
-
-def config_from_args(args: argparse.Namespace, model: str, run_name: str) -> RunConfig:
-    """The run the command line describes; with --resume, the run in --out-dir as it was trained (``resumed``)."""
-    config = run_config(args, model, run_name)
-    return resumed(config, args, model, run_name) if config.resume is not None else config
-
-
-def resumed(config: RunConfig, args: argparse.Namespace, model: str, run_name: str) -> RunConfig:
-    """The run --resume continues, with its own settings from its checkpoint: a flag given that would change what its
-    finished epochs meant is refused; one of ``RESUME_MAY_CHANGE`` is taken and recorded as a change after epoch k."""
-    path = resume_path(config)
-    checkpoint = read_checkpoint(path) if path.is_file() else None
-    if (
-        not isinstance(checkpoint, dict)
-        or not isinstance(checkpoint.get("run_config"), dict)
-        or checkpoint["run_config"].get("model") != model
-    ):
-        return config  # nothing to continue, no settings to continue with, or another model's: resume_checkpoint says which
-    source = f"the settings in {path}"
-    saved = args.settings.check(run_settings(checkpoint["run_config"], source), source)
-    now, given = {**vars(args), **flattened(asdict(config), "the command line")}, args.settings.given
-    changed = changed_settings(now, saved, given)  # never where or whether a run goes (NOT_COMPARED)
-    refused = [dest for dest in changed if dest not in RESUME_MAY_CHANGE]
-    if refused:
-        flag = args.settings.action(refused[0]).option_strings[0]
-        raise UserError(
-            f"--resume continues the run in {config.out_dir} as it was trained, and {flag} would change what its "
-            f"finished epochs meant: {describe_change(refused[0], now[refused[0]], saved[refused[0]])}; leave {flag} "
-            "out to continue it, or train a new run with another --out-dir (or --overwrite). --resume may change: "
-            f"{', '.join(args.settings.action(dest).option_strings[0] for dest in RESUME_MAY_CHANGE if args.settings.action(dest))}"
-        )
-    merged = argparse.Namespace(
-        **{
-            **vars(args),
-            **{dest: value for dest, value in saved.items() if dest not in given and dest not in NOT_COMPARED},
-        }
-    )
-    epochs_done = int(checkpoint.get("epoch", -1)) + 1
-    changes = list(checkpoint["run_config"].get("changes", [])) + [
-        {"after_epoch": epochs_done, "setting": dest, "from": normalised(saved[dest]), "to": normalised(now[dest])}
-        for dest in changed
-    ]
-    config = replace(run_config(merged, model, run_name), out_dir=config.out_dir, resume=config.resume, changes=changes)
-    finished = Path(config.out_dir, "test.json").is_file() and epochs_done >= config.recipe.epochs
-    if finished and config.resume == "last":
-        raise UserError(
-            f"{config.out_dir} holds a finished run of {epochs_done} epochs; to train it further give --resume with "
-            f"--epochs above {epochs_done}, or start it again with --overwrite"
-        )
-    return config
-
-
-# --------------------------------------------------------------------------------------------
-# How a run ends: one line and an exit status
-# --------------------------------------------------------------------------------------------
-def raise_interrupted(signum: int, frame) -> None:
-    raise RunInterrupted(signum)
-
-
-def restart_command(argv: list[str]) -> str:
-    """The command line ``argv`` without --overwrite and --resume (and its checkpoint): starts the run in its folder
-    again.
-    """
-    args, skip_value = [], False
-    for arg in argv[1:]:
-        if skip_value and not arg.startswith("-"):
-            skip_value = False
-            continue
-        skip_value = arg == "--resume"
-        if arg in ("--overwrite", "--resume") or arg.startswith("--resume="):
-            continue
-        args.append(arg)
-    return shlex.join(["python", argv[0], *args])
-
-
-def resume_command(argv: list[str]) -> str:
-    """The command line that continues the run ``argv`` started: the same flags, without --overwrite, with --resume."""
-    return f"{restart_command(argv)} --resume"
-
-
-def interrupted_message(interrupt: RunInterrupted) -> str:
-    """One line: which signal, what is kept, and the command that continues (only if there is something to continue)."""
-    if interrupt.saved is None:
-        return (
-            f"interrupted by {interrupt} before anything was saved: nothing to resume; run the same command to "
-            "start again"
-        )
-    return (
-        f"interrupted by {interrupt}: {interrupt.saved}; continue with: "
-        f"{interrupt.continue_command or resume_command(sys.argv)}"
-    )
-
-
-def run_cli(main: Callable[[], Any]) -> None:
-    """Run a script's ``main`` with the toolkit's exit statuses, each with one line on stderr.
-
-    0 done; 1 training diverged or the disk filled up; 2 a mistake in the command or the data (``UserError``);
-    130 Ctrl-C (SIGINT) and 143 SIGTERM, after saying what was saved and how to continue.
-    """
-    handlers = {signum: signal.signal(signum, raise_interrupted) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        main()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingDiverged as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
-    except DiskFull as full:
-        way_on = (
-            f"continue with: {resume_command(sys.argv)}"
-            if full.resumable
-            else f"start it again (no epoch was saved yet) with: {restart_command(sys.argv)}"
-        )
-        print(
-            f"error: the disk is full ({full.path}); the files written before stay as they were: free some "
-            f"space, then {way_on}",
-            file=sys.stderr,
-        )
-        sys.exit(1)
-    except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        print(
-            f"error: the disk is full ({error.filename or error}); the files written before stay as they were: free "
-            "some space, then run the same command again",
-            file=sys.stderr,
-        )
-        sys.exit(1)
-    except (RunInterrupted, KeyboardInterrupt) as interrupt:
-        if not isinstance(interrupt, RunInterrupted):
-            interrupt = RunInterrupted(signal.SIGINT)
-        if is_main_process():
-            print(f"\n{interrupted_message(interrupt)}", file=sys.stderr)
-        sys.exit(128 + interrupt.signum)
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)

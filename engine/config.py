@@ -80,21 +80,18 @@ class Recipe:
     decoupled: bool = False
     muon_lr: float = 0.24  # with optimizer muon: the lr of the convolution filters, which Muon orthogonalises
     muon_momentum: float = 0.6
-    muon_renorm_every: int = (
-        1  # with optimizer muon: each filter renormalised before every N-th step (airbench: every step)
-    )
+    # with optimizer muon: each filter renormalised before every N-th step (airbench: every step)
+    muon_renorm_every: int = 1
     # with optimizer muon: the filters' decay, read as --weight-decay is (airbench: none)
     muon_weight_decay: float = 0.0
-    muon_batched: bool = False  # with optimizer muon: the filters of one shape orthogonalised in one call (hiverge's; the same arithmetic)
+    # with optimizer muon: the filters of one shape orthogonalised in one call (hiverge's; the same arithmetic)
+    muon_batched: bool = False
     weight_average: str = "none"
 
 
 @dataclass
 class RunConfig:
-    """Everything that decides a run; written to ``config.json`` in the run folder.
-
-    The t-SNE settings are the analysis's that the training scripts hand to the engine; the engine only keeps them.
-    """
+    """Everything that decides a run; written to ``config.json`` in the run folder."""
 
     model: str
     model_options: dict[str, Any] = field(default_factory=dict)  # every option of the model, given or default
@@ -114,7 +111,8 @@ class RunConfig:
     resume: str | None = None
     overwrite: bool = False
     validation: bool = True  # False: train on all 50,000 training images, no validation split (a final run)
-    val_every: int = 1  # the evaluation passes after every N-th epoch and the last (0: none); the epochs between record the training loss
+    # the evaluation passes after every N-th epoch and the last (0: none); the epochs between record the training loss
+    val_every: int = 1
     # training images measured for train accuracy; None: as many as validate, or 5,000
     train_accuracy_sample: int | None = None
     # every epoch's checkpoint kept as epoch-NNN.ckpt: accuracy against time, after the run
@@ -123,7 +121,7 @@ class RunConfig:
     val_fraction: float = 0.1  # of the training images, validated on: CIFAR-10's 5,000 of 50,000 (the study's split)
     progress: bool | None = None  # None: progress bars only when the output is a terminal
     logger: str = "tensorboard"
-    tsne: bool = True
-    tsne_samples: int | None = None
-    tsne_method: str = "auto"
+    # the settings of the analyses at the end of the run (plots of the features, say), by their flags' argparse names:
+    # each analysis registers its own (engine.register_analysis_settings); the engine carries them and never reads them
+    analyses: dict[str, Any] = field(default_factory=dict)
     changes: list[dict[str, Any]] = field(default_factory=list)  # what each --resume changed, after which epoch

@@ -4,7 +4,7 @@ resized once, then cached), or a download.
 ``load_dataset`` returns the whole data set as uint8 tensors; ``split_train_val`` is the study's 45,000 / 5,000 split
 (the same random split of any other data set, at its --val-fraction). An image-folder tree may hold any number of
 classes (2 or more; the sorted folder names are the class names) and images of any size, resized to the models' input
-size by ``engine.images.decode_image``, as predict.py resizes a photo. Everything a user can get wrong here (a
+size by ``engine.images.decode_image``, as a photo to classify is resized. Everything a user can get wrong here (a
 tampered official file, half a tree, a class folder missing from one split, an undecodable file, an --out-dir inside
 the tree) stops with one ``UserError`` line before any training.
 """
@@ -17,16 +17,18 @@ import shutil
 import sys
 import time
 import urllib.error
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from engine.errors import UserError
+from engine.files import is_temporary_copy, write_atomically
 from engine.images import DECODING_VERSION, decode_image
 from engine.official import OFFICIAL, DatasetArrays
-from functions import UserError, is_temporary_copy, write_atomically
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 CACHE_NAME = "cifar10-uint8-cache.npz"
@@ -135,7 +137,7 @@ def list_image_files(split_dir: Path, classes: tuple[str, ...]) -> list[ImageFil
 
 
 def decode_images(files: list[ImageFile], workers: int) -> np.ndarray:
-    """The images as one uint8 array N x 3 x INPUT_SIZE x INPUT_SIZE, each resized as predict.py resizes a photo."""
+    """The images as one uint8 array N x 3 x INPUT_SIZE x INPUT_SIZE, each resized as a photo to classify is."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # Pillow releases the GIL while decoding
         images = np.stack(list(pool.map(lambda file: decode_image(file.path, INPUT_SIZE), files)))
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
@@ -180,7 +182,7 @@ def read_cache(path: Path, fingerprint: str, counts: tuple[int, int]) -> tuple[n
     else:
         if all(
             array.dtype == np.uint8 and array.shape == (count, 3, INPUT_SIZE, INPUT_SIZE)
-            for array, count in zip(images, counts)
+            for array, count in zip(images, counts, strict=True)
         ):
             return images
         reason = "arrays of the wrong shape"  # a damaged array header can still parse, as a shorter array

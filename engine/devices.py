@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from functions import UserError
+from engine.errors import UserError
 
 
 def resolve_accelerator(device: str) -> str:

@@ -1,8 +1,13 @@
-"""How a run can end other than well, besides a user's mistake (``functions.UserError``, exit status 2)."""
+"""How a run can end other than well: a user's mistake (``UserError``, exit status 2), an interruption, a diverged
+loss, a full disk."""
 
 from __future__ import annotations
 
 import signal
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the scripts print its message on one line and exit with status 2."""
 
 
 class RunInterrupted(BaseException):

@@ -1,6 +1,6 @@
 """Predictions of a trained network: logits (under test-time augmentation), penultimate features, the test report.
 
-``predict`` is the one way the toolkit asks a network about images: at the end of a run, in the t-SNE analysis,
+``predict`` is the one way the toolkit asks a network about images: at the end of a run, in the analyses,
 for the transfer-learning feature cache, in the benchmarks, and for a user's own photos.
 """
 
@@ -96,21 +96,10 @@ def predict(
     return result
 
 
-def accuracy_by_tta(
-    net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, tta: str
-) -> dict[str, float]:
-    """Accuracy under each test-time augmentation up to ``tta``, from one pass of each view."""
-    result = predict(net, images, labels, mean, std, tta=tta)
-    return {
-        mode: (logits.argmax(1) == result["labels"]).double().mean().item()
-        for mode, logits in result["logits_by_tta"].items()
-    }
-
-
 def test_report(labels: torch.Tensor, predictions: torch.Tensor, classes: tuple[str, ...]) -> dict[str, Any]:
-    """What test.json and evaluate.py report: accuracy, each class's accuracy (its recall), precision, recall and F1
-    (scikit-learn's classification report, by class name, with its macro and weighted averages) and the confusion matrix
-    (rows: true class)."""
+    """What test.json and a saved model's evaluation report: accuracy, each class's accuracy (its recall), precision,
+    recall and F1 (scikit-learn's classification report, by class name, with its macro and weighted averages) and the
+    confusion matrix (rows: true class)."""
     true, predicted, label_ids = labels.cpu().numpy(), predictions.cpu().numpy(), list(range(len(classes)))
     matrix = metrics.confusion_matrix(true, predicted, labels=label_ids)
     report = metrics.classification_report(

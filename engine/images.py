@@ -1,5 +1,5 @@
-"""Decoding an image file into RGB pixels: the one way the toolkit reads an image, for image-folder trees and predict.py
-alike.
+"""Decoding an image file into RGB pixels: the one way the toolkit reads an image, for image-folder trees and photos to
+classify alike.
 
 ``decode_image(path, size)`` opens whatever Pillow reads, turns it upright as its EXIF data says, converts every mode
 to 8-bit RGB the same way (16-bit images scaled by their depth, floating-point ones from 0..1, transparent parts laid
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from functions import UserError
+from engine.errors import UserError
 
 # The most pixels decoded at full resolution: the bound on the memory one image takes. Decoding and converting holds
 # up to 16 bytes per pixel at the peak (measured: an RGBA PNG with transparency and a float TIFF; the decoded image,
@@ -35,7 +35,7 @@ WHITE = (255, 255, 255, 255)
 
 
 class UnreadableImage(UserError):
-    """An image file that cannot be used: one line with the file, the problem and the fix. predict.py lists these and
+    """An image file that cannot be used: one line with the file, the problem and the fix. Prediction lists these and
     goes on with the other images; anywhere else it stops the command, as every ``UserError`` does."""
 
     def __init__(self, path: Path, problem: str, fix: str):

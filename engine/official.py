@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from functions import CLASSES, UserError
+from engine.errors import UserError
+from functions import CLASSES
 
 
 @dataclass

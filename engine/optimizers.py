@@ -57,7 +57,7 @@ def orthogonalize_each(matrices: list[torch.Tensor], dtype: torch.dtype, batched
         by_shape.setdefault(tuple(matrix.shape), []).append(index)
     for indices in by_shape.values():
         for index, matrix in zip(
-            indices, orthogonalize(torch.stack([matrices[i] for i in indices]), dtype=dtype).unbind()
+            indices, orthogonalize(torch.stack([matrices[i] for i in indices]), dtype=dtype).unbind(), strict=True
         ):
             result[index] = matrix
     return result
@@ -107,7 +107,7 @@ class MuonSGD(torch.optim.Optimizer):
                 buffer.mul_(momentum).add_(grad)
                 updates.append(grad.add(buffer, alpha=momentum))  # Nesterov
             if not group["orthogonalize"]:
-                for p, update in zip(params, updates):
+                for p, update in zip(params, updates, strict=True):
                     p.add_(update, alpha=-lr)
                 continue
             for p in params:
@@ -117,7 +117,7 @@ class MuonSGD(torch.optim.Optimizer):
             matrices = orthogonalize_each(
                 [update.reshape(len(update), -1) for update in updates], self.newton_schulz_dtype, self.batched
             )
-            for p, update in zip(params, matrices):
+            for p, update in zip(params, matrices, strict=True):
                 p.add_(update.view_as(p), alpha=-lr)
                 if group["weight_decay"]:
                     p.mul_(1 - lr * group["weight_decay"])

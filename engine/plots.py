@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from functions import write_atomically
+from engine.files import write_atomically
 
 
 def save_figure(figure: Figure, path: Path, dpi: int = 120) -> None:
@@ -30,7 +30,7 @@ def measured(history: list[dict[str, float | None]], key: str) -> tuple[list[int
 def plot_curves(history: list[dict[str, float | None]], path: Path, title: str) -> None:
     """Loss and accuracy, train against validation, per epoch: the original study's figures."""
     figure = Figure(figsize=(11, 4))
-    for axis, key, label in zip(figure.subplots(1, 2), ("loss", "accuracy"), ("Loss", "Accuracy")):
+    for axis, key, label in zip(figure.subplots(1, 2), ("loss", "accuracy"), ("Loss", "Accuracy"), strict=True):
         for split, name in (("train", "train"), ("val", "validation")):
             epochs, values = measured(history, f"{split}_{key}")
             if values:
@@ -52,7 +52,7 @@ def plot_comparison(histories: dict[str, list[dict]], path: Path, setting: str) 
     axes = figure.subplots(1, 2)
     colours = matplotlib.colormaps["tab10"]
     for index, (name, history) in enumerate(histories.items()):
-        for axis, key in zip(axes, ("loss", "accuracy")):
+        for axis, key in zip(axes, ("loss", "accuracy"), strict=True):
             validation = measured(history, f"val_{key}")  # no validation curve for a run on every training image
             if validation[1]:
                 axis.plot(*validation, color=colours(index), label=name)
@@ -63,7 +63,7 @@ def plot_comparison(histories: dict[str, list[dict]], path: Path, setting: str) 
                 alpha=0.6,
                 label=None if validation[1] else name,
             )
-    for axis, key in zip(axes, ("Loss", "Accuracy")):
+    for axis, key in zip(axes, ("Loss", "Accuracy"), strict=True):
         axis.set_xlabel("epoch")
         axis.set_ylabel(f"{key} (solid: validation, dashed: training)")
         axis.grid(alpha=0.3)

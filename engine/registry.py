@@ -14,14 +14,38 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from engine.config import Recipe
-from functions import UserError, initialize_using_norm_kaiming
+from engine.errors import UserError
+from functions import initialize_using_norm_kaiming
+
+
+# --------------------------------------------------------------------------------------------
+# The model interface: what the engine and the analyses call on a network besides forward()
+# --------------------------------------------------------------------------------------------
+@runtime_checkable
+class FeatureNetwork(Protocol):
+    """A network whose penultimate features can be taken: ``forward(x) == classify(forward_features(x))``. The analyses
+    of features need it; a network without it still trains, predicts and evaluates."""
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class ProgressAware(Protocol):
+    """A network whose training changes with its progress (airbench's stem bias stops learning after a fraction of an
+    epoch): the engine calls ``training_progress(epochs)``, epochs done as a float, before every training step."""
+
+    def training_progress(self, epochs: float) -> None: ...
+
 
 ParameterGroups = Callable[[nn.Module, Recipe], list[dict[str, Any]]]
 Statistics = Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
@@ -134,8 +158,8 @@ class ModelSpec:
     ``parameter_groups`` returns optimiser groups; a group's own ``lr`` or ``weight_decay`` (absolute, at the peak of
     the schedule) overrides the recipe's, and the schedule scales every group alike. ``input_statistics(options)``: the
     mean and std a model's inputs must be normalised with when they are its own (pretrained weights), instead of the
-    training split's. ``script``: the script that trains it (the transfer network is trained by transfer_learning.py,
-    which caches its features)."""
+    training split's. ``own_script``: the script of its own that trains it (one that caches a frozen backbone's
+    features, say), or None where the script that trains any model by name does; the engine only carries it."""
 
     network: Callable[..., nn.Module]
     recipe: Recipe
@@ -144,7 +168,7 @@ class ModelSpec:
     parameter_groups: ParameterGroups = one_group
     options: tuple[ModelOption, ...] = ()
     input_statistics: Statistics | None = None
-    script: str = "modified_models.py"
+    own_script: str | None = None
 
     def option(self, name: str) -> ModelOption | None:
         return next((option for option in self.options if option.name == name), None)
@@ -163,7 +187,7 @@ class ModelSpec:
             takes = ", ".join(option.name for option in self.options) or "none"
             raise UserError(
                 f"{source}: {unknown[0]} is not an option of {name} (its options: {takes}); leave it out, or choose a "
-                "model that has it (python modified_models.py --list)"
+                "model that has it"
             )
         return {
             option.name: option.check(given[option.name], name, source) if option.name in given else option.default

@@ -2,7 +2,8 @@
 
 ``train(config, model)``: claim the run folder, load the data, fit (progress bar, a checkpoint every epoch, resume,
 mixed precision, multi-GPU strategies: Lightning's), then save the weights, measure the test set, and run the
-analyses the script handed in (the t-SNE plots, say). The scripts only choose the model, the recipe and the analyses.
+analyses the script handed in (plots of the features, say). The scripts only choose the model, the recipe and the
+analyses.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import logging
 import math
 import signal
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import lightning.pytorch as pl
 import torch
@@ -43,11 +45,11 @@ from engine.data import INPUT_SIZE
 from engine.devices import autocast_for, is_main_process, resolve_accelerator, resolve_precision, training_device
 from engine.errors import DiskFull, RunInterrupted
 from engine.evaluation import predict, test_report
+from engine.files import write_atomically
 from engine.plots import plot_confusion
 from engine.progress import progress_enabled
-from engine.registry import ModelSpec
+from engine.registry import FeatureNetwork, ModelSpec
 from engine.run_folder import claim_run_folder, release_run_folder, write_json
-from functions import write_atomically
 
 # Lightning's notes ("GPU available", tips, "max_epochs reached") say nothing the run's own lines do not (train prints
 # the device and precision); its warnings still show. Two warnings that say nothing to our users (a resumed run folder
@@ -81,7 +83,7 @@ RUN_FILES = (
 
 
 class Analysis(Protocol):
-    """Work a script hands to ``train`` to run at the end of the run, such as the t-SNE plots."""
+    """Work a script hands to ``train`` to run at the end of the run, such as plots of the features."""
 
     def check(self, config: RunConfig, data: SplitData) -> None:
         """Raise a ``UserError`` now, before the training, if the analysis could not run."""
@@ -98,9 +100,10 @@ class Analysis(Protocol):
         """Analyse the trained ``net``; ``test`` is ``predict``'s output on the test split, with features."""
 
 
-def model_card(config: RunConfig, data: SplitData) -> ModelCard:
+def model_card(config: RunConfig, data: SplitData, precision: str) -> ModelCard:
     """What using the trained network needs besides its weights (written as model.json): which model it is with its
-    options, the class names in label order, the normalisation its inputs had, and what trained it."""
+    options, the class names in label order, the normalisation its inputs had, the precision (as resolved) it trained
+    and is tested at, and what trained it."""
     return ModelCard(
         config.model,
         tuple(data.classes),
@@ -109,6 +112,7 @@ def model_card(config: RunConfig, data: SplitData) -> ModelCard:
         options=dict(config.model_options),
         image_size=INPUT_SIZE,
         tta=config.recipe.tta,
+        precision=precision,
         versions=library_versions(),
         commit=git_commit(),
     )
@@ -190,7 +194,8 @@ def fit(
         parameter_groups=model.parameter_groups,
     )
 
-    card = model_card(config, data).to_dict()
+    precision = resolve_precision(config.precision, accelerator)
+    card = model_card(config, data, precision).to_dict()
     if is_main_process():  # one writer, whatever the number of processes and nodes
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", asdict(config))
@@ -221,7 +226,6 @@ def fit(
     progress = progress_enabled(config.progress)
     if progress:
         all_callbacks.append(EpochProgressBar(refresh_rate=20))
-    precision = resolve_precision(config.precision, accelerator)
     trainer = pl.Trainer(
         max_epochs=recipe.epochs,
         accelerator=accelerator,
@@ -298,7 +302,7 @@ def finish_run(
             data.mean,
             data.std,
             tta=config.recipe.tta,
-            with_features=hasattr(net, "forward_features"),
+            with_features=isinstance(net, FeatureNetwork),
         )
     report = test_report(test["labels"], test["logits"].argmax(1), data.classes)
     final = history[-1] if history else {}
@@ -307,6 +311,7 @@ def finish_run(
             "model": config.model,
             "epochs": len(history),
             "tta": config.recipe.tta,
+            "precision": fitted.precision,
             "final_val_accuracy": final.get("val_accuracy"),
             "best_val_accuracy": max(
                 (row["val_accuracy"] for row in history if row["val_accuracy"] is not None), default=None

@@ -19,21 +19,20 @@ from filelock import FileLock, Timeout
 from engine.config import RunConfig
 from engine.data import check_outside_data_tree
 from engine.devices import is_main_process
-from functions import UserError, is_temporary_copy, write_atomically
+from engine.errors import UserError
+from engine.files import is_temporary_copy, write_atomically
 
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr", "seconds")
 RESULT_FILES = ("metrics.csv", "last.ckpt", "best.ckpt", "model.pth", "test.json")
-# export.py's files of the run's weights: stale once these are replaced
-RUN_OUTPUTS = (
+# What --overwrite removes: a run's files, its evaluations and exports (stale once its weights are replaced), and the
+# files of the analyses at its end (each analysis registers its own: register_run_outputs)
+RUN_OUTPUTS = [
     "config.json",
     "model.json",
     *RESULT_FILES,
     "epoch-*.ckpt",
     "curves.png",
     "confusion_matrix.png",
-    "tsne_*.png",
-    "tsne_*.npz",
-    "tsne_metrics.json",
     "tensorboard",
     "csv_log",
     "evaluation-*.json",
@@ -42,10 +41,15 @@ RUN_OUTPUTS = (
     "*.onnx.json",
     "*.pt2",
     "*.pt2.json",
-)
+]
 MIN_FREE_BYTES = 100 * 2**20  # a few checkpoints of the largest network here, written through temporary copies
 LOCK_FILE = ".lock"
 held_run_folders: dict[Path, tuple[FileLock, bool]] = {}  # folder: its lock, and whether this run created the folder
+
+
+def register_run_outputs(*patterns: str) -> None:
+    """Declare the files an analysis writes into a run folder (glob patterns), so --overwrite removes them too."""
+    RUN_OUTPUTS.extend(pattern for pattern in patterns if pattern not in RUN_OUTPUTS)
 
 
 def check_writable_folder(folder: Path, flag: str = "--out-dir") -> None:

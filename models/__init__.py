@@ -10,21 +10,13 @@ Adding a model: one class in a module here and one ``engine.register(name, engin
 beside it, declaring the options its constructor takes (README, "Extending"); import the module below.
 """
 
-# The study's models first: the registry lists models in the order they register.
-from models.study import (
-    README_MODELS,
-    README_RECIPE,
-    CIFAR10Net,
-    CIFAR10Net_2,
-    CIFAR10Net_3,
-    CIFAR10Net_4,
-    CIFAR10Net_5,  # isort: skip
-    CIFAR10Net_6,
-    CIFAR10Net_7,
-    CIFAR10Net_optim,
-    ConvBN,
-    FCBN,
-)
-from models.fast import FAST_RECIPE, ConvGroup, FastVGG  # isort: skip
-from models.airbench import AIRBENCH_RECIPE, AirbenchNet  # isort: skip
-from models.transfer import TRANSFER_RECIPE, TransferNet  # isort: skip
+# The registry lists models in the order they register: the study's first.
+# isort: off
+from models import study
+from models import fast
+from models import airbench
+from models import transfer
+
+# isort: on
+
+__all__ = ["study", "fast", "airbench", "transfer"]

@@ -119,7 +119,7 @@ class AirbenchNet(nn.Module):
         widths = (width, 4 * width, 4 * width)
         self.whiten = nn.Conv2d(3, 24, 2, bias=True)
         self.stages = nn.Sequential(
-            *(ConvGroup(a, b, NORM_EPS, NORM_MOMENTUM) for a, b in zip((24, *widths[:2]), widths))
+            *(ConvGroup(a, b, NORM_EPS, NORM_MOMENTUM) for a, b in zip((24, *widths[:2]), widths, strict=True))
         )
         self.pool = nn.MaxPool2d(3)
         self.head = nn.Linear(widths[2], num_classes, bias=False)

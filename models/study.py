@@ -12,8 +12,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from engine import ModelOption, ModelSpec, Recipe, first_line, register, with_defaults
-from functions import UserError
+from engine import ModelOption, ModelSpec, Recipe, UserError, first_line, register, with_defaults
 
 README_RECIPE = Recipe()  # Adam(1e-3, betas (0.9, 0.999), weight decay 5e-4), batch 64, 100 epochs, readme augmentation
 

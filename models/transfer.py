@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import engine
-from engine import ModelOption, ModelSpec, Recipe, register, state_dict_mismatch
-from functions import UserError
+from engine import ModelOption, ModelSpec, Recipe, UserError, register, state_dict_mismatch
 
 FINETUNE_CHOICES = ("fc", "layer4", "all")
 
@@ -96,7 +95,7 @@ class TransferNet(nn.Module):
             if any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters())
         ]
 
-    def train(self, mode: bool = True) -> "TransferNet":
+    def train(self, mode: bool = True) -> TransferNet:
         super().train(mode)
         if mode:
             for module in self.frozen_modules():
@@ -184,7 +183,8 @@ def freeze(net: TransferNet, arch: str, finetune: str) -> None:
 
 
 def backbone_without_head(arch: str) -> tuple[nn.Module, int]:
-    """torchvision's ``arch`` with random weights and its ImageNet head removed, and the width of the features it gives."""
+    """torchvision's ``arch`` with random weights and its ImageNet head removed, and the width of the
+    features it gives."""
     backbone = engine.torchvision_network(arch)
     imagenet_head = replace_module(backbone, ARCHS[arch].head, nn.Identity())
     return backbone, imagenet_head.in_features
@@ -278,6 +278,6 @@ register(
         parameter_groups=parameter_groups,
         options=TRANSFER_OPTIONS,
         input_statistics=lambda options: pretrained_statistics(options["arch"]),
-        script="transfer_learning.py",
+        own_script="transfer_learning.py",
     ),
 )

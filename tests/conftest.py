@@ -7,8 +7,9 @@ import pickle
 import struct
 import sys
 import zlib
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -81,7 +82,7 @@ def write_image_folder(root: Path, data: data_module.DatasetArrays) -> Path:
         ("train", data.train_images, data.train_labels),
         ("test", data.test_images, data.test_labels),
     ):
-        for index, (image, label) in enumerate(zip(images, labels)):
+        for index, (image, label) in enumerate(zip(images, labels, strict=True)):
             folder = root / split_name / data.classes[label]
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{index:04d}.png")
@@ -94,7 +95,8 @@ def write_python_batches(root: Path, data: data_module.DatasetArrays) -> dict[st
     folder.mkdir(parents=True)
     chunks = np.array_split(np.arange(len(data.train_images)), 5)
     batches = {
-        name: (data.train_images[idx], data.train_labels[idx]) for name, idx in zip(official.TRAIN_BATCHES, chunks)
+        name: (data.train_images[idx], data.train_labels[idx])
+        for name, idx in zip(official.TRAIN_BATCHES, chunks, strict=True)
     }
     batches["test_batch"] = (data.test_images, data.test_labels)
     for name, (images, labels) in batches.items():
@@ -129,14 +131,12 @@ def quick_config(tmp_path: Path, model: str = "CIFAR10Net", **recipe) -> engine.
     """A run that finishes in seconds on the synthetic data."""
     base = dict(epochs=2, batch_size=32, augment="none")
     base.update(recipe)
-    from dataclasses import replace
-
     return engine.RunConfig(
         model=model,
         recipe=replace(engine.Recipe(), **base),
         out_dir=str(tmp_path / "run"),
         progress=False,
-        tsne=False,
+        analyses={"tsne": False},
         device="cpu",
     )
 
@@ -155,7 +155,7 @@ def disk_full_when(full: Callable[[Path], bool]) -> Callable[[Path, Callable[[Pa
     """A ``write_atomically`` that fails as a full disk does (ENOSPC) for the paths ``full`` picks, and writes the
     others.
     """
-    real_write = fn.write_atomically
+    real_write = engine.files.write_atomically
 
     def write(path: Path, writer: Callable[[Path], None]) -> None:
         if full(Path(path)):

@@ -12,8 +12,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 SERVER_PROGRAMS = ("initdb", "pg_ctl", "postgres")
 SERVER_USER = "postgres"  # initdb and postgres refuse to run as root; Debian's package makes this user
@@ -43,7 +44,8 @@ def server_bin_dir() -> Path:
 
 
 def server_user() -> dict[str, Any]:
-    """subprocess arguments that run the server's programs as an unprivileged user: the postgres user when we are root."""
+    """subprocess arguments that run the server's programs as an unprivileged user: the postgres user when
+    we are root."""
     if os.geteuid() != 0:
         return {}
     try:
@@ -81,7 +83,8 @@ class Server:
     def __init__(self, root: Path, bin_dir: Path, as_server_user: dict[str, Any]):
         self.root, self.bin_dir, self.as_server_user = root, bin_dir, as_server_user
         self.data_dir, self.log, self.port = root / "data", root / "server.log", free_port()
-        self.url = f"postgresql+psycopg2://{SERVER_USER}@127.0.0.1:{self.port}/{DATABASE}"  # as hyperparameter_tune.py's docstring names the driver
+        # as hyperparameter_tune.py's docstring names the driver
+        self.url = f"postgresql+psycopg2://{SERVER_USER}@127.0.0.1:{self.port}/{DATABASE}"
 
     def run(self, *command: str) -> subprocess.CompletedProcess:
         return subprocess.run(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +14,8 @@ import torch.nn.functional as F
 
 import engine
 import engine.batches
+import engine.callbacks
+import engine.classifier
 import engine.optimizers
 import functions as fn
 import main as main_script
@@ -159,11 +162,11 @@ def test_each_image_is_flipped_in_alternate_epochs_from_its_own_start(monkeypatc
         ),
     )
     for epoch in range(4):
-        batches = engine.TrainBatches(
-            split.train_images, ids, 32, "alternating", split.mean, split.std, seed=3, epoch=lambda: epoch
+        batches = engine.batches.TrainBatches(
+            split.train_images, ids, 32, "alternating", split.mean, split.std, seed=3, epoch=partial(int, epoch)
         )
         labels = torch.cat([labels for _, labels in batches])
-        for image, flipped in zip(labels.tolist(), torch.cat(flips).tolist()):
+        for image, flipped in zip(labels.tolist(), torch.cat(flips).tolist(), strict=True):
             seen.setdefault(image, []).append(flipped)
         flips.clear()
     assert len(seen) == len(ids)
@@ -177,7 +180,7 @@ def test_each_image_is_flipped_in_alternate_epochs_from_its_own_start(monkeypatc
 def test_the_weight_average_follows_its_formula():
     net = torch.nn.Linear(3, 2)
     module, trainer = SimpleNamespace(net=net), SimpleNamespace(global_step=0)
-    lookahead = engine.Lookahead(total_steps=20)
+    lookahead = engine.callbacks.Lookahead(total_steps=20)
     lookahead.on_train_start(trainer, module)
     weights = net.weight.detach().clone()
     average = weights.clone()
@@ -193,13 +196,13 @@ def test_the_weight_average_follows_its_formula():
             weights = average.clone()
         torch.testing.assert_close(net.weight.detach(), weights)
     torch.testing.assert_close(lookahead.average["weight"], average)
-    assert engine.lookahead_decay(20, 20) == 1.0 and engine.lookahead_decay(7, 20) is None
+    assert engine.callbacks.lookahead_decay(20, 20) == 1.0 and engine.callbacks.lookahead_decay(7, 20) is None
 
 
 def test_airbench_schedules_have_their_shape():
-    linear = [engine.learning_rate_factor(step, 100, 0, "linear") for step in (0, 50, 99)]
+    linear = [engine.classifier.learning_rate_factor(step, 100, 0, "linear") for step in (0, 50, 99)]
     assert linear == pytest.approx([1.0, 0.5, 0.01])
-    triangle = [engine.learning_rate_factor(step, 100, 0, "triangle") for step in (0, 23, 100)]
+    triangle = [engine.classifier.learning_rate_factor(step, 100, 0, "triangle") for step in (0, 23, 100)]
     assert triangle == pytest.approx([0.2, 1.0, 0.07])
 
 
@@ -235,7 +238,7 @@ def test_a_short_fast_recipe_run_learns_the_synthetic_task(tmp_path, split):
         recipe=recipe,
         out_dir=str(tmp_path / "run"),
         progress=False,
-        tsne=False,
+        analyses={"tsne": False},
         device="cpu",
         logger="none",
     )

@@ -17,9 +17,12 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 import engine
+import engine.batches
+import engine.classifier
 import engine.data as data_module
 import engine.official as official
 import functions as fn
+from benchmarks.accuracy import get_accuracy
 
 
 def test_split_is_the_readmes_random_split():
@@ -39,11 +42,6 @@ def test_mean_std_per_channel_is_exact_on_a_known_array():
     pixels = images.transpose(1, 0, 2, 3).reshape(3, -1) / 255.0
     np.testing.assert_allclose(mean.numpy(), pixels.mean(1), rtol=1e-6)
     np.testing.assert_allclose(std.numpy(), pixels.std(1), rtol=1e-5)
-    # the same from (images, labels) batches, as the README's DataLoader version took
-    batches = [(torch.from_numpy(images[:3]), None), (torch.from_numpy(images[3:]), None)]
-    mean_b, std_b = fn.mean_std_per_channel(batches)
-    torch.testing.assert_close(mean_b, mean)
-    torch.testing.assert_close(std_b, std)
 
 
 def test_split_normalises_every_split_with_training_statistics(arrays):
@@ -51,7 +49,7 @@ def test_split_normalises_every_split_with_training_statistics(arrays):
     mean, std = fn.mean_std_per_channel(data.train_images)
     torch.testing.assert_close(data.mean, mean)
     torch.testing.assert_close(data.std, std)
-    batches = engine.EvalBatches(data.val_images, data.val_labels, 1000, data.mean, data.std)
+    batches = engine.batches.EvalBatches(data.val_images, data.val_labels, 1000, data.mean, data.std)
     images, _ = next(iter(batches))
     expected = (data.val_images.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     torch.testing.assert_close(images, expected)
@@ -78,7 +76,7 @@ def test_changed_tree_rebuilds_the_cache(image_folder):
 
 def test_read_only_tree_caches_elsewhere(image_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
-    original = fn.write_atomically
+    original = engine.files.write_atomically
 
     def refuse_beside_tree(path, write):
         if path.parent == image_folder:
@@ -103,18 +101,18 @@ def test_tampered_batch_is_refused_before_unpickling(python_batches, monkeypatch
     batch = root / official.PYTHON_BATCHES_DIR / "data_batch_3"
     batch.write_bytes(batch.read_bytes()[:-10])
     monkeypatch.setattr(official.pickle, "load", lambda *a, **k: pytest.fail("unpickled an unchecked file"))
-    with pytest.raises(fn.UserError, match="data_batch_3 failed its MD5 check"):
+    with pytest.raises(engine.UserError, match="data_batch_3 failed its MD5 check"):
         data_module.load_dataset(root, checksums=checksums)
 
 
 def test_official_checksums_refuse_foreign_batches(python_batches):
     root, _ = python_batches
-    with pytest.raises(fn.UserError, match="MD5"):
+    with pytest.raises(engine.UserError, match="MD5"):
         data_module.load_dataset(root)
 
 
 def test_offline_download_failure_is_one_clear_message(tmp_path):
-    with pytest.raises(fn.UserError) as error:
+    with pytest.raises(engine.UserError) as error:
         data_module.load_dataset(tmp_path / "empty")
     message = str(error.value)
     assert "download failed" in message and "--data-dir" in message and "\n" not in message
@@ -219,7 +217,7 @@ def test_cifar10_classes_keep_their_labels_in_any_listing_order(image_folder, ar
 def refused(data_dir: Path, monkeypatch) -> str:
     """The one-line UserError loading ``data_dir`` gives, raised before any image is decoded."""
     monkeypatch.setattr(data_module, "decode_images", lambda *a: pytest.fail("decoded images before refusing the tree"))
-    with pytest.raises(fn.UserError) as error:
+    with pytest.raises(engine.UserError) as error:
         data_module.load_dataset(data_dir)
     assert "\n" not in str(error.value)
     return str(error.value)
@@ -292,7 +290,7 @@ def test_bad_image_file_is_one_line_naming_it(image_folder, monkeypatch, fault, 
             return opened(fp, *args, **kwargs)
 
         monkeypatch.setattr(PIL.Image, "open", open_all_but_victim)
-    with pytest.raises(fn.UserError) as error:
+    with pytest.raises(engine.UserError) as error:
         data_module.load_dataset(image_folder)
     message = str(error.value)
     assert message.startswith(f"{victim} ") and reason in message and "\n" not in message
@@ -358,7 +356,7 @@ def test_each_image_draws_its_own_parameters():
 
 
 def test_training_batches_are_augmented_and_evaluation_batches_never(split):
-    datamodule = engine.CIFAR10DataModule(split, batch_size=32, augment="readme", seed=0)
+    datamodule = engine.classifier.CIFAR10DataModule(split, batch_size=32, augment="readme", seed=0)
 
     class FakeTrainer:
         global_rank, world_size, current_epoch = 0, 1, 0
@@ -368,16 +366,18 @@ def test_training_batches_are_augmented_and_evaluation_batches_never(split):
     train_images, train_labels = next(iter(datamodule.train_dataloader()))
     originals = [plain[(split.train_labels == label).nonzero().squeeze(1)] for label in train_labels[:8]]
     assert not any(
-        torch.allclose(image, candidate) for image, pool in zip(train_images, originals) for candidate in pool
+        torch.allclose(image, candidate)
+        for image, pool in zip(train_images[:8], originals, strict=True)
+        for candidate in pool
     )
-    for batches, source in zip(datamodule.val_dataloader(), (split.train_images, split.val_images)):
+    for batches, source in zip(datamodule.val_dataloader(), (split.train_images, split.val_images), strict=True):
         images, _ = next(iter(batches))
         torch.testing.assert_close(images, fn.normalize(source[: len(images)].float() / 255, split.mean, split.std))
 
 
 def test_epochs_shuffle_differently_and_repeat_per_seed(split):
     def first_labels(seed, epoch):
-        batches = engine.TrainBatches(
+        batches = engine.batches.TrainBatches(
             split.train_images, split.train_labels, 32, "none", split.mean, split.std, seed, lambda: epoch
         )
         return next(iter(batches))[1]
@@ -410,4 +410,4 @@ def test_get_accuracy():
     predictions = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8])
     labels = torch.tensor([1, 2, 3, 0, 0, 6, 0, 8])
     batches = [(predictions[:5].view(-1, 1).float(), labels[:5]), (predictions[5:].view(-1, 1).float(), labels[5:])]
-    assert fn.get_accuracy(Fixed(), batches) == 5 / 8
+    assert get_accuracy(Fixed(), batches) == 5 / 8

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import engine
-import functions as fn
+import engine.batches
 import modified_models as mm
-
 from benchmarks import bench_fast
 
 
@@ -53,7 +52,7 @@ def test_tta_modes_average_the_views_they_name(split):
     test = split.test_images[:40], split.test_labels[:40], split.mean, split.std
     plain = engine.predict(net, *test)["logits"]
     with_tta = engine.predict(net, *test, tta="flip-translate", with_features=True)
-    images = torch.cat([images for images, _ in engine.EvalBatches(*test[:2], 16, split.mean, split.std)])
+    images = torch.cat([images for images, _ in engine.batches.EvalBatches(*test[:2], 16, split.mean, split.std)])
     padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
     with torch.no_grad():
 
@@ -155,9 +154,9 @@ def test_benchmark_settings_cross_product_and_types():
     )
     assert config.precision == "bf16-mixed" and config.compile is True
     for bad in ({"lr": "fast"}, {"colour": "red"}, {"betas": "0.9"}, {"tta": "off"}, {"augment": "heavy"}):
-        with pytest.raises(fn.UserError):
+        with pytest.raises(engine.UserError):
             bench_fast.apply_settings(base, bad)
-    with pytest.raises(fn.UserError):
+    with pytest.raises(engine.UserError):
         bench_fast.parse_vary(["lr"])
 
 

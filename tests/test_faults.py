@@ -19,9 +19,10 @@ import pytest
 import torch
 
 import engine
+import engine.exits
 import engine.run
+import engine.run_folder
 import evaluate
-import functions as fn
 import hyperparameter_tune
 import main as main_script
 import tsne
@@ -98,7 +99,9 @@ time.sleep(60)
 def test_a_second_live_run_into_the_same_folder_stops_before_loading_data(monkeypatch, capsys, tmp_path):
     (tmp_path / "run").mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / "run" / engine.LOCK_FILE)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / "run" / engine.run_folder.LOCK_FILE)],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -116,7 +119,9 @@ def test_a_second_live_run_into_the_same_folder_stops_before_loading_data(monkey
 def test_a_killed_runs_lock_does_not_block_the_next_run(monkeypatch, capsys, tmp_path, data_dir):
     (tmp_path / "run").mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / "run" / engine.LOCK_FILE)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / "run" / engine.run_folder.LOCK_FILE)],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert holder.stdout.readline().strip() == "held"
     holder.kill()  # as kill -9 would: no clean-up ran
@@ -142,10 +147,10 @@ def test_stale_temporary_files_are_removed_at_the_next_start(monkeypatch, capsys
 def test_the_temporary_copy_pattern_matches_only_write_atomically_files(tmp_path):
     target = tmp_path / "model.pth"
     seen = []
-    fn.write_atomically(target, lambda tmp: seen.append(tmp) or tmp.write_bytes(b"x"))
-    assert fn.is_temporary_copy(seen[0])
+    engine.write_atomically(target, lambda tmp: seen.append(tmp) or tmp.write_bytes(b"x"))
+    assert engine.files.is_temporary_copy(seen[0])
     for name in ("model.pth", ".lock", "notes.txt", ".metrics.csv.abcdefgh.json", ".hidden"):
-        assert not fn.is_temporary_copy(tmp_path / name), name
+        assert not engine.files.is_temporary_copy(tmp_path / name), name
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,8 +287,8 @@ def test_ctrl_c_while_the_data_loads_offers_nothing_to_resume(monkeypatch, capsy
 
 def test_the_resume_command_keeps_the_flags_and_drops_overwrite():
     argv = ["main.py", "--epochs", "5", "--overwrite", "--resume", "old/last.ckpt", "--out-dir", "runs/a b"]
-    assert engine.resume_command(argv) == "python main.py --epochs 5 --out-dir 'runs/a b' --resume"
-    assert engine.resume_command(["main.py", "--resume", "--seed", "3"]) == "python main.py --seed 3 --resume"
+    assert engine.exits.resume_command(argv) == "python main.py --epochs 5 --out-dir 'runs/a b' --resume"
+    assert engine.exits.resume_command(["main.py", "--resume", "--seed", "3"]) == "python main.py --seed 3 --resume"
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,7 +330,8 @@ SHIPPED = str(REPO / "pretrained" / "FastVGG_narrow")
     [(main_script, ()), (hyperparameter_tune, ()), (evaluate, ("--run", SHIPPED)), (tsne, ("--run", SHIPPED))],
 )
 def test_an_out_dir_inside_the_data_tree_is_one_line_naming_it(monkeypatch, capsys, tmp_path, data_dir, script, model):
-    """Not 'test/ lacks the class folder myrun': the flag is wrong, not the data; and nothing is written into the tree."""
+    """Not 'test/ lacks the class folder myrun': the flag is wrong, not the data; and nothing is written
+    into the tree."""
     before = sorted(data_dir.rglob("*"))
     out_dir = data_dir / "train" / "myrun"
     code, _, err = run_command(

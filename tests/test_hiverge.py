@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import engine
+import engine.evaluation
 import engine.optimizers
 import functions as fn
 import modified_models
 from benchmarks import bench_fast
 from conftest import run_command, run_script, write_image_folder
-from models.airbench import AirbenchNet, initialize
+from models.airbench import AirbenchNet
 
 
 def test_the_jitter_keeps_the_crops_and_flips_and_shifts_and_scales_each_image(split):
@@ -56,7 +57,7 @@ def test_the_stem_bias_learns_for_a_fraction_of_an_epoch(tmp_path, split):
         recipe=recipe,
         out_dir=str(tmp_path / "run"),
         progress=False,
-        tsne=False,
+        analyses={"tsne": False},
         device="cpu",
         logger="none",
     )
@@ -121,7 +122,7 @@ def test_batched_newton_schulz_is_the_same_arithmetic_in_one_call_per_shape(monk
     )
     together = engine.optimizers.orthogonalize_each(matrices, torch.float32, batched=True)
     assert sorted(calls) == [(1, 16, 72), (1, 72, 8), (2, 8, 72)]  # the two 8 x 72 matrices in one call
-    for one, other in zip(alone, together):
+    for one, other in zip(alone, together, strict=True):
         torch.testing.assert_close(one, other, rtol=1e-5, atol=1e-6)
     weights = {
         batched: [
@@ -142,7 +143,7 @@ def test_batched_newton_schulz_is_the_same_arithmetic_in_one_call_per_shape(monk
             for k, p in enumerate(params):
                 p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * step + k))
             optimizer.step()
-    for one, other in zip(weights[False], weights[True]):
+    for one, other in zip(weights[False], weights[True], strict=True):
         torch.testing.assert_close(one.detach(), other.detach(), rtol=1e-5, atol=1e-6)
 
 
@@ -298,7 +299,8 @@ def test_selective_tta_looks_six_ways_at_the_least_confident_fifth_only():
             [8.0, 0.0],
         ]
     )
-    assert engine.least_confident(logits).nonzero().flatten().tolist() == [1, 3]  # a fifth of 10: the two closest calls
+    # a fifth of 10: the two closest calls
+    assert engine.evaluation.least_confident(logits).nonzero().flatten().tolist() == [1, 3]
     torch.manual_seed(0)
     net = torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10)
@@ -316,7 +318,7 @@ def test_selective_tta_looks_six_ways_at_the_least_confident_fifth_only():
     assert seen == [4] * 5  # the same views, of the four least confident images only
     # flip-translate's run gives the same scores free
     torch.testing.assert_close(selective["selective"], every["selective"])
-    unsure = engine.least_confident(plain)
+    unsure = engine.evaluation.least_confident(plain)
     torch.testing.assert_close(selective["selective"][~unsure], plain[~unsure])
     torch.testing.assert_close(selective["selective"][unsure], every["flip-translate"][unsure])
     assert "selective" in engine.TTA_MODES and "selective" not in engine.tta_logits(net, images, plain, "flip")

@@ -85,7 +85,7 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header_alone(tmp_path
     with pytest.raises(engine.UnreadableImage) as refused:
         decoded(huge)
     assert str(refused.value) == (
-        f"{huge} is 11000x11000 pixels, more than the {engine.MAX_DECODED_PIXELS:,} the toolkit decodes "
+        f"{huge} is 11000x11000 pixels, more than the {engine.images.MAX_DECODED_PIXELS:,} the toolkit decodes "
         f"(its bound on memory); shrink it first"
     )
     # A smaller limit, for real images: a PNG is decoded whole, so it is refused; a JPEG being resized is decoded at 1/8

@@ -11,12 +11,13 @@ import torch
 from PIL import Image
 
 import engine
+import engine.data
 import engine.official as official
 import evaluate
-import functions as fn
 import main
 import predict
 import tsne
+from analyses import embedding as tsne_embedding
 from conftest import run_command
 
 WIDTH, HEIGHT = 48, 40  # not the models' 32x32, nor square: every image is resized once, into the cache
@@ -108,18 +109,18 @@ def test_a_tree_of_other_classes_and_size_trains_evaluates_predicts_and_analyses
         "sklearn",
     )
     assert (code, err) == (0, "")
-    embedding = tsne.load_embedding(run_dir / "tsne_test.npz")
+    embedding = tsne_embedding.load_embedding(run_dir / "tsne_test.npz")
     # more than t-SNE's perplexity of 30
     assert embedding.classes == classes and len(embedding.points) == num_classes * 12
 
 
 def test_the_validation_fraction_keeps_the_studys_split_and_moves_with_the_flag():
-    train, val = engine.split_train_val(50_000, 0.1)
+    train, val = engine.data.split_train_val(50_000, 0.1)
     study = torch.utils.data.random_split(range(50_000), [45_000, 5_000], generator=torch.Generator().manual_seed(20))
     assert train.tolist() == study[0].indices and val.tolist() == study[1].indices
-    assert [len(part) for part in engine.split_train_val(200, 0.25)] == [150, 50]
-    with pytest.raises(fn.UserError, match="leaves no training image"):
-        engine.split_train_val(1, 0.5)
+    assert [len(part) for part in engine.data.split_train_val(200, 0.25)] == [150, 50]
+    with pytest.raises(engine.UserError, match="leaves no training image"):
+        engine.data.split_train_val(1, 0.5)
 
 
 def write_cifar100(root: Path, per_split: tuple[int, int] = (200, 100)) -> dict[str, str]:
@@ -127,7 +128,7 @@ def write_cifar100(root: Path, per_split: tuple[int, int] = (200, 100)) -> dict[
     folder = root / official.CIFAR100_DIR
     folder.mkdir(parents=True)
     generator = np.random.default_rng(100)
-    for name, count in zip(("train", "test"), per_split):
+    for name, count in zip(("train", "test"), per_split, strict=True):
         fine = np.arange(count) % 100
         batch = {
             "data": generator.integers(0, 256, (count, 3 * 32 * 32), dtype=np.uint8),
@@ -155,7 +156,7 @@ def test_cifar100s_official_files_load_with_100_classes_and_a_tampered_one_is_re
     assert data.train_labels.tolist()[:3] == [0, 1, 2] and int(data.test_labels.max()) == 99
     (tmp_path / official.CIFAR100_DIR / "test").write_bytes(b"tampered")
     monkeypatch.setattr(official.pickle, "load", lambda *a, **k: pytest.fail("unpickled an unchecked file"))
-    with pytest.raises(fn.UserError, match="failed its MD5 check"):
+    with pytest.raises(engine.UserError, match="failed its MD5 check"):
         engine.load_dataset(tmp_path, dataset="cifar100", checksums=checksums)
 
 

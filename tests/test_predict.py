@@ -6,7 +6,7 @@ import csv
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +23,12 @@ from conftest import (
     from_pil,
     png_header_claiming,
     quick_config,
-    run_command as run_script,
     synthetic_arrays,
     to_pil,
     transfer_net,
     write_image_folder,
 )
+from conftest import run_command as run_script
 from models.transfer import TransferNet
 
 
@@ -113,7 +113,8 @@ def report_of(net, split: engine.SplitData, mean=None, std=None, tta: str = "non
 
 
 def untrained(name: str, seed: int) -> torch.nn.Module:
-    """A freshly initialised network: its answers are far from perfect, so a wrong normalisation, view or weight shows."""
+    """A freshly initialised network: its answers are far from perfect, so a wrong normalisation, view or
+    weight shows."""
     torch.manual_seed(seed)
     net = engine.model_spec(name).build()
     engine.model_spec(name).initialize(net, None, engine.model_spec(name).recipe)
@@ -258,7 +259,7 @@ def test_files_that_cannot_be_used_are_listed_after_the_predictions_of_the_other
     folder.mkdir()
     images = tiny_run.split.test_images[:3]
     good = [folder / "a.jpg", folder / "b.png", folder / "d.jpg"]
-    for path, image in zip(good, images):
+    for path, image in zip(good, images, strict=True):
         to_pil(image).save(path, quality=95)
     truncated = folder / "c.jpg"
     truncated.write_bytes(good[0].read_bytes()[:500])
@@ -300,7 +301,8 @@ def test_files_that_cannot_be_used_are_listed_after_the_predictions_of_the_other
 
 
 def test_a_png_of_121_million_pixels_is_refused_in_one_line_without_pillows_warning(tmp_path):
-    """The shipped model, as a user runs it: the huge file is refused from its header, the other image still predicted."""
+    """The shipped model, as a user runs it: the huge file is refused from its header,
+    the other image still predicted."""
     huge = png_header_claiming(tmp_path / "huge.png", 11_000, 11_000)
     photo = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(photo)
@@ -413,7 +415,7 @@ def test_an_old_transfer_learning_run_is_rebuilt_from_its_transfer_json(tmp_path
         "tta": "none",
     }
     engine.write_json(run_dir / "model.json", card)
-    with pytest.raises(fn.UserError, match="resnet18-transfer-fc, which is not a registered model"):
+    with pytest.raises(engine.UserError, match="resnet18-transfer-fc, which is not a registered model"):
         saved_models.open_saved_model(run=run_dir)
     engine.write_json(
         run_dir / "transfer.json", {"arch": "resnet18", "weights": "default", "image_size": 32, "finetune": "fc"}
@@ -424,7 +426,7 @@ def test_an_old_transfer_learning_run_is_rebuilt_from_its_transfer_json(tmp_path
 
 
 def test_a_card_that_disagrees_with_model_or_is_damaged_is_one_line(tmp_path, tiny_run):
-    with pytest.raises(fn.UserError, match="not --model CIFAR10Net_7"):
+    with pytest.raises(engine.UserError, match="not --model CIFAR10Net_7"):
         saved_models.open_saved_model(run=tiny_run.run_dir, model="CIFAR10Net_7")
     copy = tmp_path / "copy"
     copy.mkdir()
@@ -432,7 +434,7 @@ def test_a_card_that_disagrees_with_model_or_is_damaged_is_one_line(tmp_path, ti
     (copy / "model.json").write_text(
         '{"model": "CIFAR10Net", "classes": ["cat"], "mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}'
     )
-    with pytest.raises(fn.UserError, match="classes must be a list of at least 2 class names"):
+    with pytest.raises(engine.UserError, match="classes must be a list of at least 2 class names"):
         saved_models.open_saved_model(run=copy)
 
 
@@ -467,6 +469,34 @@ def test_evaluating_a_runs_model_pth_reproduces_its_test_json(monkeypatch, capsy
     assert f"{recorded['test_accuracy']:.4f}" in out
     assert (tiny_run.run_dir / "evaluation-model-confusion.png").stat().st_size > 0
     assert (tiny_run.run_dir / "test.json").read_bytes() == test_json  # the run's own results untouched
+
+
+def test_evaluating_a_mixed_precision_run_measures_at_its_precision_and_reproduces_its_test_json(
+    monkeypatch, capsys, tmp_path
+):
+    """A bf16-mixed run tests under bf16 autocast; evaluate.py measures as it did by default (the card's precision),
+    records the precision, and measures in float32 when asked."""
+    arrays = synthetic_arrays()
+    config = replace(quick_config(tmp_path, "CIFAR10Net", epochs=1), precision="bf16-mixed")
+    engine.train(config, engine.model_spec("CIFAR10Net"), data=engine.SplitData.from_arrays(arrays))
+    run_dir, tree = Path(config.out_dir), write_image_folder(tmp_path / "tree", arrays)
+    assert engine.read_json(run_dir / "model.json")["precision"] == "bf16-mixed"
+    real_predict, autocast_seen = engine.predict, []
+
+    def predict_noting_autocast(*args, **kwargs):
+        autocast_seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return real_predict(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "predict", predict_noting_autocast)
+    flags = ("--run", run_dir, "--data-dir", tree, "--device", "cpu")
+    code, out, err = run_script(evaluate, monkeypatch, capsys, *flags)
+    assert code == 0, err
+    evaluation, recorded = (engine.read_json(run_dir / name) for name in ("evaluation-model.json", "test.json"))
+    assert {key: evaluation[key] for key in REPORT_KEYS} == {key: recorded[key] for key in REPORT_KEYS}
+    assert evaluation["precision"] == recorded["precision"] == "bf16-mixed" and "bf16-mixed precision" in out
+    code, out, err = run_script(evaluate, monkeypatch, capsys, *flags, "--precision", "32-true")
+    assert code == 0 and engine.read_json(run_dir / "evaluation-model.json")["precision"] == "32-true"
+    assert autocast_seen == [torch.bfloat16, False]
 
 
 def test_evaluate_normalises_by_the_model_card_not_by_the_data(monkeypatch, capsys, tmp_path, tiny_run):

@@ -232,7 +232,7 @@ def test_the_readmes_extending_example_registers_a_model_that_trains(monkeypatch
         recipe=replace(spec.recipe, epochs=2, augment="none"),
         out_dir=str(tmp_path / "run"),
         progress=False,
-        tsne=False,
+        analyses={"tsne": False},
         device="cpu",
     )
     report = engine.train(config, spec, data=split)

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
 from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
 
 import engine
@@ -116,7 +117,7 @@ def test_a_precision_lightning_does_not_know_is_refused_before_anything_is_writt
 @pytest.fixture
 def interrupted(tmp_path, monkeypatch, capsys, data_dir) -> tuple[Path, tuple[str, ...]]:
     """A 3-epoch run on 150 images at lr 0.003 stopped by SIGTERM right after its first checkpoint; and its flags."""
-    real_save = engine.AtomicCheckpointIO.save_checkpoint
+    real_save = engine.callbacks.AtomicCheckpointIO.save_checkpoint
 
     def save_then_stop(io, checkpoint, path, storage_options=None):
         real_save(io, checkpoint, path, storage_options)
@@ -125,7 +126,7 @@ def interrupted(tmp_path, monkeypatch, capsys, data_dir) -> tuple[Path, tuple[st
 
     flags = ("--data-dir", str(data_dir), "--epochs", "3", "--limit-train", "150", "--lr", "0.003", *QUICK)
     with monkeypatch.context() as patch:
-        patch.setattr(engine.AtomicCheckpointIO, "save_checkpoint", save_then_stop)
+        patch.setattr(engine.callbacks.AtomicCheckpointIO, "save_checkpoint", save_then_stop)
         code, out, err = run_command(main, monkeypatch, capsys, *flags, "--out-dir", tmp_path / "run")
     assert code == 143 and "holds epoch 1 of 3" in err
     return tmp_path / "run", flags
@@ -137,7 +138,7 @@ def test_a_bare_resume_continues_with_the_runs_own_settings(interrupted, tmp_pat
     code, out, err = run_command(main, monkeypatch, capsys, "--resume", "--out-dir", run_dir)
     assert (code, err) == (0, ""), err
     config = engine.read_json(run_dir / "config.json")
-    assert (config["recipe"]["epochs"], config["recipe"]["lr"], config["limit_train"], config["tsne"]) == (
+    assert (config["recipe"]["epochs"], config["recipe"]["lr"], config["limit_train"], config["analyses"]["tsne"]) == (
         3,
         0.003,
         150,
@@ -170,6 +171,37 @@ def test_resume_refuses_a_flag_that_changes_the_finished_epochs_and_leaves_the_r
     } == before  # config.json byte for byte
 
 
+def test_a_run_written_before_the_analyses_had_their_own_settings_resumes_and_configures(
+    interrupted, tmp_path, monkeypatch, capsys
+):
+    """Such a run keeps the t-SNE's settings at the top of config.json and of its checkpoint's settings."""
+    run_dir, flags = interrupted
+
+    def old_form(settings: dict) -> dict:
+        return {**{key: value for key, value in settings.items() if key != "analyses"}, **settings["analyses"]}
+
+    old_config = old_form(engine.read_json(run_dir / "config.json"))
+    assert old_config["tsne"] is False and "analyses" not in old_config
+    engine.write_json(run_dir / "config.json", old_config)
+    checkpoint = engine.read_checkpoint(run_dir / "last.ckpt")
+    checkpoint["run_config"] = old_form(checkpoint["run_config"])
+    torch.save(checkpoint, run_dir / "last.ckpt")
+
+    code, out, err = run_command(main, monkeypatch, capsys, "--resume", "--out-dir", run_dir)
+    assert (code, err) == (0, ""), err
+    assert engine.read_json(run_dir / "config.json")["analyses"] == {
+        "tsne": False,
+        "tsne_method": "auto",
+        "tsne_samples": None,
+    }
+    engine.write_json(tmp_path / "old.json", old_config)
+    code, out, err = run_command(
+        main, monkeypatch, capsys, "--config", tmp_path / "old.json", "--epochs", "1", "--out-dir", tmp_path / "again"
+    )
+    assert (code, err) == (0, ""), err
+    assert engine.read_json(tmp_path / "again/config.json")["analyses"]["tsne"] is False
+
+
 def test_more_epochs_on_resume_are_recorded_as_a_change(interrupted, monkeypatch, capsys):
     run_dir, flags = interrupted
     assert run_command(main, monkeypatch, capsys, "--resume", "--out-dir", run_dir)[0] == 0
@@ -185,8 +217,6 @@ def test_more_epochs_on_resume_are_recorded_as_a_change(interrupted, monkeypatch
 
 
 def test_a_checkpoint_with_damaged_settings_is_one_line(tmp_path, monkeypatch, capsys):
-    import torch
-
     torch.save({"state_dict": {}, "run_config": ["not", "a", "mapping"]}, tmp_path / "last.ckpt")
     code, out, err = run_command(
         main, monkeypatch, capsys, "--resume", tmp_path / "last.ckpt", "--out-dir", tmp_path / "run"

@@ -28,7 +28,7 @@ SCRIPTS = (
     "export.py",
 )
 HEAVY = ("lightning", "sklearn", "matplotlib", "torchvision")
-# Optuna's figures are drawn through pyplot, which tuning.py imports (0.4 s of the tuner's start on a 2-core CPU).
+# Optuna's figures are drawn through pyplot, which tuning.study imports (0.4 s of the tuner's start on a 2-core CPU).
 ALLOWED = {"hyperparameter_tune.py": ("matplotlib",)}
 
 # Runs a script as `python SCRIPT ARGS...` would, then reports its exit status and which heavy libraries it loaded.
@@ -41,8 +41,8 @@ try:
     status = 0
 except SystemExit as exit:
     status = exit.code
-print("PROBE " + json.dumps({"status": status, "loaded": [name for name in %r if name in sys.modules]}))
-""" % (HEAVY,)
+print("PROBE " + json.dumps({"status": status, "loaded": [name for name in HEAVY if name in sys.modules]}))
+""".replace("HEAVY", repr(HEAVY))
 
 
 def probe(script: str, *args: str) -> dict:

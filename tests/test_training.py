@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import engine
-import engine.run
-import engine.data as data_module
+import engine.classifier
 import engine.official as official
+import engine.run
 import functions as fn
 import main as main_script
 import modified_models
@@ -176,7 +176,9 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, split):
     rest.resume = "last"
     engine.train(rest, modified_models.MODELS["CIFAR10Net_7"], data=split)
 
-    drop_time = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    def drop_time(rows):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
     assert drop_time(engine.read_metrics_csv(tmp_path / "full/run/metrics.csv")) == drop_time(
         engine.read_metrics_csv(tmp_path / "parts/run/metrics.csv")
     )
@@ -186,7 +188,9 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, split):
 
 
 def test_learning_rate_schedule_shape():
-    factor = lambda step, shape: engine.learning_rate_factor(step, total_steps=100, warmup_steps=10, shape=shape)
+    def factor(step, shape):
+        return engine.classifier.learning_rate_factor(step, total_steps=100, warmup_steps=10, shape=shape)
+
     assert factor(0, "cosine") == pytest.approx(0.1) and factor(9, "cosine") == pytest.approx(1.0)
     assert factor(55, "cosine") == pytest.approx(0.5) and factor(100, "cosine") == pytest.approx(0.0)
     assert factor(55, "onecycle") == pytest.approx(0.5) and factor(77, "none") == 1.0
@@ -349,12 +353,12 @@ def test_val_every_0_and_no_training_sample_measure_nothing_between_epochs(tmp_p
 
 
 def test_the_training_accuracy_sample_is_the_size_asked(split):
-    assert engine.CIFAR10DataModule(split, 32, "none", 0).eval_kinds == ("train", "val")
-    module = engine.CIFAR10DataModule(split, 32, "none", 0, train_accuracy_sample=40)
+    assert engine.classifier.CIFAR10DataModule(split, 32, "none", 0).eval_kinds == ("train", "val")
+    module = engine.classifier.CIFAR10DataModule(split, 32, "none", 0, train_accuracy_sample=40)
     module.trainer = type("Trainer", (), {"global_rank": 0, "world_size": 1})()
     sample, validation = module.val_dataloader()
     assert len(sample.images) == 40 and len(validation.images) == len(split.val_images)
-    assert engine.CIFAR10DataModule(split, 32, "none", 0, train_accuracy_sample=0).eval_kinds == ("val",)
+    assert engine.classifier.CIFAR10DataModule(split, 32, "none", 0, train_accuracy_sample=0).eval_kinds == ("val",)
 
 
 @pytest.mark.parametrize(

@@ -127,7 +127,7 @@ def test_cached_and_uncached_linear_probes_agree(tmp_path, split, capsys):
     for key in ("head.weight", "head.bias"):
         torch.testing.assert_close(fast[key], slow[key], rtol=1e-4, atol=1e-5)
     slow_metrics, fast_metrics = (engine.read_metrics_csv(tmp_path / name / "metrics.csv") for name in ("slow", "fast"))
-    for slow_row, fast_row in zip(slow_metrics, fast_metrics):
+    for slow_row, fast_row in zip(slow_metrics, fast_metrics, strict=True):
         for column in ("train_loss", "val_loss", "train_accuracy", "val_accuracy"):
             assert fast_row[column] == pytest.approx(slow_row[column], rel=1e-4, abs=1e-5)
     slow_test, fast_test = (engine.read_json(tmp_path / name / "test.json") for name in ("slow", "fast"))

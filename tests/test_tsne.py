@@ -19,8 +19,9 @@ import engine
 import functions as fn
 import saved_models
 import tsne
+from analyses import embedding as tsne_embedding
 from conftest import quick_config
-from functions import UserError
+from engine import UserError
 from modified_models import MODELS, CIFAR10Net_2, CIFAR10Net_7, ModelSpec
 
 
@@ -28,14 +29,17 @@ from modified_models import MODELS, CIFAR10Net_2, CIFAR10Net_7, ModelSpec
 def one_thread(monkeypatch):
     """One thread for these tiny t-SNEs: on shared cores, every step's hand-over between two threads waits
     for a busy core, which costs more than the work (a 60-point t-SNE: 14 s against 0.5 s)."""
-    monkeypatch.setattr(tsne, "N_JOBS", 1)
+    monkeypatch.setattr(tsne_embedding, "N_JOBS", 1)
     with threadpoolctl.threadpool_limits(1):
         yield
 
 
 def tsne_config(tmp_path: Path, method: str = "sklearn", samples: int | None = 60) -> engine.RunConfig:
     return engine.RunConfig(
-        model="CIFAR10Net_7", out_dir=str(tmp_path), device="cpu", tsne_samples=samples, tsne_method=method
+        model="CIFAR10Net_7",
+        out_dir=str(tmp_path),
+        device="cpu",
+        analyses={"tsne_samples": samples, "tsne_method": method},
     )
 
 
@@ -53,13 +57,15 @@ def error_lines(capsys) -> list[str]:
     return capsys.readouterr().err.strip().splitlines()
 
 
-def hand_made_embedding() -> tsne.Embedding:
+def hand_made_embedding() -> tsne_embedding.Embedding:
     """40 points, 4 of them misclassified; class 7 is predicted both rightly (point 7) and wrongly (point 3)."""
     labels = np.arange(40) % 10
     predictions = labels.copy()
     predictions[[3, 14, 25, 36]] = [7, 7, 0, 9]
     points = np.random.default_rng(0).normal(size=(40, 2)).astype(np.float32)
-    return tsne.Embedding(points, labels, predictions, np.arange(40), fn.CLASSES, "CIFAR10Net_7", "test", "sklearn")
+    return tsne_embedding.Embedding(
+        points, labels, predictions, np.arange(40), fn.CLASSES, "CIFAR10Net_7", "test", "sklearn"
+    )
 
 
 def scatter_layers(figure) -> dict:
@@ -98,12 +104,12 @@ def test_features_are_the_penultimate_activations(split):
 
 def test_stratified_sample_keeps_each_class_share_and_follows_the_seed():
     labels = np.repeat([0, 1, 2], [600, 300, 100])
-    index = tsne.stratified_sample(labels, 100, seed=3)
+    index = tsne_embedding.stratified_sample(labels, 100, seed=3)
     assert np.bincount(labels[index]).tolist() == [60, 30, 10]
     assert np.array_equal(index, np.unique(index))  # sorted, no repeats
-    assert np.array_equal(index, tsne.stratified_sample(labels, 100, seed=3))
-    assert not np.array_equal(index, tsne.stratified_sample(labels, 100, seed=4))
-    assert np.array_equal(tsne.stratified_sample(labels, None, seed=3), np.arange(1000))
+    assert np.array_equal(index, tsne_embedding.stratified_sample(labels, 100, seed=3))
+    assert not np.array_equal(index, tsne_embedding.stratified_sample(labels, 100, seed=4))
+    assert np.array_equal(tsne_embedding.stratified_sample(labels, None, seed=3), np.arange(1000))
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,13 +129,13 @@ def test_class_colours_are_tab10_by_class_label():
         "#bcbd22",
         "#17becf",
     ]
-    assert np.allclose(tsne.class_colours(10), [matplotlib.colors.to_rgba(colour) for colour in tab10])
+    assert np.allclose(tsne_embedding.class_colours(10), [matplotlib.colors.to_rgba(colour) for colour in tab10])
 
 
 def test_both_layers_colour_every_point_by_its_predicted_class_from_one_map():
     e = hand_made_embedding()
-    colours = tsne.class_colours(10)
-    figure = tsne.draw_embedding(e)
+    colours = tsne_embedding.class_colours(10)
+    figure = tsne_embedding.draw_embedding(e)
     layers = scatter_layers(figure)
     for gid, chosen in (("correct", e.correct), ("misclassified", ~e.correct)):
         assert 7 in e.predictions[chosen]  # the same class in both layers
@@ -144,7 +150,7 @@ def test_both_layers_colour_every_point_by_its_predicted_class_from_one_map():
 
 def test_black_edge_exactly_on_misclassified_points():
     e = hand_made_embedding()
-    figure = tsne.draw_embedding(e)
+    figure = tsne_embedding.draw_embedding(e)
     layers = scatter_layers(figure)
     wrong = layers["misclassified"]
     np.testing.assert_allclose(wrong.get_offsets(), e.points[[3, 14, 25, 36]])
@@ -184,7 +190,8 @@ def test_small_run_writes_figures_embeddings_and_numbers(tmp_path, split, method
 
 def test_a_training_run_ends_with_the_analysis(tmp_path, split):
     config = replace(
-        quick_config(tmp_path, model="CIFAR10Net_7", epochs=1), tsne=True, tsne_samples=40, tsne_method="sklearn"
+        quick_config(tmp_path, model="CIFAR10Net_7", epochs=1),
+        analyses={"tsne": True, "tsne_samples": 40, "tsne_method": "sklearn"},
     )
     engine.train(config, MODELS["CIFAR10Net_7"], data=split, analyses=tsne.analyses(config))
     run_dir = Path(config.out_dir)
@@ -201,8 +208,8 @@ def test_too_few_points_for_the_perplexity_is_a_user_error(tmp_path, split):
 
 def test_redraw_from_the_saved_npz(tmp_path, monkeypatch):
     e = hand_made_embedding()
-    tsne.save_embedding(e, tmp_path / "tsne_test.npz")
-    loaded = tsne.load_embedding(tmp_path / "tsne_test.npz")
+    tsne_embedding.save_embedding(e, tmp_path / "tsne_test.npz")
+    loaded = tsne_embedding.load_embedding(tmp_path / "tsne_test.npz")
     for field in ("points", "labels", "predictions", "indices"):
         assert np.array_equal(getattr(loaded, field), getattr(e, field))
     assert (loaded.classes, loaded.model, loaded.split, loaded.method) == (e.classes, e.model, e.split, e.method)

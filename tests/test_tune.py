@@ -1,4 +1,5 @@
-"""hyperparameter_tune.py on the synthetic data: outputs, resuming, failing trials, several workers, the search spaces."""
+"""hyperparameter_tune.py on the synthetic data: outputs, resuming, failing trials, several workers, the
+search spaces."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import optuna
+import postgres
 import pytest
 import torch
 from optuna.trial import TrialState
@@ -23,7 +25,6 @@ import engine
 import hyperparameter_tune as tune
 import study_storage
 import tuning
-import postgres
 from conftest import synthetic_arrays
 from modified_models import CIFAR10Net_7
 
@@ -54,7 +55,7 @@ def synthetic_data(monkeypatch):
 @pytest.fixture
 def no_figures(monkeypatch):
     """Optuna's figures take seconds to draw; only the test of the outputs needs them."""
-    monkeypatch.setattr(tuning, "write_figures", lambda study, out_dir: [])
+    monkeypatch.setattr(tuning.study, "write_figures", lambda study, out_dir: [])
 
 
 def flags(out_dir: Path, *more: str) -> list[str]:
@@ -140,9 +141,9 @@ def test_tiny_study_writes_every_output_and_a_rerun_continues_it(tmp_path, capsy
 
 def test_flags_that_contradict_the_study_are_refused(tmp_path):
     tune.main(flags(tmp_path, "--n-trials", "0", "--epochs", "2"))
-    with pytest.raises(tuning.UserError, match="--epochs 2"):
+    with pytest.raises(engine.UserError, match="--epochs 2"):
         tune.main(flags(tmp_path, "--n-trials", "0", "--epochs", "3"))
-    with pytest.raises(tuning.UserError, match="--space readme"):
+    with pytest.raises(engine.UserError, match="--space readme"):
         tune.main(flags(tmp_path, "--n-trials", "0", "--space", "extended"))
 
 
@@ -174,7 +175,7 @@ def test_retraining_another_trial_keeps_the_earlier_retraining_unless_told_to_ov
     )
     tune.main(flags(out, "--n-trials", "0"))
     assert json.loads((out / "best_params.json").read_text())["trial"] == 1
-    with pytest.raises(tuning.UserError, match="--overwrite"):
+    with pytest.raises(engine.UserError, match="--overwrite"):
         tune.main(flags(out, "--n-trials", "0", "--retrain", "--retrain-epochs", "1"))
     assert {name: (out / "retrain" / name).read_bytes() for name in first} == first  # trial 0's retraining, whole
     tune.main(flags(out, "--n-trials", "0", "--retrain", "--retrain-epochs", "1", "--overwrite"))
@@ -202,17 +203,18 @@ def test_a_signal_mid_trial_fails_that_trial_with_its_reason_and_exits_143(no_fi
 
 
 def test_retrain_without_a_complete_trial_is_a_user_error(tmp_path):
-    with pytest.raises(tuning.UserError, match="no complete trial"):
+    with pytest.raises(engine.UserError, match="no complete trial"):
         tune.main(flags(tmp_path, "--n-trials", "0", "--retrain"))
 
 
 def proposed_by_runs(storage: str, seed: int, runs: int) -> list[dict]:
-    """What a study proposes over several runs of one worker; each run completes a trial and is then killed mid-trial."""
+    """What a study proposes over several runs of one worker;
+    each run completes a trial and is then killed mid-trial."""
     proposed = []
     for _ in range(runs):
         study = tuning.open_study(storage, STUDY, seed, prune=True)
         complete, killed = study.ask(), study.ask()  # the killed one stays RUNNING, as a kill leaves it
-        proposed += [tuning.suggest_readme(complete), tuning.suggest_readme(killed)]
+        proposed += [tuning.study.suggest_readme(complete), tuning.study.suggest_readme(killed)]
         study.tell(complete, 1.0)
     return proposed
 
@@ -267,7 +269,7 @@ def test_out_of_memory_fails_the_trial_with_its_reason_and_the_study_goes_on(no_
 
 def test_pruned_trials_stop_early_and_the_saved_epochs_are_reported(no_figures, tmp_path, monkeypatch, capsys):
     # A pruner that prunes every trial after its first epoch, instead of waiting for the median rule's five trials.
-    monkeypatch.setattr(tuning, "make_pruner", lambda prune: optuna.pruners.ThresholdPruner(upper=0.0))
+    monkeypatch.setattr(tuning.study, "make_pruner", lambda prune: optuna.pruners.ThresholdPruner(upper=0.0))
     tune.main(flags(tmp_path, "--n-trials", "2", "--epochs", "3"))
     rows = read_trials(tmp_path)
     assert [(row["state"], row["epochs_run"]) for row in rows] == [("PRUNED", "1"), ("PRUNED", "1")]
@@ -475,12 +477,12 @@ def test_a_worker_rides_out_a_database_restart_and_keeps_its_trial(no_figures, t
 def test_a_trial_started_when_running_trials_already_make_up_the_study_steps_back():
     study = optuna.create_study()
     study.ask()  # another worker's trial, still running: it will make up the one trial asked for
-    objective = tune.make_objective(
+    objective = tuning.make_objective(
         tuning.StudySettings(space="readme", epochs=1), base=None, data=None, n_trials=1, prune=True
     )
-    tune.run_trials(study, objective, n_trials=1, epochs=1, timeout=None)
+    tuning.run_trials(study, objective, n_trials=1, epochs=1, timeout=None)
     assert len(study.trials) == 1  # checked before starting: no trial at all
-    study.optimize(objective, n_trials=1, catch=(tune.NotNeeded,))  # started at the same moment as the other
+    study.optimize(objective, n_trials=1, catch=(tuning.NotNeeded,))  # started at the same moment as the other
     late = study.trials[1]
     assert late.state == TrialState.FAIL and late.user_attrs["reason"].startswith("not needed") and not late.params
 
@@ -568,7 +570,7 @@ def test_readme_space_is_the_readme_study():
         samples[0]["batch_size"],
         "adam",
     )
-    net = engine.model_spec("CIFAR10Net_7").build(tuning.options_for(samples[0]))
+    net = engine.model_spec("CIFAR10Net_7").build(tuning.study.options_for(samples[0]))
     assert (
         isinstance(net, CIFAR10Net_7)
         and net.fc1.out_features == samples[0]["fc1_size"]
@@ -592,7 +594,7 @@ def test_extended_space_adds_convolutions_and_optimisers_and_every_network_build
             assert recipe.betas == (params["beta1"], params["beta2"])
         kernels = (params["conv1_kernel"], params["conv2_kernel"])
         if kernels not in shapes_built:
-            net = engine.model_spec("CIFAR10Net_7").build(tuning.options_for(params)).eval()
+            net = engine.model_spec("CIFAR10Net_7").build(tuning.study.options_for(params)).eval()
             assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
             assert net.forward_features(torch.zeros(2, 3, 32, 32)).shape == (2, params["fc2_size"])
             shapes_built.add(kernels)
@@ -610,3 +612,22 @@ def test_cifar10net_7_with_its_default_options_is_the_readmes():
         shapes["fc3.weight"],
     ) == ((20, 3, 3, 3), (40, 20, 4, 4), (124, 1440), (64, 124), (10, 64))
     assert net.dropout.p == 0.5
+
+
+def test_the_private_optuna_that_tuning_reads_is_in_the_installed_optuna(tmp_path):
+    """tuning.private_optuna is the one place tuning reads what Optuna keeps private; when an Optuna release changes
+    it, this fails with the line a user would see."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    settings = study_storage.StorageSettings(heartbeat=1, grace=1)
+    study = tuning.open_study(url, STUDY, seed=0, prune=True, settings=settings)
+    trial = study.ask()
+    storage, study_id, silent = tuning.private_optuna(study)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+    storage.record_heartbeat(trial_id)
+    assert study_id == storage.get_study_id_from_name(STUDY) and tuning.private_optuna(study)[2] == set()
+    time.sleep(2.5)  # past the grace period of 1 s
+    assert tuning.private_optuna(study)[2] == {trial_id}
+    journal = tuning.open_study(str(tmp_path / "study.log"), STUDY, seed=0, prune=True)
+    assert tuning.private_optuna(journal)[2] == set()  # a journal has no heartbeat
+    with pytest.raises(RuntimeError, match=r"Optuna .* no longer has what tuning.private_optuna reads"):
+        tuning.private_optuna(object())

@@ -9,8 +9,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import optuna
 import pytest
 import torch
 
@@ -20,8 +18,6 @@ import engine.devices
 import engine.plots
 import engine.progress
 import main as main_script
-import tsne
-import tuning
 from conftest import quick_config, run_script, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +108,7 @@ def test_curves_have_whole_epoch_ticks_and_one_epoch_is_no_plural(tmp_path, spli
     assert "Training CIFAR10Net for 1 epoch on cpu" in capsys.readouterr().out
     drawn = []
     monkeypatch.setattr(engine.plots, "save_figure", lambda figure, path, dpi=120: drawn.append(figure))
-    engine.plot_curves(
+    engine.plots.plot_curves(
         [
             {"epoch": 1, "train_loss": 2.0, "val_loss": 2.1, "train_accuracy": 0.2, "val_accuracy": 0.2},
             {"epoch": 2, "train_loss": 1.5, "val_loss": 1.7, "train_accuracy": 0.4, "val_accuracy": 0.35},

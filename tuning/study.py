@@ -1,8 +1,4 @@
-"""The tuning study's pieces: search spaces, the study and its storage, the workers that share it, its outputs.
-
-hyperparameter_tune.py runs the study; this module holds what it is made of, so the script reads as the
-story of a study: open it, run trials until it holds --n-trials, write the outputs, retrain the winner.
-"""
+"""The tuning study's pieces: search spaces, the study and its storage, the workers that share it, its outputs."""
 
 from __future__ import annotations
 
@@ -11,19 +7,21 @@ import random
 import socket
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 import optuna
 import torch
-from optuna.visualization import matplotlib as plots
 from optuna.trial import FrozenTrial, Trial, TrialState
+from optuna.visualization import matplotlib as plots
 
 import engine
-from functions import UserError, write_atomically
+from engine import UserError, write_atomically
 from models.study import README_RECIPE
 from study_storage import StorageSettings, first_line, hide_password, open_storage
 
@@ -213,14 +211,38 @@ def process_exists(pid: int) -> bool:
     return True
 
 
-def fail_running_trials(study: optuna.Study, reason_for: Callable[[FrozenTrial, dict[str, Any]], str | None]) -> None:
-    """Mark FAIL, with a reason, the RUNNING trials that ``reason_for`` (given the trial and its worker) gives one for."""
+def private_optuna(study: optuna.Study) -> tuple[optuna.storages.BaseStorage, int, set[int]]:
+    """The study's storage, its id there, and the ids of its RUNNING trials whose heartbeat has been silent for the
+    grace period (none without a heartbeat): what failing another worker's trial with a reason needs, and what Optuna
+    keeps private (Optuna's own fail_stale_trials reads the same, but fails the trials before a reason can be recorded).
+    The one place tuning reaches into Optuna's private API; tests/test_tune.py checks it against the installed Optuna.
+    """
+    try:
+        storage, study_id = study._storage, study._study_id
+        heartbeat = optuna.storages._heartbeat.is_heartbeat_enabled(storage)  # the study's storage is a cache in front
+        return storage, study_id, set(storage._get_stale_trial_ids(study_id)) if heartbeat else set()
+    except AttributeError as error:
+        raise RuntimeError(
+            f"Optuna {optuna.__version__} no longer has what tuning.private_optuna reads ({error}); install an earlier "
+            f"release (pip install 'optuna<{optuna.__version__}'), or update tuning.private_optuna"
+        ) from None
+
+
+def fail_running_trials(
+    study: optuna.Study, reason_for: Callable[[FrozenTrial, dict[str, Any], set[int]], str | None]
+) -> None:
+    """Mark FAIL, with a reason, the RUNNING trials that ``reason_for`` (given the trial, its worker and the trial
+    numbers whose heartbeat is silent) gives one for."""
+    storage, study_id, silent_ids = private_optuna(study)
+    silent = {storage.get_trial_number_from_id(trial_id) for trial_id in silent_ids}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker")
-        reason = reason_for(trial, worker) if worker else None
+        reason = reason_for(trial, worker, silent) if worker else None
         if reason:
-            try:  # Optuna's public API sets attributes only on a trial of this process: use the storage, as fail_stale_trials does
-                study._storage.set_trial_user_attr(trial._trial_id, "reason", reason)
+            # a trial of another process: study.set_user_attr reaches only this process's trials, the storage any
+            try:
+                trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+                storage.set_trial_user_attr(trial_id, "reason", reason)
                 study.tell(trial.number, state=TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass  # another worker marked it first
@@ -230,7 +252,7 @@ def fail_abandoned_trials(study: optuna.Study) -> None:
     """Mark FAIL the RUNNING trials whose worker ran on this machine and is gone (killed, or crashed)."""
     fail_running_trials(
         study,
-        lambda trial, worker: (
+        lambda trial, worker, silent: (
             f"its worker (process {worker['pid']}) ended mid-trial"
             if worker["host"] == socket.gethostname() and not process_exists(worker["pid"])
             else None
@@ -240,18 +262,13 @@ def fail_abandoned_trials(study: optuna.Study) -> None:
 
 def fail_silent_trials(study: optuna.Study) -> None:
     """Mark FAIL the RUNNING trials whose heartbeat has been silent for the grace period, wherever their worker ran (a
-    database storage's heartbeat; a journal file has none). Optuna's own fail_stale_trials fails them before a reason
-    can be recorded, so its look-up of the silent trials (private) is used here instead."""
-    storage = study._storage
-    if not optuna.storages._heartbeat.is_heartbeat_enabled(storage):
-        return
-    silent = set(storage._get_stale_trial_ids(study._study_id))
+    database storage's heartbeat; a journal file has none)."""
     fail_running_trials(
         study,
-        lambda trial, worker: (
+        lambda trial, worker, silent: (
             f"its worker ({worker['host']}, process {worker['pid']}) sent no heartbeat "
             f"for the grace period (--heartbeat-grace)"
-            if trial._trial_id in silent
+            if trial.number in silent
             else None
         ),
     )
@@ -331,9 +348,7 @@ def write_figures(study: optuna.Study, out_dir: Path) -> list[str]:
         width, height = figure.get_size_inches()
         figure.set_size_inches(max(width, 1.3 * len(study.best_params) + 3), height)  # room for an axis per parameter
         # bbox "tight" widens the image to Optuna's long, rotated labels instead of cutting them off
-        write_atomically(
-            out_dir / f"{name}.png", lambda tmp: figure.savefig(tmp, dpi=120, format="png", bbox_inches="tight")
-        )
+        write_atomically(out_dir / f"{name}.png", partial(figure.savefig, dpi=120, format="png", bbox_inches="tight"))
         plt.close(figure)
         written.append(f"{name}.png")
     return written
