@@ -1,25 +1,14 @@
-"""Evaluate a saved model on the CIFAR-10 test set: test accuracy, per-class accuracy, the confusion matrix and its
-figure.
+"""Evaluate a saved model on the test set: accuracy, per-class precision, recall and F1, the confusion matrix.
 
     python evaluate.py --run runs/CIFAR10Net --data-dir ./data
     python evaluate.py --run runs/FastVGG --checkpoint best.ckpt
     python evaluate.py --checkpoint ~/study/CIFAR10Net_7.pth --model CIFAR10Net_7 --data-dir ./data --out-dir results
 
-Measures the 10,000 test images exactly as a training run does at its end (engine.predict, then engine.test_report,
-at the precision the run tested at), for a run's model.pth (its final weights: the same numbers as its test.json), its
-best.ckpt or last.ckpt, or a plain state dict saved by the original study's scripts (torch.save(net.state_dict(),
-path)) with --model.
-Inputs are normalised with the model card's mean and std (the run's model.json, or the card inside a checkpoint);
-a plain state dict has none, so the training split's statistics are computed from --data-dir, as training does.
-
-Prints the test accuracy and writes, beside the weights in a run folder of yours (for the shipped model, a read-only
-folder or weights outside a run folder: in runs/evaluations/<folder name>; or into --out-dir):
-    evaluation-<weights>.json            test_accuracy, per_class_accuracy, confusion_matrix, num_test_images, model,
-                                         checkpoint, tta, precision, data (the keys of a run's
-                                         test.json)
-    evaluation-<weights>-confusion.png   the confusion matrix
-where <weights> is the file's name without its suffix (model, best, last, ...). A run's own test.json and
-confusion_matrix.png are never touched; evaluating the same weights again replaces their evaluation files.
+Measures the test images as a training run does at its end, normalised by the model card, at the precision the run
+tested at: a run's model.pth gives its test.json's numbers. Writes evaluation-<weights>.json and
+evaluation-<weights>-confusion.png beside the weights in a run folder of yours (else under runs/evaluations/, or
+--out-dir); a run's own test.json is never touched. A plain state dict (the study's torch.save(net.state_dict(), ...))
+takes --model, and the data's statistics. docs/using-models.md says more.
 """
 
 from __future__ import annotations
@@ -55,7 +44,7 @@ def measure(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = engine.script_parser(__doc__)
     group = saved_models.add_arguments(
         parser,
         run_help="run folder of a trained model: evaluates its model.pth (the final weights) with its model.json",

@@ -1,25 +1,14 @@
 """Export a trained model as one file that takes raw pixels and gives class probabilities: ONNX, or torch.export's .pt2.
 
     python export.py --run runs/FastVGG                            # runs/FastVGG/model.onnx and model.onnx.json
-    python export.py --run pretrained/FastVGG_narrow               # the shipped model:
-    runs/exports/FastVGG_narrow/model.onnx
+    python export.py --run pretrained/FastVGG_narrow               # into runs/exports/FastVGG_narrow/
     python export.py --run runs/CIFAR10Net --checkpoint best.ckpt --tta none --out cifar10net.onnx
-    python export.py --run runs/FastVGG --format pt2               # runs/FastVGG/model.pt2 (PyTorch only)
 
-The file's input "images" is a uint8 batch, N x 3 x H x W in RGB, 0..255, at the model's input size (the model card's
-image_size: 32 for every model today; N any number); its output "probabilities" is N x classes, each row the class
-probabilities in the order of the card's classes. Everything between is inside the file, as predict.py does it: the
-division by 255, the normalisation by the card's mean and std, the network, the test-time augmentation (none, or flip:
-the scores of the image and of its mirror image averaged before the softmax, as engine.predict averages them) and the
-softmax. Resizing a photo to 32x32 is not: do it first (predict.py averages the pixels each output pixel covers, which
-is Pillow's Image.resize(..., Image.Resampling.BOX)).
-
-Beside the file, <file>.json holds the model card (engine.ModelCard: the class names, the mean and std, the model and
-its options, what trained it; its tta is the one inside the file) and the input and output spec. Before the file is put
-in place, it is run on a few random images and must answer as the model does.
-
-A run folder of yours gets the files (replacing earlier ones of the same name); the shipped model, a read-only folder or
-weights outside a run folder get runs/exports/<folder name>/. --out puts them anywhere.
+The file takes a uint8 RGB batch N x 3 x 32 x 32 ("images") and gives N x classes probabilities ("probabilities"): the
+division by 255, the normalisation, the network, the test-time augmentation and the softmax are inside it; resizing a
+photo to 32x32 is not (Pillow's Image.resize(..., Image.Resampling.BOX), as predict.py does). <file>.json beside it
+holds the model card and the input and output spec. The file is checked against the model before it is put in place.
+docs/using-models.md says more.
 """
 
 from __future__ import annotations
@@ -199,7 +188,7 @@ def export(saved: SavedModel, tta: str, file_format: str, out: Path) -> None:
 # Command line
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = engine.script_parser(__doc__)
     group = saved_models.add_arguments(
         parser,
         run_help="run folder of a trained model: exports its model.pth (the final weights) with its model.json",

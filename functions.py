@@ -127,7 +127,7 @@ def color_jitter(images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch
     return images
 
 
-def sample_readme_params(n: int, generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+def sample_study_params(n: int, generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
     """One draw per image of every random choice the original study's torchvision pipeline makes."""
     return {
         "hflip": torch.rand(n, generator=generator, device=device) < 0.5,
@@ -141,7 +141,7 @@ def sample_readme_params(n: int, generator: torch.Generator, device: torch.devic
     }
 
 
-def apply_readme(images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+def apply_study(images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
     return color_jitter(flip_and_rotate(images, params["hflip"], params["vflip"], params["degrees"]), params)
 
 
@@ -209,10 +209,10 @@ def unchanged(images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Te
 
 
 AUGMENTATIONS = {
-    "readme": Augmentation(
+    "study": Augmentation(
         "the original study's: horizontal and vertical flips, rotation up to 90 degrees, strong colour jitter",
-        sample_readme_params,
-        apply_readme,
+        sample_study_params,
+        apply_study,
     ),
     "standard": Augmentation(
         "the usual CIFAR recipe: random 32x32 crop of the 4-pixel zero-padded image, horizontal flip",

@@ -1,76 +1,17 @@
-"""Tune CIFAR10Net_7's hyperparameters with Optuna, as the original study's study did, then retrain the winner.
+"""Tune CIFAR10Net_7's hyperparameters with Optuna, as the original study did, then retrain the winner.
 
     python hyperparameter_tune.py --data-dir ./data                          # 30 trials of 5 epochs in runs/tune
     python hyperparameter_tune.py --data-dir ./data --n-trials 50            # the same study, up to 50 trials
     python hyperparameter_tune.py --data-dir ./data --n-trials 0 --retrain   # train the best so far for 100 epochs
 
-Each trial samples a configuration, trains CIFAR10Net_7 (CIFAR10Net with dropout) through the same
-engine as main.py for --epochs epochs on the 45,000-image training split, and scores it by the
-validation loss after its last epoch; lowest wins. A seeded TPE sampler proposes each next
-configuration from the trials so far (the first 10 at random), and a median pruner stops a trial
-whose validation loss after some epoch is worse than the median of earlier trials at that epoch.
-A trial whose validation loss becomes NaN, infinite or above 10,000 (diverged) is pruned at once;
-one that runs out of memory fails; either way the study goes on. The original study's study (30 trials of
-5 epochs) found CIFAR10Net_optim.
-
-Search spaces (--space):
-  readme    fc1_size, fc2_size in {32, 64, 128, 256, 512}; dropout uniform in [0.1, 0.9];
-            lr log-uniform in [1e-4, 1e-1]; weight_decay log-uniform in [5e-4, 1e-1];
-            batch_size in {32, 64, 128, 256, 512}; everything else is the original study's recipe
-  extended  the readme space, plus the width and kernel size of both convolutions, and the
-            optimizer: adam or adamw with their betas, or sgd with its Nesterov momentum
-
-The study lives in a storage, not in the process: by default the SQLite file <out-dir>/study.db,
-or any Optuna storage given by --storage. Every trial is stored as it ends, so running the same
-command again continues the study (trial numbers go on) until it holds --n-trials finished
-(complete or pruned) trials; a study stopped by Ctrl-C or killed mid-trial loses only that trial.
-A study remembers its --space and --epochs; resume it with the same ones (or leave them out).
---seed seeds the sampler of a fresh study, so the same seed proposes the same first trials; a resumed
-study seeds it from --seed and the number of trials the study already holds, so that the rerun
-proposes new configurations instead of replaying the first run's.
-
-Several workers, one study: start the same command in several processes, on one machine or on many,
-with one storage, at once or one after another (workers that open a fresh storage at the same
-moment take turns creating it). Each worker trains one trial at a time; together they stop at
-exactly --n-trials finished trials. Give each worker its own --seed, so that their first, random
-trials differ.
-On one machine a journal file is the simplest shared storage (SQLite can stall on several writers):
-    python hyperparameter_tune.py --data-dir ./data --storage runs/tune/study.log --seed 1 &
-    python hyperparameter_tune.py --data-dir ./data --storage runs/tune/study.log --seed 2 &
-(with several GPUs, give each worker its own: CUDA_VISIBLE_DEVICES=0 python ..., =1, ...).
-Across machines, use a database server that every machine reaches, e.g. PostgreSQL on dbhost with an
-empty database made once by createdb -h dbhost -U tuner optuna; then on machine A and on machine B:
-    python hyperparameter_tune.py --data-dir ./data --seed 1 --storage
-    postgresql+psycopg2://tuner:secret@dbhost:5432/optuna
-    python hyperparameter_tune.py --data-dir ./data --seed 2 --storage
-    postgresql+psycopg2://tuner:secret@dbhost:5432/optuna
-(+psycopg2 picks the driver that requirements.txt installs, psycopg2-binary; to SQLAlchemy 2.1 a bare
-postgresql:// means psycopg 3. MySQL works the same: mysql+pymysql://... after pip install pymysql.)
-
-A killed worker leaves its trial RUNNING in the storage. Such a trial is marked FAIL, with the reason,
-and does not count: at once when its worker ran on this machine (its process is gone), and, with a
-database storage (SQLite, PostgreSQL, MySQL), once its worker's heartbeat (recorded every --heartbeat
-seconds, default 60) has been silent for --heartbeat-grace seconds (default 180), wherever it ran. A
-worker whose remaining places are all held by other workers' running trials waits (and says so in one
-line): each of them finishes, or goes silent, is failed and is replaced by a trial of the waiting
-worker, so the study always ends with exactly --n-trials finished trials. A journal file has no
-heartbeat: a trial of a worker killed on another machine stays RUNNING and holds its place; raise
---n-trials by one to make up for it.
-
-A worker rides out its database server's restart, a failover or a dropped connection: every call to
-the database is retried with backoff (1, 2, 4, ... up to 30 s; one line on stderr per retry) for at
-most --db-patience seconds (default 600), while the running trial goes on; its result is stored once
-the server is back. Past that the worker stops with one line and exit status 1; its unfinished trial
-is failed when the command is run again.
-
-Outputs in --out-dir (default runs/tune): best_params.json (the best trial, its network and its
-full recipe), trials.csv (every trial: state, value, duration, epochs run, reason, parameters),
-optimization_history.png, param_importances.png (from 2 complete trials on), parallel_coordinate.png,
-slice.png, trials/<number>/ (each trial's network as a run folder: config.json, model.json,
-metrics.csv, curves, model.pth; python predict.py --run, evaluate.py --run and tsne.py --run take it,
-and python modified_models.py --config trials/<number>/config.json trains it again to the same numbers),
-and with --retrain the run folder retrain/ (as main.py's: metrics, curves, model.pth, test accuracy, t-SNE). Trials and
-the retraining run on one device each (Optuna's pruning callback does not support data-parallel training).
+Each trial trains CIFAR10Net_7 through the same engine as main.py for --epochs epochs and scores it by its validation
+loss after the last; lowest wins. A seeded TPE sampler proposes each next configuration, a median pruner stops the
+unpromising trials, and a diverged or out-of-memory trial fails without stopping the study. The search spaces:
+  study     fc1_size, fc2_size in {32, ..., 512}; dropout in [0.1, 0.9]; lr in [1e-4, 1e-1] and weight_decay in
+            [5e-4, 1e-1], both on the log scale; batch_size in {32, ..., 512}: the original study's
+  extended  the study's space, plus both convolutions' width and kernel size and the optimiser with its settings
+The study lives in a storage (default <out-dir>/study.db): the same command continues it, and several workers, on one
+machine or many (--storage), share it. Outputs, workers, PostgreSQL and what happens when one dies: docs/tuning.md.
 """
 
 from __future__ import annotations
@@ -88,7 +29,7 @@ import optuna
 import engine
 import tsne
 from engine import UserError
-from models.study import README_RECIPE
+from models.study import STUDY_RECIPE
 from study_storage import DatabaseUnavailable, StorageSettings, hide_password, is_journal
 from tuning import (
     DEFAULT_EPOCHS,
@@ -158,7 +99,7 @@ def retrain(
 # Command line
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = engine.script_parser(__doc__)
     group = parser.add_argument_group("study")
     group.add_argument(
         "--n-trials",
@@ -177,8 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--space",
+        type=engine.former_name,
         choices=tuple(SPACES),
-        help=f"search space, see above (default {DEFAULT_SPACE}, or the existing study's)",
+        help=f"search space, see above; study's old name readme is taken too (default {DEFAULT_SPACE}, or the existing "
+        "study's)",
     )
     group.add_argument(
         "--timeout",
@@ -198,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the study lives: a journal file (PATH.log or journal:PATH), sqlite:///PATH.db, or a "
         "postgresql:// or mysql:// URL shared by workers on several machines (default sqlite:///<out-dir>/study.db)",
     )
-    group.add_argument(
+    several_workers = group.add_argument(
         "--study-name",
         default="CIFAR10Net_7",
         metavar="NAME",
@@ -229,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         "restart, a failover, a dropped connection); the running trial goes on and reports when it is back. "
         f"Past it the worker stops with exit status 1 (default {StorageSettings.patience:g})",
     )
+    for action in parser._actions[parser._actions.index(several_workers) :]:
+        engine.advanced(action)  # --study-name, --heartbeat, --heartbeat-grace, --db-patience: docs/tuning.md
     group.add_argument(
         "--seed",
         type=engine.non_negative_int,
@@ -248,16 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--retrain-epochs",
         type=engine.positive_int,
-        default=README_RECIPE.epochs,
+        default=STUDY_RECIPE.epochs,
         metavar="N",
-        help=f"epochs of the retraining (default {README_RECIPE.epochs})",
+        help=f"epochs of the retraining (default {STUDY_RECIPE.epochs})",
     )
-    group.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="the retraining's progress bars, or not (default: only when the output is a terminal, so a log file gets "
-        "clean lines; the trials print one line each)",
+    engine.advanced(
+        group.add_argument(
+            "--progress",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="the retraining's progress bars, or not (default: only when the output is a terminal, so a log file "
+            "gets clean lines; the trials print one line each)",
+        )
     )
     group.add_argument(
         "--overwrite",

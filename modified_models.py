@@ -4,20 +4,14 @@
     python modified_models.py --model CIFAR10Net_7 --data-dir ./data
     python modified_models.py --all --epochs 20 --augment standard --data-dir ./data
 
-The original study's Results change CIFAR10Net one idea at a time (Changes #1 to #6), then tune it
-(CIFAR10Net_optim). Each model here trains through the same engine as main.py, with its own
-run folder. ``--all`` (or ``--models A B ...``) trains each under one setting, skips models that
-already finished, resumes the one that was interrupted, and writes comparison.csv,
-comparison.md and comparison.png into --out-dir.
+    python modified_models.py --model Airbench94_muon --data-dir ./data --no-validation    # the fast recipe
 
-FastVGG and FastVGG_narrow go past the original study: a small fast VGG with its own recipe (SGD with
-Nesterov momentum, one-cycle schedule, label smoothing, light augmentation, flip TTA; --list shows
-it). Airbench94_muon (and _narrow) is the fast recipe, airbench94_muon's method: a whitened frozen
-stem, Muon, alternating flips, flip-translate TTA, 8 epochs; add --no-validation for a final run on
-all 50,000 images. The recipe defaults printed below are the original study's; any flag given overrides
-the chosen model's recipe.
-
-    python modified_models.py --model Airbench94_muon --data-dir ./data --no-validation
+The study changes CIFAR10Net one idea at a time (CIFAR10Net_2 to _7), then tunes it (CIFAR10Net_optim); FastVGG and
+Airbench94_muon (each also _narrow) go past it with recipes of their own. Each model trains through the same engine as
+main.py into its own run folder. --all (or --models A B ...) trains each under one setting, skips those already
+finished, resumes an interrupted one, and writes comparison.csv, .md and .png into --out-dir. The recipe defaults below
+are the study's; a model with a recipe of its own uses it (--list), and any flag given overrides it. Each model's
+options: --help-all. Runs, resuming and errors: docs/running.md; results: docs/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -35,8 +29,8 @@ import tsne
 from engine import MODELS, ModelSpec, UserError, model_spec, write_atomically
 from models.fast import FAST_RECIPE, ConvGroup, FastVGG
 from models.study import (
-    README_MODELS,
-    README_RECIPE,
+    STUDY_MODELS,
+    STUDY_RECIPE,
     CIFAR10Net,
     CIFAR10Net_2,
     CIFAR10Net_3,
@@ -224,8 +218,10 @@ def compare(names: list[str], args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = parser.add_mutually_exclusive_group()
+    parser = engine.script_parser(
+        __doc__, usage="%(prog)s (--model NAME | --models NAME ... | --all | --list) [options]"
+    )
+    which = parser.add_argument_group("which models").add_mutually_exclusive_group()
     which.add_argument("--model", help=f"train one model: {', '.join(trained_here())}")
     which.add_argument(
         "--models", nargs="+", metavar="NAME", help="train these models under identical settings and compare them"
@@ -234,8 +230,8 @@ def main() -> None:
         "--all", action="store_true", help="train and compare CIFAR10Net and the original study's seven modified models"
     )
     which.add_argument("--list", action="store_true", help="list the models with their parameter counts and exit")
-    engine.add_training_arguments(parser, README_RECIPE, run_name="<model>, or runs/comparison with --all/--models")
-    engine.add_model_arguments(parser, trained_here())
+    engine.add_training_arguments(parser, STUDY_RECIPE, run_name="<model>, or runs/comparison with --all/--models")
+    engine.add_model_arguments(parser, trained_here(), everyday=False)
     tsne.add_arguments(parser)
     args = engine.parse_arguments(parser)
     if not (args.model or args.models or args.all or args.list):
@@ -249,7 +245,7 @@ def main() -> None:
         config = engine.config_from_args(args, args.model, args.model)
         engine.train(config, MODELS[args.model], analyses=tsne.analyses(config))
     else:
-        compare(list(README_MODELS) if args.all else args.models, args)
+        compare(list(STUDY_MODELS) if args.all else args.models, args)
 
 
 if __name__ == "__main__":

@@ -5,22 +5,11 @@
     python predict.py --run runs/FastVGG --checkpoint best.ckpt --recursive --csv predictions.csv holiday/
     python predict.py --checkpoint CIFAR10Net_7.pth --model CIFAR10Net_7 photo.png
 
-Images of any size in any common format (PNG, JPEG, BMP, GIF, WebP, and whatever else Pillow reads) are turned
-upright as their EXIF data says, converted to RGB (grayscale repeated in the three channels, 16-bit and floating-point
-values scaled by their range, transparent parts laid on white) and RESIZED TO 32x32 PIXELS, the size CIFAR-10's images
-have and the models were trained on: each output pixel is the average of the pixels it covers. The whole image is
-squeezed into the square (its aspect ratio is not kept), so crop a photo around its subject first for the best answer.
-The models know CIFAR-10's ten classes only: airplane, automobile, bird, cat, deer, dog, frog, horse, ship and truck.
-Training on an image-folder tree decodes its files the same way. An image of more than 2^25 (33,554,432) pixels is
-refused, which keeps the memory one image takes under about 512 MB; a JPEG counts only the pixels it is decoded at,
-1/2, 1/4 or 1/8 of its size on each side where that still covers 32x32.
-
-Every image that can be read is predicted; then each file that cannot be used (damaged, no image, too large) is listed
-on stderr with its reason, one line each, and the exit status is 2.
-
-The run folder holds everything the prediction needs: model.json (the model, its class names, the mean and std
-its inputs were normalised with, its test-time augmentation) and model.pth. Every image goes through
-engine.predict, the same path as the run's own test measurement, so the answers are the model's own.
+Images of any size and common format are turned upright (EXIF), made RGB and RESIZED TO 32x32 PIXELS, the size the
+models were trained on (each output pixel the average of those it covers; the aspect ratio is not kept, so crop a photo
+around its subject first). The model knows its training classes only (CIFAR-10's ten for the shipped one). Every image
+that can be read is predicted; each file that cannot be used is then listed with its reason, and the exit status is 2.
+The answers go through engine.predict, as the run's own test measurement did. docs/using-models.md says more.
 """
 
 from __future__ import annotations
@@ -38,7 +27,7 @@ import saved_models
 from engine import UserError
 from saved_models import ModelCard, SavedModel
 
-# The shipped model (trained by the project, see README): found beside this script, wherever it is run from.
+# The shipped model (trained by the project, docs/using-models.md): found beside this script, wherever it is run from.
 DEFAULT_RUN = saved_models.SHIPPED_MODELS / "FastVGG_narrow"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 PRINTED_IMAGES = 20  # more images than this: a summary on screen, every image in --csv
@@ -195,13 +184,13 @@ def report(paths: list[Path], rows: list[list[tuple[str, float]]], csv_file: str
 # Command line
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = engine.script_parser(__doc__, usage="%(prog)s [options] IMAGE_OR_FOLDER [IMAGE_OR_FOLDER ...]")
     parser.add_argument(
         "paths",
         nargs="+",
         metavar="IMAGE_OR_FOLDER",
         help="image files (any format Pillow reads) and folders; a folder gives its .png, .jpg, .jpeg, .bmp, .gif and "
-        ".webp files (hidden ones aside). Every image is resized to 32x32 pixels, see above",
+        ".webp files (hidden ones aside); each image is resized to 32x32 pixels",
     )
     parser.add_argument(
         "--recursive",

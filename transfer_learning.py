@@ -4,25 +4,15 @@
     python transfer_learning.py --arch efficientnet_b0 --finetune layer4 --augment standard --epochs 20
     python transfer_learning.py --weights ~/resnet18-f37072fd.pth      # offline: a local copy of the weights
 
-The original study's experiment is the default: resnet18 with ImageNet weights (IMAGENET1K_V1), every backbone
-parameter frozen, the 1000-way fc replaced by Linear(512, 10), images resized to 224x224, Adam with
-lr 0.01 on the new layer only (no weight decay), batch 64. Images are normalised with the ImageNet
-statistics the pretrained weights expect, and resized in batches on the device inside the network.
-Per-epoch curves, test accuracy, model.pth and the rest of the run folder are main.py's, in
-runs/<arch>-transfer-<finetune>/. The network is the registered model TransferNet: --arch, --weights,
---image-size, --finetune, --backbone-lr-scale and --feature-cache are its options, recorded in
-config.json and the model card, so predict.py, evaluate.py and tsne.py rebuild it from the run folder.
-
-Two choices differ from the original study, both flags:
-- Augmentation defaults to none. The original study trained with its heavy augmentation (--augment readme
-  repeats that); without it the frozen backbone's features never change, so they are computed once
-  and cached (features.pt in the run folder) and every epoch only trains the head: seconds instead
-  of a full ResNet pass over 45,000 images at 224 px. --no-feature-cache forces the full pass.
-- 10 epochs by default: a linear head on fixed features converges in a few; --epochs 100 gives the
-  original study's length (it says transfer training was done like the custom model's 100 epochs).
-
---finetune layer4 or all also trains the backbone's last stage or all of it, at --backbone-lr-scale
-times the head's learning rate; frozen layers keep their BatchNorm statistics (they stay in eval mode).
+The study's experiment is the default: resnet18 with ImageNet weights, every backbone parameter frozen, its fc
+replaced by Linear(512, 10), images resized to 224x224 inside the network, Adam lr 0.01 on the new layer only, batch
+64, inputs normalised with ImageNet's statistics. The network is the registered model TransferNet; its options below
+are recorded in config.json and the model card, so predict.py, evaluate.py and tsne.py rebuild it from the run folder,
+runs/<arch>-transfer-<finetune>/. Two defaults differ from the study: no augmentation (so the frozen backbone's features
+are computed once and cached: seconds per epoch instead of a full ResNet pass; --augment study repeats the study's), and
+10 epochs (a linear head on fixed features converges in a few). --finetune layer4 or all also trains the last stage or
+the whole backbone, at --backbone-lr-scale times the head's lr. Offline, --weights takes a local file (docs/data.md);
+results: docs/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -182,7 +172,7 @@ def train_transfer(config: engine.RunConfig, data: engine.SplitData | None = Non
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = engine.script_parser(__doc__)
     engine.add_training_arguments(parser, TRANSFER_RECIPE, run_name="<arch>-transfer-<finetune>")
     engine.add_model_arguments(parser, {MODEL: engine.model_spec(MODEL)})
     tsne.add_arguments(parser)

@@ -1,21 +1,14 @@
 """t-SNE of a trained network's penultimate features: how well the classes separate.
 
     python tsne.py --run runs/CIFAR10Net_7 --data-dir ./data
-    python tsne.py --run runs/tune/trials/0003 --checkpoint model.pth --data-dir ./data
     python tsne.py --checkpoint ~/study/CIFAR_7.pth --model CIFAR10Net_7 --data-dir ./data
     python tsne.py --redraw runs/CIFAR10Net_7/tsne_test.npz
 
-For the test split and the 45,000-image training split: the features of the second-to-last layer,
-projected to 2-D with a seeded t-SNE (openTSNE's by default, FFT-accelerated from 10,000 points;
-scikit-learn's on request). Each point is coloured by its PREDICTED class from one fixed class ->
-colour map (tab10 by class label, the same in every layer and figure); misclassified points have a
-black edge. Writes tsne_<split>.png (300 dpi), tsne_<split>.npz (the embedding with true and
-predicted labels, so the figure can be redrawn without recomputing) and tsne_metrics.json: the
-silhouette score by true class in the 2-D embedding and the cross-validated 5-NN accuracy in the
-original feature space. The network is loaded as predict.py and evaluate.py load it (saved_models): rebuilt from
-the run's model card, with its options, and fed inputs normalised as it was trained.
-The training scripts hand the same analysis to the engine (``analyses``), which runs it at the end of
-every run unless given --no-tsne.
+For the test split and the training split: the features of the second-to-last layer, projected to 2-D with a seeded
+t-SNE (openTSNE's, or scikit-learn's), each point coloured by its predicted class and edged black where that is wrong.
+Writes tsne_<split>.png, tsne_<split>.npz (to redraw without recomputing) and tsne_metrics.json (the silhouette by true
+class in 2-D, the 5-NN accuracy in the features). The training scripts run the same analysis at the end of every run
+unless given --no-tsne. docs/using-models.md says more.
 """
 
 from __future__ import annotations
@@ -193,7 +186,8 @@ def analyses(config: engine.RunConfig) -> list[TSNEAnalysis]:
 # Command line
 # --------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser, switch: bool = True) -> None:
-    """The t-SNE's flags; with ``switch``, --no-tsne too (the training scripts, which run it at the end)."""
+    """The t-SNE's flags; with ``switch``, --no-tsne too (the training scripts, which run it at the end; there the
+    others show in --help-all only)."""
     group = parser.add_argument_group("analysis")
     if switch:
         group.add_argument(
@@ -202,19 +196,23 @@ def add_arguments(parser: argparse.ArgumentParser, switch: bool = True) -> None:
             action="store_false",
             help="skip the t-SNE plots of penultimate features at the end",
         )
-    group.add_argument(
-        "--tsne-samples",
-        type=engine.positive_int,
-        metavar="N",
-        help=f"embed a class-stratified sample of N points per split instead of all (N > {PERPLEXITY}, the perplexity)",
+    settings = (
+        group.add_argument(
+            "--tsne-samples",
+            type=engine.positive_int,
+            metavar="N",
+            help=f"embed a class-stratified sample of N points per split instead of all (N > {PERPLEXITY})",
+        ),
+        group.add_argument(
+            "--tsne-method",
+            default="auto",
+            choices=METHODS,
+            help="t-SNE implementation: openTSNE's FFT-accelerated one, or scikit-learn's (default auto: openTSNE if "
+            "installed)",
+        ),
     )
-    group.add_argument(
-        "--tsne-method",
-        default="auto",
-        choices=METHODS,
-        help="t-SNE implementation: openTSNE's FFT-accelerated one, or scikit-learn's (default auto: openTSNE if "
-        "installed)",
-    )
+    for action in settings if switch else ():
+        engine.advanced(action)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -233,7 +231,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = engine.script_parser(__doc__)
     add_model_arguments(parser)
     add_arguments(parser, switch=False)
     group = parser.add_argument_group("output")

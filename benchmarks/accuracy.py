@@ -1,4 +1,4 @@
-"""Accuracy as the benchmarks measure it: the README's loop over a DataLoader, and under each test-time augmentation.
+"""Accuracy as the benchmarks measure it: the study's loop over a DataLoader, and under each test-time augmentation.
 
 The toolkit's own runs measure accuracy inside the engine (its LightningModule and ``engine.predict``); these serve the
 benchmarks that time the original scripts' way and that compare test-time augmentations side by side.

@@ -27,7 +27,7 @@ forward and backward passes under bf16 autocast (the default on CUDA; float32 el
 compiles) before the timed runs.
 
 Its published figure, 94.01% (mean of 1,000 runs on an A100), is on the official files with all 50,000 training images:
-``--full-train`` trains on them too; the default trains on the README's 45,000-image split, as our recipes do, and then
+``--full-train`` trains on them too; the default trains on the study's 45,000-image split, as our recipes do, and then
 also measures the 5,000 validation images (flip-translate TTA, after the clock): the number to tune the yardstick by, as
 our recipes were tuned. ``--no-dirac`` and ``--lr-scale`` give it the same chance our narrow recipe had (which dropped
 identity initialisation and changed its batch and learning rate); their defaults are airbench94's. Writes runs.csv into

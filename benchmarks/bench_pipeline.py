@@ -5,7 +5,7 @@
 
 (a) ours: engine.fit for one epoch (Lightning, batches augmented on the device with the
     `readme` preset, validation loss/accuracy and train accuracy on a 5,000-image sample);
-(b) the original way, the README's loop as written: per-image PIL transforms (the README's Compose)
+(b) the original way, the study's loop as written: per-image PIL transforms (the study's Compose)
     in a DataLoader, then validation loss, then accuracy over the whole training loader and over the
     validation loader;
 (c) the compute floor: the same epoch's arithmetic with nothing else: forward, backward and Adam
@@ -195,7 +195,7 @@ def main() -> None:
     print(f"{args.model}, {args.precision}")
     print(f"(a) ours, engine + batched device augmentation + metrics: {times['ours']:.1f} s/epoch")
     if "original" in times:
-        print(f"(b) original, the README's loop with per-image PIL transforms: {times['original']:.1f} s/epoch")
+        print(f"(b) original, the study's loop with per-image PIL transforms: {times['original']:.1f} s/epoch")
         print(f"speed-up (b)/(a) = {times['original'] / times['ours']:.2f}x")
     print(f"(c) compute floor, the same arithmetic on in-memory batches: {times['floor']:.1f} s/epoch")
     print(f"overhead (a)/(c) = {times['ours'] / times['floor']:.2f}x")

@@ -1,4 +1,4 @@
-"""Seconds per epoch of the README's ResNet18 linear probe: its original pipeline against transfer_learning.py.
+"""Seconds per epoch of the study's ResNet18 linear probe: its original pipeline against transfer_learning.py.
 
     python -m benchmarks.bench_transfer                           # 256 train / 64 validation / 64 test images, 2 epochs
     python -m benchmarks.bench_transfer --train 1000 --val 200 --data-dir ./data
@@ -7,9 +7,9 @@ The same linear probe three ways (resnet18, every backbone parameter frozen, a n
 Adam lr 0.01, batch 64, 224x224 inputs, ImageNet normalisation, no augmentation), on a subset of
 CIFAR-10, on the device --device names:
 
-1. original: the README's code: a DataLoader of PIL images through torchvision.transforms
+1. original: the study's code: a DataLoader of PIL images through torchvision.transforms
    Resize(224), ToTensor and Normalize, one image at a time; every epoch runs the full backbone
-   for training, for the validation loss, and for the README's get_accuracy over the training and
+   for training, for the validation loss, and for the study's get_accuracy over the training and
    the validation loader.
 2. ours, no feature cache: transfer_learning --no-feature-cache: uint8 images in memory,
    normalised and resized in batches inside the network; every epoch runs the full backbone for
@@ -39,11 +39,11 @@ import transfer_learning as tl
 from benchmarks.accuracy import get_accuracy
 
 BATCH_SIZE = 64
-README_LR = 0.01
+STUDY_LR = 0.01
 
 
 def subset(data_dir: str, num_workers: int, n_train: int, n_val: int, n_test: int) -> engine.SplitData:
-    """The first images of the README's shuffled train and validation splits, and a seeded sample of the test set."""
+    """The first images of the study's shuffled train and validation splits, and a seeded sample of the test set."""
     data = engine.SplitData.from_arrays(engine.load_dataset(data_dir, num_workers), limit_train=n_train)
     # the folders are sorted by class
     test = torch.randperm(len(data.test_images), generator=torch.Generator().manual_seed(0))[:n_test]
@@ -57,7 +57,7 @@ def subset(data_dir: str, num_workers: int, n_train: int, n_val: int, n_test: in
 
 
 class PILImages(torch.utils.data.Dataset):
-    """What torchvision.datasets.CIFAR10 hands the README's DataLoader: a PIL image per item, then the transform."""
+    """What torchvision.datasets.CIFAR10 hands the study's DataLoader: a PIL image per item, then the transform."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
         self.images, self.labels, self.transform = images, labels, transform
@@ -70,7 +70,7 @@ class PILImages(torch.utils.data.Dataset):
 
 
 def original_linear_probe(data: engine.SplitData, epochs: int, device: torch.device) -> dict[str, float]:
-    """The README's transfer learning loop, as written there (model.train() included, so BatchNorm statistics move)."""
+    """The study's transfer learning loop, as written there (model.train() included, so BatchNorm statistics move)."""
     mean, std = tl.pretrained_statistics("resnet18")
     transform = transforms.Compose(
         [transforms.Resize(224), transforms.ToTensor(), transforms.Normalize(mean.tolist(), std.tolist())]
@@ -88,7 +88,7 @@ def original_linear_probe(data: engine.SplitData, epochs: int, device: torch.dev
     model.fc = nn.Linear(model.fc.in_features, 10)
     model = model.to(device)
     criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.Adam(model.fc.parameters(), lr=README_LR)
+    optimizer = torch.optim.Adam(model.fc.parameters(), lr=STUDY_LR)
     seconds = []
     for _ in range(epochs):
         started = time.perf_counter()

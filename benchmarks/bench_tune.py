@@ -1,4 +1,4 @@
-"""The README's study with pruning against the same number of trials without it, side by side.
+"""The study's study with pruning against the same number of trials without it, side by side.
 
     python -m benchmarks.bench_tune --data-dir ./data [--n-trials 30] [--epochs 5]
 

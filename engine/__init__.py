@@ -22,7 +22,9 @@ Modules, each one job (docs/DESIGN.md shows the layers):
     devices      accelerator, precision (and its autocast outside the Trainer), which process owns the run
     settings     a run's settings from its flags, --config and --resume's checkpoint, checked once; what --resume
                  may change
-    cli          the flags every script shares: their types and groups
+    flags        the types a flag's value is checked by
+    cli          the flags every script shares, in their groups
+    help         --help (what most runs need) and --help-all (every flag)
     exits        how a run ends: one line and an exit status (run_cli)
     run          fit and train
     pretrained   torchvision's ImageNet networks and their weights (transfer learning)
@@ -44,22 +46,15 @@ import lazy_loader
 from engine.batches import EVAL_BATCH, SplitData, load_split
 from engine.card import ModelCard
 from engine.checkpoints import load_weights, read_checkpoint, resume_checkpoint, state_dict_mismatch, weights_in
-from engine.cli import (
-    add_data_arguments,
-    add_device_arguments,
-    add_model_arguments,
-    add_training_arguments,
-    choices_help,
-    non_negative_int,
-    positive_float,
-    positive_int,
-)
+from engine.cli import add_data_arguments, add_device_arguments, add_model_arguments, add_training_arguments
 from engine.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, TTA_MODES, WEIGHT_AVERAGES, Recipe, RunConfig
 from engine.data import check_outside_data_tree, has_local_dataset, load_dataset
 from engine.devices import autocast_for, cpu_has_bf16, resolve_accelerator, resolve_precision, training_device
 from engine.errors import RunInterrupted, TrainingDiverged, UserError
 from engine.exits import run_cli
 from engine.files import write_atomically
+from engine.flags import choices_help, former_name, non_negative_int, positive_float, positive_int
+from engine.help import advanced, script_parser
 from engine.images import UnreadableImage, decode_image
 from engine.progress import ProgressLines
 from engine.registry import (
@@ -101,7 +96,7 @@ ON_FIRST_USE = {
 __getattr__, __dir__, _lazy_names = lazy_loader.attach(__name__, submod_attrs=ON_FIRST_USE)
 
 __all__ = [
-    # the model registry and the interface the engine relies on (README, "Extending")
+    # the model registry and the interface the engine relies on (README.md, "Extending")
     "MODELS",
     "FeatureNetwork",
     "ModelOption",
@@ -120,12 +115,14 @@ __all__ = [
     "Recipe",
     "RunConfig",
     "add_data_arguments",
+    "advanced",
     "add_device_arguments",
     "add_model_arguments",
     "add_training_arguments",
     "choices_help",
     "config_from_args",
     "differences_from",
+    "former_name",
     "non_negative_int",
     "parse_arguments",
     "positive_float",
@@ -134,6 +131,7 @@ __all__ = [
     "register_analysis_settings",
     "register_run_outputs",
     "run_cli",
+    "script_parser",
     # how a run ends other than well
     "RunInterrupted",
     "TrainingDiverged",

@@ -73,7 +73,7 @@ class Recipe:
     label_smoothing: float = 0.0
     scheduler: str = "none"
     warmup_epochs: float = 0.0
-    augment: str = "readme"
+    augment: str = "study"
     tta: str = "none"
     # The pieces of airbench's method, each off unless a recipe asks for it (docs/RESULTS.md measures each).
     # loss summed over the batch, weight decay per 1,024 examples whatever the lr (airbench's form)

@@ -7,7 +7,7 @@
     transfer_learning.py)
 
 Adding a model: one class in a module here and one ``engine.register(name, engine.ModelSpec(...))`` call
-beside it, declaring the options its constructor takes (README, "Extending"); import the module below.
+beside it, declaring the options its constructor takes (README.md, "Extending"); import the module below.
 """
 
 # The registry lists models in the order they register: the study's first.

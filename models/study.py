@@ -14,7 +14,9 @@ from torch import nn
 
 from engine import ModelOption, ModelSpec, Recipe, UserError, first_line, register, with_defaults
 
-README_RECIPE = Recipe()  # Adam(1e-3, betas (0.9, 0.999), weight decay 5e-4), batch 64, 100 epochs, readme augmentation
+STUDY_RECIPE = (
+    Recipe()
+)  # Adam(1e-3, betas (0.9, 0.999), weight decay 5e-4), batch 64, 100 epochs, the study augmentation
 
 
 def pooled_side(size: int, conv1_kernel: int, conv2_kernel: int) -> int:
@@ -221,25 +223,25 @@ CIFAR10NET_OPTIONS = (
     ModelOption("fc2_size", int, 64, "units of the second fully connected layer", low=1, high=4096),
     ModelOption("dropout", float, 0.0, "dropout after the ReLUs of fc1 and fc2", low=0.0, high=0.99),
 )
-register("CIFAR10Net", ModelSpec(CIFAR10Net, README_RECIPE, first_line(CIFAR10Net), options=CIFAR10NET_OPTIONS))
+register("CIFAR10Net", ModelSpec(CIFAR10Net, STUDY_RECIPE, first_line(CIFAR10Net), options=CIFAR10NET_OPTIONS))
 for model in (CIFAR10Net_2, CIFAR10Net_3, CIFAR10Net_4, CIFAR10Net_5, CIFAR10Net_6):
-    register(model.__name__, ModelSpec(model, README_RECIPE, first_line(model)))
+    register(model.__name__, ModelSpec(model, STUDY_RECIPE, first_line(model)))
 register(
     "CIFAR10Net_7",
     ModelSpec(
-        CIFAR10Net_7, README_RECIPE, first_line(CIFAR10Net_7), options=with_defaults(CIFAR10NET_OPTIONS, dropout=0.5)
+        CIFAR10Net_7, STUDY_RECIPE, first_line(CIFAR10Net_7), options=with_defaults(CIFAR10NET_OPTIONS, dropout=0.5)
     ),
 )
 register(
     "CIFAR10Net_optim",
     ModelSpec(
         CIFAR10Net_optim,
-        replace(README_RECIPE, lr=0.00216, weight_decay=0.000925, batch_size=128),
+        replace(STUDY_RECIPE, lr=0.00216, weight_decay=0.000925, batch_size=128),
         first_line(CIFAR10Net_optim) + " Trains with lr 0.00216, weight decay 0.000925, batch 128.",
     ),
 )
 # CIFAR10Net and the seven modified models: the --all set
-README_MODELS = (
+STUDY_MODELS = (
     "CIFAR10Net",
     "CIFAR10Net_2",
     "CIFAR10Net_3",

@@ -1,6 +1,6 @@
 """Transfer learning's network: an ImageNet-trained torchvision backbone behind a batch resize, and a new head.
 
-The README's experiment is resnet18 with its ImageNet weights, every backbone parameter frozen and only the new
+The study's experiment is resnet18 with its ImageNet weights, every backbone parameter frozen and only the new
 head trained. It is the registered model TransferNet, whose options say which backbone, which weights it starts from,
 the size images are resized to, what trains, how fast the backbone learns and whether transfer_learning.py caches the
 frozen backbone's features. Its initialisation loads the pretrained weights (a saved run's network is rebuilt from its
@@ -24,7 +24,7 @@ from engine import ModelOption, ModelSpec, Recipe, UserError, register, state_di
 
 FINETUNE_CHOICES = ("fc", "layer4", "all")
 
-# The README's optimiser (Adam, lr 0.01, no weight decay, batch 64); no augmentation and 10 epochs: see
+# The study's optimiser (Adam, lr 0.01, no weight decay, batch 64); no augmentation and 10 epochs: see
 # transfer_learning.py.
 TRANSFER_RECIPE = Recipe(epochs=10, batch_size=64, optimizer="adam", lr=0.01, weight_decay=0.0, augment="none")
 
@@ -236,9 +236,9 @@ TRANSFER_OPTIONS = (
         "weights",
         str,
         "default",
-        "what the backbone starts from: default, torchvision's DEFAULT ImageNet weights for --arch (resnet18: "
-        "IMAGENET1K_V1, the README's), downloaded once into the torch.hub cache; a weights name such as IMAGENET1K_V2; "
-        "PATH, a local state-dict file of the torchvision network; none, a random backbone",
+        "what the backbone starts from: default (torchvision's ImageNet weights for --arch, resnet18's "
+        "IMAGENET1K_V1 as the study's, downloaded once), a weights name such as IMAGENET1K_V2, a local state-dict "
+        "PATH, or none (a random backbone)",
     ),
     ModelOption(
         "image_size", int, 224, "side the 32x32 images are resized to, in batches on the device", low=32, high=1024
@@ -247,8 +247,8 @@ TRANSFER_OPTIONS = (
         "finetune",
         str,
         "fc",
-        "what trains: fc, the new head only (the README); layer4, also the last stage (resnet layer4; "
-        "for the others their last block and the pretrained layers after it); all, the whole network",
+        "what trains: fc, the new head only (the study's); layer4, also the last stage (or block); all, the whole "
+        "network",
         choices=FINETUNE_CHOICES,
     ),
     ModelOption(
@@ -263,8 +263,8 @@ TRANSFER_OPTIONS = (
         "feature_cache",
         bool,
         True,
-        "with --finetune fc and --augment none, compute the frozen backbone's features once and "
-        "train the head on them (--no-feature-cache runs the full backbone every epoch)",
+        "with --finetune fc and --augment none, compute the frozen backbone's features once (else the full backbone "
+        "runs every epoch)",
     ),
 )
 register(

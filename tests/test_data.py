@@ -304,7 +304,7 @@ def params(n: int, preset: str, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def test_readme_parameters_have_torchvisions_ranges():
-    p = params(20_000, "readme")
+    p = params(20_000, "study")
     assert abs(p["hflip"].float().mean() - 0.5) < 0.02 and abs(p["vflip"].float().mean() - 0.5) < 0.02
     assert p["degrees"].min() >= -90 and p["degrees"].max() <= 90 and p["degrees"].std() > 45
     for key in ("brightness", "contrast", "saturation"):
@@ -316,8 +316,8 @@ def test_readme_parameters_have_torchvisions_ranges():
 
 def test_readme_augmentation_equals_torchvision_image_by_image():
     images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    p = params(16, "readme")
-    ours = fn.apply_readme(images, p)
+    p = params(16, "study")
+    ours = fn.apply_study(images, p)
     jitters = (
         lambda x, i: TF.adjust_brightness(x, float(p["brightness"][i])),
         lambda x, i: TF.adjust_contrast(x, float(p["contrast"][i])),
@@ -351,12 +351,12 @@ def test_crop_and_flip(preset, pad, mode):
 def test_each_image_draws_its_own_parameters():
     images = torch.full((8, 3, 32, 32), 0.5)
     images[:, 0, :16] = 0.9  # asymmetric, so every flip and rotation shows
-    out = fn.augment(images, "readme", torch.Generator().manual_seed(3))
+    out = fn.augment(images, "study", torch.Generator().manual_seed(3))
     assert len({tuple(o.flatten()[:200].tolist()) for o in out}) == 8
 
 
 def test_training_batches_are_augmented_and_evaluation_batches_never(split):
-    datamodule = engine.classifier.CIFAR10DataModule(split, batch_size=32, augment="readme", seed=0)
+    datamodule = engine.classifier.CIFAR10DataModule(split, batch_size=32, augment="study", seed=0)
 
     class FakeTrainer:
         global_rank, world_size, current_epoch = 0, 1, 0

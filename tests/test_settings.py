@@ -53,7 +53,7 @@ def test_the_precisions_offered_are_lightnings():
         ("recipe.epochs", -3, "epochs = -3 is not a value --epochs takes (must be a positive whole number, got -3)"),
         ("recipe.batch_size", 0, "batch_size = 0 is not a value --batch-size takes"),
         ("recipe.epochs", 2.5, "epochs = 2.5 is not a value --epochs takes"),
-        ("recipe.augment", "bogus", 'augment = "bogus" is not a value --augment takes (choose one of readme'),
+        ("recipe.augment", "bogus", 'augment = "bogus" is not a value --augment takes (choose one of study'),
         ("recipe.optimizer", "bogus", 'optimizer = "bogus" is not a value --optimizer takes'),
         ("recipe.betas", [0.9], "betas = [0.9] is not a value --betas takes (it takes a list of 2 values)"),
         ("recipe.lr", "fast", 'lr = "fast" is not a value --lr takes'),
@@ -200,6 +200,32 @@ def test_a_run_written_before_the_analyses_had_their_own_settings_resumes_and_co
     )
     assert (code, err) == (0, ""), err
     assert engine.read_json(tmp_path / "again/config.json")["analyses"]["tsne"] is False
+
+
+def test_the_studys_augmentation_under_its_old_name_readme_trains_resumes_and_configures(
+    interrupted, tmp_path, monkeypatch, capsys
+):
+    """--augment readme, and a run folder written when the study's augmentation was called so."""
+    run_dir, flags = interrupted
+    config = engine.read_json(run_dir / "config.json")
+    config["recipe"]["augment"] = "readme"
+    engine.write_json(run_dir / "config.json", config)
+    checkpoint = engine.read_checkpoint(run_dir / "last.ckpt")
+    checkpoint["run_config"]["recipe"]["augment"] = "readme"
+    torch.save(checkpoint, run_dir / "last.ckpt")
+
+    code, out, err = run_command(main, monkeypatch, capsys, "--resume", "--out-dir", run_dir)
+    assert (code, err) == (0, ""), err
+    resumed = engine.read_json(run_dir / "config.json")
+    assert resumed["recipe"]["augment"] == "study" and resumed["changes"] == []
+    for argv, out_dir in (
+        (("--config", run_dir.parent / "old.json"), tmp_path / "configured"),
+        ((*flags[:-2], "--augment", "readme"), tmp_path / "flagged"),
+    ):
+        engine.write_json(run_dir.parent / "old.json", config)
+        code, out, err = run_command(main, monkeypatch, capsys, *argv, "--epochs", "1", "--out-dir", out_dir)
+        assert (code, err) == (0, ""), err
+        assert engine.read_json(out_dir / "config.json")["recipe"]["augment"] == "study"
 
 
 def test_more_epochs_on_resume_are_recorded_as_a_change(interrupted, monkeypatch, capsys):

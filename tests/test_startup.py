@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,24 @@ def probe(script: str, *args: str) -> dict:
     lines = [line for line in result.stdout.splitlines() if line.startswith("PROBE ")]
     assert lines, result.stderr[-2000:]
     return json.loads(lines[-1].removeprefix("PROBE ")) | {"stdout": result.stdout, "stderr": result.stderr}
+
+
+# --help shows what a study user needs in at most this many lines; --help-all shows every flag.
+HELP_LINES = {"main.py": 80, "modified_models.py": 100, "transfer_learning.py": 100, "hyperparameter_tune.py": 100}
+OTHER_SCRIPTS_HELP_LINES = 80
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_fits_two_screens_and_help_all_lists_every_flag(script):
+    shown, every = probe(script, "--help"), probe(script, "--help-all")
+    assert shown["status"] == every["status"] == 0
+    assert set(every["loaded"]) <= set(ALLOWED.get(script, ())), f"{script} --help-all loaded {every['loaded']}"
+    lines = [line for line in shown["stdout"].splitlines() if not line.startswith("PROBE ")]
+    assert len(lines) <= HELP_LINES.get(script, OTHER_SCRIPTS_HELP_LINES), "\n".join(lines)
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", every["stdout"]))
+    assert {"--help", "--help-all"} <= flags
+    hidden = flags - set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", shown["stdout"]))
+    assert not hidden or "more options for speed runs" in shown["stdout"]  # --help says what it left out
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -204,6 +204,18 @@ def parsers(monkeypatch) -> dict[str, argparse.ArgumentParser]:
     return dict(zip(SCRIPTS, captured, strict=True))
 
 
+def test_help_all_shows_every_flag_a_script_takes(monkeypatch, capsys):
+    """--help leaves advanced flags out; --help-all must show each option string the parser takes."""
+    scripts = {name: parser for name, parser in parsers(monkeypatch).items() if name.endswith(".py")}
+    assert len(scripts) == 8
+    for name, parser in scripts.items():
+        with pytest.raises(SystemExit):
+            parser.parse_known_args(["--help-all"])
+        text = capsys.readouterr().out
+        missing = [flag for action in parser._actions for flag in action.option_strings if flag not in text]
+        assert missing == [], f"{name} --help-all does not show {missing}"
+
+
 def test_a_flag_takes_the_same_choices_in_every_script(monkeypatch):
     seen: dict[str, dict[str, tuple]] = {}
     for prog, parser in parsers(monkeypatch).items():

@@ -155,8 +155,8 @@ def test_short_run_learns_and_writes_the_run_folder(tmp_path, split):
 
 
 def test_same_seed_same_numbers(tmp_path, split):
-    _, first = run(tmp_path / "a", split, model="CIFAR10Net_7", augment="readme")
-    _, second = run(tmp_path / "b", split, model="CIFAR10Net_7", augment="readme")
+    _, first = run(tmp_path / "a", split, model="CIFAR10Net_7", augment="study")
+    _, second = run(tmp_path / "b", split, model="CIFAR10Net_7", augment="study")
     assert (
         engine.read_metrics_csv(tmp_path / "a/run/metrics.csv")[-1]["train_loss"]
         == engine.read_metrics_csv(tmp_path / "b/run/metrics.csv")[-1]["train_loss"]
@@ -167,12 +167,12 @@ def test_same_seed_same_numbers(tmp_path, split):
 
 
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path, split):
-    full = quick_config(tmp_path / "full", "CIFAR10Net_7", epochs=3, augment="readme")
+    full = quick_config(tmp_path / "full", "CIFAR10Net_7", epochs=3, augment="study")
     engine.train(full, modified_models.MODELS["CIFAR10Net_7"], data=split)
 
-    first_part = quick_config(tmp_path / "parts", "CIFAR10Net_7", epochs=1, augment="readme")
+    first_part = quick_config(tmp_path / "parts", "CIFAR10Net_7", epochs=1, augment="study")
     engine.train(first_part, modified_models.MODELS["CIFAR10Net_7"], data=split)
-    rest = quick_config(tmp_path / "parts", "CIFAR10Net_7", epochs=3, augment="readme")
+    rest = quick_config(tmp_path / "parts", "CIFAR10Net_7", epochs=3, augment="study")
     rest.resume = "last"
     engine.train(rest, modified_models.MODELS["CIFAR10Net_7"], data=split)
 
@@ -328,8 +328,8 @@ def test_the_test_report_has_precision_recall_and_f1_per_class():
 # What a run measures between epochs: --val-every, --train-accuracy-sample
 # --------------------------------------------------------------------------------------------
 def test_val_every_measures_every_nth_and_the_last_epoch_and_trains_the_same(tmp_path, split):
-    every = quick_config(tmp_path / "every", "CIFAR10Net_7", epochs=3, augment="readme")
-    sparse = replace(quick_config(tmp_path / "sparse", "CIFAR10Net_7", epochs=3, augment="readme"), val_every=2)
+    every = quick_config(tmp_path / "every", "CIFAR10Net_7", epochs=3, augment="study")
+    sparse = replace(quick_config(tmp_path / "sparse", "CIFAR10Net_7", epochs=3, augment="study"), val_every=2)
     for config in (every, sparse):
         engine.train(config, modified_models.MODELS["CIFAR10Net_7"], data=split)
     full, thin = (engine.read_metrics_csv(Path(c.out_dir) / "metrics.csv") for c in (every, sparse))

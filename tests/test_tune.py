@@ -143,7 +143,7 @@ def test_flags_that_contradict_the_study_are_refused(tmp_path):
     tune.main(flags(tmp_path, "--n-trials", "0", "--epochs", "2"))
     with pytest.raises(engine.UserError, match="--epochs 2"):
         tune.main(flags(tmp_path, "--n-trials", "0", "--epochs", "3"))
-    with pytest.raises(engine.UserError, match="--space readme"):
+    with pytest.raises(engine.UserError, match="--space study"):
         tune.main(flags(tmp_path, "--n-trials", "0", "--space", "extended"))
 
 
@@ -214,7 +214,7 @@ def proposed_by_runs(storage: str, seed: int, runs: int) -> list[dict]:
     for _ in range(runs):
         study = tuning.open_study(storage, STUDY, seed, prune=True)
         complete, killed = study.ask(), study.ask()  # the killed one stays RUNNING, as a kill leaves it
-        proposed += [tuning.study.suggest_readme(complete), tuning.study.suggest_readme(killed)]
+        proposed += [tuning.study.suggest_study(complete), tuning.study.suggest_study(killed)]
         study.tell(complete, 1.0)
     return proposed
 
@@ -339,7 +339,7 @@ def test_two_workers_started_together_on_a_fresh_sqlite_file_both_run(tmp_path):
         for worker in workers:
             worker.join(timeout=60)
         assert [worker.exitcode for worker in workers] == [0, 0], f"try {attempt}"
-        assert load_study(f"sqlite:///{out}/study.db").user_attrs == {"space": "readme", "epochs": 5}
+        assert load_study(f"sqlite:///{out}/study.db").user_attrs == {"space": "study", "epochs": 5}
 
 
 def test_two_workers_on_one_postgresql_study_finish_exactly_the_requested_trials(tmp_path, postgresql_url):
@@ -478,7 +478,7 @@ def test_a_trial_started_when_running_trials_already_make_up_the_study_steps_bac
     study = optuna.create_study()
     study.ask()  # another worker's trial, still running: it will make up the one trial asked for
     objective = tuning.make_objective(
-        tuning.StudySettings(space="readme", epochs=1), base=None, data=None, n_trials=1, prune=True
+        tuning.StudySettings(space="study", epochs=1), base=None, data=None, n_trials=1, prune=True
     )
     tuning.run_trials(study, objective, n_trials=1, epochs=1, timeout=None)
     assert len(study.trials) == 1  # checked before starting: no trial at all
@@ -556,7 +556,7 @@ def check_readme_bounds(params: dict) -> None:
 
 
 def test_readme_space_is_the_readme_study():
-    samples = sample("readme", 300)
+    samples = sample("study", 300)
     for params in samples:
         assert set(params) == {"fc1_size", "fc2_size", "dropout", "lr", "weight_decay", "batch_size"}
         check_readme_bounds(params)
@@ -631,3 +631,16 @@ def test_the_private_optuna_that_tuning_reads_is_in_the_installed_optuna(tmp_pat
     assert tuning.private_optuna(journal)[2] == set()  # a journal has no heartbeat
     with pytest.raises(RuntimeError, match=r"Optuna .* no longer has what tuning.private_optuna reads"):
         tuning.private_optuna(object())
+
+
+def test_a_study_stored_under_the_old_space_name_readme_continues(no_figures, tmp_path):
+    """The study's space was once named readme: a study stored so, and the flag spelled so, go on as --space study."""
+    out = tmp_path / "tune"
+    out.mkdir()
+    old = tuning.open_study(f"sqlite:///{out}/study.db", STUDY, seed=0, prune=True)
+    old.set_user_attr("space", "readme")
+    old.set_user_attr("epochs", 1)
+    tune.main(flags(out, "--n-trials", "1", "--space", "readme"))
+    study = load_study(f"sqlite:///{out}/study.db")
+    assert study.user_attrs == {"space": "study", "epochs": 1}
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]

@@ -21,12 +21,12 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from optuna.visualization import matplotlib as plots
 
 import engine
-from engine import UserError, write_atomically
-from models.study import README_RECIPE
+from engine import UserError, former_name, write_atomically
+from models.study import STUDY_RECIPE
 from study_storage import StorageSettings, first_line, hide_password, open_storage
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-DEFAULT_SPACE, DEFAULT_EPOCHS, DEFAULT_TRIALS = "readme", 5, 30
+DEFAULT_SPACE, DEFAULT_EPOCHS, DEFAULT_TRIALS = "study", 5, 30
 OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError)
 # Workers that open a fresh storage at once race to create its tables and the study; the loser's
 # CREATE or INSERT meets the winner's, worded "already exists" (SQLite, PostgreSQL, MySQL), "UNIQUE
@@ -46,8 +46,8 @@ CONV2_WIDTHS, CONV2_KERNELS = (32, 40, 64, 96, 128), (3, 4, 5)
 TUNED_OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
-def suggest_readme(trial: Trial) -> dict[str, Any]:
-    """The README's study: CIFAR10Net_7's layer sizes and dropout, and the recipe's lr, weight decay and batch size."""
+def suggest_study(trial: Trial) -> dict[str, Any]:
+    """The study's study: CIFAR10Net_7's layer sizes and dropout, and the recipe's lr, weight decay and batch size."""
     return {
         "fc1_size": trial.suggest_categorical("fc1_size", FC_SIZES),
         "fc2_size": trial.suggest_categorical("fc2_size", FC_SIZES),
@@ -59,8 +59,8 @@ def suggest_readme(trial: Trial) -> dict[str, Any]:
 
 
 def suggest_extended(trial: Trial) -> dict[str, Any]:
-    """The README's space, the two convolutions' shapes, and the optimiser with its own settings."""
-    params = suggest_readme(trial)
+    """The study's space, the two convolutions' shapes, and the optimiser with its own settings."""
+    params = suggest_study(trial)
     params.update(
         conv1_width=trial.suggest_categorical("conv1_width", CONV1_WIDTHS),
         conv1_kernel=trial.suggest_categorical("conv1_kernel", CONV1_KERNELS),
@@ -78,14 +78,14 @@ def suggest_extended(trial: Trial) -> dict[str, Any]:
 
 # Each space draws CIFAR10Net_7's options (its layer sizes and dropout: what the network is) and recipe fields.
 TUNED_MODEL = "CIFAR10Net_7"
-SPACES: dict[str, Callable[[Trial], dict[str, Any]]] = {"readme": suggest_readme, "extended": suggest_extended}
+SPACES: dict[str, Callable[[Trial], dict[str, Any]]] = {"study": suggest_study, "extended": suggest_extended}
 RECIPE_PARAMS = ("batch_size", "optimizer", "lr", "momentum", "weight_decay")
 BETA_PARAMS = ("beta1", "beta2")
 
 
 def recipe_for(params: dict[str, Any], epochs: int) -> engine.Recipe:
-    """The README's recipe with a trial's training hyperparameters."""
-    recipe = replace(README_RECIPE, epochs=epochs, **{name: params[name] for name in RECIPE_PARAMS if name in params})
+    """The study's recipe with a trial's training hyperparameters."""
+    recipe = replace(STUDY_RECIPE, epochs=epochs, **{name: params[name] for name in RECIPE_PARAMS if name in params})
     if "beta1" in params:
         recipe = replace(recipe, betas=(params["beta1"], params["beta2"]))
     return recipe
@@ -177,7 +177,10 @@ def open_study(
 
 def study_settings(study: optuna.Study, space: str | None, epochs: int | None) -> StudySettings:
     """The study's stored settings; flags that contradict them are an error, missing flags take them."""
-    stored = study.user_attrs
+    stored = {
+        **study.user_attrs,
+        **({"space": former_name(study.user_attrs["space"])} if "space" in study.user_attrs else {}),
+    }
     for key, given in (("space", space), ("epochs", epochs)):
         if key in stored and given is not None and given != stored[key]:
             raise UserError(
