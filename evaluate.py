@@ -91,7 +91,7 @@ def main() -> None:
     engine.write_json(report_file, report)
     engine.plot_confusion(report, data.classes, figure_file, f"{saved.name} ({saved.weights.name})")
     print(
-        f"Test accuracy of {saved.describe()}: {report['test_accuracy']:.4f} on {report['num_test_images']} images"
+        f"Test accuracy of {saved.describe()}: {report['test_accuracy']:.2%} on {report['num_test_images']} images"
         + (f" (with {tta} test-time augmentation)" if tta != "none" else "")
         + (f", at {precision} precision" if precision != "32-true" else "")
     )

@@ -164,17 +164,27 @@ def file_format(asked: str | None, out: str | None) -> str:
     return asked or (suffix if suffix in FORMATS else "onnx")
 
 
-def check_writable(out: Path) -> None:
-    """The file and its JSON can be written where they go: said before the export, not after it."""
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'model.onnx'}")
+def write_problem(folder: Path) -> str:
+    """Why no file can be made in ``folder`` (or, if it does not exist yet, in the folder above it that would hold
+    it); empty if one can."""
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out.parent).close()
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as error:  # a read-only folder, a path under a file
-        raise UserError(
-            f"cannot write {out} ({error.strerror or error}); give --out FILE in a folder you can write"
-        ) from None
+        return error.strerror or str(error)
+    return ""
+
+
+def check_writable(out: Path, default: Path) -> None:
+    """The file and its JSON can be written where they go: said before the export, not after it, with a file that can
+    be written instead (in the folder --out names, else in ``default``, where export.py writes without --out)."""
+    problem = write_problem(out if out.is_dir() else out.parent)
+    if out.is_dir() and not problem:
+        raise UserError(f"--out {out} is a folder; give a file name, e.g. --out {out / default.name}")
+    if problem:
+        what = f"--out {out} is a folder, and one you cannot write" if out.is_dir() else f"cannot write {out}"
+        instead = f", e.g. --out {default}" if default != out and not write_problem(default.parent) else ""
+        raise UserError(f"{what} ({problem}); give --out FILE in a folder you can write{instead}")
 
 
 def export(saved: SavedModel, tta: str, file_format: str, out: Path) -> None:
@@ -227,12 +237,9 @@ def main() -> None:
     )
     tta = exported_tta(args.tta, saved.card, saved.weights)
     chosen_format = file_format(args.format, args.out)
-    out = (
-        Path(args.out)
-        if args.out
-        else saved_models.output_folder(saved, saved_models.EXPORTS) / f"{saved.weights.stem}.{chosen_format}"
-    )
-    check_writable(out)
+    default = saved_models.output_folder(saved, saved_models.EXPORTS) / f"{saved.weights.stem}.{chosen_format}"
+    out = Path(args.out) if args.out else default
+    check_writable(out, default)
     export(saved, tta, chosen_format, out)
     size = saved.card.image_size
     print(

@@ -30,7 +30,7 @@ import engine
 import tsne
 from engine import UserError
 from models.study import STUDY_RECIPE
-from study_storage import DatabaseUnavailable, StorageSettings, hide_password, is_journal
+from study_storage import DatabaseFault, StorageSettings, hide_password, is_journal
 from tuning import (
     DEFAULT_EPOCHS,
     DEFAULT_SPACE,
@@ -40,13 +40,13 @@ from tuning import (
     TUNED_MODEL,
     StudySettings,
     best_trial,
-    fail_abandoned_trials,
     fail_running_trials,
     format_params,
     make_objective,
     open_study,
     recipe_for,
     run_trials,
+    settle_abandoned_trials,
     study_settings,
     this_worker,
     trial_config,
@@ -61,13 +61,14 @@ def retrain(
     study: optuna.Study,
     settings: StudySettings,
     base: engine.RunConfig,
-    epochs: int,
+    epochs: int | None,
     data: engine.SplitData | None,
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> None:
-    """Train the best trial's configuration like main.py does into <out-dir>/retrain; resumes an interrupted retraining
-    of it.
+    """Train the best trial's configuration like main.py does into <out-dir>/retrain for ``epochs`` (None: the study
+    recipe's, or an interrupted retraining's own); the same command continues an interrupted retraining of it, and
+    --overwrite starts it again.
     """
     best = best_trial(study)
     if best is None:
@@ -76,23 +77,66 @@ def retrain(
         )
     run_dir = Path(base.out_dir) / "retrain"
     record = json.loads(json.dumps({"study": study.study_name, "trial": best.number, "params": best.params}))
-    same_trial = (run_dir / "trial.json").is_file() and engine.read_json(run_dir / "trial.json") == record
+    earlier = engine.read_json(run_dir / "trial.json") if (run_dir / "trial.json").is_file() else None
+    if earlier not in (None, record) and (run_dir / "last.ckpt").is_file() and not overwrite:
+        raise UserError(
+            f"{run_dir} holds the retraining of trial {earlier.get('trial')}, and the best trial is now {best.number}; "
+            f"retrain trial {best.number} in its place with --overwrite, or move {run_dir} away first to keep it"
+        )
+    resume = earlier == record and (run_dir / "last.ckpt").is_file() and not overwrite
+    planned, done = checkpoint_epochs(run_dir / "last.ckpt") if resume else (None, 0)
+    if planned is not None and epochs is not None and epochs < planned:
+        raise UserError(fewer_epochs_than_planned(run_dir, best.number, epochs, planned, done))
     config = replace(
-        trial_config(base, best.params, epochs, run_dir),
+        trial_config(base, best.params, epochs or planned or STUDY_RECIPE.epochs, run_dir),
         progress=progress,
-        resume="last" if same_trial and (run_dir / "last.ckpt").is_file() else None,
-        overwrite=overwrite and not same_trial,
+        resume="last" if resume else None,
+        overwrite=overwrite,
     )
-    # an earlier retraining of another trial stays unless --overwrite; then it is this trial's
-    engine.claim_run_folder(config)
+    engine.claim_run_folder(config)  # with --overwrite, it removes the earlier retraining's files
     engine.write_json(run_dir / "trial.json", record)
+    # by default the study recipe's 100 epochs, whatever the trials ran: said where it starts
+    default = f" (the default of --retrain-epochs, the study recipe's; the trials ran {settings.epochs})"
     print(
-        f"== Retraining trial {best.number} ({config.model}; {format_params(best.params)}) for {epochs} epochs "
-        f"in {run_dir}" + (": resuming" if config.resume else "")
+        f"== Retraining trial {best.number} ({config.model}; {format_params(best.params)}) for "
+        f"{config.recipe.epochs} epochs{default if epochs is None and planned is None else ''} in {run_dir}"
+        + (f": resuming after epoch {done}" if resume else "")
     )
-    engine.train(
-        config, engine.model_spec(config.model), data=data or engine.load_split(config), analyses=tsne.analyses(config)
+    try:
+        engine.train(
+            config,
+            engine.model_spec(config.model),
+            data=data or engine.load_split(config),
+            analyses=tsne.analyses(config),
+        )
+    except engine.RunInterrupted as interrupt:
+        # this script has no --resume: its own command continues the retraining, without --overwrite (which restarts it)
+        interrupt.continue_command = shlex.join(["python", *(arg for arg in sys.argv if arg != "--overwrite")])
+        raise
+
+
+def fewer_epochs_than_planned(run_dir: Path, trial: int, epochs: int, planned: int, done: int) -> str:
+    """The retraining in ``run_dir`` cannot go on for fewer epochs than it planned (the engine never shortens a run's
+    schedule): what it holds, and the ways on."""
+    if done >= planned:
+        return (
+            f"{run_dir} holds trial {trial}'s retraining, finished after {done} epochs; train it further with "
+            f"--retrain-epochs above {planned}, or retrain it from the start for {epochs} epochs with --overwrite"
+        )
+    return (
+        f"{run_dir} holds trial {trial}'s retraining, stopped after {done} of its {planned} epochs; continue it with "
+        f"--retrain-epochs {planned} or more (or without --retrain-epochs), or retrain it from the start for {epochs} "
+        "epochs with --overwrite"
     )
+
+
+def checkpoint_epochs(path: Path) -> tuple[int | None, int]:
+    """The epochs a run planned and those it finished, from its last.ckpt."""
+    checkpoint = engine.read_checkpoint(path)
+    try:
+        return checkpoint["run_config"]["recipe"]["epochs"], checkpoint["epoch"] + 1
+    except (KeyError, TypeError):
+        return None, 0  # a damaged checkpoint: resuming from it says what is wrong with it (engine.resume_checkpoint)
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--storage",
         metavar="URL",
         help="where the study lives: a journal file (PATH.log or journal:PATH), sqlite:///PATH.db, or a "
-        "postgresql:// or mysql:// URL shared by workers on several machines (default sqlite:///<out-dir>/study.db)",
+        "postgresql+psycopg2:// or mysql+pymysql:// URL shared by workers on several machines (default "
+        "sqlite:///<out-dir>/study.db)",
     )
     several_workers = group.add_argument(
         "--study-name",
@@ -169,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=StorageSettings.patience,
         metavar="SECONDS",
         help="how long a worker retries, with backoff, while the study's database server cannot be reached (a "
-        "restart, a failover, a dropped connection); the running trial goes on and reports when it is back. "
-        f"Past it the worker stops with exit status 1 (default {StorageSettings.patience:g})",
+        "restart, a failover, a dropped connection, a server not up yet); the running trial goes on and reports when "
+        "it is back. Past it, or at once on a full disk, the worker stops with exit status 1 (default "
+        f"{StorageSettings.patience:g})",
     )
     for action in parser._actions[parser._actions.index(several_workers) :]:
         engine.advanced(action)  # --study-name, --heartbeat, --heartbeat-grace, --db-patience: docs/tuning.md
@@ -193,9 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--retrain-epochs",
         type=engine.positive_int,
-        default=STUDY_RECIPE.epochs,
         metavar="N",
-        help=f"epochs of the retraining (default {STUDY_RECIPE.epochs})",
+        help=f"epochs of the retraining (default {STUDY_RECIPE.epochs}, the study recipe's, whatever --epochs the "
+        "trials ran; an interrupted retraining continues with its own)",
     )
     engine.advanced(
         group.add_argument(
@@ -209,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an earlier retraining of another trial in <out-dir>/retrain (without it, that is refused)",
+        help="start the retraining in <out-dir>/retrain again, replacing an earlier one (of another trial: without "
+        "it, that is refused; of this trial: without it, it is continued)",
     )
     tsne.add_arguments(parser)
     engine.add_data_arguments(parser, optional_validation=False)
@@ -247,9 +294,9 @@ def base_config(args: argparse.Namespace, settings: StudySettings) -> engine.Run
 def main(argv: list[str] | None = None) -> None:
     try:
         tune(argv)
-    except DatabaseUnavailable as error:
-        # the worker's trial stays RUNNING: the next start fails it (fail_abandoned_trials)
-        print(f"error: {error}", file=sys.stderr)
+    except DatabaseFault as fault:
+        # a fault of the machine; the worker's trial stays RUNNING until the next start (settle_abandoned_trials)
+        print(f"error: {fault.line(shlex.join(['python', *sys.argv]))}", file=sys.stderr)
         sys.exit(1)
 
 
@@ -278,7 +325,7 @@ def tune(argv: list[str] | None = None) -> None:
     storage_settings = StorageSettings(heartbeat=args.heartbeat, grace=args.heartbeat_grace, patience=args.db_patience)
     study = open_study(storage_url, args.study_name, args.seed, args.prune, storage_settings)
     settings = study_settings(study, args.space, args.epochs)
-    fail_abandoned_trials(study)
+    settle_abandoned_trials(study)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     # --n-trials 0 runs none: "2 of 0 finished" would say nothing
     asked = f"of {args.n_trials} " if args.n_trials else ""
@@ -299,16 +346,17 @@ def tune(argv: list[str] | None = None) -> None:
                 settings.epochs,
                 args.timeout,
                 grace=None if is_journal(storage_url) else args.heartbeat_grace,
+                out_dir=out_dir,
             )
         except engine.RunInterrupted as interrupt:
             # a signal passes Optuna by, leaving the trial RUNNING: it fails here, with the reason
             reason = f"interrupted by {interrupt}"
             fail_running_trials(study, lambda trial, worker, silent: reason if worker == this_worker() else None)
-            write_outputs(study, settings, out_dir, args.retrain_epochs)
+            write_outputs(study, settings, out_dir, args.retrain_epochs or STUDY_RECIPE.epochs)
             interrupt.saved = f"the finished trials are kept in {hide_password(storage_url)}"
             interrupt.continue_command = shlex.join(["python", *sys.argv])
             raise
-    write_outputs(study, settings, out_dir, args.retrain_epochs)
+    write_outputs(study, settings, out_dir, args.retrain_epochs or STUDY_RECIPE.epochs)
     if args.retrain:
         retrain(study, settings, base, args.retrain_epochs, data, args.overwrite, args.progress)
 

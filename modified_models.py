@@ -26,6 +26,7 @@ from torch import nn
 
 import engine
 import tsne
+from analyses.report import write_report
 from engine import MODELS, ModelSpec, UserError, model_spec, write_atomically
 from models.fast import FAST_RECIPE, ConvGroup, FastVGG
 from models.study import (
@@ -201,8 +202,10 @@ def compare(names: list[str], args: argparse.Namespace) -> None:
                 data = engine.load_split(config)
             engine.train(config, MODELS[name], data=data, analyses=tsne.analyses(config))
         except engine.RunInterrupted as interrupt:
-            # finished models are skipped, the interrupted one resumes
-            interrupt.continue_command = shlex.join(["python", *sys.argv])
+            # finished models are skipped, the interrupted one resumes; one stopped in its analyses is finished, so
+            # their own commands (the engine's continue_command) run first
+            rerun = shlex.join(["python", *sys.argv])
+            interrupt.continue_command = " && ".join(filter(None, (interrupt.continue_command, rerun)))
             raise
     rows = [comparison_row(name, out_dir / name) for name in names]
     histories = {name: engine.read_metrics_csv(out_dir / name / "metrics.csv") for name in names}
@@ -213,7 +216,8 @@ def compare(names: list[str], args: argparse.Namespace) -> None:
         + "; recipe per model unless overridden"
     )
     write_comparison(rows, histories, out_dir, setting)
-    print(f"Comparison written to {out_dir}/comparison.csv, comparison.md and comparison.png")
+    report = write_report(out_dir)
+    print(f"Comparison written to {out_dir}/comparison.csv, comparison.md, comparison.png and {report.name}")
     print((out_dir / "comparison.md").read_text())
 
 

@@ -42,18 +42,21 @@ def is_hidden(path: Path, folder: Path) -> bool:
 
 
 def images_in_folder(folder: Path, recursive: bool) -> list[Path]:
-    """The image files of ``folder`` by suffix, sorted; with ``recursive``, those of its sub-folders too."""
+    """The entries of ``folder`` with an image suffix, sorted; with ``recursive``, those of its sub-folders too. Every
+    one but a folder: a FIFO, a link to nothing or a loop of links among them is then listed with its reason, not
+    dropped without a word."""
     candidates = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(
         path
         for path in candidates
-        if path.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(path, folder) and path.is_file()
+        if path.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(path, folder) and not path.is_dir()
     )
 
 
 def find_images(paths: list[str], recursive: bool) -> list[Path]:
     """Every image to classify, in the order given, each once. A file named on the command line is read whatever its
-    suffix (Pillow decides); a folder gives its files with an image suffix, and a folder that gives none is a mistake.
+    suffix (Pillow decides); a folder gives its entries with an image suffix, and a folder that gives none is a mistake.
+    A path that names nothing is a mistake too; a link that leads nowhere is an entry, listed with its reason.
     """
     found = []
     for text in paths:
@@ -67,7 +70,7 @@ def find_images(paths: list[str], recursive: bool) -> list[Path]:
                     f"folder{deeper}"
                 )
             found += images
-        elif path.exists():
+        elif path.exists() or path.is_symlink():
             found.append(path)
         else:
             raise UserError(f"{path} does not exist; give image files or folders of images")

@@ -14,6 +14,7 @@ unless given --no-tsne. docs/using-models.md says more.
 from __future__ import annotations
 
 import argparse
+import shlex
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from analyses.embedding import (
     save_embedding,
     stratified_sample,
 )
+from analyses.report import ReportAnalysis
 from engine import UserError
 from saved_models import SavedModel
 
@@ -95,6 +97,21 @@ def model_data(saved: SavedModel, args: argparse.Namespace) -> engine.SplitData:
 # --------------------------------------------------------------------------------------------
 # The analysis of a run
 # --------------------------------------------------------------------------------------------
+# Without --tsne-samples, a split's t-SNE embeds at most one point for every SAMPLED_PER_TRAINED images the run trained
+# on (epochs x training images), and at least MIN_SAMPLES: a short first look then spends no more time on its t-SNE than
+# on training (docs/RESULTS.md, "A first run"), while a full run, and tsne.py on its own, embed every point.
+SAMPLED_PER_TRAINED, MIN_SAMPLES = 6, 1000
+
+
+def samples(config: engine.RunConfig, data: engine.SplitData) -> int | None:
+    """Points per split: --tsne-samples, else as many as the training the run did is worth (None: all)."""
+    given = setting(config, "tsne_samples")
+    if given is not None:
+        return given
+    worth = max(MIN_SAMPLES, round(config.recipe.epochs * len(data.train_labels) / SAMPLED_PER_TRAINED))
+    return worth if worth < max(len(data.train_labels), len(data.test_labels)) else None
+
+
 def analyse_split(
     predicted: dict[str, torch.Tensor],
     split: str,
@@ -102,10 +119,12 @@ def analyse_split(
     run_dir: Path,
     config: engine.RunConfig,
     method: str,
+    size: int | None,
 ) -> dict[str, Any]:
-    """Embed (a sample of) one split's features, write tsne_<split>.npz and .png, print and return the numbers."""
+    """Embed (a sample of ``size``) one split's features, write tsne_<split>.npz and .png, print and return the
+    numbers."""
     labels = predicted["labels"].numpy()
-    index = stratified_sample(labels, setting(config, "tsne_samples"), config.seed)
+    index = stratified_sample(labels, size, config.seed)
     features = predicted["features"].numpy()[index]
     print(f"t-SNE of the {split} split: embedding {len(index):,} points by {method}", flush=True)
     points, report = embed_and_score(features, labels[index], method, config.seed, label=f"t-SNE of the {split} split")
@@ -128,9 +147,9 @@ def analyse_split(
 def check_settings(config: engine.RunConfig, data: engine.SplitData, splits: tuple[str, ...] = SPLITS) -> str:
     """One clear error, before any slow work, when the t-SNE cannot run; else the implementation to use."""
     split_sizes = {"test": len(data.test_labels), "train": len(data.train_labels)}
-    samples = setting(config, "tsne_samples")
+    size = samples(config, data)
     for split in splits:
-        check_enough_points(split, min(split_sizes[split], samples or split_sizes[split]))
+        check_enough_points(split, min(split_sizes[split], size or split_sizes[split]))
     return resolve_method(setting(config, "tsne_method"))
 
 
@@ -148,7 +167,7 @@ def analyse_run(
     reports = {}
     for split in splits:
         predicted = test if split == "test" and test is not None else split_predictions(net, data, split)
-        reports[split] = analyse_split(predicted, split, data.classes, run_dir, config, method)
+        reports[split] = analyse_split(predicted, split, data.classes, run_dir, config, method, samples(config, data))
     engine.write_json(run_dir / "tsne_metrics.json", reports)
     print(
         f"t-SNE written to {run_dir}: "
@@ -176,10 +195,43 @@ class TSNEAnalysis:
         if isinstance(net, engine.FeatureNetwork):
             analyse_run(net, data, test, run_dir, config)
 
+    def finish_command(self, config: engine.RunConfig, run_dir: Path) -> str:
+        """This command on the run's model.pth, with the run's data, seed and t-SNE settings: the same files, for a run
+        stopped during its t-SNE."""
+        return shlex.join(["python", this_script(), "--run", str(run_dir), *same_settings(config)])
 
-def analyses(config: engine.RunConfig) -> list[TSNEAnalysis]:
-    """What a training run with ``config`` analyses at its end: the t-SNE plots, unless --no-tsne."""
-    return [TSNEAnalysis()] if setting(config, "tsne") else []
+
+def this_script() -> str:
+    """This file as the user can type it where the run was started: relative below the working folder, else whole."""
+    here, working = Path(__file__).resolve(), Path.cwd().resolve()
+    return str(here.relative_to(working) if here.is_relative_to(working) else here)
+
+
+def same_settings(config: engine.RunConfig) -> list[str]:
+    """The flags of this command that give the t-SNE a run's data, seed, device and t-SNE settings (those that differ
+    from their defaults)."""
+    defaults = build_parser().parse_args(["--run", "."])
+    flags = []
+    for flag, value in (
+        ("--data-dir", config.data_dir),
+        ("--dataset", config.dataset),
+        ("--limit-train", config.limit_train),
+        ("--val-fraction", config.val_fraction),
+        ("--num-workers", config.num_workers),
+        ("--seed", config.seed),
+        ("--device", config.device),
+        ("--tsne-samples", setting(config, "tsne_samples")),
+        ("--tsne-method", setting(config, "tsne_method")),
+    ):
+        if value != getattr(defaults, flag.removeprefix("--").replace("-", "_")):
+            flags += [flag, str(value)]
+    return flags + ([] if config.validation else ["--no-validation"])
+
+
+def analyses(config: engine.RunConfig) -> list[TSNEAnalysis | ReportAnalysis]:
+    """What a training run with ``config`` analyses at its end: the t-SNE plots (unless --no-tsne), then report.html,
+    which shows them."""
+    return [*([TSNEAnalysis()] if setting(config, "tsne") else []), ReportAnalysis()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +253,8 @@ def add_arguments(parser: argparse.ArgumentParser, switch: bool = True) -> None:
             "--tsne-samples",
             type=engine.positive_int,
             metavar="N",
-            help=f"embed a class-stratified sample of N points per split instead of all (N > {PERPLEXITY})",
+            help=f"embed a class-stratified sample of N points per split (N > {PERPLEXITY}) (default: all; at the end "
+            f"of a short run, one point per {SAMPLED_PER_TRAINED} images it trained on, at least {MIN_SAMPLES})",
         ),
         group.add_argument(
             "--tsne-method",

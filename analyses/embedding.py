@@ -148,7 +148,7 @@ def describe(split: str, report: dict[str, Any]) -> str:
     return (
         f"t-SNE of the {split} split: {report['points']:,} points by {report['method']} in "
         f"{report['tsne_seconds']:.1f} s; silhouette by true class in 2-D {report['silhouette_true_class_2d']:.3f}, "
-        f"{KNN_NEIGHBOURS}-NN accuracy in feature space {report['knn_accuracy_features']:.4f}"
+        f"{KNN_NEIGHBOURS}-NN accuracy in feature space {report['knn_accuracy_features']:.2%}"
     )
 
 
@@ -260,4 +260,4 @@ def draw_embedding(embedding: Embedding):
 
 
 def save_drawing(embedding: Embedding, path: Path) -> None:
-    engine.save_figure(draw_embedding(embedding), path, dpi=300)
+    engine.save_figure(engine.styled(draw_embedding)(embedding), path, dpi=300)

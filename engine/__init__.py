@@ -89,7 +89,7 @@ from engine.settings import (
 ON_FIRST_USE = {
     "classifier": ["ImageClassifier"],
     "evaluation": ["predict", "test_report", "tta_logits"],
-    "plots": ["plot_comparison", "plot_confusion", "save_figure"],
+    "plots": ["plot_comparison", "plot_confusion", "save_figure", "styled"],
     "pretrained": ["torchvision_network", "torchvision_weights"],
     "run": ["fit", "for_model", "save_weights", "train"],
 }

@@ -8,13 +8,15 @@ augmentation lives in ``TrainBatches`` and only there, so evaluation can never b
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
 
 import torch
 
 from engine.config import RunConfig
-from engine.data import VAL_FRACTION, DatasetArrays, load_dataset, split_train_val
+from engine.data import VAL_FRACTION, DatasetArrays, load_dataset, quoted, split_train_val
+from engine.devices import is_main_process
 from engine.errors import UserError
 from functions import AUGMENTATIONS, mean_std_per_channel, model_input
 
@@ -159,15 +161,34 @@ class SplitData:
         )
 
 
+def classes_without_training_images(data: DatasetArrays, train_index: torch.Tensor) -> list[str]:
+    """The classes of which the split puts every training image into validation (a class with one image, say)."""
+    trained = set(data.train_labels[train_index].tolist())
+    return [name for label, name in enumerate(data.classes) if label not in trained]
+
+
+def note_unlearnable_classes(data: DatasetArrays, val_fraction: float) -> None:
+    """Say so when the split leaves a class without a training image: the run would go on and never learn it."""
+    train_index, _ = split_train_val(len(data.train_images), val_fraction)
+    missing = classes_without_training_images(data, train_index)
+    if missing:
+        one = len(missing) == 1
+        named = f"the class {quoted(missing)}" if one else f"{len(missing)} classes ({quoted(missing)})"
+        print(
+            f"note: the {1 - val_fraction:.0%}/{val_fraction:.0%} split of the {len(data.train_images)} training "
+            f"images leaves {named} without a training image, so the model cannot learn {'it' if one else 'them'}; "
+            f"give {'it' if one else 'them'} more images, or train on every image with --no-validation",
+            file=sys.stderr,
+        )
+
+
 def load_split(config: RunConfig) -> SplitData:
     if config.limit_train is not None and config.limit_train < 2:
         raise UserError(f"--limit-train {config.limit_train} leaves too few images to train on; give at least 2")
-    data = SplitData.from_arrays(
-        load_dataset(config.data_dir, config.num_workers, config.dataset),
-        config.limit_train,
-        config.validation,
-        config.val_fraction,
-    )
+    arrays = load_dataset(config.data_dir, config.num_workers, config.dataset)
+    if config.validation and is_main_process():  # once, not once per data-parallel process
+        note_unlearnable_classes(arrays, config.val_fraction)
+    data = SplitData.from_arrays(arrays, config.limit_train, config.validation, config.val_fraction)
     if len(data.train_images) < 2 or (config.validation and len(data.val_images) < 1):
         raise UserError(
             f"{config.data_dir} holds too few training images to split "

@@ -111,7 +111,11 @@ class RunRecorder(Callback):
             return
         self.history.append(metrics)
         # --val-every: not each epoch
-        measured = [f"{label} = {metrics[key]:.4f}" for key, label in MEASURED if metrics[key] is not None]
+        measured = [
+            f"{label} = {metrics[key]:.2%}" if key.endswith("accuracy") else f"{label} = {metrics[key]:.4f}"
+            for key, label in MEASURED
+            if metrics[key] is not None
+        ]
         line = f"After epoch {metrics['epoch']}: " + ", ".join(measured) + f" ({metrics['seconds']:.1f} s)"
         bar = trainer.progress_bar_callback
         bar.print(line) if isinstance(bar, TQDMProgressBar) else print(line, flush=True)

@@ -6,12 +6,16 @@ names in label order (their number sizes the last layer), the per-channel mean a
 the image size, the test-time augmentation and the precision it was trained and tested at; and, to say what trained it,
 the versions of torch, torchvision and lightning and the git commit of the toolkit (when it ran from a git checkout).
 Cards written before the options existed (no ``options``) still load: their models are built with their default options,
-which is what trained them.
+which is what trained them. A card is input like a flag: every field is checked before anything is built from it, and
+every number is bounded (the options by their model's declaration), so a hand-edited card is one line, never a 24 GB
+resize or an answer quietly changed.
 """
 
 from __future__ import annotations
 
+import math
 import subprocess
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +24,7 @@ from typing import Any
 import torch
 
 from engine.config import PRECISIONS, TTA_MODES
+from engine.data import INPUT_SIZE
 from engine.errors import UserError
 
 LIBRARIES = ("torch", "torchvision", "lightning")
@@ -58,7 +63,12 @@ def git_commit() -> str | None:
 
 
 def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def per_channel(values: Any, fits: Callable[[float], bool]) -> bool:
+    """Whether ``values`` is one finite number per colour channel, each one that ``fits``."""
+    return isinstance(values, list) and len(values) == 3 and all(is_number(value) and fits(value) for value in values)
 
 
 @dataclass(frozen=True)
@@ -70,7 +80,7 @@ class ModelCard:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     options: dict[str, Any] = field(default_factory=dict)
-    image_size: int = 32
+    image_size: int = INPUT_SIZE  # the side every image is resized to: what every network here takes
     tta: str = "none"
     # as the run resolved --precision; cards written before it was recorded default to float32
     precision: str = "32-true"
@@ -94,8 +104,8 @@ class ModelCard:
         problem = card_problem(card)
         if problem:
             raise UserError(
-                f"{source} is not a model card this toolkit wrote ({problem}); train the model again, or give its "
-                "weights with --checkpoint FILE --model NAME"
+                f"{source} is not a model card this toolkit wrote ({problem}); correct it, or copy it again from the "
+                "run that wrote it"
             )
         return cls(
             card["model"],
@@ -103,7 +113,7 @@ class ModelCard:
             tuple(map(float, card["mean"])),
             tuple(map(float, card["std"])),
             dict(card.get("options", {})),
-            int(card.get("image_size", 32)),
+            int(card.get("image_size", INPUT_SIZE)),
             card.get("tta", "none"),
             card.get("precision", "32-true"),
             dict(card.get("versions", {})),
@@ -112,8 +122,9 @@ class ModelCard:
 
 
 def card_problem(card: Any) -> str:
-    """What is wrong with a card; empty if nothing. (The options are checked against the model's declaration when the
-    network is built from them.)"""
+    """What is wrong with a card; empty if nothing. Each field is checked as its flag would be, each number bounded:
+    the mean and std are of pixels in 0..1, and the image size is the one every network takes (the options are checked
+    against the model's declaration when the network is built from them)."""
     if not isinstance(card, dict):
         return f"a {type(card).__name__}, not a mapping"
     if not isinstance(card.get("model"), str):
@@ -121,18 +132,23 @@ def card_problem(card: Any) -> str:
     classes = card.get("classes")
     if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(name, str) for name in classes)):
         return "classes must be a list of at least 2 class names"
-    for key in ("mean", "std"):
-        values = card.get(key)
-        if not (isinstance(values, list) and len(values) == 3 and all(is_number(value) for value in values)):
-            return f"{key} must be 3 numbers, one per colour channel"
-    if not all(value > 0 for value in card["std"]):
-        return "std must be positive"
+    if len(set(classes)) < len(classes):
+        return "the class names must all differ"
+    if not per_channel(card.get("mean"), lambda mean: 0 <= mean <= 1):
+        return "mean must be 3 numbers from 0 to 1, one per colour channel"
+    if not per_channel(card.get("std"), lambda std: 0 < std <= 1):
+        return "std must be 3 numbers above 0 and at most 1, one per colour channel"
     if not isinstance(card.get("options", {}), dict):
         return "options must be a mapping of option names to values"
-    if not (isinstance(card.get("image_size", 32), int) and card.get("image_size", 32) > 0):
-        return "image_size must be a positive whole number"
+    if card.get("image_size", INPUT_SIZE) != INPUT_SIZE:
+        return f"image_size is {card['image_size']!r}, and every network here takes {INPUT_SIZE}x{INPUT_SIZE} images"
     if card.get("tta", "none") not in TTA_MODES:
         return f"tta must be one of {', '.join(TTA_MODES)}"
     if card.get("precision", "32-true") not in PRECISIONS[1:]:
         return f"precision must be one of {', '.join(PRECISIONS[1:])}"
+    versions = card.get("versions", {})
+    if not (isinstance(versions, dict) and all(isinstance(value, str) for value in versions.values())):
+        return "versions must map library names to their versions"
+    if not isinstance(card.get("commit"), (str, type(None))):
+        return "commit must be a git commit's name or null"
     return ""

@@ -7,6 +7,8 @@ file into one ``UserError`` line.
 
 from __future__ import annotations
 
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from torch import nn
 
 from engine.config import RunConfig
 from engine.errors import UserError
+from engine.exits import restart_command
 
 
 def read_checkpoint(path: Path) -> Any:
@@ -83,9 +86,43 @@ def load_weights(net: nn.Module, name: str, path: Path) -> nn.Module:
     return net.eval()
 
 
+def damage(path: Path) -> str:
+    """What is wrong with the zip archive ``torch.save`` wrote at ``path``; empty if it is whole. A truncated file has
+    lost the directory at the archive's end; a changed byte fails its CRC, which ``torch.load`` does not check."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            failed = archive.testzip()
+    except (zipfile.BadZipFile, OSError):
+        return "cut short: the end of its archive is missing"
+    return "a stored value fails its CRC check" if failed else ""
+
+
+def epochs_in(path: Path) -> int | None:
+    """How many epochs the checkpoint at ``path`` holds; None when it is damaged or holds no epoch."""
+    checkpoint = None if damage(path) else read_checkpoint(path)
+    epoch = checkpoint.get("epoch") if isinstance(checkpoint, dict) else None
+    return epoch + 1 if isinstance(epoch, int) else None
+
+
+def resume_instead(damaged: Path) -> str:
+    """The way on from a damaged checkpoint: the command that resumes from the whole checkpoint beside it that holds
+    the most epochs (best.ckpt, or an epoch-NNN.ckpt of --keep-epoch-checkpoints), else the one that starts again."""
+    beside = [damaged.parent / "best.ckpt", *damaged.parent.glob("epoch-*.ckpt")]
+    held = {path: epochs for path in beside if path != damaged and path.is_file() and (epochs := epochs_in(path))}
+    if not held:
+        return f"nothing beside it to continue from: start the run again with: {restart_command(sys.argv)} --overwrite"
+    path = max(held, key=held.get)
+    return f"continue from {path}, which holds epoch {held[path]}, with: {restart_command(sys.argv)} --resume {path}"
+
+
 def resume_path(config: RunConfig) -> Path:
-    """The checkpoint --resume names: last.ckpt in the run folder, or the file given."""
-    return Path(config.out_dir) / "last.ckpt" if config.resume == "last" else Path(config.resume)
+    """The checkpoint --resume names: last.ckpt in the run folder, or the file given; checked to be whole first, so that
+    one damaged by a full disk or a copy that stopped names the checkpoint to continue from instead."""
+    path = Path(config.out_dir) / "last.ckpt" if config.resume == "last" else Path(config.resume)
+    problem = damage(path) if path.is_file() else ""
+    if problem:
+        raise UserError(f"{path} is damaged ({problem}); {resume_instead(path)}")
+    return path
 
 
 def resume_checkpoint(config: RunConfig, run_dir: Path) -> Path | None:

@@ -5,6 +5,7 @@ LightningDataModule that serves it ``engine.batches``' batches."""
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import Any
 
@@ -24,6 +25,12 @@ PLATEAU_FACTOR, PLATEAU_PATIENCE = (0.5, 1)
 TRIANGLE_START, TRIANGLE_PEAK_AT, TRIANGLE_END = 0.2, 0.23, 0.07  # airbench94's triangle, as fractions of the peak lr
 DECOUPLED_EXAMPLES = 1024  # with --decoupled, --weight-decay is the decay per this many training examples
 
+# An epoch of fewer steps than this (a batch holds a third of the training images or more) is a recipe made for far
+# more data: FastVGG's batches of 512 make 320 images one step an epoch, 10 in its run (61% on 4 classes, against 70%
+# in 400 steps of batch 32: docs/RESULTS.md, "A few hundred images of your own").
+FEW_STEPS = 4
+CIFAR10_TRAINING_IMAGES = 45_000  # the training split every registered recipe was made for
+
 
 def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, shape: str) -> float:
     """Multiplier of the peak lr at ``step``: linear warm-up, then cosine or linear decay (or constant); or airbench's
@@ -41,6 +48,22 @@ def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, shape: 
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return 0.5 * (1 + math.cos(math.pi * progress)) if shape == "cosine" else 1.0 - progress
+
+
+def warn_few_steps(model: str, recipe: Recipe, train_images: int) -> None:
+    """A recipe made for CIFAR-10 hardly trains in a few steps an epoch (a small data set in large batches): say so,
+    and what to change."""
+    batch, epochs = recipe.batch_size, recipe.epochs
+    steps = math.ceil(train_images / batch)
+    if steps >= FEW_STEPS:
+        return
+    print(
+        f"warning: an epoch is only {steps} step{'' if steps == 1 else 's'} here ({train_images} training images in "
+        f"batches of {batch}), {steps * epochs} in the whole run, where {model}'s recipe takes "
+        f"{math.ceil(CIFAR10_TRAINING_IMAGES / batch) * epochs} on CIFAR-10: for a small data set give a smaller "
+        '--batch-size with --lr lowered in proportion, and more --epochs (docs/data.md, "Your own data")',
+        file=sys.stderr,
+    )
 
 
 class ImageClassifier(pl.LightningModule):

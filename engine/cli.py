@@ -237,7 +237,7 @@ def add_data_arguments(
 
 def add_device_arguments(parser: argparse.ArgumentParser, training: bool = True, distributed: bool = True) -> None:
     """--device everywhere; with ``training``, --precision and --compile; with ``distributed`` too, --devices,
-    --strategy and --num-nodes.
+    --strategy, --num-nodes and --collective-timeout.
     """
     group = parser.add_argument_group("device")
     group.add_argument(
@@ -287,6 +287,15 @@ def add_device_arguments(parser: argparse.ArgumentParser, training: bool = True,
                 metavar="N",
                 help="machines that train this one model together, each with --devices devices (--strategy ddp; the "
                 "run folder on a filesystem all nodes share) (default 1)",
+            ),
+            group.add_argument(
+                "--collective-timeout",
+                type=positive_float,
+                default=300.0,
+                metavar="SECONDS",
+                help="how long a process of a data-parallel run waits for the others (to start, to exchange gradients "
+                "and metrics) before the run stops with one line: a node that froze or lost its network; raise it "
+                "where a node takes longer to start (default 300)",
             ),
         ):
             advanced(action)

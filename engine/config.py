@@ -106,6 +106,9 @@ class RunConfig:
     devices: str = "auto"
     strategy: str = "auto"
     num_nodes: int = 1
+    # seconds a process of a data-parallel run waits for the others (to connect, to exchange gradients and metrics)
+    # before it gives up: a node that froze or lost its network ends the run with one line, not 30 minutes of silence
+    collective_timeout: float = 300.0
     precision: str = "auto"
     compile: bool = False
     resume: str | None = None

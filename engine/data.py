@@ -6,7 +6,8 @@ resized once, then cached), or a download.
 classes (2 or more; the sorted folder names are the class names) and images of any size, resized to the models' input
 size by ``engine.images.decode_image``, as a photo to classify is resized. Everything a user can get wrong here (a
 tampered official file, half a tree, a class folder missing from one split, an undecodable file, an --out-dir inside
-the tree) stops with one ``UserError`` line before any training.
+the tree) stops with one ``UserError`` line before any training; a tree's unusable files are listed first, all of them
+at once (``LISTED_FILES`` at most), so one run names every file to fix.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import shutil
 import sys
 import time
 import urllib.error
+from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +29,7 @@ import torch
 
 from engine.errors import UserError
 from engine.files import is_temporary_copy, write_atomically
-from engine.images import DECODING_VERSION, decode_image
+from engine.images import DECODING_VERSION, UnreadableImage, decode_image, file_status
 from engine.official import OFFICIAL, DatasetArrays
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -40,17 +42,22 @@ DATASETS = {
     "downloaded",
 }
 
+LISTED_FILES = 20  # a tree's unusable files printed one per line; the count names them all, by folder
 SPLIT_SEED = 20  # the original study's torch.Generator().manual_seed(20)
 VAL_FRACTION = 0.1  # 5,000 of CIFAR-10's 50,000 training images: the study's 45,000 / 5,000
 
 
 class ImageFile(NamedTuple):
-    """One image of the tree; its size and modification time key the decoded-image cache."""
+    """One entry of the tree: an image, whose size, times and inode key the decoded-image cache
+    (``tree_fingerprint``); or, with ``problem``, what keeps it from being one, seen from the listing alone."""
 
     path: Path
     label: int
-    size: int
-    mtime_ns: int
+    size: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    inode: int = 0
+    problem: UnreadableImage | None = None
 
 
 def visible_entries(folder: Path) -> list[Path]:
@@ -116,31 +123,64 @@ def class_folders(root: Path) -> tuple[str, ...]:
     return classes
 
 
+def refuse_files(problems: list[UnreadableImage], root: Path) -> None:
+    """Stop on the tree's unusable files, if any, naming every one: one alone is the error line; several are printed one
+    per line (the first LISTED_FILES), then counted by folder in the error line, so one run shows what to fix."""
+    if not problems:
+        return
+    if len(problems) == 1:
+        raise problems[0]
+    for problem in problems[:LISTED_FILES]:
+        print(problem, file=sys.stderr)
+    shown = "listed above" if len(problems) <= LISTED_FILES else f"the first {LISTED_FILES} are listed above"
+    folders = Counter(problem.path.parent.relative_to(root).as_posix() for problem in problems)
+    raise UserError(
+        f"{len(problems)} files of {root} cannot be used ({shown}; "
+        f"{', '.join(f'{folder}: {count}' for folder, count in folders.items())}); copy them again or delete them, "
+        "then run the same command again"
+    )
+
+
+def image_file(path: Path, label: int) -> ImageFile:
+    """``path`` as an entry of the tree, from its directory entry alone: an empty file, a FIFO or a link to nothing
+    carries its ``problem``."""
+    try:
+        status = file_status(path)
+        if status.st_size == 0:
+            raise UnreadableImage(path, "is empty (0 bytes)", "delete it or copy it again")
+    except UnreadableImage as problem:
+        return ImageFile(path, label, problem=problem)
+    return ImageFile(path, label, status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino)
+
+
 def list_image_files(split_dir: Path, classes: tuple[str, ...]) -> list[ImageFile]:
-    """The images of ``split_dir/<class>/`` in label order. An empty class or a zero-byte file stops here, from
-    the listing alone, before the slow decoding."""
+    """The entries of ``split_dir/<class>/`` in label order, each an image or what keeps it from being one (an empty
+    file, a FIFO, a link to nothing), found from the listing alone, before the slow decoding. An empty class stops
+    here."""
     files = []
     for label, name in enumerate(classes):
         folder = split_dir / name
         images = [path for path in visible_entries(folder) if path.suffix.lower() in IMAGE_SUFFIXES]
         if not images:
             raise UserError(f"{folder} holds no images (.png, .jpg or .jpeg files); every class needs some")
-        for path in images:
-            try:
-                stat = path.stat()
-            except OSError as error:  # a dangling link, say
-                raise UserError(f"{path} cannot be read ({error.strerror}); delete it or copy it again") from None
-            if stat.st_size == 0:
-                raise UserError(f"{path} is empty (0 bytes); delete it or copy it again")
-            files.append(ImageFile(path, label, stat.st_size, stat.st_mtime_ns))
+        files += [image_file(path, label) for path in images]
     return files
 
 
-def decode_images(files: list[ImageFile], workers: int) -> np.ndarray:
-    """The images as one uint8 array N x 3 x INPUT_SIZE x INPUT_SIZE, each resized as a photo to classify is."""
+def decoded_or_problem(file: ImageFile) -> np.ndarray | UnreadableImage:
+    try:
+        return decode_image(file.path, INPUT_SIZE)
+    except UnreadableImage as problem:
+        return problem
+
+
+def decode_images(files: list[ImageFile], workers: int, root: Path) -> np.ndarray:
+    """The images as one uint8 array N x 3 x INPUT_SIZE x INPUT_SIZE, each resized as a photo to classify is; every file
+    that cannot be decoded is named (``refuse_files``) after all were tried."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # Pillow releases the GIL while decoding
-        images = np.stack(list(pool.map(lambda file: decode_image(file.path, INPUT_SIZE), files)))
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+        decoded = list(pool.map(decoded_or_problem, files))
+    refuse_files([image for image in decoded if isinstance(image, UnreadableImage)], root)
+    return np.ascontiguousarray(np.stack(decoded).transpose(0, 3, 1, 2))
 
 
 def labels_of(files: list[ImageFile]) -> torch.Tensor:
@@ -150,10 +190,17 @@ def labels_of(files: list[ImageFile]) -> torch.Tensor:
 def tree_fingerprint(files: list[ImageFile]) -> str:
     """Changes whenever a file is added, removed, renamed or rewritten, or the decoding changes: the cache is then
     rebuilt.
+
+    From the one stat per file the listing made, never the bytes (reading every image again on every run would cost
+    time that grows with the tree: docs/data.md). The size and the modification time miss a file rewritten with both
+    kept (cp -p of another image of the same size); its change time (ctime, which no program can set back) moves with
+    every write, and its inode with a replacement by rename. A chmod moves the change time too: one needless rebuild,
+    never a stale cache.
     """
     digest = hashlib.sha1(f"decoding {DECODING_VERSION}\n".encode())
     for file in files:
-        digest.update(f"{file.path.parent.name}/{file.path.name}|{file.label}|{file.size}|{file.mtime_ns}\n".encode())
+        entry = f"{file.path.parent.name}/{file.path.name}|{file.label}|{file.size}|{file.mtime_ns}"
+        digest.update(f"{entry}|{file.ctime_ns}|{file.inode}\n".encode())
     return digest.hexdigest()
 
 
@@ -219,8 +266,8 @@ def remove_stale_temporaries(path: Path) -> None:
 def load_image_folder(root: Path, workers: int = 2) -> DatasetArrays:
     """Decode ``train/<class>/*`` and ``test/<class>/*`` once, then reuse a pickle-free .npz cache."""
     classes = class_folders(root)
-    train_files = list_image_files(root / "train", classes)
-    test_files = list_image_files(root / "test", classes)
+    train_files, test_files = (list_image_files(root / split, classes) for split in ("train", "test"))
+    refuse_files([file.problem for file in train_files + test_files if file.problem], root)
     fingerprint = tree_fingerprint(train_files + test_files)
     for path in cache_candidates(root):
         remove_stale_temporaries(path)
@@ -231,7 +278,7 @@ def load_image_folder(root: Path, workers: int = 2) -> DatasetArrays:
             source = f"image folders in {root} (decoded cache {path})"
             break
     else:
-        images = decode_images(train_files + test_files, workers)
+        images = decode_images(train_files + test_files, workers, root)
         train_images, test_images = images[: len(train_files)], images[len(train_files) :]
         written = write_cache(
             root, {"train_images": train_images, "test_images": test_images, "fingerprint": np.array(fingerprint)}

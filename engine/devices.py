@@ -1,15 +1,22 @@
-"""Where a run computes: the accelerator, the precision that pays on it, and which process owns the run."""
+"""Where a run computes: the accelerator, the precision that pays on it, which process owns the run, and how the
+processes of a data-parallel run wait for each other."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import re
 import sys
+from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 
-from engine.errors import UserError
+from engine.errors import ProcessLost, UserError
+
+if TYPE_CHECKING:  # the parser loads this module: Lightning loads on first use (engine.ON_FIRST_USE)
+    from lightning.pytorch.strategies import Strategy
 
 
 def resolve_accelerator(device: str) -> str:
@@ -70,8 +77,35 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
     return torch.autocast(device.type, dtype=dtypes[precision])
 
 
+def is_first_on_its_node() -> bool:
+    """Whether this process speaks for its node: one line per node's log when a data-parallel run fails (a node whose
+    peer was lost may be any node)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def is_main_process() -> bool:
     """False in the extra processes of data-parallel training (Lightning, torchrun and SLURM set these): the first one
     owns the run.
     """
     return all(os.environ.get(name, "0") == "0" for name in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+
+
+def bound_collectives(strategy: Strategy, seconds: float) -> None:
+    """--collective-timeout: Lightning's data-parallel strategies take the timeout of their collective operations
+    (PyTorch's 30 minutes by default) only as an argument of their constructor, which a strategy named by --strategy
+    (or chosen by auto) never gets; it is read when the processes connect, in fit. (tests/test_faults_runs.py freezes
+    a node under a 20 s timeout: it fails if Lightning renames the attribute.)"""
+    if hasattr(strategy, "_timeout"):
+        strategy._timeout = timedelta(seconds=seconds)
+
+
+def lost_process(error: RuntimeError, timeout: float, nodes: int) -> ProcessLost | None:
+    """A failed collective operation as ``ProcessLost`` (what PyTorch says happened, without its source location and
+    advice); None for any other error. gloo raises a plain RuntimeError that names it, NCCL and the rendezvous a
+    DistError."""
+    text = str(error).strip()
+    distributed = torch.distributed.is_available() and isinstance(error, torch.distributed.DistError)
+    if not distributed and "gloo" not in text:
+        return None
+    what = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(error).__name__).split(". ")[0]
+    return ProcessLost(what.rstrip("."), "timed out" in text.lower(), timeout, nodes)

@@ -1,5 +1,5 @@
 """How a run can end other than well: a user's mistake (``UserError``, exit status 2), an interruption, a diverged
-loss, a full disk."""
+loss, a full disk, a lost process of a data-parallel run."""
 
 from __future__ import annotations
 
@@ -43,3 +43,22 @@ class DiskFull(Exception):
     def __init__(self, path: str, resumable: bool):
         super().__init__(path)
         self.path, self.resumable = path, resumable
+
+
+class ProcessLost(Exception):
+    """A data-parallel run lost one of its processes: an exchange between them (gradients, metrics, a barrier, their
+    first connection) failed, or waited ``seconds`` (--collective-timeout) without an answer. ``what`` is PyTorch's
+    reason in a few words; on its way up, ``saved`` is filled in with what last.ckpt holds (None: nothing to
+    continue)."""
+
+    def __init__(self, what: str, timed_out: bool, seconds: float, nodes: int):
+        one = "a node" if nodes > 1 else "a process"
+        super().__init__(
+            f"another process of this data-parallel run did not answer for {seconds:g} s (--collective-timeout): "
+            f"{one} froze, never started, or is that much slower than this one ({what})"
+            if timed_out
+            else f"this data-parallel run lost one of its processes: {one} stopped, or the network between them "
+            f"failed ({what})"
+        )
+        self.nodes = nodes
+        self.saved: str | None = None

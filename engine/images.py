@@ -4,11 +4,16 @@ classify alike.
 ``decode_image(path, size)`` opens whatever Pillow reads, turns it upright as its EXIF data says, converts every mode
 to 8-bit RGB the same way (16-bit images scaled by their depth, floating-point ones from 0..1, transparent parts laid
 on white) and, given ``size``, resizes it to ``size`` x ``size`` by area averaging. A file it cannot use raises
-``UnreadableImage``: one line naming the file, the problem and the fix.
+``UnreadableImage``: one line naming the file, the problem and the fix. What is no file of data at all (a FIFO, a
+device, a dangling link, a link loop) is refused from its directory entry, before anything opens it: opening a FIFO
+waits for a writer, forever.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import sys
 import warnings
 from pathlib import Path
@@ -36,10 +41,46 @@ WHITE = (255, 255, 255, 255)
 
 class UnreadableImage(UserError):
     """An image file that cannot be used: one line with the file, the problem and the fix. Prediction lists these and
-    goes on with the other images; anywhere else it stops the command, as every ``UserError`` does."""
+    goes on with the other images; a tree lists every one it holds, then stops the command."""
 
     def __init__(self, path: Path, problem: str, fix: str):
         super().__init__(f"{path} {problem}; {fix}")
+        self.path = Path(path)
+
+
+# What a directory entry is when it is no regular file: ``stat.S_IFMT`` of its mode, in words.
+SPECIAL_FILES = {
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a folder",
+}
+
+
+def file_status(path: Path) -> os.stat_result:
+    """``path``'s status (through links), or ``UnreadableImage`` when it is no regular file: a FIFO, a socket, a device
+    or a folder; a link to nothing, or a loop of links. It only reads the directory entries, so it never blocks."""
+    try:
+        status = os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise UnreadableImage(
+                path, "is a symbolic link that leads back to itself (a loop)", "delete it or point it at an image file"
+            ) from None
+        if error.errno == errno.ENOENT and os.path.islink(path):
+            raise UnreadableImage(
+                path,
+                f"is a symbolic link to {os.readlink(path)}, which does not exist",
+                "restore that file or delete the link",
+            ) from None
+        raise UnreadableImage(
+            path, f"cannot be read as an image ({error.strerror or error})", "delete it or copy it again"
+        ) from None
+    if not stat.S_ISREG(status.st_mode):
+        kind = SPECIAL_FILES.get(stat.S_IFMT(status.st_mode), "a special file")
+        raise UnreadableImage(path, f"is {kind}, not a file of image data", "replace it with the image file")
+    return status
 
 
 def error_reason(error: Exception) -> str:
@@ -112,8 +153,10 @@ def decode_image(path: Path, size: int | None = None) -> np.ndarray:
     (the whole image squeezed into the square: its aspect ratio is not kept).
 
     At most MAX_DECODED_PIXELS are decoded: a larger image is refused before its pixels are read. A file that is no
-    image, a damaged one or one that cannot be opened raises ``UnreadableImage`` with Pillow's or the system's reason.
+    image, a damaged one or one that cannot be opened raises ``UnreadableImage`` with Pillow's or the system's reason;
+    what is no regular file is refused before it is opened (``file_status``).
     """
+    file_status(path)
     try:
         with Image.open(path) as image:
             if size is not None:

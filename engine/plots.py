@@ -1,20 +1,44 @@
-"""The run's figures: training curves, the test confusion matrix, and several models' curves compared.
+"""The run's figures: training curves, the test confusion matrix, and several models' curves compared; the style every
+figure of the toolkit is drawn in.
 
 Figures are made with matplotlib's object API (``Figure``), not pyplot: no backend is chosen or changed, so
-importing the toolkit in a notebook leaves its plotting alone, and nothing needs a display.
+importing the toolkit in a notebook leaves its plotting alone, and nothing needs a display. Each is drawn inside
+``styled``: matplotlib's defaults plus the few settings in STYLE, whatever another library (Optuna's plots call
+``plt.style.use``) or a user's matplotlibrc changed before.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from engine.files import write_atomically
+
+# The project's look on top of matplotlib's defaults: light grids, no top and right frame.
+STYLE = {"axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False}
+# Settings that choose where figures go rather than how they look: kept as the user has them.
+NOT_STYLE = ("backend", "interactive", "figure.max_open_warning")
+Drawing = TypeVar("Drawing", bound=Callable[..., Any])
+
+
+def styled(draw: Drawing) -> Drawing:
+    """``draw`` under matplotlib's defaults and STYLE (restored after), so no earlier restyling leaks into it."""
+
+    @functools.wraps(draw)
+    def in_style(*args: Any, **kwargs: Any) -> Any:
+        defaults = {key: value for key, value in matplotlib.rcParamsDefault.items() if key not in NOT_STYLE}
+        with matplotlib.rc_context({**defaults, **STYLE}):
+            return draw(*args, **kwargs)
+
+    return in_style  # type: ignore[return-value]
 
 
 def save_figure(figure: Figure, path: Path, dpi: int = 120) -> None:
@@ -27,6 +51,16 @@ def measured(history: list[dict[str, float | None]], key: str) -> tuple[list[int
     return [row["epoch"] for row in rows], [row[key] for row in rows]
 
 
+def epoch_and_value_axes(axis, key: str, label: str) -> None:
+    """Whole epochs along x (no tick at epoch 1.5); accuracy in percent, as the console and the tables write it."""
+    axis.set_xlabel("epoch")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_ylabel(label)
+    if key == "accuracy":
+        axis.yaxis.set_major_formatter(PercentFormatter(1.0))
+
+
+@styled
 def plot_curves(history: list[dict[str, float | None]], path: Path, title: str) -> None:
     """Loss and accuracy, train against validation, per epoch: the original study's figures."""
     figure = Figure(figsize=(11, 4))
@@ -35,10 +69,7 @@ def plot_curves(history: list[dict[str, float | None]], path: Path, title: str) 
             epochs, values = measured(history, f"{split}_{key}")
             if values:
                 axis.plot(epochs, values, marker=".", label=name)
-        axis.set_xlabel("epoch")
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at epoch 1.5
-        axis.set_ylabel(label)
-        axis.grid(alpha=0.3)
+        epoch_and_value_axes(axis, key, label)
         if axis.lines:  # an accuracy axis can have nothing measured (--val-every 0, --train-accuracy-sample 0)
             axis.legend()
     figure.suptitle(title)
@@ -46,6 +77,7 @@ def plot_curves(history: list[dict[str, float | None]], path: Path, title: str) 
     save_figure(figure, path)
 
 
+@styled
 def plot_comparison(histories: dict[str, list[dict]], path: Path, setting: str) -> None:
     """Every model's curves in one figure: validation solid, training dashed."""
     figure = Figure(figsize=(13, 5))
@@ -63,10 +95,13 @@ def plot_comparison(histories: dict[str, list[dict]], path: Path, setting: str) 
                 alpha=0.6,
                 label=None if validation[1] else name,
             )
-    for axis, key in zip(axes, ("Loss", "Accuracy"), strict=True):
-        axis.set_xlabel("epoch")
-        axis.set_ylabel(f"{key} (solid: validation, dashed: training)")
-        axis.grid(alpha=0.3)
+    for axis, key, label in zip(axes, ("loss", "accuracy"), ("Loss", "Accuracy"), strict=True):
+        epoch_and_value_axes(axis, key, label)
+    styles = [
+        Line2D([], [], color="grey", label="validation"),
+        Line2D([], [], color="grey", linestyle="--", label="training"),
+    ]
+    axes[0].legend(handles=styles, fontsize=8)
     axes[1].legend(fontsize=8)
     figure.suptitle(setting)
     figure.tight_layout()
@@ -76,6 +111,7 @@ def plot_comparison(histories: dict[str, list[dict]], path: Path, setting: str) 
 ANNOTATED_CLASSES = 20  # up to this many classes each cell shows its count; beyond, the colours alone stay readable
 
 
+@styled
 def plot_confusion(report: dict[str, Any], classes: tuple[str, ...], path: Path, title: str) -> None:
     """The confusion matrix as rates per true class, readable from 2 to 100 classes: the figure grows with the classes,
     the counts are written in the cells up to ANNOTATED_CLASSES, and the class names shrink to fit."""
@@ -85,6 +121,7 @@ def plot_confusion(report: dict[str, Any], classes: tuple[str, ...], path: Path,
     figure = Figure(figsize=(side + 1, side))
     axis = figure.subplots()
     image = axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    axis.grid(False)  # the style's grid would cross the cells
     if len(classes) <= ANNOTATED_CLASSES:
         for i in range(len(classes)):
             for j in range(len(classes)):

@@ -39,11 +39,19 @@ from engine.callbacks import (
 )
 from engine.card import ModelCard, git_commit, library_versions
 from engine.checkpoints import resume_checkpoint, saved_progress
-from engine.classifier import CIFAR10DataModule, ImageClassifier
+from engine.classifier import CIFAR10DataModule, ImageClassifier, warn_few_steps
 from engine.config import RunConfig
 from engine.data import INPUT_SIZE
-from engine.devices import autocast_for, is_main_process, resolve_accelerator, resolve_precision, training_device
-from engine.errors import DiskFull, RunInterrupted
+from engine.devices import (
+    autocast_for,
+    bound_collectives,
+    is_main_process,
+    lost_process,
+    resolve_accelerator,
+    resolve_precision,
+    training_device,
+)
+from engine.errors import DiskFull, ProcessLost, RunInterrupted
 from engine.evaluation import predict, test_report
 from engine.files import write_atomically
 from engine.plots import plot_confusion
@@ -63,9 +71,9 @@ warnings.filterwarnings(
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 # Frozen pretrained layers stay in eval mode on purpose (transfer learning): nothing to warn about.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-# The logged validation metrics are computed from sums already reduced over all processes: syncing them again is
-# redundant.
-warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val_")
+# The logged metrics are computed from sums already reduced over all processes (the epoch and the lr are the same in
+# each): syncing them again is redundant.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val_|train_|epoch|lr)")
 
 # What a finished run folder holds, in the order the closing line lists them.
 RUN_FILES = (
@@ -98,6 +106,10 @@ class Analysis(Protocol):
         device: torch.device,
     ) -> None:
         """Analyse the trained ``net``; ``test`` is ``predict``'s output on the test split, with features."""
+
+    def finish_command(self, config: RunConfig, run_dir: Path) -> str:
+        """The command that runs this analysis on the saved model in ``run_dir`` as the run would have: what a run
+        stopped during its analyses prints (--resume cannot finish them: the run is trained and tested)."""
 
 
 def model_card(config: RunConfig, data: SplitData, precision: str) -> ModelCard:
@@ -243,11 +255,18 @@ def fit(
         default_root_dir=run_dir,
         profiler=SimpleProfiler(dirpath=run_dir, filename="profile") if config.profile and is_main_process() else None,
     )
+    bound_collectives(trainer.strategy, config.collective_timeout)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except RunInterrupted:
         stop_extra_processes(trainer)
         raise
+    except RuntimeError as error:  # a 100-line traceback from deep in PyTorch, where a node was lost
+        lost = lost_process(error, config.collective_timeout, config.num_nodes)
+        if lost is None:
+            raise
+        stop_extra_processes(trainer)
+        raise lost from error
     return Fitted(net, recorder.history, trainer.strategy.root_device, precision, trainer.is_global_zero)
 
 
@@ -273,12 +292,16 @@ def train(
                 f"{resolve_precision(config.precision, config.device)} precision, into {run_dir}",
                 flush=True,
             )
+            warn_few_steps(config.model, config.recipe, len(data.train_images))
         fitted = fit(config, model, data)
         if not fitted.is_global_zero:
             return {}
         return finish_run(config, fitted, data, run_dir, analyses)
     except RunInterrupted as interrupt:
         interrupt.saved = interrupt.saved or saved_progress(config, run_dir)
+        raise
+    except ProcessLost as lost:
+        lost.saved = saved_progress(config, run_dir)
         raise
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -319,14 +342,37 @@ def finish_run(
             "data": data.source,
         }
     )
-    write_json(run_dir / "test.json", report)
     plot_confusion(report, data.classes, run_dir / "confusion_matrix.png", config.model)
+    write_json(run_dir / "test.json", report)  # last: with test.json the run is finished, and --resume refuses it
     print(
-        f"Test accuracy of {config.model}: {report['test_accuracy']:.4f} on {report['num_test_images']} images"
+        f"Test accuracy of {config.model}: {report['test_accuracy']:.2%} on {report['num_test_images']} images"
         + (f" (with {config.recipe.tta} test-time augmentation)" if config.recipe.tta != "none" else "")
     )
     written = [name for name in RUN_FILES if (run_dir / name).exists()]  # no best.ckpt without a validation split
     print(f"Run folder {run_dir}: {', '.join(written)}")
-    for analysis in analyses:
-        analysis.run(net, data, test, run_dir, config, fitted.device)
+    run_analyses(analyses, net, data, test, run_dir, config, fitted.device)
     return report
+
+
+def run_analyses(
+    analyses: Sequence[Analysis],
+    net: nn.Module,
+    data: SplitData,
+    test: dict[str, Any],
+    run_dir: Path,
+    config: RunConfig,
+    device: torch.device,
+) -> None:
+    """Each analysis in turn. A run stopped during one is trained and tested, so --resume has nothing to continue: its
+    line names the commands that run the analyses left instead (``Analysis.finish_command``)."""
+    done = 0
+    try:
+        for analysis in analyses:
+            analysis.run(net, data, test, run_dir, config, device)
+            done += 1
+    except RunInterrupted as interrupt:
+        # an analysis written before finish_command has none: the user runs it again as its own docs say
+        left = [a.finish_command(config, run_dir) for a in analyses[done:] if hasattr(a, "finish_command")]
+        interrupt.saved = f"{run_dir} holds the trained and tested run (model.pth, test.json), not all of its analyses"
+        interrupt.continue_command = " && ".join(left)
+        raise

@@ -7,6 +7,7 @@ continue (--resume) or replace them (--overwrite), and clears the temporary file
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import shutil
@@ -14,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from filelock import FileLock, Timeout
 
 from engine.config import RunConfig
@@ -21,6 +23,7 @@ from engine.data import check_outside_data_tree
 from engine.devices import is_main_process
 from engine.errors import UserError
 from engine.files import is_temporary_copy, write_atomically
+from engine.registry import model_spec
 
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr", "seconds")
 RESULT_FILES = ("metrics.csv", "last.ckpt", "best.ckpt", "model.pth", "test.json")
@@ -42,7 +45,13 @@ RUN_OUTPUTS = [
     "*.pt2",
     "*.pt2.json",
 ]
-MIN_FREE_BYTES = 100 * 2**20  # a few checkpoints of the largest network here, written through temporary copies
+# What a run writes besides its weights: config.json, model.json, metrics.csv, the curves, the confusion matrix,
+# TensorBoard's events and the analyses' figures. Measured: 1.7 MB for 2 epochs on 600 images, analyses included; a
+# figure of 45,000 points and 100 epochs of events take more, so this bounds them generously.
+SMALL_FILES_BYTES = 16 * 2**20
+# A checkpoint holds the weights and the optimiser's state: with Adam two values per weight (CIFAR10Net's last.ckpt is
+# 3.0 times its weights, measured), and room for a weight average's copy.
+CHECKPOINT_WEIGHTS = 4
 LOCK_FILE = ".lock"
 held_run_folders: dict[Path, tuple[FileLock, bool]] = {}  # folder: its lock, and whether this run created the folder
 
@@ -52,23 +61,56 @@ def register_run_outputs(*patterns: str) -> None:
     RUN_OUTPUTS.extend(pattern for pattern in patterns if pattern not in RUN_OUTPUTS)
 
 
-def check_writable_folder(folder: Path, flag: str = "--out-dir") -> None:
-    """Create ``folder`` if needed and make sure files can be written there; one line naming the problem otherwise."""
+def weights_bytes(config: RunConfig) -> int:
+    """The bytes of the run's network (weights and buffers), counted on a copy built on the meta device: no memory, no
+    data (its last layer has ten outputs; the data's classes are not known yet)."""
+    with torch.device("meta"):
+        net = model_spec(config.model).build(config.model_options, name=config.model)
+    return sum(tensor.numel() * tensor.element_size() for tensor in (*net.parameters(), *net.buffers()))
+
+
+def space_needed(config: RunConfig) -> int:
+    """The most a run has on disk at once: model.pth, last.ckpt and best.ckpt and the temporary copy of the checkpoint
+    being replaced (with --keep-epoch-checkpoints, every epoch's too), and the small files."""
+    weights = weights_bytes(config)
+    checkpoints = 3 + (config.recipe.epochs if config.keep_epoch_checkpoints else 0)
+    return weights + checkpoints * CHECKPOINT_WEIGHTS * weights + SMALL_FILES_BYTES
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and the folders above it that do not exist yet, deepest first: what making it would make."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def check_writable_folder(
+    folder: Path, flag: str = "--out-dir", need: int = SMALL_FILES_BYTES, purpose: str = "what is written there"
+) -> None:
+    """Create ``folder`` if needed and make sure ``need`` bytes fit on its disk and files can be written there; one line
+    naming the problem otherwise, and no folder left behind that this made."""
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} {folder} is a file; give a folder")
+    missing = missing_folders(folder)
+    free = shutil.disk_usage(missing[-1].parent if missing else folder).free
+    if free < need:  # asked before anything is made
+        raise UserError(
+            f"the disk of {flag} {folder} has {free / 2**20:.0f} MB free and {purpose} needs about "
+            f"{need / 2**20:.0f} MB; free some space or choose another {flag}"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
-    except (FileExistsError, NotADirectoryError):
-        raise UserError(f"{flag} {folder} lies under a file, not a folder; give a folder path") from None
     except OSError as error:
+        for path in missing:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        if isinstance(error, (FileExistsError, NotADirectoryError)):
+            raise UserError(f"{flag} {folder} lies under a file, not a folder; give a folder path") from None
         raise UserError(f"cannot write in {flag} {folder} ({error.strerror}); choose another {flag}") from None
-    free = shutil.disk_usage(folder).free
-    if free < MIN_FREE_BYTES:
-        raise UserError(
-            f"the disk of {flag} {folder} has {free / 2**20:.0f} MB free and a run needs {MIN_FREE_BYTES // 2**20} MB "
-            f"for its checkpoints; free some space or choose another {flag}"
-        )
 
 
 def remove_temporary_files(folder: Path) -> None:
@@ -133,7 +175,8 @@ def claim_run_folder(config: RunConfig) -> Path:
         raise UserError("--resume continues the run in --out-dir and --overwrite replaces it; give one of them")
     check_outside_data_tree(run_dir, config.data_dir)  # before the folder is made: it would become a class of the data
     created = not run_dir.exists()
-    check_writable_folder(run_dir)
+    purpose = f"a run of {config.model} (its checkpoints and files)"
+    check_writable_folder(run_dir, need=space_needed(config), purpose=purpose)
     lock = FileLock(run_dir / LOCK_FILE, timeout=0)
     try:
         lock.acquire()

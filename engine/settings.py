@@ -34,6 +34,7 @@ RESUME_MAY_CHANGE = (
     "devices",
     "strategy",
     "num_nodes",
+    "collective_timeout",
     "precision",
     "compile",
     "num_workers",
@@ -199,7 +200,7 @@ def run_settings(saved: Any, source: str) -> dict[str, Any]:
     )
     if unknown or "model" not in saved:
         tuned = (
-            " (for a tuning study's winner: <out-dir>/retrain/config.json, or trials/<N>/config.json for one trial)"
+            " (for a tuning study's winner: <out-dir>/retrain/config.json, or trials/0002/config.json for trial 2)"
             if "trial" in saved
             else ""
         )

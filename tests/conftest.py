@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import errno
+import os
 import pickle
+import socket
 import struct
+import subprocess
 import sys
 import zlib
 from collections.abc import Callable
@@ -189,3 +192,27 @@ def transfer_net(
     torch.manual_seed(seed)
     spec.initialize(net, None, spec.recipe)
     return net
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_nodes(command: list[str], cwd: Path) -> list[subprocess.Popen]:
+    """Node 0 and node 1 of one run, started as a cluster starts them (MASTER_ADDR, MASTER_PORT, NODE_RANK)."""
+    port = free_port()
+    return [
+        subprocess.Popen(
+            command,
+            env=dict(
+                os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK=str(rank), OMP_NUM_THREADS="1"
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+        )
+        for rank in (0, 1)
+    ]

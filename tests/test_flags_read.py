@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import engine
+import engine.help
 import evaluate
 import export
 import hyperparameter_tune
@@ -20,6 +21,7 @@ import predict
 import transfer_learning
 import tsne
 import tuning
+import visualize
 from conftest import quick_config, run_command, synthetic_arrays, write_image_folder
 
 READ: set[str] = set()  # the names read on a parsed command line since it was parsed
@@ -92,6 +94,7 @@ def command_lines(run: Path, tree: Path, photo: Path, out: Path) -> dict[str, tu
         "evaluate.py": (evaluate, [("--run", run, "--data-dir", tree, "--device", "cpu", "--out-dir", out)]),
         "tsne.py": (tsne, [("--run", run, "--data-dir", tree, "--device", "cpu", *embed, "--out-dir", out)]),
         "export.py": (export, [("--run", run, "--out", out / "model.onnx")]),
+        "visualize.py": (visualize, [("--run", run, "--data-dir", tree, "--device", "cpu", "--out-dir", out)]),
     }
 
 
@@ -106,6 +109,7 @@ def command_lines(run: Path, tree: Path, photo: Path, out: Path) -> dict[str, tu
         "evaluate.py",
         "tsne.py",
         "export.py",
+        "visualize.py",
     ],
 )
 def test_every_flag_a_script_offers_is_read(script, parsers, trained, tmp_path, monkeypatch, capsys):
@@ -119,6 +123,10 @@ def test_every_flag_a_script_offers_is_read(script, parsers, trained, tmp_path, 
         assert code == 0, err
         read |= READ
     parser = parsers[0]  # the script's own: the first it parses (a tuning retrain parses no other)
-    offered = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
-    ignored = sorted(flag for dest, flag in offered.items() if dest not in read and dest != "help")
+    offered = {
+        action.dest: action.option_strings[0]
+        for action in parser._actions
+        if action.option_strings and not isinstance(action, (argparse._HelpAction, engine.help.HelpAction))
+    }
+    ignored = sorted(flag for dest, flag in offered.items() if dest not in read)
     assert not ignored, f"{script} offers {', '.join(ignored)} but never reads them"

@@ -466,7 +466,7 @@ def test_evaluating_a_runs_model_pth_reproduces_its_test_json(monkeypatch, capsy
         "none",
         str(tiny_run.run_dir / "model.pth"),
     )
-    assert f"{recorded['test_accuracy']:.4f}" in out
+    assert f"{recorded['test_accuracy']:.2%}" in out
     assert (tiny_run.run_dir / "evaluation-model-confusion.png").stat().st_size > 0
     assert (tiny_run.run_dir / "test.json").read_bytes() == test_json  # the run's own results untouched
 

@@ -154,8 +154,8 @@ def test_the_registry_lists_a_registered_model_with_its_description(monkeypatch,
 
 
 def test_a_models_option_is_a_flag_only_of_the_scripts_that_train_it(monkeypatch, capsys, toy_registered):
-    def help_text(script) -> str:
-        monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", "--help"])
+    def help_text(script) -> str:  # every flag: a model's options are in --help-all where a script trains many models
+        monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", "--help-all"])
         with pytest.raises(SystemExit):
             script.main()
         return capsys.readouterr().out

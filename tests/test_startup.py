@@ -27,8 +27,9 @@ SCRIPTS = (
     "evaluate.py",
     "tsne.py",
     "export.py",
+    "visualize.py",
 )
-HEAVY = ("lightning", "sklearn", "matplotlib", "torchvision")
+HEAVY = ("lightning", "sklearn", "matplotlib", "torchvision", "captum")
 # Optuna's figures are drawn through pyplot, which tuning.study imports (0.4 s of the tuner's start on a 2-core CPU).
 ALLOWED = {"hyperparameter_tune.py": ("matplotlib",)}
 

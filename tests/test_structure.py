@@ -18,6 +18,7 @@ import modified_models
 import predict
 import transfer_learning
 import tsne
+import visualize
 from benchmarks import bench_airbench_reference, bench_fast, bench_startup
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,6 +155,7 @@ SCRIPT_NAMES = (
     "evaluate.py",
     "tsne.py",
     "export.py",
+    "visualize.py",
 )
 
 
@@ -183,6 +185,7 @@ SCRIPTS = {
     "predict.py": predict.main,
     "evaluate.py": evaluate.main,
     "export.py": export.main,
+    "visualize.py": visualize.main,
     "bench_fast": bench_fast.main,
     "bench_airbench_reference": bench_airbench_reference.main,
     "bench_startup": bench_startup.main,
@@ -207,7 +210,7 @@ def parsers(monkeypatch) -> dict[str, argparse.ArgumentParser]:
 def test_help_all_shows_every_flag_a_script_takes(monkeypatch, capsys):
     """--help leaves advanced flags out; --help-all must show each option string the parser takes."""
     scripts = {name: parser for name, parser in parsers(monkeypatch).items() if name.endswith(".py")}
-    assert len(scripts) == 8
+    assert len(scripts) == 9
     for name, parser in scripts.items():
         with pytest.raises(SystemExit):
             parser.parse_known_args(["--help-all"])

@@ -329,3 +329,15 @@ def test_help_explains_every_option():
         "--redraw",
     ):
         assert option in text
+
+
+def test_a_short_run_embeds_a_sample_as_large_as_its_training_is_worth(split):
+    """Without --tsne-samples: a 1-epoch run on the synthetic split (270 images) embeds at least MIN_SAMPLES points,
+    which is all of them; a longer run on 3,000 images, one point per 6 images trained on; --tsne-samples wins."""
+    short = quick_config(Path("unused"), "CIFAR10Net_7", epochs=1)
+    assert tsne.samples(short, split) is None  # the minimum covers every point
+    many = replace(split, train_labels=torch.zeros(3000, dtype=torch.long), test_labels=torch.zeros(10_000))
+    assert tsne.samples(replace(short, recipe=replace(short.recipe, epochs=2)), many) == 1000
+    assert tsne.samples(replace(short, recipe=replace(short.recipe, epochs=5)), many) == 2500
+    assert tsne.samples(replace(short, recipe=replace(short.recipe, epochs=100)), many) is None
+    assert tsne.samples(replace(short, analyses={"tsne_samples": 40}), many) == 40

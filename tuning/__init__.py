@@ -1,7 +1,8 @@
 """The tuning study, as hyperparameter_tune.py runs it.
 
     study    search spaces, the study and its storage, the workers that share it, its outputs
-    trials   one trial (trained, reported epoch by epoch, pruned), and a worker's loop over trials
+    trials   one trial (trained, reported epoch by epoch, pruned, its result kept in its folder), and a worker's loop
+             over trials
 
 hyperparameter_tune.py tells the story of a study: open it, run trials until it holds --n-trials, write the outputs,
 retrain the winner.
@@ -30,7 +31,7 @@ from tuning.study import (
     trial_config,
     write_outputs,
 )
-from tuning.trials import NotNeeded, make_objective, run_trials, trial_dir, wait_line
+from tuning.trials import NotNeeded, make_objective, run_trials, settle_abandoned_trials, trial_dir, wait_line
 
 __all__ = [
     "DEFAULT_EPOCHS",
@@ -53,6 +54,7 @@ __all__ = [
     "private_optuna",
     "recipe_for",
     "run_trials",
+    "settle_abandoned_trials",
     "study_settings",
     "this_worker",
     "trial_config",

@@ -13,17 +13,20 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import optuna
 import torch
+from matplotlib.ticker import NullFormatter
 from optuna.trial import FrozenTrial, Trial, TrialState
 from optuna.visualization import matplotlib as plots
 
 import engine
+from analyses.report import write_report
 from engine import UserError, former_name, write_atomically
 from models.study import STUDY_RECIPE
-from study_storage import StorageSettings, first_line, hide_password, open_storage
+from study_storage import StorageSettings, open_storage, unusable_storage
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 DEFAULT_SPACE, DEFAULT_EPOCHS, DEFAULT_TRIALS = "study", 5, 30
@@ -167,10 +170,7 @@ def open_study(
             if attempt < CREATION_ATTEMPTS and is_creation_race(error):
                 time.sleep(attempt * backoff.uniform(0.05, 0.25))
                 continue
-            raise UserError(
-                f"cannot open the study storage {hide_password(storage_url)}: {first_line(error)}; give a journal file "
-                "(PATH.log), sqlite:///PATH.db, or a reachable postgresql:// or mysql:// URL with its driver installed"
-            ) from None
+            raise UserError(unusable_storage(storage_url, error)) from None
     study.sampler = make_sampler(seed, len(study.get_trials(deepcopy=False)))
     return study
 
@@ -251,14 +251,17 @@ def fail_running_trials(
                 pass  # another worker marked it first
 
 
+def abandoned(worker: dict[str, Any]) -> bool:
+    """The worker ran on this machine and its process is gone (killed, crashed, or stopped by its database)."""
+    return worker["host"] == socket.gethostname() and not process_exists(worker["pid"])
+
+
 def fail_abandoned_trials(study: optuna.Study) -> None:
-    """Mark FAIL the RUNNING trials whose worker ran on this machine and is gone (killed, or crashed)."""
+    """Mark FAIL the RUNNING trials whose worker ran on this machine and is gone."""
     fail_running_trials(
         study,
         lambda trial, worker, silent: (
-            f"its worker (process {worker['pid']}) ended mid-trial"
-            if worker["host"] == socket.gethostname() and not process_exists(worker["pid"])
-            else None
+            f"its worker (process {worker['pid']}) ended mid-trial" if abandoned(worker) else None
         ),
     )
 
@@ -343,15 +346,24 @@ def write_figures(study: optuna.Study, out_dir: Path) -> list[str]:
     for name, needed in FIGURES.items():
         if complete < needed:
             continue
-        with warnings.catch_warnings():
+        # Optuna's plots call plt.style.use("ggplot"): rc_context puts the process's style back after them
+        with warnings.catch_warnings(), matplotlib.rc_context():
             # the plots are "experimental", and an axis where all trials agree is "singular"
             warnings.simplefilter("ignore")
             axes = getattr(plots, f"plot_{name}")(study, target_name=OBJECTIVE_NAME)
-        figure = np.ravel(axes)[0].figure
-        width, height = figure.get_size_inches()
-        figure.set_size_inches(max(width, 1.3 * len(study.best_params) + 3), height)  # room for an axis per parameter
-        # bbox "tight" widens the image to Optuna's long, rotated labels instead of cutting them off
-        write_atomically(out_dir / f"{name}.png", partial(figure.savefig, dpi=120, format="png", bbox_inches="tight"))
+            figure = np.ravel(axes)[0].figure
+            width, height = figure.get_size_inches()
+            figure.set_size_inches(max(width, 1.3 * len(study.best_params) + 3), height)  # an axis per parameter
+            for axis in figure.axes:  # a log axis (lr, weight decay) labels its minor ticks too, and they collide
+                axis.tick_params(labelsize=8)
+                axis.tick_params(axis="x", labelrotation=30)
+                for scale, ticks in ((axis.get_xscale(), axis.xaxis), (axis.get_yscale(), axis.yaxis)):
+                    if scale == "log":
+                        ticks.set_minor_formatter(NullFormatter())
+            # bbox "tight" widens the image to Optuna's long, rotated labels instead of cutting them off
+            write_atomically(
+                out_dir / f"{name}.png", partial(figure.savefig, dpi=120, format="png", bbox_inches="tight")
+            )
         plt.close(figure)
         written.append(f"{name}.png")
     return written
@@ -380,4 +392,5 @@ def write_outputs(study: optuna.Study, settings: StudySettings, out_dir: Path, r
         engine.write_json(out_dir / "best_params.json", best_record(study, settings, best, retrain_epochs))
         written += ["best_params.json", *write_figures(study, out_dir)]
         print(f"Best: trial {best.number}, validation loss {best.value:.4f}; {format_params(best.params)}")
+    written.append(write_report(out_dir).name)
     print(f"Written to {out_dir}: {', '.join(written)}")

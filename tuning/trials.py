@@ -14,17 +14,19 @@ import torch
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 import engine
-from study_storage import first_line
+from study_storage import DatabaseFault, first_line
 from tuning.study import (
     FINISHED,
     OUT_OF_MEMORY,
     SPACES,
     StudySettings,
+    abandoned,
     best_trial,
     fail_abandoned_trials,
     fail_silent_trials,
     format_params,
     places_taken,
+    private_optuna,
     this_worker,
     trial_config,
 )
@@ -58,6 +60,45 @@ def trial_dir(out_dir: Path, number: int) -> Path:
     return out_dir / "trials" / f"{number:04d}"
 
 
+def trained_result(folder: Path) -> tuple[float, int] | None:
+    """The validation loss and the epochs of a trial whose folder holds its final weights, saved after its last epoch
+    (the objective saves them last), from its metrics.csv; None for one without them. A model.pth older than the
+    metrics is another run's, left in a reused folder."""
+    weights, metrics = folder / "model.pth", folder / "metrics.csv"
+    if not weights.is_file() or not metrics.is_file() or weights.stat().st_mtime < metrics.stat().st_mtime:
+        return None
+    history = engine.read_metrics_csv(metrics)
+    return history[-1]["val_loss"], len(history)
+
+
+def record_trained_trials(study: optuna.Study) -> None:
+    """Store the result of each RUNNING trial that its worker on this machine trained but stopped before storing (its
+    database failed it, or it was killed just then), read from the trial's folder: a trained trial is not lost."""
+    storage, study_id, _ = private_optuna(study)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker, folder = trial.user_attrs.get("worker"), trial.user_attrs.get("folder")
+        result = trained_result(Path(folder)) if worker and folder and abandoned(worker) else None
+        if result is None:
+            continue
+        value, epochs = result
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        storage.set_trial_user_attr(trial_id, "epochs_run", epochs)
+        storage.set_trial_user_attr(trial_id, "reason", f"recorded from {folder}: its worker stopped before storing it")
+        try:
+            study.tell(trial.number, value)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker recorded it first
+        print(
+            f"Trial {trial.number} COMPLETE: validation loss {value:.4f}, recorded from {folder} (its worker stopped)"
+        )
+
+
+def settle_abandoned_trials(study: optuna.Study) -> None:
+    """The RUNNING trials whose worker ran on this machine and is gone: recorded if it had trained them, else failed."""
+    record_trained_trials(study)
+    fail_abandoned_trials(study)
+
+
 def make_objective(
     settings: StudySettings, base: engine.RunConfig, data: engine.SplitData, n_trials: int, prune: bool
 ) -> Callable[[Trial], float]:
@@ -68,6 +109,7 @@ def make_objective(
             raise NotNeeded(trial.user_attrs["reason"])
         params = SPACES[settings.space](trial)
         config = trial_config(base, params, settings.epochs, trial_dir(Path(base.out_dir), trial.number))
+        trial.set_user_attr("folder", str(Path(config.out_dir).resolve()))  # where a next start finds its result
         counter = TrialEpochs(trial, prune)
         # The engine's divergence guard runs before the hook, so a diverged loss never reaches the pruner (which ranks
         # NaN as a number, and waits for its first five trials anyway).
@@ -88,10 +130,12 @@ def make_objective(
             trial.set_user_attr("reason", f"out of memory: {first_line(error)}")
             release_memory()
             raise
+        else:
+            # the trial's network, for predict.py, evaluate.py and tsne.py --run; saved before anything is stored, so a
+            # trained trial's folder holds its result whatever the study's database does next (record_trained_trials)
+            engine.save_weights(fitted.net, Path(config.out_dir))
         finally:
             trial.set_user_attr("epochs_run", counter.epochs_run)
-        # the trial's network, for predict.py, evaluate.py and tsne.py --run
-        engine.save_weights(fitted.net, Path(config.out_dir))
         return fitted.history[-1]["val_loss"]
 
     return objective
@@ -135,6 +179,7 @@ def run_trials(
     epochs: int,
     timeout: float | None,
     grace: float | None = None,
+    out_dir: Path | None = None,
 ) -> None:
     """Start trials, one at a time, until the study holds ``n_trials`` finished ones or --timeout has passed.
 
@@ -143,15 +188,23 @@ def run_trials(
     trials of other workers make up the rest, this worker waits: each either finishes, or its heartbeat stays silent for
     ``grace`` seconds (its worker died, wherever it ran), it is failed, and this worker runs a trial in its place. A
     journal file (``grace`` None) has no heartbeat to tell a dead worker from a slow one: there the worker stops.
+    A fault of the study's database (``DatabaseFault``) ends the loop, saying what became of the trial it ended (its
+    folder, ``trial_dir`` in ``out_dir``, tells whether it was trained).
     """
     deadline = time.monotonic() + (timeout if timeout is not None else math.inf)
     waiting = False
+    current: dict[str, int] = {}  # the number of the trial this worker runs, until it is stored
+
+    def tracked(trial: Trial) -> float:
+        current["number"] = trial.number
+        return objective(trial)
 
     def report(study: optuna.Study, trial: FrozenTrial) -> None:
+        current.clear()
         print(trial_line(trial, epochs, best_trial(study)), flush=True)
 
     while time.monotonic() < deadline:
-        fail_abandoned_trials(study)
+        settle_abandoned_trials(study)
         fail_silent_trials(study)
         if len(study.get_trials(deepcopy=False, states=FINISHED)) >= n_trials:
             return
@@ -164,6 +217,31 @@ def run_trials(
             time.sleep(min(WAIT_POLL_SECONDS, grace))
             continue
         waiting = False
-        study.optimize(
-            objective, n_trials=1, catch=(NotNeeded, *OUT_OF_MEMORY), callbacks=[report], gc_after_trial=True
-        )
+        try:
+            study.optimize(
+                tracked, n_trials=1, catch=(NotNeeded, *OUT_OF_MEMORY), callbacks=[report], gc_after_trial=True
+            )
+        except BaseException as error:
+            fault = database_fault(error)
+            if fault is None:
+                raise
+            fault.trial = fate(current.get("number"), out_dir)
+            raise fault from None
+
+
+def database_fault(error: BaseException | None) -> DatabaseFault | None:
+    """The study's database fault behind ``error``: the error itself, or its context where Optuna's optimize, failing
+    to store a trial's end, raised an AssertionError or UnboundLocalError from a finally clause in its place."""
+    while error is not None and not isinstance(error, DatabaseFault):
+        error = error.__context__
+    return error
+
+
+def fate(number: int | None, out_dir: Path | None) -> str | None:
+    """What becomes of the trial a database fault ended, for the line that stops the worker."""
+    if number is None:
+        return None
+    trained = trained_result(trial_dir(out_dir, number)) if out_dir else None
+    if trained is None:
+        return f"trial {number} was cut short: the next start fails it and runs another in its place"
+    return f"trial {number} finished (validation loss {trained[0]:.4f}): the next start records it from its folder"
