@@ -186,40 +186,43 @@ def build_parser() -> argparse.ArgumentParser:
         "postgresql+psycopg2:// or mysql+pymysql:// URL shared by workers on several machines (default "
         "sqlite:///<out-dir>/study.db)",
     )
-    several_workers = group.add_argument(
-        "--study-name",
-        default="CIFAR10Net_7",
-        metavar="NAME",
-        help="the study's name in the storage (default CIFAR10Net_7)",
-    )
-    group.add_argument(
-        "--heartbeat",
-        type=engine.positive_float,
-        default=StorageSettings.heartbeat,
-        metavar="SECONDS",
-        help="with a database storage, how often a worker records that its trial still runs (default "
-        f"{StorageSettings.heartbeat:g}); give every worker of a study the same",
-    )
-    group.add_argument(
-        "--heartbeat-grace",
-        type=engine.positive_float,
-        default=StorageSettings.grace,
-        metavar="SECONDS",
-        help="a running trial whose heartbeat has been silent this long is failed (its worker died, on any machine) "
-        f"and another worker runs one in its place; more than --heartbeat (default {StorageSettings.grace:g})",
-    )
-    group.add_argument(
-        "--db-patience",
-        type=engine.positive_float,
-        default=StorageSettings.patience,
-        metavar="SECONDS",
-        help="how long a worker retries, with backoff, while the study's database server cannot be reached (a "
-        "restart, a failover, a dropped connection, a server not up yet); the running trial goes on and reports when "
-        "it is back. Past it, or at once on a full disk, the worker stops with exit status 1 (default "
-        f"{StorageSettings.patience:g})",
-    )
-    for action in parser._actions[parser._actions.index(several_workers) :]:
-        engine.advanced(action)  # --study-name, --heartbeat, --heartbeat-grace, --db-patience: docs/tuning.md
+    # several workers and their database (docs/tuning.md): --help-all only
+    for action in (
+        group.add_argument(
+            "--study-name",
+            default="CIFAR10Net_7",
+            metavar="NAME",
+            help="the study's name in the storage (default CIFAR10Net_7)",
+        ),
+        group.add_argument(
+            "--heartbeat",
+            type=engine.positive_float,
+            default=StorageSettings.heartbeat,
+            metavar="SECONDS",
+            help="with a database storage, how often a worker records that its trial still runs (default "
+            f"{StorageSettings.heartbeat:g}); give every worker of a study the same",
+        ),
+        group.add_argument(
+            "--heartbeat-grace",
+            type=engine.positive_float,
+            default=StorageSettings.grace,
+            metavar="SECONDS",
+            help="a running trial whose heartbeat has been silent this long is failed (its worker died, on any "
+            "machine) and another worker runs one in its place; more than --heartbeat (default "
+            f"{StorageSettings.grace:g})",
+        ),
+        group.add_argument(
+            "--db-patience",
+            type=engine.positive_float,
+            default=StorageSettings.patience,
+            metavar="SECONDS",
+            help="how long a worker retries, with backoff, while the study's database server cannot be reached (a "
+            "restart, a failover, a dropped connection, a server not up yet); the running trial goes on and reports "
+            "when it is back. Past it, or at once on a full disk, the worker stops with exit status 1 (default "
+            f"{StorageSettings.patience:g})",
+        ),
+    ):
+        engine.advanced(action)
     group.add_argument(
         "--seed",
         type=engine.non_negative_int,

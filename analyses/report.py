@@ -79,8 +79,8 @@ def tsne_note(config: dict[str, Any] | None) -> str | None:
     return "No t-SNE figures in this folder (the model may have no penultimate features, or the t-SNE was stopped)."
 
 
-def visual_section(folder: Path) -> dict[str, Any]:
-    index = read(folder, VISUALIZE_INDEX)
+def visual_section(folder: Path, index: Any) -> dict[str, Any]:
+    """visualize.py's figures as its ``index`` (visualize.json) lists them, or how to make them."""
     if not isinstance(index, dict):
         return {"figures": [], "notes": [f"Not made yet: python visualize.py --run {folder} draws them."]}
     shown = {name: title for name, title in index.get("figures", {}).items() if (folder / name).is_file()}
@@ -90,11 +90,12 @@ def visual_section(folder: Path) -> dict[str, Any]:
 def page(folder: Path) -> dict[str, Any]:
     """Everything the template shows, from the files of ``folder``."""
     config, card, test = read(folder, "config.json"), read(folder, "model.json"), read(folder, "test.json")
+    visual_index = read(folder, VISUALIZE_INDEX)
     run_figures = figures(folder, RUN_FIGURES)
     tsne = figures(folder, TSNE_FIGURES)
     per_class = (test or {}).get("per_class", {})
     return {
-        "title": (card or config or read(folder, VISUALIZE_INDEX) or {}).get("model") or folder.name,
+        "title": (card or config or visual_index or {}).get("model") or folder.name,
         "folder": str(folder),
         "card": card,
         "config": config,
@@ -104,7 +105,7 @@ def page(folder: Path) -> dict[str, Any]:
         "run_figures": run_figures,
         "tsne": tsne,
         "tsne_note": None if tsne or not (folder / "test.json").is_file() else tsne_note(config),
-        "visual": visual_section(folder) if card or (folder / VISUALIZE_INDEX).is_file() else None,
+        "visual": visual_section(folder, visual_index) if card or (folder / VISUALIZE_INDEX).is_file() else None,
         "comparison": {"figures": figures(folder, COMPARISON_FIGURES), "table": csv_table(folder / "comparison.csv")},
         "study": {
             "figures": figures(folder, STUDY_FIGURES),
