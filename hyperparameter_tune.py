@@ -1,17 +1,19 @@
-"""Tune CIFAR10Net_7's hyperparameters with Optuna, as the original study did, then retrain the winner.
+"""Tune a model's hyperparameters with Optuna (CIFAR10Net_7 over the original study's space by default), then retrain
+the winner.
 
-    python hyperparameter_tune.py --data-dir ./data                          # 30 trials of 5 epochs in runs/tune
+    python hyperparameter_tune.py --data-dir ./data                          # the study: 30 trials of 5 epochs
     python hyperparameter_tune.py --data-dir ./data --n-trials 50            # the same study, up to 50 trials
-    python hyperparameter_tune.py --data-dir ./data --n-trials 0 --retrain   # train the best so far for 100 epochs
+    python hyperparameter_tune.py --data-dir ./data --n-trials 0 --retrain   # the best so far, with the full recipe
+    python hyperparameter_tune.py --data-dir ./data --model FastVGG_narrow --space my-space.json --sampler random
 
-Each trial trains CIFAR10Net_7 through the same engine as main.py for --epochs epochs and scores it by its validation
-loss after the last; lowest wins. A seeded TPE sampler proposes each next configuration, a median pruner stops the
-unpromising trials, and a diverged or out-of-memory trial fails without stopping the study. The search spaces:
-  study     fc1_size, fc2_size in {32, ..., 512}; dropout in [0.1, 0.9]; lr in [1e-4, 1e-1] and weight_decay in
-            [5e-4, 1e-1], both on the log scale; batch_size in {32, ..., 512}: the original study's
-  extended  the study's space, plus both convolutions' width and kernel size and the optimiser with its settings
-The study lives in a storage (default <out-dir>/study.db): the same command continues it, and several workers, on one
-machine or many (--storage), share it. Outputs, workers, PostgreSQL and what happens when one dies: docs/tuning.md.
+Each trial trains the model through the same engine as main.py for --epochs epochs and scores it by its validation loss
+after the last; lowest wins. A seeded sampler (TPE by default) proposes each next configuration, a pruner (the median
+rule by default) stops the unpromising trials, and a diverged or out-of-memory trial fails without stopping the study.
+The search space: the model's own (--space model: its options and the recipe fields that matter for it, as its
+registry entry declares them; CIFAR10Net_7's is the original study's), study, extended (the study's, the convolutions'
+shapes and the optimiser), or a JSON or YAML file of your own. The study lives in a storage (default
+<out-dir>/study.db): the same command continues it, and several workers, on one machine or many (--storage), share it.
+Spaces, outputs, workers, PostgreSQL and what happens when one dies: docs/tuning.md.
 """
 
 from __future__ import annotations
@@ -29,28 +31,34 @@ import optuna
 import engine
 import tsne
 from engine import UserError
-from models.study import STUDY_RECIPE
 from study_storage import DatabaseFault, StorageSettings, hide_password, is_journal
 from tuning import (
     DEFAULT_EPOCHS,
-    DEFAULT_SPACE,
+    DEFAULT_MODEL,
+    DEFAULT_PRUNER,
+    DEFAULT_SAMPLER,
     DEFAULT_TRIALS,
     FINISHED,
-    SPACES,
-    TUNED_MODEL,
+    PRUNERS,
+    SAMPLERS,
     StudySettings,
     best_trial,
+    check_study_folder,
+    configure,
     fail_running_trials,
     format_params,
     make_objective,
+    mark_study_folder,
     open_study,
-    recipe_for,
     run_trials,
     settle_abandoned_trials,
+    space_argument,
     study_settings,
     this_worker,
     trial_config,
+    tunable_model,
     write_outputs,
+    write_space,
 )
 
 
@@ -66,8 +74,8 @@ def retrain(
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> None:
-    """Train the best trial's configuration like main.py does into <out-dir>/retrain for ``epochs`` (None: the study
-    recipe's, or an interrupted retraining's own); the same command continues an interrupted retraining of it, and
+    """Train the best trial's configuration like main.py does into <out-dir>/retrain for ``epochs`` (None: the model's
+    own recipe's, or an interrupted retraining's own); the same command continues an interrupted retraining of it, and
     --overwrite starts it again.
     """
     best = best_trial(study)
@@ -88,15 +96,15 @@ def retrain(
     if planned is not None and epochs is not None and epochs < planned:
         raise UserError(fewer_epochs_than_planned(run_dir, best.number, epochs, planned, done))
     config = replace(
-        trial_config(base, best.params, epochs or planned or STUDY_RECIPE.epochs, run_dir),
+        trial_config(base, best.params, epochs or planned or engine.model_spec(settings.model).recipe.epochs, run_dir),
         progress=progress,
         resume="last" if resume else None,
         overwrite=overwrite,
     )
     engine.claim_run_folder(config)  # with --overwrite, it removes the earlier retraining's files
     engine.write_json(run_dir / "trial.json", record)
-    # by default the study recipe's 100 epochs, whatever the trials ran: said where it starts
-    default = f" (the default of --retrain-epochs, the study recipe's; the trials ran {settings.epochs})"
+    # by default the model's own recipe's epochs (the study's 100), whatever the trials ran: said where it starts
+    default = f" (the default of --retrain-epochs, {settings.model}'s recipe's; the trials ran {settings.epochs})"
     print(
         f"== Retraining trial {best.number} ({config.model}; {format_params(best.params)}) for "
         f"{config.recipe.epochs} epochs{default if epochs is None and planned is None else ''} in {run_dir}"
@@ -161,23 +169,41 @@ def build_parser() -> argparse.ArgumentParser:
         "or the existing study's)",
     )
     group.add_argument(
+        "--model",
+        type=tunable_model,
+        metavar="NAME",
+        help=f"the model to tune: any that modified_models.py trains (modified_models.py --list shows them) (default "
+        f"{DEFAULT_MODEL}, or the existing study's)",
+    )
+    group.add_argument(
         "--space",
-        type=engine.former_name,
-        choices=tuple(SPACES),
-        help=f"search space, see above; study's old name readme is taken too (default {DEFAULT_SPACE}, or the existing "
-        "study's)",
+        type=space_argument,
+        metavar="NAME|FILE",
+        help="search space: model (the model's own), study, extended, or a .json/.yaml file of your own "
+        "(docs/tuning.md#your-own-space) (default model, or the existing study's)",
+    )
+    group.add_argument(
+        "--sampler",
+        choices=tuple(SAMPLERS),
+        help=f"Optuna's sampler: tpe (Tree-structured Parzen Estimator), cmaes (CMA-ES), gp (Gaussian process); "
+        f"seeded by --seed (default {DEFAULT_SAMPLER}, or the existing study's)",
+    )
+    group.add_argument(
+        "--pruner",
+        choices=PRUNERS,
+        help="stops unpromising trials early: median (worse than the median trial at that epoch), hyperband, or "
+        f"none (default {DEFAULT_PRUNER}, or the existing study's)",
+    )
+    engine.advanced(
+        group.add_argument(
+            "--no-prune", dest="pruner", action="store_const", const="none", help="the same as --pruner none"
+        )
     )
     group.add_argument(
         "--timeout",
         type=engine.positive_float,
         metavar="SECONDS",
         help="start no new trial after this many seconds (the running one finishes) (default: no limit)",
-    )
-    group.add_argument(
-        "--no-prune",
-        dest="prune",
-        action="store_false",
-        help="train every trial for all its epochs instead of stopping the unpromising ones (median rule)",
     )
     group.add_argument(
         "--storage",
@@ -189,10 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     # several workers and their database (docs/tuning.md): --help-all only
     for action in (
         group.add_argument(
-            "--study-name",
-            default="CIFAR10Net_7",
-            metavar="NAME",
-            help="the study's name in the storage (default CIFAR10Net_7)",
+            "--study-name", metavar="NAME", help="the study's name in the storage (default: the model's name)"
         ),
         group.add_argument(
             "--heartbeat",
@@ -228,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=engine.non_negative_int,
         default=0,
         metavar="N",
-        help="seeds the TPE sampler (in a resumed study, with the number of trials so far) and each trial's "
+        help="seeds the sampler (in a resumed study, with the number of trials so far) and each trial's "
         "training; give parallel workers different seeds (default 0)",
     )
 
@@ -243,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--retrain-epochs",
         type=engine.positive_int,
         metavar="N",
-        help=f"epochs of the retraining (default {STUDY_RECIPE.epochs}, the study recipe's, whatever --epochs the "
-        "trials ran; an interrupted retraining continues with its own)",
+        help="epochs of the retraining (default: the model's own recipe's, CIFAR10Net_7's 100, whatever --epochs "
+        "the trials ran; an interrupted retraining continues with its own)",
     )
     engine.advanced(
         group.add_argument(
@@ -266,22 +289,22 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_device_arguments(parser, distributed=False)  # one device per worker: no data-parallel trials
     parser.add_argument_group("output").add_argument(
         "--out-dir",
-        default="runs/tune",
         metavar="DIR",
-        help="folder for the study file and every output (default runs/tune)",
+        help=f"folder for the study file and every output, one study's (default runs/tune for {DEFAULT_MODEL}, "
+        "runs/tune-<model> for another)",
     )
     return parser
 
 
-def base_config(args: argparse.Namespace, settings: StudySettings) -> engine.RunConfig:
-    """Every trial's run settings; the trial fills in its recipe and run folder. One device: no data-parallel trials."""
+def base_config(args: argparse.Namespace, settings: StudySettings, out_dir: Path) -> engine.RunConfig:
+    """Every trial's run settings; the trial fills in its options, recipe and run folder. One device: no data-parallel
+    trials."""
     return engine.RunConfig(
-        model=TUNED_MODEL,
-        recipe=recipe_for({}, settings.epochs),
+        model=settings.model,
         data_dir=args.data_dir,
         dataset=args.dataset,
         val_fraction=args.val_fraction,
-        out_dir=args.out_dir,
+        out_dir=str(out_dir),
         seed=args.seed,
         limit_train=args.limit_train,
         num_workers=args.num_workers,
@@ -314,7 +337,10 @@ def tune(argv: list[str] | None = None) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets our one line instead
     # no per-trial "GPU available" lines
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    out_dir = Path(args.out_dir)
+    # one folder and study per model unless told otherwise: the study's own default keeps its runs/tune
+    model = args.model or DEFAULT_MODEL
+    out_dir = Path(args.out_dir or ("runs/tune" if model == DEFAULT_MODEL else f"runs/tune-{model}"))
+    study_name = args.study_name or model
     # before the study's folder is made; each trial's folder lies in it
     engine.check_outside_data_tree(out_dir, args.data_dir)
     if args.storage is not None and not args.storage.strip():
@@ -322,21 +348,25 @@ def tune(argv: list[str] | None = None) -> None:
             "--storage is empty; give a journal file (PATH.log), sqlite:///PATH.db or a database URL, "
             "or leave --storage out for <out-dir>/study.db"
         )
-    if args.storage is None:
-        out_dir.mkdir(parents=True, exist_ok=True)  # for the default SQLite file
     storage_url = args.storage or f"sqlite:///{out_dir / 'study.db'}"
+    check_study_folder(out_dir, study_name)  # makes it, for the default SQLite file too
     storage_settings = StorageSettings(heartbeat=args.heartbeat, grace=args.heartbeat_grace, patience=args.db_patience)
-    study = open_study(storage_url, args.study_name, args.seed, args.prune, storage_settings)
-    settings = study_settings(study, args.space, args.epochs)
+    study = open_study(storage_url, study_name, storage_settings)
+    mark_study_folder(out_dir, study_name, hide_password(storage_url))
+    settings = study_settings(study, args.model, args.space, args.epochs, args.sampler, args.pruner)
+    configure(study, settings, args.seed)
+    write_space(settings, out_dir)
     settle_abandoned_trials(study)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     # --n-trials 0 runs none: "2 of 0 finished" would say nothing
     asked = f"of {args.n_trials} " if args.n_trials else ""
     print(
         f"Study {study.study_name!r} in {hide_password(storage_url)}: {finished} {asked}trials finished; "
-        f"space {settings.space}, epochs per trial {settings.epochs}, pruning {'on' if args.prune else 'off'}"
+        f"{settings.model} over space {settings.space} ({len(settings.search_space)} parameters), epochs per trial "
+        f"{settings.epochs}, sampler {settings.sampler}, pruner {settings.pruner}"
     )
-    base = base_config(args, settings)
+    base = base_config(args, settings, out_dir)
+    retrain_epochs = args.retrain_epochs or engine.model_spec(settings.model).recipe.epochs
     data = None
     if finished < args.n_trials:
         data = engine.load_split(base)
@@ -344,7 +374,7 @@ def tune(argv: list[str] | None = None) -> None:
         try:
             run_trials(
                 study,
-                make_objective(settings, base, data, args.n_trials, args.prune),
+                make_objective(settings, base, data, args.n_trials, settings.pruner != "none"),
                 args.n_trials,
                 settings.epochs,
                 args.timeout,
@@ -355,11 +385,11 @@ def tune(argv: list[str] | None = None) -> None:
             # a signal passes Optuna by, leaving the trial RUNNING: it fails here, with the reason
             reason = f"interrupted by {interrupt}"
             fail_running_trials(study, lambda trial, worker, silent: reason if worker == this_worker() else None)
-            write_outputs(study, settings, out_dir, args.retrain_epochs or STUDY_RECIPE.epochs)
+            write_outputs(study, settings, out_dir, retrain_epochs)
             interrupt.saved = f"the finished trials are kept in {hide_password(storage_url)}"
             interrupt.continue_command = shlex.join(["python", *sys.argv])
             raise
-    write_outputs(study, settings, out_dir, args.retrain_epochs or STUDY_RECIPE.epochs)
+    write_outputs(study, settings, out_dir, retrain_epochs)
     if args.retrain:
         retrain(study, settings, base, args.retrain_epochs, data, args.overwrite, args.progress)
 

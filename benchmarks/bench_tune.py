@@ -3,7 +3,7 @@
     python -m benchmarks.bench_tune --data-dir ./data [--n-trials 30] [--epochs 5]
 
 Runs hyperparameter_tune.py twice at the same time, side by side, one CPU thread each, on the same
-data, seed and search space: once with the median pruner and once with --no-prune, each in its own
+data, seed and search space: once with the median pruner and once with --pruner none, each in its own
 folder under --out-dir. Prints each study's wall time, epochs trained and best validation loss.
 """
 
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=engine.positive_int, default=5, help="epochs per trial (default 5)")
     parser.add_argument("--seed", type=engine.non_negative_int, default=0, help="seed of both studies (default 0)")
     args = parser.parse_args()
-    studies = {"pruned": [], "no-prune": ["--no-prune"]}
+    studies = {"pruned": [], "no-prune": ["--pruner", "none"]}
     one_thread = dict(os.environ, OMP_NUM_THREADS="1")  # one core each: neither study slows the other
     started = time.perf_counter()
     workers = {}

@@ -27,6 +27,7 @@ Modules, each one job (docs/DESIGN.md shows the layers):
     help         --help (what most runs need) and --help-all (every flag)
     exits        how a run ends: one line and an exit status (run_cli)
     run          fit and train
+    hyperparameters  a run's settings and final metrics for TensorBoard's HPARAMS tab
     pretrained   torchvision's ImageNet networks and their weights (transfer learning)
 
 Parse first, then load what trains: the modules in ``ON_FIRST_USE`` need Lightning, scikit-learn, matplotlib or
@@ -46,7 +47,13 @@ import lazy_loader
 from engine.batches import EVAL_BATCH, SplitData, load_split
 from engine.card import ModelCard
 from engine.checkpoints import load_weights, read_checkpoint, resume_checkpoint, state_dict_mismatch, weights_in
-from engine.cli import add_data_arguments, add_device_arguments, add_model_arguments, add_training_arguments
+from engine.cli import (
+    add_data_arguments,
+    add_device_arguments,
+    add_model_arguments,
+    add_recipe_arguments,
+    add_training_arguments,
+)
 from engine.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, TTA_MODES, WEIGHT_AVERAGES, Recipe, RunConfig
 from engine.data import check_outside_data_tree, has_local_dataset, load_dataset
 from engine.devices import autocast_for, cpu_has_bf16, resolve_accelerator, resolve_precision, training_device
@@ -78,11 +85,13 @@ from engine.run_folder import (
     write_json,
 )
 from engine.settings import (
+    MODEL_OPTION,
     analysis_settings,
     config_from_args,
     differences_from,
     parse_arguments,
     register_analysis_settings,
+    value_problem,
 )
 
 # Loaded on first use: the names of the modules that import Lightning, scikit-learn, matplotlib or torchvision.
@@ -118,6 +127,7 @@ __all__ = [
     "advanced",
     "add_device_arguments",
     "add_model_arguments",
+    "add_recipe_arguments",
     "add_training_arguments",
     "choices_help",
     "config_from_args",
@@ -130,6 +140,9 @@ __all__ = [
     "analysis_settings",
     "register_analysis_settings",
     "register_run_outputs",
+    # a value checked as its flag checks it (a --config file's, a search space's): engine.settings
+    "MODEL_OPTION",
+    "value_problem",
     "run_cli",
     "script_parser",
     # how a run ends other than well

@@ -15,7 +15,7 @@ import argparse
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -159,7 +159,10 @@ class ModelSpec:
     the schedule) overrides the recipe's, and the schedule scales every group alike. ``input_statistics(options)``: the
     mean and std a model's inputs must be normalised with when they are its own (pretrained weights), instead of the
     training split's. ``own_script``: the script of its own that trains it (one that caches a frozen backbone's
-    features, say), or None where the script that trains any model by name does; the engine only carries it."""
+    features, say), or None where the script that trains any model by name does; the engine only carries it.
+    ``tuning``: how the default search space of a tuning study of this model differs from the one derived from its
+    options and recipe (docs/tuning.md): a parameter's own distribution, in a --space file's form, or None to leave it
+    out; the engine only carries it."""
 
     network: Callable[..., nn.Module]
     recipe: Recipe
@@ -169,6 +172,7 @@ class ModelSpec:
     options: tuple[ModelOption, ...] = ()
     input_statistics: Statistics | None = None
     own_script: str | None = None
+    tuning: dict[str, dict[str, Any] | None] = field(default_factory=dict)
 
     def option(self, name: str) -> ModelOption | None:
         return next((option for option in self.options if option.name == name), None)

@@ -54,6 +54,7 @@ from engine.devices import (
 from engine.errors import DiskFull, ProcessLost, RunInterrupted
 from engine.evaluation import predict, test_report
 from engine.files import write_atomically
+from engine.hyperparameters import log_hyperparameters
 from engine.plots import plot_confusion
 from engine.progress import progress_enabled
 from engine.registry import FeatureNetwork, ModelSpec
@@ -147,14 +148,15 @@ def save_weights(net: nn.Module, run_dir: Path) -> None:
 
 @dataclass
 class Fitted:
-    """What ``fit`` leaves: the trained network, its per-epoch history, where and at what precision it trained, and
-    whether this process reports."""
+    """What ``fit`` leaves: the trained network, its per-epoch history, where and at what precision it trained,
+    whether this process reports, and the Trainer's logger (None: --logger none)."""
 
     net: nn.Module
     history: list[dict[str, float]]
     device: torch.device
     precision: str
     is_global_zero: bool
+    logger: Logger | None = None
 
 
 def make_logger(name: str, run_dir: Path) -> Logger | bool:
@@ -179,12 +181,15 @@ def fit(
     data: SplitData,
     after_validation: Callable[[dict[str, Any]], None] | None = None,
     checkpoints: bool = True,
+    hyperparameters: bool = True,
 ) -> Fitted:
     """Build ``model`` with ``config.model_options``, initialise it its own way and train it on ``data`` (normalised for
     the model: ``for_model``) by ``config`` with a Lightning Trainer.
 
     ``after_validation`` gets each epoch's metrics once it is validated (hyperparameter tuning prunes with it);
-    ``checkpoints`` writes last.ckpt after every epoch, and best.ckpt when the validation loss is the lowest so far.
+    ``checkpoints`` writes last.ckpt after every epoch, and best.ckpt when the validation loss is the lowest so far;
+    ``hyperparameters`` logs the run's settings with its final metrics at the end (``engine.hyperparameters``; ``train``
+    logs them itself, after the test, with its accuracy).
     """
     run_dir = Path(config.out_dir)
     accelerator = resolve_accelerator(config.device)
@@ -267,7 +272,10 @@ def fit(
             raise
         stop_extra_processes(trainer)
         raise lost from error
-    return Fitted(net, recorder.history, trainer.strategy.root_device, precision, trainer.is_global_zero)
+    if hyperparameters and trainer.is_global_zero:
+        log_hyperparameters(trainer.logger, config, precision, recorder.history)
+    device = trainer.strategy.root_device
+    return Fitted(net, recorder.history, device, precision, trainer.is_global_zero, trainer.logger)
 
 
 def train(
@@ -293,7 +301,7 @@ def train(
                 flush=True,
             )
             warn_few_steps(config.model, config.recipe, len(data.train_images))
-        fitted = fit(config, model, data)
+        fitted = fit(config, model, data, hyperparameters=False)  # logged after the test, with its accuracy
         if not fitted.is_global_zero:
             return {}
         return finish_run(config, fitted, data, run_dir, analyses)
@@ -343,6 +351,7 @@ def finish_run(
         }
     )
     plot_confusion(report, data.classes, run_dir / "confusion_matrix.png", config.model)
+    log_hyperparameters(fitted.logger, config, fitted.precision, history, report["test_accuracy"])
     write_json(run_dir / "test.json", report)  # last: with test.json the run is finished, and --resume refuses it
     print(
         f"Test accuracy of {config.model}: {report['test_accuracy']:.2%} on {report['num_test_images']} images"

@@ -92,6 +92,15 @@ AIRBENCH_OPTIONS = (
 # time, the backward pass stopping at the first stage; validation accuracy +0.15 points, standard error 0.11).
 NARROW_RECIPE = replace(AIRBENCH_RECIPE, batch_size=500, muon_lr=0.12)
 NARROW_OPTIONS = with_defaults(AIRBENCH_OPTIONS, width=32, dirac=False, whiten_bias_epochs=0.2)
+# Tuning: the width around each model's own, the stem bias's epochs and the biases' rate a decade around airbench's;
+# how many images the whitening reads is not a hyperparameter (5,000 are plenty), and is left out.
+AIRBENCH_TUNING = {
+    "width": {"kind": "int", "low": 32, "high": 128, "log": True},
+    "whiten_images": None,
+    "whiten_bias_epochs": {"kind": "float", "low": 0.1, "high": 3.0, "log": True},
+    "norm_bias_lr_scale": {"kind": "float", "low": 0.02, "high": 0.3, "log": True},
+}
+NARROW_TUNING = AIRBENCH_TUNING | {"width": {"kind": "int", "low": 16, "high": 64, "log": True}}
 WHITEN_EPS = 5e-4  # keeps the near-constant directions of the patches from being blown up
 NORM_MOMENTUM, NORM_EPS = 0.4, 1e-12  # running statistics that follow fast-moving weights (airbench's "momentum 0.6")
 
@@ -200,6 +209,7 @@ register(
         initialize,
         parameter_groups,
         AIRBENCH_OPTIONS,
+        tuning=AIRBENCH_TUNING,
     ),
 )
 register(
@@ -213,5 +223,6 @@ register(
         initialize,
         parameter_groups,
         NARROW_OPTIONS,
+        tuning=NARROW_TUNING,
     ),
 )

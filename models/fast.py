@@ -91,9 +91,16 @@ def recipe_summary(r: Recipe) -> str:
 FAST_OPTIONS = (
     ModelOption("width", int, 64, "filters of the first stage; the other two have 4 times as many", low=1, high=1024),
 )
+# Tuning's width: around each model's own, on the log scale (the declared 1 to 1,024 would spend trials on toy nets).
 register(
     "FastVGG",
-    ModelSpec(FastVGG, FAST_RECIPE, first_line(FastVGG) + " " + recipe_summary(FAST_RECIPE), options=FAST_OPTIONS),
+    ModelSpec(
+        FastVGG,
+        FAST_RECIPE,
+        first_line(FastVGG) + " " + recipe_summary(FAST_RECIPE),
+        options=FAST_OPTIONS,
+        tuning={"width": {"kind": "int", "low": 32, "high": 128, "log": True}},
+    ),
 )
 register(
     "FastVGG_narrow",
@@ -102,5 +109,6 @@ register(
         FAST_RECIPE,
         "FastVGG at half the width (32, 128, 128): a quarter of the arithmetic. " + recipe_summary(FAST_RECIPE),
         options=with_defaults(FAST_OPTIONS, width=32),
+        tuning={"width": {"kind": "int", "low": 16, "high": 64, "log": True}},
     ),
 )

@@ -17,6 +17,18 @@ from engine import ModelOption, ModelSpec, Recipe, UserError, first_line, regist
 STUDY_RECIPE = (
     Recipe()
 )  # Adam(1e-3, betas (0.9, 0.999), weight decay 5e-4), batch 64, 100 epochs, the study augmentation
+# The original study's search (hyperparameter_tune.py --space study, in a --space file's form): CIFAR10Net_7's layer
+# sizes and dropout, and the recipe's learning rate, weight decay and batch size. It is CIFAR10Net's and CIFAR10Net_7's
+# own space (their registry entries keep the convolutions as they are).
+POWERS_OF_TWO = [32, 64, 128, 256, 512]
+STUDY_SPACE = {
+    "fc1_size": {"kind": "categorical", "choices": POWERS_OF_TWO},
+    "fc2_size": {"kind": "categorical", "choices": POWERS_OF_TWO},
+    "dropout": {"kind": "float", "low": 0.1, "high": 0.9},
+    "lr": {"kind": "float", "low": 1e-4, "high": 1e-1, "log": True},
+    "weight_decay": {"kind": "float", "low": 5e-4, "high": 1e-1, "log": True},
+    "batch_size": {"kind": "categorical", "choices": POWERS_OF_TWO},
+}
 
 
 def pooled_side(size: int, conv1_kernel: int, conv2_kernel: int) -> int:
@@ -223,13 +235,21 @@ CIFAR10NET_OPTIONS = (
     ModelOption("fc2_size", int, 64, "units of the second fully connected layer", low=1, high=4096),
     ModelOption("dropout", float, 0.0, "dropout after the ReLUs of fc1 and fc2", low=0.0, high=0.99),
 )
-register("CIFAR10Net", ModelSpec(CIFAR10Net, STUDY_RECIPE, first_line(CIFAR10Net), options=CIFAR10NET_OPTIONS))
+STUDY_TUNING = {**dict.fromkeys(("conv1_width", "conv1_kernel", "conv2_width", "conv2_kernel")), **STUDY_SPACE}
+register(
+    "CIFAR10Net",
+    ModelSpec(CIFAR10Net, STUDY_RECIPE, first_line(CIFAR10Net), options=CIFAR10NET_OPTIONS, tuning=STUDY_TUNING),
+)
 for model in (CIFAR10Net_2, CIFAR10Net_3, CIFAR10Net_4, CIFAR10Net_5, CIFAR10Net_6):
     register(model.__name__, ModelSpec(model, STUDY_RECIPE, first_line(model)))
 register(
     "CIFAR10Net_7",
     ModelSpec(
-        CIFAR10Net_7, STUDY_RECIPE, first_line(CIFAR10Net_7), options=with_defaults(CIFAR10NET_OPTIONS, dropout=0.5)
+        CIFAR10Net_7,
+        STUDY_RECIPE,
+        first_line(CIFAR10Net_7),
+        options=with_defaults(CIFAR10NET_OPTIONS, dropout=0.5),
+        tuning=STUDY_TUNING,
     ),
 )
 register(

@@ -130,6 +130,23 @@ def no_network(monkeypatch):
     monkeypatch.setattr(data_module, "download_official", offline)
 
 
+# Small enough that a tuning trial takes a second or two: 90 training images
+TRIAL_SIZED = dict(n_train=100, n_test=20)
+
+
+@pytest.fixture
+def trial_sized_data(monkeypatch):
+    """Every split a script loads is TRIAL_SIZED synthetic data."""
+    data = engine.SplitData.from_arrays(synthetic_arrays(**TRIAL_SIZED))
+    monkeypatch.setattr(engine, "load_split", lambda config: data)
+
+
+@pytest.fixture
+def no_figures(monkeypatch):
+    """Optuna's figures take seconds to draw; only the tests of the figures need them."""
+    monkeypatch.setattr("tuning.outputs.write_figures", lambda study, out_dir: [])
+
+
 def quick_config(tmp_path: Path, model: str = "CIFAR10Net", **recipe) -> engine.RunConfig:
     """A run that finishes in seconds on the synthetic data."""
     base = dict(epochs=2, batch_size=32, augment="none")

@@ -114,7 +114,7 @@ def command_lines(run: Path, tree: Path, photo: Path, out: Path) -> dict[str, tu
 )
 def test_every_flag_a_script_offers_is_read(script, parsers, trained, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(
-        tuning.study, "write_figures", lambda study, out_dir: []
+        tuning.outputs, "write_figures", lambda study, out_dir: []
     )  # Optuna's figures: seconds, and no flag
     module, runs = command_lines(*trained, tmp_path / "out")[script]
     read = set()

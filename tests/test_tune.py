@@ -4,6 +4,7 @@ search spaces."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -25,12 +26,26 @@ import engine
 import hyperparameter_tune as tune
 import study_storage
 import tuning
-from conftest import synthetic_arrays
+from conftest import TRIAL_SIZED
 from modified_models import CIFAR10Net_7
+
+pytestmark = pytest.mark.usefixtures("trial_sized_data")
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = "CIFAR10Net_7"  # the default --study-name
-SMALL = dict(n_train=100, n_test=20)  # 90 training images: a trial takes a second or two
+STUDY_SPACE = tuning.resolve_space("study", STUDY)[1]
+
+
+def study_settings(**changes) -> tuning.StudySettings:
+    """The default study's settings, with ``changes``."""
+    settings = dict(model=STUDY, space="model", search_space=tuning.to_json(STUDY_SPACE), epochs=5) | changes
+    return tuning.StudySettings(**settings)
+
+
+def stored_settings(**changes) -> dict:
+    """What a study of the default settings, with ``changes``, stores."""
+    return dataclasses.asdict(study_settings(**changes))
+
 
 # A worker process that tunes on the synthetic data instead of CIFAR-10 (it imports the project and the tests' helpers
 # as the tests do: start_worker puts both on its PYTHONPATH).
@@ -38,24 +53,12 @@ WORKER_SCRIPT = f"""
 import os, socket, sys
 import engine
 from conftest import synthetic_arrays
-engine.load_split = lambda config: engine.SplitData.from_arrays(synthetic_arrays(**{SMALL!r}))
+engine.load_split = lambda config: engine.SplitData.from_arrays(synthetic_arrays(**{TRIAL_SIZED!r}))
 if "WORKER_HOST" in os.environ:  # the test's stand-in for a worker on another machine
     socket.gethostname = lambda: os.environ["WORKER_HOST"]
 import hyperparameter_tune
 engine.run_cli(lambda: hyperparameter_tune.main(sys.argv[1:]))
 """
-
-
-@pytest.fixture(autouse=True)
-def synthetic_data(monkeypatch):
-    data = engine.SplitData.from_arrays(synthetic_arrays(**SMALL))
-    monkeypatch.setattr(engine, "load_split", lambda config: data)
-
-
-@pytest.fixture
-def no_figures(monkeypatch):
-    """Optuna's figures take seconds to draw; only the test of the outputs needs them."""
-    monkeypatch.setattr(tuning.study, "write_figures", lambda study, out_dir: [])
 
 
 def flags(out_dir: Path, *more: str) -> list[str]:
@@ -143,8 +146,19 @@ def test_flags_that_contradict_the_study_are_refused(tmp_path):
     tune.main(flags(tmp_path, "--n-trials", "0", "--epochs", "2"))
     with pytest.raises(engine.UserError, match="--epochs 2"):
         tune.main(flags(tmp_path, "--n-trials", "0", "--epochs", "3"))
-    with pytest.raises(engine.UserError, match="--space study"):
+    with pytest.raises(
+        engine.UserError, match="another space than --space extended holds: the one given as --space model"
+    ):
         tune.main(flags(tmp_path, "--n-trials", "0", "--space", "extended"))
+    tune.main(flags(tmp_path, "--n-trials", "0", "--space", "study"))  # CIFAR10Net_7's own space is the study's
+    for flag, value in (("--model", "FastVGG_narrow"), ("--sampler", "random"), ("--pruner", "none")):
+        with pytest.raises(engine.UserError, match=f"was tuned with {flag} "):
+            tune.main(flags(tmp_path, "--n-trials", "0", "--study-name", STUDY, flag, value))
+    # another model's study is another study (its own name): it never shares this one's folder and trial numbers
+    with pytest.raises(
+        engine.UserError, match="holds the outputs and trials of study 'CIFAR10Net_7' .*--study-name CIFAR10Net_7"
+    ):
+        tune.main(flags(tmp_path, "--n-trials", "0", "--model", "FastVGG_narrow"))
 
 
 def test_retrain_of_an_existing_study_trains_its_best_trial_like_main(no_figures, tmp_path, capsys):
@@ -212,9 +226,10 @@ def proposed_by_runs(storage: str, seed: int, runs: int) -> list[dict]:
     each run completes a trial and is then killed mid-trial."""
     proposed = []
     for _ in range(runs):
-        study = tuning.open_study(storage, STUDY, seed, prune=True)
+        study = tuning.open_study(storage, STUDY)
+        tuning.configure(study, study_settings(), seed)
         complete, killed = study.ask(), study.ask()  # the killed one stays RUNNING, as a kill leaves it
-        proposed += [tuning.study.suggest_study(complete), tuning.study.suggest_study(killed)]
+        proposed += [tuning.draw(STUDY_SPACE, complete), tuning.draw(STUDY_SPACE, killed)]
         study.tell(complete, 1.0)
     return proposed
 
@@ -269,7 +284,7 @@ def test_out_of_memory_fails_the_trial_with_its_reason_and_the_study_goes_on(no_
 
 def test_pruned_trials_stop_early_and_the_saved_epochs_are_reported(no_figures, tmp_path, monkeypatch, capsys):
     # A pruner that prunes every trial after its first epoch, instead of waiting for the median rule's five trials.
-    monkeypatch.setattr(tuning.study, "make_pruner", lambda prune: optuna.pruners.ThresholdPruner(upper=0.0))
+    monkeypatch.setattr(tuning.study, "make_pruner", lambda name, epochs: optuna.pruners.ThresholdPruner(upper=0.0))
     tune.main(flags(tmp_path, "--n-trials", "2", "--epochs", "3"))
     rows = read_trials(tmp_path)
     assert [(row["state"], row["epochs_run"]) for row in rows] == [("PRUNED", "1"), ("PRUNED", "1")]
@@ -339,7 +354,7 @@ def test_two_workers_started_together_on_a_fresh_sqlite_file_both_run(tmp_path):
         for worker in workers:
             worker.join(timeout=60)
         assert [worker.exitcode for worker in workers] == [0, 0], f"try {attempt}"
-        assert load_study(f"sqlite:///{out}/study.db").user_attrs == {"space": "study", "epochs": 5}
+        assert load_study(f"sqlite:///{out}/study.db").user_attrs == stored_settings(epochs=5)
 
 
 def test_two_workers_on_one_postgresql_study_finish_exactly_the_requested_trials(tmp_path, postgresql_url):
@@ -477,9 +492,7 @@ def test_a_worker_rides_out_a_database_restart_and_keeps_its_trial(no_figures, t
 def test_a_trial_started_when_running_trials_already_make_up_the_study_steps_back():
     study = optuna.create_study()
     study.ask()  # another worker's trial, still running: it will make up the one trial asked for
-    objective = tuning.make_objective(
-        tuning.StudySettings(space="study", epochs=1), base=None, data=None, n_trials=1, prune=True
-    )
+    objective = tuning.make_objective(study_settings(epochs=1), base=None, data=None, n_trials=1, prune=True)
     tuning.run_trials(study, objective, n_trials=1, epochs=1, timeout=None)
     assert len(study.trials) == 1  # checked before starting: no trial at all
     study.optimize(objective, n_trials=1, catch=(tuning.NotNeeded,))  # started at the same moment as the other
@@ -543,7 +556,7 @@ def sample(space: str, n: int) -> list[dict]:
     samples = []
     for _ in range(n):
         trial = study.ask()
-        samples.append(tuning.SPACES[space](trial))
+        samples.append(tuning.draw(tuning.resolve_space(space, STUDY)[1], trial))
         assert samples[-1] == trial.params
         study.tell(trial, 0.0)
     return samples
@@ -563,14 +576,14 @@ def test_readme_space_is_the_readme_study():
     lrs = sorted(params["lr"] for params in samples)
     assert lrs[len(lrs) // 2] < 10**-2.3  # log-uniform: the median is near 10^-2.5, not 0.05
     assert {params["fc1_size"] for params in samples} == {32, 64, 128, 256, 512}
-    recipe = tuning.recipe_for(samples[0], epochs=5)
+    recipe = tuning.recipe_for(STUDY, samples[0], epochs=5)
     assert (recipe.epochs, recipe.lr, recipe.batch_size, recipe.optimizer) == (
         5,
         samples[0]["lr"],
         samples[0]["batch_size"],
         "adam",
     )
-    net = engine.model_spec("CIFAR10Net_7").build(tuning.study.options_for(samples[0]))
+    net = engine.model_spec("CIFAR10Net_7").build(tuning.options_for(STUDY, samples[0]))
     assert (
         isinstance(net, CIFAR10Net_7)
         and net.fc1.out_features == samples[0]["fc1_size"]
@@ -585,7 +598,7 @@ def test_extended_space_adds_convolutions_and_optimisers_and_every_network_build
         check_readme_bounds(params)
         assert params["conv1_width"] in (16, 20, 32, 48, 64) and params["conv2_width"] in (32, 40, 64, 96, 128)
         assert params["conv1_kernel"] in (3, 5) and params["conv2_kernel"] in (3, 4, 5)
-        recipe = tuning.recipe_for(params, epochs=5)
+        recipe = tuning.recipe_for(STUDY, params, epochs=5)
         assert recipe.optimizer == params["optimizer"]
         if params["optimizer"] == "sgd":
             assert 0.8 <= params["momentum"] <= 0.99 and "beta1" not in params and recipe.momentum == params["momentum"]
@@ -594,7 +607,7 @@ def test_extended_space_adds_convolutions_and_optimisers_and_every_network_build
             assert recipe.betas == (params["beta1"], params["beta2"])
         kernels = (params["conv1_kernel"], params["conv2_kernel"])
         if kernels not in shapes_built:
-            net = engine.model_spec("CIFAR10Net_7").build(tuning.study.options_for(params)).eval()
+            net = engine.model_spec("CIFAR10Net_7").build(tuning.options_for(STUDY, params)).eval()
             assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
             assert net.forward_features(torch.zeros(2, 3, 32, 32)).shape == (2, params["fc2_size"])
             shapes_built.add(kernels)
@@ -619,7 +632,7 @@ def test_the_private_optuna_that_tuning_reads_is_in_the_installed_optuna(tmp_pat
     it, this fails with the line a user would see."""
     url = f"sqlite:///{tmp_path / 'study.db'}"
     settings = study_storage.StorageSettings(heartbeat=1, grace=1)
-    study = tuning.open_study(url, STUDY, seed=0, prune=True, settings=settings)
+    study = tuning.open_study(url, STUDY, settings=settings)
     trial = study.ask()
     storage, study_id, silent = tuning.private_optuna(study)
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
@@ -627,7 +640,7 @@ def test_the_private_optuna_that_tuning_reads_is_in_the_installed_optuna(tmp_pat
     assert study_id == storage.get_study_id_from_name(STUDY) and tuning.private_optuna(study)[2] == set()
     time.sleep(2.5)  # past the grace period of 1 s
     assert tuning.private_optuna(study)[2] == {trial_id}
-    journal = tuning.open_study(str(tmp_path / "study.log"), STUDY, seed=0, prune=True)
+    journal = tuning.open_study(str(tmp_path / "study.log"), STUDY)
     assert tuning.private_optuna(journal)[2] == set()  # a journal has no heartbeat
     with pytest.raises(RuntimeError, match=r"Optuna .* no longer has what tuning.private_optuna reads"):
         tuning.private_optuna(object())
@@ -637,10 +650,10 @@ def test_a_study_stored_under_the_old_space_name_readme_continues(no_figures, tm
     """The study's space was once named readme: a study stored so, and the flag spelled so, go on as --space study."""
     out = tmp_path / "tune"
     out.mkdir()
-    old = tuning.open_study(f"sqlite:///{out}/study.db", STUDY, seed=0, prune=True)
+    old = tuning.open_study(f"sqlite:///{out}/study.db", STUDY)
     old.set_user_attr("space", "readme")
     old.set_user_attr("epochs", 1)
     tune.main(flags(out, "--n-trials", "1", "--space", "readme"))
     study = load_study(f"sqlite:///{out}/study.db")
-    assert study.user_attrs == {"space": "study", "epochs": 1}
+    assert study.user_attrs == stored_settings(space="study", epochs=1)
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]

@@ -24,12 +24,12 @@ from optuna.trial import TrialState
 import engine
 import engine.callbacks
 import hyperparameter_tune as tune
-import tuning
-from conftest import run_command, synthetic_arrays
+from conftest import TRIAL_SIZED, run_command
+
+pytestmark = pytest.mark.usefixtures("trial_sized_data", "no_figures")
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = "CIFAR10Net_7"  # the default --study-name
-SMALL = dict(n_train=100, n_test=20)  # 90 training images: a trial takes a second or two
 PATIENCE = ("--db-patience", "3")
 
 # A worker process on the synthetic data. With PAUSE_AT set it stops once, at that moment of its trial, and waits while
@@ -40,7 +40,7 @@ import os, sys, time
 from pathlib import Path
 import engine
 from conftest import synthetic_arrays
-engine.load_split = lambda config: engine.SplitData.from_arrays(synthetic_arrays(**{SMALL!r}))
+engine.load_split = lambda config: engine.SplitData.from_arrays(synthetic_arrays(**{TRIAL_SIZED!r}))
 import hyperparameter_tune, tuning.trials
 
 def pause():
@@ -57,18 +57,6 @@ elif os.environ.get("PAUSE_AT") == "epoch":
     tuning.trials.TrialEpochs.__call__ = lambda self, metrics: (pause(), report(self, metrics))
 engine.run_cli(lambda: hyperparameter_tune.main(sys.argv[1:]))
 """
-
-
-@pytest.fixture(autouse=True)
-def synthetic_data(monkeypatch):
-    data = engine.SplitData.from_arrays(synthetic_arrays(**SMALL))
-    monkeypatch.setattr(engine, "load_split", lambda config: data)
-
-
-@pytest.fixture(autouse=True)
-def no_figures(monkeypatch):
-    """Optuna's figures take seconds to draw, and no fault here is theirs."""
-    monkeypatch.setattr(tuning.study, "write_figures", lambda study, out_dir: [])
 
 
 def flags(out_dir: Path, *more: str) -> list[str]:
@@ -191,7 +179,7 @@ def test_an_interrupted_retraining_continues_with_the_command_it_prints(tmp_path
     command = printed_command(line, "continue with: ")
     assert command == ["python", "hyperparameter_tune.py", *study]  # no --resume: this script has none
     # the default of --retrain-epochs is the study recipe's, not the trials': the line that starts it says so
-    assert "for 100 epochs (the default of --retrain-epochs, the study recipe's; the trials ran 1) in" in printed
+    assert "for 100 epochs (the default of --retrain-epochs, CIFAR10Net_7's recipe's; the trials ran 1) in" in printed
 
     ctrl_c_after(1)
     code, printed, err = run_command(tune, monkeypatch, capsys, *command[2:])

@@ -1,4 +1,4 @@
-"""The tuning study's pieces: search spaces, the study and its storage, the workers that share it, its outputs."""
+"""The study and its storage, what defines it (model, space, epochs, sampler, pruner), and the workers that share it."""
 
 from __future__ import annotations
 
@@ -6,30 +6,23 @@ import os
 import random
 import socket
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import matplotlib.pyplot as plt
 import numpy as np
 import optuna
 import torch
-from matplotlib.ticker import NullFormatter
-from optuna.trial import FrozenTrial, Trial, TrialState
-from optuna.visualization import matplotlib as plots
+from optuna.trial import FrozenTrial, TrialState
 
 import engine
-from analyses.report import write_report
-from engine import UserError, former_name, write_atomically
-from models.study import STUDY_RECIPE
+from engine import UserError, former_name
 from study_storage import StorageSettings, open_storage, unusable_storage
+from tuning.space import NAMED_SPACES, Space, options_for, parse_space, recipe_for, resolve_space, to_json
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-DEFAULT_SPACE, DEFAULT_EPOCHS, DEFAULT_TRIALS = "study", 5, 30
+DEFAULT_MODEL, DEFAULT_SPACE, DEFAULT_EPOCHS, DEFAULT_TRIALS = "CIFAR10Net_7", "model", 5, 30
 OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError)
 # Workers that open a fresh storage at once race to create its tables and the study; the loser's
 # CREATE or INSERT meets the winner's, worded "already exists" (SQLite, PostgreSQL, MySQL), "UNIQUE
@@ -37,100 +30,53 @@ OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError)
 CREATION_RACE = ("already exists", "unique constraint", "duplicate")
 CREATION_ATTEMPTS = 5
 
+# Optuna's samplers and pruners by the names --sampler and --pruner take; a sampler the installed Optuna lacks is not
+# offered. CMA-ES and the Gaussian process draw categorical parameters at random (they model numbers only).
+SAMPLER_CLASSES = {"tpe": "TPESampler", "random": "RandomSampler", "cmaes": "CmaEsSampler", "gp": "GPSampler"}
+SAMPLERS = {name: cls for name, cls in SAMPLER_CLASSES.items() if hasattr(optuna.samplers, cls)}
+PRUNERS = ("median", "hyperband", "none")
+DEFAULT_SAMPLER, DEFAULT_PRUNER = "tpe", "median"
+
 
 # --------------------------------------------------------------------------------------------
-# Search spaces
+# What defines a study
 # --------------------------------------------------------------------------------------------
-FC_SIZES = (32, 64, 128, 256, 512)
-BATCH_SIZES = (32, 64, 128, 256, 512)
-CONV1_WIDTHS, CONV1_KERNELS = (16, 20, 32, 48, 64), (3, 5)
-CONV2_WIDTHS, CONV2_KERNELS = (32, 40, 64, 96, 128), (3, 4, 5)
-# Muon is left out: it orthogonalises whole filter banks, made for the wide airbench nets, not this search.
-TUNED_OPTIMIZERS = ("adam", "adamw", "sgd")
+@dataclass(frozen=True)
+class StudySettings:
+    """What defines the tuning problem; stored with the study so that every worker and every rerun agrees."""
 
+    model: str
+    space: str  # how it was given: a named space, or the file it was read from
+    search_space: dict[str, dict[str, Any]]  # the space itself, in a --space file's form
+    epochs: int
+    sampler: str = DEFAULT_SAMPLER
+    pruner: str = DEFAULT_PRUNER
 
-def suggest_study(trial: Trial) -> dict[str, Any]:
-    """The study's study: CIFAR10Net_7's layer sizes and dropout, and the recipe's lr, weight decay and batch size."""
-    return {
-        "fc1_size": trial.suggest_categorical("fc1_size", FC_SIZES),
-        "fc2_size": trial.suggest_categorical("fc2_size", FC_SIZES),
-        "dropout": trial.suggest_float("dropout", 0.1, 0.9),
-        "lr": trial.suggest_float("lr", 1e-4, 1e-1, log=True),
-        "weight_decay": trial.suggest_float("weight_decay", 5e-4, 1e-1, log=True),
-        "batch_size": trial.suggest_categorical("batch_size", BATCH_SIZES),
-    }
-
-
-def suggest_extended(trial: Trial) -> dict[str, Any]:
-    """The study's space, the two convolutions' shapes, and the optimiser with its own settings."""
-    params = suggest_study(trial)
-    params.update(
-        conv1_width=trial.suggest_categorical("conv1_width", CONV1_WIDTHS),
-        conv1_kernel=trial.suggest_categorical("conv1_kernel", CONV1_KERNELS),
-        conv2_width=trial.suggest_categorical("conv2_width", CONV2_WIDTHS),
-        conv2_kernel=trial.suggest_categorical("conv2_kernel", CONV2_KERNELS),
-        optimizer=trial.suggest_categorical("optimizer", TUNED_OPTIMIZERS),
-    )
-    if params["optimizer"] == "sgd":
-        params["momentum"] = trial.suggest_float("momentum", 0.8, 0.99)
-    else:
-        params["beta1"] = trial.suggest_float("beta1", 0.8, 0.95)
-        params["beta2"] = trial.suggest_float("beta2", 0.99, 0.9999)
-    return params
-
-
-# Each space draws CIFAR10Net_7's options (its layer sizes and dropout: what the network is) and recipe fields.
-TUNED_MODEL = "CIFAR10Net_7"
-SPACES: dict[str, Callable[[Trial], dict[str, Any]]] = {"study": suggest_study, "extended": suggest_extended}
-RECIPE_PARAMS = ("batch_size", "optimizer", "lr", "momentum", "weight_decay")
-BETA_PARAMS = ("beta1", "beta2")
-
-
-def recipe_for(params: dict[str, Any], epochs: int) -> engine.Recipe:
-    """The study's recipe with a trial's training hyperparameters."""
-    recipe = replace(STUDY_RECIPE, epochs=epochs, **{name: params[name] for name in RECIPE_PARAMS if name in params})
-    if "beta1" in params:
-        recipe = replace(recipe, betas=(params["beta1"], params["beta2"]))
-    return recipe
-
-
-def options_for(params: dict[str, Any]) -> dict[str, Any]:
-    """CIFAR10Net_7's options with a trial's network hyperparameters (every parameter that is not the recipe's),
-    checked.
-    """
-    chosen = {name: value for name, value in params.items() if name not in RECIPE_PARAMS + BETA_PARAMS}
-    return engine.model_spec(TUNED_MODEL).resolve(TUNED_MODEL, chosen, "the trial's parameters")
+    def parsed(self) -> Space:
+        return parse_space(self.search_space, self.model, f"study's space ({self.space})")
 
 
 def trial_config(base: engine.RunConfig, params: dict[str, Any], epochs: int, out_dir: Path) -> engine.RunConfig:
-    """The run a trial's configuration makes: CIFAR10Net_7 with the trial's options and recipe, in ``out_dir``. Its
-    config.json is what ``modified_models.py --config`` reruns."""
+    """The run a trial's parameters make: ``base.model`` with the trial's options and its own recipe with the trial's
+    fields, for ``epochs``, in ``out_dir``. Its config.json is what ``modified_models.py --config`` reruns."""
     return replace(
         base,
-        model=TUNED_MODEL,
-        model_options=options_for(params),
-        recipe=recipe_for(params, epochs),
+        model_options=options_for(base.model, params),
+        recipe=recipe_for(base.model, params, epochs),
         out_dir=str(out_dir),
     )
 
 
-# --------------------------------------------------------------------------------------------
-# The study and its storage
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StudySettings:
-    """What defines the tuning problem; stored with the study so that every worker and resume agrees."""
-
-    space: str
-    epochs: int
+def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    if name == "median":  # a trial worse than the median of earlier trials at the same epoch, after 5 trials
+        return optuna.pruners.MedianPruner()
+    if name == "hyperband":  # successive halving in brackets, from 1 epoch up to the trial's all
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+    return optuna.pruners.NopPruner()
 
 
-def make_pruner(prune: bool) -> optuna.pruners.BasePruner:
-    return optuna.pruners.MedianPruner() if prune else optuna.pruners.NopPruner()
-
-
-def make_sampler(seed: int, trials_so_far: int) -> optuna.samplers.TPESampler:
-    """A TPE sampler seeded by --seed in a fresh study, and by --seed and the trials so far in a resumed one.
+def make_sampler(name: str, seed: int, trials_so_far: int) -> optuna.samplers.BaseSampler:
+    """--sampler's sampler seeded by --seed in a fresh study, and by --seed and the trials so far in a resumed one.
 
     Reseeding a resumed study with --seed alone would replay the first run's random draws: its next
     trial would repeat trial 0. The trials so far differ from one run of a study to the next.
@@ -138,18 +84,18 @@ def make_sampler(seed: int, trials_so_far: int) -> optuna.samplers.TPESampler:
     sampler_seed = (
         seed if trials_so_far == 0 else int(np.random.SeedSequence((seed, trials_so_far)).generate_state(1)[0])
     )
-    # constant liar: workers avoid each other's running trials
-    return optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True)
+    if name == "tpe":  # constant liar: workers avoid each other's running trials
+        return optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True)
+    return getattr(optuna.samplers, SAMPLERS[name])(seed=sampler_seed)
 
 
 def is_creation_race(error: Exception) -> bool:
     return any(words in str(error).lower() for words in CREATION_RACE)
 
 
-def open_study(
-    storage_url: str, name: str, seed: int, prune: bool, settings: StorageSettings = StorageSettings()
-) -> optuna.Study:
-    """Create the study, or load it if it exists; an unusable storage is the user's to fix.
+def open_study(storage_url: str, name: str, settings: StorageSettings = StorageSettings()) -> optuna.Study:
+    """Create the study, or load it if it exists; an unusable storage is the user's to fix. ``configure`` gives it its
+    sampler and pruner.
 
     A worker that loses the race to create a fresh storage retries after a random pause, by which
     time the winner has created it.
@@ -157,41 +103,84 @@ def open_study(
     backoff = random.Random()  # seeded by the OS: workers forked from one process still pause differently
     for attempt in range(1, CREATION_ATTEMPTS + 1):
         try:
-            study = optuna.create_study(
-                study_name=name,
-                storage=open_storage(storage_url, settings),
-                pruner=make_pruner(prune),
-                direction="minimize",
-                load_if_exists=True,
+            return optuna.create_study(
+                study_name=name, storage=open_storage(storage_url, settings), direction="minimize", load_if_exists=True
             )
-            break
         except Exception as error:
             # database drivers raise many types (ImportError, OperationalError, ArgumentError, OSError, ...)
             if attempt < CREATION_ATTEMPTS and is_creation_race(error):
                 time.sleep(attempt * backoff.uniform(0.05, 0.25))
                 continue
             raise UserError(unusable_storage(storage_url, error)) from None
-    study.sampler = make_sampler(seed, len(study.get_trials(deepcopy=False)))
-    return study
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-def study_settings(study: optuna.Study, space: str | None, epochs: int | None) -> StudySettings:
-    """The study's stored settings; flags that contradict them are an error, missing flags take them."""
-    stored = {
-        **study.user_attrs,
-        **({"space": former_name(study.user_attrs["space"])} if "space" in study.user_attrs else {}),
-    }
-    for key, given in (("space", space), ("epochs", epochs)):
+def configure(study: optuna.Study, settings: StudySettings, seed: int) -> None:
+    """The study's sampler and pruner, as its settings name them."""
+    study.sampler = make_sampler(settings.sampler, seed, len(study.get_trials(deepcopy=False)))
+    study.pruner = make_pruner(settings.pruner, settings.epochs)
+
+
+def stored_settings(study: optuna.Study) -> dict[str, Any]:
+    """What the study holds of its settings. A study from before --model tunes CIFAR10Net_7, and one from before the
+    space was stored has the space its name names (its former name too)."""
+    stored = dict(study.user_attrs)
+    if not stored:
+        return stored
+    stored.setdefault("model", DEFAULT_MODEL)
+    if "space" in stored:
+        stored["space"] = former_name(stored["space"])
+        if "search_space" not in stored and stored["space"] in NAMED_SPACES:
+            stored["search_space"] = to_json(resolve_space(stored["space"], stored["model"])[1])
+    return stored
+
+
+def refused(study: optuna.Study, flag: str, stored: Any) -> UserError:
+    return UserError(
+        f"study {study.study_name!r} was tuned with --{flag} {stored}; continue it with that (or leave --{flag} out), "
+        "or start another study with --study-name or --out-dir"
+    )
+
+
+def study_settings(
+    study: optuna.Study,
+    model: str | None,
+    space: str | None,
+    epochs: int | None,
+    sampler: str | None = None,
+    pruner: str | None = None,
+) -> StudySettings:
+    """The study's stored settings; flags that contradict them are an error (a space by what it holds, whatever it is
+    called), missing flags take them, and a new study's are stored."""
+    stored = stored_settings(study)
+    for key, given in (("model", model), ("epochs", epochs), ("sampler", sampler), ("pruner", pruner)):
         if key in stored and given is not None and given != stored[key]:
+            raise refused(study, key, stored[key])
+    model = stored.get("model", model or DEFAULT_MODEL)
+    if space is not None:
+        label, parsed = resolve_space(space, model)
+        if "search_space" in stored and to_json(parsed) != stored["search_space"]:
             raise UserError(
-                f"study {study.study_name!r} was tuned with --{key} {stored[key]}; continue it with that (or leave "
-                f"--{key} out), or start another study with --study-name or --out-dir"
+                f"study {study.study_name!r} searches another space than --space {space} holds: the one given as "
+                f"--space {stored['space']} (space.json in its folder holds it); continue it with that (or leave "
+                "--space out), or start another study with --study-name or --out-dir"
             )
+    if "search_space" in stored:
+        label, search_space = stored["space"], stored["search_space"]
+    else:
+        label, parsed = (label, parsed) if space is not None else resolve_space(DEFAULT_SPACE, model)
+        search_space = to_json(parsed)
     settings = StudySettings(
-        space=stored.get("space", space or DEFAULT_SPACE), epochs=stored.get("epochs", epochs or DEFAULT_EPOCHS)
+        model=model,
+        space=label,
+        search_space=search_space,
+        epochs=stored.get("epochs", epochs or DEFAULT_EPOCHS),
+        sampler=stored.get("sampler", sampler or DEFAULT_SAMPLER),
+        pruner=stored.get("pruner", pruner or DEFAULT_PRUNER),
     )
     for key, value in asdict(settings).items():
-        study.set_user_attr(key, value)
+        if study.user_attrs.get(key) != value:  # as stored: a former name is stored anew
+            study.set_user_attr(key, value)
     return settings
 
 
@@ -287,7 +276,7 @@ def places_taken(study: optuna.Study, before: int | None = None) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Outputs
+# The trials, in a line and at their best
 # --------------------------------------------------------------------------------------------
 def format_params(params: dict[str, Any]) -> str:
     return ", ".join(
@@ -298,99 +287,3 @@ def format_params(params: dict[str, Any]) -> str:
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return min(complete, key=lambda t: t.value) if complete else None
-
-
-TRIAL_COLUMNS = ("number", "state", "value", "duration_s", "epochs_run", "reason")
-OBJECTIVE_NAME = "validation loss"  # what the figures call a trial's value (Optuna's own word is "Objective Value")
-# name: complete trials it needs
-FIGURES = {"optimization_history": 1, "param_importances": 2, "parallel_coordinate": 2, "slice": 2}
-
-
-def write_trials_csv(study: optuna.Study, path: Path) -> None:
-    """One row per trial, one column per parameter any trial has."""
-    trials = study.get_trials(deepcopy=False)
-    param_names = list(dict.fromkeys(name for trial in trials for name in trial.params))
-    rows = [
-        {
-            "number": t.number,
-            "state": t.state.name,
-            "value": t.value,
-            "duration_s": round(t.duration.total_seconds(), 2) if t.duration else None,
-            "epochs_run": t.user_attrs.get("epochs_run"),
-            "reason": t.user_attrs.get("reason", ""),
-            **t.params,
-        }
-        for t in trials
-    ]
-    engine.write_csv(path, rows, [*TRIAL_COLUMNS, *param_names])
-
-
-def best_record(study: optuna.Study, settings: StudySettings, best: FrozenTrial, retrain_epochs: int) -> dict[str, Any]:
-    return {
-        "study": study.study_name,
-        "space": settings.space,
-        "trial": best.number,
-        "val_loss": best.value,
-        "epochs": settings.epochs,
-        "params": best.params,
-        "model": TUNED_MODEL,
-        "model_options": options_for(best.params),
-        "recipe": asdict(recipe_for(best.params, retrain_epochs)),
-    }
-
-
-def write_figures(study: optuna.Study, out_dir: Path) -> list[str]:
-    """Optuna's matplotlib figures the study has enough complete trials for; returns the files written."""
-    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    written = []
-    for name, needed in FIGURES.items():
-        if complete < needed:
-            continue
-        # Optuna's plots call plt.style.use("ggplot"): rc_context puts the process's style back after them
-        with warnings.catch_warnings(), matplotlib.rc_context():
-            # the plots are "experimental", and an axis where all trials agree is "singular"
-            warnings.simplefilter("ignore")
-            axes = getattr(plots, f"plot_{name}")(study, target_name=OBJECTIVE_NAME)
-            figure = np.ravel(axes)[0].figure
-            width, height = figure.get_size_inches()
-            figure.set_size_inches(max(width, 1.3 * len(study.best_params) + 3), height)  # an axis per parameter
-            for axis in figure.axes:  # a log axis (lr, weight decay) labels its minor ticks too, and they collide
-                axis.tick_params(labelsize=8)
-                axis.tick_params(axis="x", labelrotation=30)
-                for scale, ticks in ((axis.get_xscale(), axis.xaxis), (axis.get_yscale(), axis.yaxis)):
-                    if scale == "log":
-                        ticks.set_minor_formatter(NullFormatter())
-            # bbox "tight" widens the image to Optuna's long, rotated labels instead of cutting them off
-            write_atomically(
-                out_dir / f"{name}.png", partial(figure.savefig, dpi=120, format="png", bbox_inches="tight")
-            )
-        plt.close(figure)
-        written.append(f"{name}.png")
-    return written
-
-
-def pruning_savings(study: optuna.Study, epochs: int) -> tuple[int, int]:
-    """Pruned trials and the epochs they did not run."""
-    pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-    return len(pruned), sum(epochs - trial.user_attrs.get("epochs_run", epochs) for trial in pruned)
-
-
-def write_outputs(study: optuna.Study, settings: StudySettings, out_dir: Path, retrain_epochs: int) -> None:
-    counts = {state: len(study.get_trials(deepcopy=False, states=(state,))) for state in (*FINISHED, TrialState.FAIL)}
-    pruned, saved = pruning_savings(study, settings.epochs)
-    print(
-        f"Study {study.study_name!r}: {counts[TrialState.COMPLETE]} complete, {pruned} pruned, "
-        f"{counts[TrialState.FAIL]} failed trials; "
-        f"pruning saved {saved} of {settings.epochs * (counts[TrialState.COMPLETE] + pruned)} epochs"
-    )
-    write_trials_csv(study, out_dir / "trials.csv")
-    written = ["trials.csv"]
-    best = best_trial(study)
-    if best is None:
-        print("No trial has completed yet: no best_params.json and no figures")
-    else:
-        engine.write_json(out_dir / "best_params.json", best_record(study, settings, best, retrain_epochs))
-        written += ["best_params.json", *write_figures(study, out_dir)]
-        print(f"Best: trial {best.number}, validation loss {best.value:.4f}; {format_params(best.params)}")
-    written.append(write_report(out_dir).name)
-    print(f"Written to {out_dir}: {', '.join(written)}")

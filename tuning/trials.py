@@ -15,10 +15,10 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 import engine
 from study_storage import DatabaseFault, first_line
+from tuning.space import draw
 from tuning.study import (
     FINISHED,
     OUT_OF_MEMORY,
-    SPACES,
     StudySettings,
     abandoned,
     best_trial,
@@ -102,12 +102,14 @@ def settle_abandoned_trials(study: optuna.Study) -> None:
 def make_objective(
     settings: StudySettings, base: engine.RunConfig, data: engine.SplitData, n_trials: int, prune: bool
 ) -> Callable[[Trial], float]:
+    space = settings.parsed()
+
     def objective(trial: Trial) -> float:
         trial.set_user_attr("worker", this_worker())
         if places_taken(trial.study, before=trial.number) >= n_trials:
             trial.set_user_attr("reason", f"not needed: other workers' trials already make up --n-trials {n_trials}")
             raise NotNeeded(trial.user_attrs["reason"])
-        params = SPACES[settings.space](trial)
+        params = draw(space, trial)
         config = trial_config(base, params, settings.epochs, trial_dir(Path(base.out_dir), trial.number))
         trial.set_user_attr("folder", str(Path(config.out_dir).resolve()))  # where a next start finds its result
         counter = TrialEpochs(trial, prune)
