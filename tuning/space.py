@@ -122,34 +122,33 @@ def to_json(space: Space) -> dict[str, dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 # What each parameter takes: its flag, as the command line checks it
 # --------------------------------------------------------------------------------------------
-def flag_actions(model: str) -> dict[str, argparse.Action]:
-    """The flag of every parameter a study of ``model`` may draw: its options' and the tunable recipe fields'."""
+def flag_actions(model: str) -> dict[str, tuple[argparse.Action, str]]:
+    """The flag of every parameter a study of ``model`` may draw (its options' and the tunable recipe fields'), with
+    what its values are: bool, str (a choice), int or float."""
     spec = engine.model_spec(model)
     parser = argparse.ArgumentParser(add_help=False)
     engine.add_recipe_arguments(parser, spec.recipe)
     engine.add_model_arguments(parser, {model: spec})
     by_dest = {action.dest: action for action in parser._actions}
-    actions = {option.name: by_dest[engine.MODEL_OPTION + option.name] for option in spec.options}
+    actions = {
+        option.name: (by_dest[engine.MODEL_OPTION + option.name], option.kind.__name__) for option in spec.options
+    }
     for name in TUNABLE_RECIPE:
         if name in BETAS:  # one value of --betas
-            actions[name] = argparse.Action(by_dest["betas"].option_strings, name, type=by_dest["betas"].type)
+            action = argparse.Action(by_dest["betas"].option_strings, name, type=by_dest["betas"].type)
         else:
-            actions[name] = by_dest[name]
+            action = by_dest[name]
+        actions[name] = (action, recipe_value_kind(action))
     return actions
 
 
-def value_kind(action: argparse.Action) -> str:
-    """What a flag's values are: bool, str (a choice), int or float."""
+def recipe_value_kind(action: argparse.Action) -> str:
+    """What a recipe flag's values are: bool, str (a choice), int or float."""
     if isinstance(action, argparse.BooleanOptionalAction):
         return "bool"
-    if action.choices is not None and not all(isinstance(c, (int, float)) for c in action.choices):
+    if action.choices is not None:
         return "str"
-    return "int" if action.type in (engine.positive_int, engine.non_negative_int) or is_int_option(action) else "float"
-
-
-def is_int_option(action: argparse.Action) -> bool:
-    option = getattr(action.type, "__self__", None)  # a model option's flag type is its ModelOption's parse
-    return isinstance(option, engine.ModelOption) and option.kind is int
+    return "int" if action.type in (engine.positive_int, engine.non_negative_int) else "float"
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,14 +192,15 @@ def parse_space(raw: Any, model: str, source: str) -> Space:
                 f"{source}: {name} is neither an option of {model} (its options: {options}) nor a recipe field a study "
                 f"can tune ({', '.join(TUNABLE_RECIPE)}); correct or remove it ({HELP})"
             )
-        space[name] = parse_param(drawn, actions[name], space, f"{source}: {name}")
+        action, takes = actions[name]
+        space[name] = parse_param(drawn, action, takes, space, f"{source}: {name}")
     return space
 
 
-def parse_param(drawn: Any, action: argparse.Action, earlier: Space, where: str) -> Param:
+def parse_param(drawn: Any, action: argparse.Action, takes: str, earlier: Space, where: str) -> Param:
     if not isinstance(drawn, dict) or drawn.get("kind") not in KINDS:
         raise UserError(f'{where} needs "kind": one of {", ".join(KINDS)}, e.g. {{"kind": "float", "low": 0.1, ...}}')
-    kind, flag, takes = drawn["kind"], action.option_strings[0], value_kind(action)
+    kind, flag = drawn["kind"], action.option_strings[0]
     unknown = set(drawn) - KEYS[kind] - {"kind", "when"}
     if unknown:
         raise UserError(f"{where}: {sorted(unknown)[0]!r} is not a key of a {kind} parameter ({sorted(KEYS[kind])})")
