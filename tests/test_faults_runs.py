@@ -126,6 +126,24 @@ def error_line(stderr: str) -> str:
 
 
 @pytest.mark.parametrize(
+    "gloo_says, timed_out",
+    [
+        (
+            "[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 20000ms for recv",
+            True,
+        ),
+        ("Application timeout caused pair closure", True),  # no source file: seen in CI on a frozen node
+        ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:5321", False),
+    ],
+)
+def test_each_way_gloo_reports_a_lost_peer_is_a_lost_process(gloo_says, timed_out):
+    lost = engine.devices.lost_process(RuntimeError(gloo_says), 20, nodes=2)
+    assert lost is not None and ("did not answer for 20 s" in str(lost)) == timed_out, lost
+    assert "/gloo/" not in str(lost) and "a node" in str(lost)
+    assert engine.devices.lost_process(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), 20, 2) is None
+
+
+@pytest.mark.parametrize(
     "fault, message",
     [
         (signal.SIGKILL, "error: this data-parallel run lost one of its processes: a node stopped"),
