@@ -97,6 +97,7 @@ EXPECTED_PARAMETERS["FastVGG"] = fast_vgg(64, 256, 256)
 EXPECTED_PARAMETERS["FastVGG_narrow"] = fast_vgg(32, 128, 128)
 # the same, but its whitening stem has no BatchNorm
 EXPECTED_PARAMETERS["Airbench94_muon"] = fast_vgg(64, 256, 256) - bn(24)
+EXPECTED_PARAMETERS["Airbench94_muon_cpu"] = EXPECTED_PARAMETERS["Airbench94_muon"]
 EXPECTED_PARAMETERS["Airbench94_muon_narrow"] = fast_vgg(32, 128, 128) - bn(24)
 
 
