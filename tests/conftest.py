@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import signal
 import socket
 import struct
 import subprocess
@@ -196,6 +197,21 @@ def run_command(script, monkeypatch, capsys, *argv) -> tuple[int, str, str]:
         code = exit.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def stopped_after_epoch_one(script, monkeypatch, capsys, *argv) -> tuple[int, str, str]:
+    """A script's command line stopped by SIGTERM right after its first checkpoint, as a scheduler would stop it:
+    exit status, stdout, stderr."""
+    real_save = engine.callbacks.AtomicCheckpointIO.save_checkpoint
+
+    def save_then_stop(io, checkpoint, path, storage_options=None):
+        real_save(io, checkpoint, path, storage_options)
+        if Path(path).name == "last.ckpt" and checkpoint["epoch"] == 0:
+            raise engine.RunInterrupted(signal.SIGTERM)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.callbacks.AtomicCheckpointIO, "save_checkpoint", save_then_stop)
+        return run_command(script, monkeypatch, capsys, *argv)
 
 
 def transfer_net(

@@ -3,11 +3,9 @@ flips, lookahead, the schedules, training on every image, and a short run that l
 
 from __future__ import annotations
 
-import signal
 import sys
 from dataclasses import replace
 from functools import partial
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -23,7 +21,7 @@ import functions as fn
 import main as main_script
 import modified_models
 from benchmarks import bench_newton_schulz
-from conftest import quick_config, run_command, run_script
+from conftest import quick_config, run_command, run_script, stopped_after_epoch_one
 from engine import with_defaults
 from models.airbench import AIRBENCH_RECIPE, AirbenchNet, initialize, parameter_groups, whitening_filters
 
@@ -281,21 +279,6 @@ def test_the_newton_schulz_benchmark_times_both_dtypes_beside_a_step(monkeypatch
     assert "forward and backward of a batch | float32" in table
 
 
-def stopped_after_epoch_one(monkeypatch, capsys, *argv) -> None:
-    """``modified_models.py argv`` stopped by SIGTERM right after its first checkpoint, as a scheduler would."""
-    real_save = engine.callbacks.AtomicCheckpointIO.save_checkpoint
-
-    def save_then_stop(io, checkpoint, path, storage_options=None):
-        real_save(io, checkpoint, path, storage_options)
-        if Path(path).name == "last.ckpt" and checkpoint["epoch"] == 0:
-            raise engine.RunInterrupted(signal.SIGTERM)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(engine.callbacks.AtomicCheckpointIO, "save_checkpoint", save_then_stop)
-        code, _, err = run_command(modified_models, monkeypatch, capsys, *argv)
-    assert code == 143 and "holds epoch 1 of 2" in err, err
-
-
 @pytest.mark.parametrize(
     "model, batch_size, muon_lr, stem_bias_epochs",
     [("Airbench94_muon_cpu", 1000, 0.17, 0.2), ("Airbench94_muon", 2000, 0.24, 3.0)],  # the GPU's recipe is unchanged
@@ -305,7 +288,10 @@ def test_the_cpu_recipe_reaches_the_optimiser_and_config_json_and_each_run_resum
 ):
     run_dir = tmp_path / "run"
     flags = ("--model", model, "--width", "8", "--epochs", "2", "--data-dir", image_folder, "--out-dir", run_dir)
-    stopped_after_epoch_one(monkeypatch, capsys, *flags, "--no-tsne", "--no-progress", "--device", "cpu")
+    code, _, err = stopped_after_epoch_one(
+        modified_models, monkeypatch, capsys, *flags, "--no-tsne", "--no-progress", "--device", "cpu"
+    )
+    assert code == 143 and "holds epoch 1 of 2" in err, err
     # a bare --resume: the run's own settings, whatever the model's defaults are by then
     spec = engine.model_spec(model)
     later = replace(spec, recipe=replace(spec.recipe, batch_size=64, muon_lr=0.5))

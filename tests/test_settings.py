@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import signal
 import typing
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +18,7 @@ import engine
 import engine.callbacks
 import main
 import modified_models
-from conftest import disk_full_when, quick_config, run_command, write_image_folder
+from conftest import disk_full_when, quick_config, run_command, stopped_after_epoch_one, write_image_folder
 
 QUICK = ("--batch-size", "32", "--augment", "none", "--no-tsne", "--no-progress", "--device", "cpu", "--logger", "none")
 METRIC_COLUMNS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr")
@@ -117,17 +116,8 @@ def test_a_precision_lightning_does_not_know_is_refused_before_anything_is_writt
 @pytest.fixture
 def interrupted(tmp_path, monkeypatch, capsys, data_dir) -> tuple[Path, tuple[str, ...]]:
     """A 3-epoch run on 150 images at lr 0.003 stopped by SIGTERM right after its first checkpoint; and its flags."""
-    real_save = engine.callbacks.AtomicCheckpointIO.save_checkpoint
-
-    def save_then_stop(io, checkpoint, path, storage_options=None):
-        real_save(io, checkpoint, path, storage_options)
-        if Path(path).name == "last.ckpt" and checkpoint["epoch"] == 0:
-            raise engine.RunInterrupted(signal.SIGTERM)
-
     flags = ("--data-dir", str(data_dir), "--epochs", "3", "--limit-train", "150", "--lr", "0.003", *QUICK)
-    with monkeypatch.context() as patch:
-        patch.setattr(engine.callbacks.AtomicCheckpointIO, "save_checkpoint", save_then_stop)
-        code, out, err = run_command(main, monkeypatch, capsys, *flags, "--out-dir", tmp_path / "run")
+    code, out, err = stopped_after_epoch_one(main, monkeypatch, capsys, *flags, "--out-dir", tmp_path / "run")
     assert code == 143 and "holds epoch 1 of 3" in err
     return tmp_path / "run", flags
 
