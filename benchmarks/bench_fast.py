@@ -290,7 +290,9 @@ def main() -> None:
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run each variant with (default 0 1 2)"
     )
-    parser.add_argument("--epochs", type=engine.positive_int, help="override the recipe's epochs")
+    parser.add_argument(
+        "--epochs", type=engine.epoch_count, help="override the recipe's epochs (7.5: a last one in part)"
+    )
     parser.add_argument(
         "--ablations",
         action="store_true",

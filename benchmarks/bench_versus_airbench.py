@@ -193,7 +193,7 @@ def run_ours(
             if len(data.val_images)
             else None
         )
-    steps = recipe.epochs * math.ceil(len(data.train_images) / recipe.batch_size)
+    steps = recipe.training_steps(math.ceil(len(data.train_images) / recipe.batch_size))
     flops = training_step_flops(spec.build(options), recipe.batch_size, device)
     method = f"{args.model} (ours)"
     # each epoch's checkpoint as the run wrote it, at the moment the file was written
@@ -303,7 +303,9 @@ def main() -> None:
         help="channels of the first stage, the others 4x, both sides (default 64)",
     )
     parser.add_argument("--seeds", type=engine.non_negative_int, nargs="+", default=[0, 1], help="seeds (default 0 1)")
-    parser.add_argument("--epochs", type=engine.positive_int, help="our recipe's epochs (default: its own)")
+    parser.add_argument(
+        "--epochs", type=engine.epoch_count, help="our recipe's epochs (default: its own; 7.5: a last one in part)"
+    )
     parser.add_argument(
         "--reference-epochs",
         type=engine.positive_float,

@@ -60,7 +60,7 @@ from engine.devices import autocast_for, cpu_has_bf16, resolve_accelerator, reso
 from engine.errors import RunInterrupted, TrainingDiverged, UserError
 from engine.exits import run_cli
 from engine.files import write_atomically
-from engine.flags import choices_help, former_name, non_negative_int, positive_float, positive_int
+from engine.flags import choices_help, epoch_count, former_name, non_negative_int, positive_float, positive_int
 from engine.help import advanced, script_parser
 from engine.images import UnreadableImage, decode_image
 from engine.progress import ProgressLines
@@ -131,6 +131,7 @@ __all__ = [
     "add_training_arguments",
     "choices_help",
     "config_from_args",
+    "epoch_count",
     "differences_from",
     "former_name",
     "non_negative_int",

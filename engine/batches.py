@@ -7,6 +7,7 @@ augmentation lives in ``TrainBatches`` and only there, so evaluation can never b
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from collections.abc import Callable, Iterator
@@ -22,6 +23,12 @@ from functions import AUGMENTATIONS, mean_std_per_channel, model_input
 
 EVAL_BATCH = 500  # images per evaluation batch: large, as nothing is kept for a backward pass
 TRAIN_ACCURACY_SAMPLE = 5000  # training images measured after each epoch when there is no validation split to match
+
+
+def epoch_steps(images: int, batch_size: int, rank: int = 0, world_size: int = 1) -> int:
+    """The batches of a whole epoch in one process (each of a data-parallel run's takes every ``world_size``-th
+    image)."""
+    return math.ceil(len(range(rank, images, world_size)) / batch_size)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -48,8 +55,10 @@ class TrainBatches:
         epoch: Callable[[], int],
         rank: int = 0,
         world_size: int = 1,
+        epochs: float | None = None,
     ):
         self.images, self.labels = images, labels
+        self.epochs = epochs  # the run's, whole or with a fraction: a last epoch in part is shorter
         self.batch_size, self.augmentation = batch_size, augmentation
         self.mean, self.std = mean.to(images.device), std.to(images.device)
         self.seed, self.epoch = seed, epoch
@@ -61,10 +70,23 @@ class TrainBatches:
             start = torch.Generator(device=images.device).manual_seed(seed)
             self.first_flip = torch.rand(len(images), generator=start, device=images.device) < 0.5
 
+    @property
+    def whole_epoch_steps(self) -> int:
+        """The batches of a whole epoch (of this process's share of the images)."""
+        return epoch_steps(len(self.images), self.batch_size, self.rank, self.world_size)
+
     def __len__(self) -> int:
-        return math.ceil(len(range(self.rank, len(self.images), self.world_size)) / self.batch_size)
+        """The batches of the current epoch: all of them, or, in a last epoch in part, what the run's steps leave."""
+        steps = self.whole_epoch_steps
+        if self.epochs is None:
+            return steps
+        return max(0, min(steps, math.ceil(self.epochs * steps) - self.epoch() * steps))  # none after the last
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # a last epoch in part stops early: its batches are the whole epoch's first, augmented alike
+        return itertools.islice(self.whole_epoch(), len(self))
+
+    def whole_epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device, epoch = self.images.device, self.epoch()
         generator = torch.Generator(device=device).manual_seed(epoch_seed(self.seed, epoch))
         order = torch.randperm(len(self.images), generator=generator, device=device)[self.rank :: self.world_size]

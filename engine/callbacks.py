@@ -53,8 +53,7 @@ class Lookahead(Callback):
     training weights to it, which is the point. The average is in every checkpoint, so a resumed run pulls to it too.
     """
 
-    def __init__(self, total_steps: int):
-        self.total_steps = total_steps
+    def __init__(self):
         self.average: dict[str, torch.Tensor] | None = None
 
     def on_train_start(self, trainer: pl.Trainer, module: ImageClassifier) -> None:
@@ -67,7 +66,7 @@ class Lookahead(Callback):
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: pl.Trainer, module: ImageClassifier, *args) -> None:
-        decay = lookahead_decay(trainer.global_step, self.total_steps)
+        decay = lookahead_decay(trainer.global_step, module.total_steps)
         if decay is None:
             return
         state = module.net.state_dict()

@@ -162,7 +162,7 @@ def resume_checkpoint(config: RunConfig, run_dir: Path) -> Path | None:
         )
     if saved.get("recipe", {}).get("epochs", config.recipe.epochs) > config.recipe.epochs:
         raise UserError(
-            f"{path} was trained for more epochs than --epochs {config.recipe.epochs}; raise --epochs to continue"
+            f"{path} was trained for more epochs than --epochs {config.recipe.epochs:g}; raise --epochs to continue"
         )
     return path
 
@@ -174,4 +174,4 @@ def saved_progress(config: RunConfig, run_dir: Path) -> str | None:
         epochs = torch.load(last, map_location="cpu", weights_only=True)["epoch"] + 1
     except FileNotFoundError:
         return None
-    return f"{last} holds epoch {epochs} of {config.recipe.epochs}"
+    return f"{last} holds epoch {epochs} of {config.recipe.epochs:g}"

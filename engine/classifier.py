@@ -53,15 +53,15 @@ def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, shape: 
 def warn_few_steps(model: str, recipe: Recipe, train_images: int) -> None:
     """A recipe made for CIFAR-10 hardly trains in a few steps an epoch (a small data set in large batches): say so,
     and what to change."""
-    batch, epochs = recipe.batch_size, recipe.epochs
+    batch = recipe.batch_size
     steps = math.ceil(train_images / batch)
     if steps >= FEW_STEPS:
         return
     print(
         f"warning: an epoch is only {steps} step{'' if steps == 1 else 's'} here ({train_images} training images in "
-        f"batches of {batch}), {steps * epochs} in the whole run, where {model}'s recipe takes "
-        f"{math.ceil(CIFAR10_TRAINING_IMAGES / batch) * epochs} on CIFAR-10: for a small data set give a smaller "
-        '--batch-size with --lr lowered in proportion, and more --epochs (docs/data.md, "Your own data")',
+        f"batches of {batch}), {recipe.training_steps(steps)} in the whole run, where {model}'s recipe takes "
+        f"{recipe.training_steps(math.ceil(CIFAR10_TRAINING_IMAGES / batch))} on CIFAR-10: for a small data set give "
+        'a smaller --batch-size with --lr lowered in proportion, and more --epochs (docs/data.md, "Your own data")',
         file=sys.stderr,
     )
 
@@ -82,6 +82,11 @@ class ImageClassifier(pl.LightningModule):
         self.recipe, self.seed, self.steps_per_epoch = recipe, seed, steps_per_epoch
         self.parameter_groups = parameter_groups
         self.epoch_metrics: dict[str, float] = {}
+
+    @property
+    def total_steps(self) -> int:
+        """This process's optimisation steps in the whole run, where the schedule and the lookahead end."""
+        return self.recipe.training_steps(self.steps_per_epoch)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -111,7 +116,7 @@ class ImageClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         if isinstance(self.net, ProgressAware):
-            self.net.training_progress(self.current_epoch + batch_idx / self.trainer.num_training_batches)
+            self.net.training_progress(self.current_epoch + batch_idx / self.steps_per_epoch)
         reduction = self.training_loss_reduction()
         loss = self.loss(self.net(images), labels, reduction)
         # no .item(): no device sync per step
@@ -235,7 +240,7 @@ class ImageClassifier(pl.LightningModule):
                 "optimizer": optimizer,
                 "lr_scheduler": {"scheduler": schedule, "monitor": "val_loss", "interval": "epoch"},
             }
-        total = r.epochs * self.steps_per_epoch
+        total = self.total_steps
         warmup = round(r.warmup_epochs * self.steps_per_epoch)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: learning_rate_factor(step, total, warmup, r.scheduler)
@@ -247,10 +252,17 @@ class CIFAR10DataModule(pl.LightningDataModule):
     """Training batches are shuffled and augmented; validation, train-accuracy and test batches never are."""
 
     def __init__(
-        self, data: SplitData, batch_size: int, augment: str, seed: int, train_accuracy_sample: int | None = None
+        self,
+        data: SplitData,
+        batch_size: int,
+        augment: str,
+        seed: int,
+        train_accuracy_sample: int | None = None,
+        epochs: float | None = None,
     ):
         super().__init__()
         self.data, self.batch_size, self.augment, self.seed = data, batch_size, augment, seed
+        self.epochs = epochs  # with a fraction, the last epoch's batches are fewer (``TrainBatches``)
         # Training images measured for the train accuracy after a validated epoch: by default as many as the validation
         # split.
         self.train_accuracy_sample = (
@@ -276,6 +288,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
             d.std,
             self.seed,
             epoch=lambda: self.trainer.current_epoch,
+            epochs=self.epochs,
             **self.shard(),
         )
 

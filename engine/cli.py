@@ -14,6 +14,7 @@ from engine.data import DATASETS, VAL_FRACTION
 from engine.flags import (
     beta,
     choices_help,
+    epoch_count,
     former_name,
     non_negative_float,
     non_negative_int,
@@ -42,7 +43,11 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, recipe: Recipe) -> Non
         "recipe (defaults: this model's own recipe; CIFAR10Net's is the original study's)"
     )
     group.add_argument(
-        "--epochs", type=positive_int, metavar="N", help=f"passes over the training split (default {r.epochs})"
+        "--epochs",
+        type=epoch_count,
+        metavar="N",
+        help="passes over the training split; with a fraction (7.5) the last pass trains that part of its batches, as "
+        f"airbench94's 9.9 (default {r.epochs:g})",
     )
     group.add_argument(
         "--batch-size", type=positive_int, metavar="N", help=f"images per optimisation step (default {r.batch_size})"

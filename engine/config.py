@@ -8,6 +8,7 @@ script's flags offer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +64,8 @@ SELECTIVE_FRACTION = 0.2  # of each batch, the least confident images, which sel
 class Recipe:
     """How a network is trained. Defaults are the original study's recipe for CIFAR10Net."""
 
-    epochs: int = 100
+    # whole passes, or with a fraction: the last pass trains that part of its batches (airbench94 trains 9.9)
+    epochs: float = 100
     batch_size: int = 64
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -87,6 +89,15 @@ class Recipe:
     # with optimizer muon: the filters of one shape orthogonalised in one call (hiverge's; the same arithmetic)
     muon_batched: bool = False
     weight_average: str = "none"
+
+    @property
+    def whole_epochs(self) -> int:
+        """The epochs a run goes through, the last in part where ``epochs`` has a fraction."""
+        return math.ceil(self.epochs)
+
+    def training_steps(self, steps_per_epoch: int) -> int:
+        """Optimisation steps in the whole run: a fraction of an epoch is rounded up to whole steps, as airbench94."""
+        return math.ceil(self.epochs * steps_per_epoch)
 
 
 @dataclass

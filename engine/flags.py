@@ -16,6 +16,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def epoch_count(text: str) -> int | float:
+    """Whole epochs, or with a fraction: the last epoch trains that part of its batches."""
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of epochs above 0 (e.g. 8, or 7.5), got {text}")
+    return int(value) if value.is_integer() else value
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:

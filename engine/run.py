@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import signal
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,7 +24,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.profilers import SimpleProfiler
 from torch import nn
 
-from engine.batches import SplitData, load_split
+from engine.batches import SplitData, epoch_steps, load_split
 from engine.callbacks import (
     AfterValidation,
     AtomicCheckpointIO,
@@ -202,15 +201,9 @@ def fit(
     if config.compile:
         net.compile()  # in place: the state dict keeps its plain names, so checkpoints load with or without it
     recipe = config.recipe
-    datamodule = CIFAR10DataModule(data, recipe.batch_size, recipe.augment, config.seed, config.train_accuracy_sample)
-    module = ImageClassifier(
-        net,
-        recipe,
-        config.seed,
-        steps_per_epoch=math.ceil(len(data.train_images) / recipe.batch_size),
-        parameter_groups=model.parameter_groups,
+    datamodule = CIFAR10DataModule(
+        data, recipe.batch_size, recipe.augment, config.seed, config.train_accuracy_sample, recipe.epochs
     )
-
     precision = resolve_precision(config.precision, accelerator)
     card = model_card(config, data, precision).to_dict()
     if is_main_process():  # one writer, whatever the number of processes and nodes
@@ -223,7 +216,7 @@ def fit(
     if after_validation is not None:
         all_callbacks.append(AfterValidation(after_validation))
     if recipe.weight_average == "lookahead":
-        all_callbacks.append(Lookahead(total_steps=recipe.epochs * module.steps_per_epoch))
+        all_callbacks.append(Lookahead())
     if checkpoints:
         # Two checkpoints: Lightning's save_last writes last.ckpt only in epochs where the monitored one saved.
         all_callbacks += [
@@ -244,7 +237,9 @@ def fit(
     if progress:
         all_callbacks.append(EpochProgressBar(refresh_rate=20))
     trainer = pl.Trainer(
-        max_epochs=recipe.epochs,
+        max_epochs=recipe.whole_epochs,
+        # a last epoch in part has fewer batches: the Trainer asks the loaders again for each epoch's length
+        reload_dataloaders_every_n_epochs=int(recipe.epochs != recipe.whole_epochs),
         accelerator=accelerator,
         devices=config.devices,
         num_nodes=config.num_nodes,
@@ -261,6 +256,14 @@ def fit(
         profiler=SimpleProfiler(dirpath=run_dir, filename="profile") if config.profile and is_main_process() else None,
     )
     bound_collectives(trainer.strategy, config.collective_timeout)
+    module = ImageClassifier(
+        net,
+        recipe,
+        config.seed,
+        # each process of a data-parallel run takes its share of every epoch: the schedule counts its steps
+        steps_per_epoch=epoch_steps(len(data.train_images), recipe.batch_size, world_size=trainer.world_size),
+        parameter_groups=model.parameter_groups,
+    )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except RunInterrupted:
@@ -295,7 +298,7 @@ def train(
         if is_main_process():
             print(
                 f"Data: {data.source}; {len(data.train_images)} train / {len(data.val_images)} validation / "
-                f"{len(data.test_images)} test images\nTraining {config.model} for {config.recipe.epochs} "
+                f"{len(data.test_images)} test images\nTraining {config.model} for {config.recipe.epochs:g} "
                 f"epoch{'' if config.recipe.epochs == 1 else 's'} on {training_device(config.device)}, "
                 f"{resolve_precision(config.precision, config.device)} precision, into {run_dir}",
                 flush=True,

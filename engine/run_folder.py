@@ -73,7 +73,7 @@ def space_needed(config: RunConfig) -> int:
     """The most a run has on disk at once: model.pth, last.ckpt and best.ckpt and the temporary copy of the checkpoint
     being replaced (with --keep-epoch-checkpoints, every epoch's too), and the small files."""
     weights = weights_bytes(config)
-    checkpoints = 3 + (config.recipe.epochs if config.keep_epoch_checkpoints else 0)
+    checkpoints = 3 + (config.recipe.whole_epochs if config.keep_epoch_checkpoints else 0)
     return weights + checkpoints * CHECKPOINT_WEIGHTS * weights + SMALL_FILES_BYTES
 
 

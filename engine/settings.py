@@ -353,10 +353,10 @@ def resumed(config: RunConfig, args: argparse.Namespace, model: str, run_name: s
         for dest in changed
     ]
     config = replace(run_config(merged, model, run_name), out_dir=config.out_dir, resume=config.resume, changes=changes)
-    finished = Path(config.out_dir, "test.json").is_file() and epochs_done >= config.recipe.epochs
+    finished = Path(config.out_dir, "test.json").is_file() and epochs_done >= config.recipe.whole_epochs
     if finished and config.resume == "last":
         raise UserError(
-            f"{config.out_dir} holds a finished run of {epochs_done} epochs; to train it further give --resume with "
-            f"--epochs above {epochs_done}, or start it again with --overwrite"
+            f"{config.out_dir} holds a finished run of {saved['epochs']:g} epochs; to train it further give --resume "
+            f"with --epochs above {epochs_done}, or start it again with --overwrite"
         )
     return config

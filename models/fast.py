@@ -82,7 +82,7 @@ FAST_RECIPE = Recipe(
 
 def recipe_summary(r: Recipe) -> str:
     return (
-        f"Trains {r.epochs} epochs, batch {r.batch_size}, {r.optimizer} lr {r.lr:g} (momentum {r.momentum}, weight "
+        f"Trains {r.epochs:g} epochs, batch {r.batch_size}, {r.optimizer} lr {r.lr:g} (momentum {r.momentum}, weight "
         f"decay {r.weight_decay:g}), {r.scheduler} schedule with {r.warmup_epochs:g} warm-up epochs, label smoothing "
         f"{r.label_smoothing}, {r.augment} augmentation{f', {r.tta} TTA' if r.tta != 'none' else ''}."
     )

@@ -180,8 +180,8 @@ def test_each_image_is_flipped_in_alternate_epochs_from_its_own_start(monkeypatc
 
 def test_the_weight_average_follows_its_formula():
     net = torch.nn.Linear(3, 2)
-    module, trainer = SimpleNamespace(net=net), SimpleNamespace(global_step=0)
-    lookahead = engine.callbacks.Lookahead(total_steps=20)
+    module, trainer = SimpleNamespace(net=net, total_steps=20), SimpleNamespace(global_step=0)
+    lookahead = engine.callbacks.Lookahead()
     lookahead.on_train_start(trainer, module)
     weights = net.weight.detach().clone()
     average = weights.clone()

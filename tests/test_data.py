@@ -387,6 +387,22 @@ def test_epochs_shuffle_differently_and_repeat_per_seed(split):
     assert not torch.equal(first_labels(0, 1), first_labels(1, 1))
 
 
+def test_a_last_epoch_in_part_is_the_first_batches_of_the_whole_epoch(split):
+    """--epochs 2.5 on 270 images in batches of 32: epochs of 9, 9 and 5 batches (23 steps, the run's rounded up),
+    the third's drawn as the whole third epoch would draw them."""
+
+    def batches(epochs, epoch):
+        return engine.batches.TrainBatches(
+            split.train_images, split.train_labels, 32, "study", split.mean, split.std, 0, lambda: epoch, epochs=epochs
+        )
+
+    assert [len(batches(2.5, epoch)) for epoch in range(4)] == [9, 9, 5, 0]
+    part, whole = list(batches(2.5, 2)), list(batches(None, 2))
+    assert len(part) == 5 and len(whole) == 9
+    for (images, labels), (whole_images, whole_labels) in zip(part, whole[:5], strict=True):
+        assert torch.equal(images, whole_images) and torch.equal(labels, whole_labels)
+
+
 def test_kaiming_normal_initialisation():
     layer = torch.nn.Linear(4000, 500)
     layer.bias.data.fill_(3.0)

@@ -18,7 +18,7 @@ import engine.run
 import functions as fn
 import main as main_script
 import modified_models
-from conftest import quick_config, start_nodes, write_image_folder
+from conftest import quick_config, run_command, start_nodes, stopped_after_epoch_one, write_image_folder
 
 
 def run(tmp_path, split, model="CIFAR10Net", **recipe):
@@ -45,7 +45,9 @@ def test_two_process_data_parallel_run_on_the_cpu_learns(tmp_path, image_folder)
             "--strategy",
             "ddp",
             "--epochs",
-            "4",
+            "3.5",
+            "--scheduler",
+            "cosine",
             "--lr",
             "3e-3",
             "--batch-size",
@@ -66,6 +68,8 @@ def test_two_process_data_parallel_run_on_the_cpu_learns(tmp_path, image_folder)
     history = engine.read_metrics_csv(tmp_path / "run/metrics.csv")
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
+    # each process counts its own steps (9 an epoch, 32 in all): the cosine schedule ends with the run
+    assert abs(history[-1]["lr"]) < 1e-12 < history[-2]["lr"]
     report = json.loads((tmp_path / "run/test.json").read_text())
     assert report["num_test_images"] == 100 and report["test_accuracy"] > 0.5  # chance is 0.1
 
@@ -170,6 +174,39 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, split):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_fraction_of_an_epoch_ends_the_schedule_with_the_run_and_a_resumed_run_matches_an_uninterrupted_one(
+    monkeypatch, capsys, tmp_path, image_folder
+):
+    """--epochs 2.5 (airbench94 trains 9.9): 270 images in batches of 32 make 9 steps an epoch and 23 in the run; the
+    last epoch is measured and checkpointed as the others, and the lr schedule and lookahead end at its last step."""
+    flags = ("--model", "Airbench94_muon_narrow", "--width", "8", "--batch-size", "32", "--epochs", "2.5")
+    flags += ("--data-dir", image_folder, "--no-tsne", "--no-progress", "--device", "cpu")
+    code, out, err = run_command(modified_models, monkeypatch, capsys, *flags, "--out-dir", tmp_path / "full")
+    assert code == 0 and "for 2.5 epochs" in out, err
+    rows = engine.read_metrics_csv(tmp_path / "full/metrics.csv")
+    assert [row["epoch"] for row in rows] == [1, 2, 3] and rows[-1]["val_loss"] is not None
+    assert rows[-1]["lr"] == 0 < rows[-2]["lr"]  # airbench's linear decay reaches 0 at the run's last step
+    assert engine.read_checkpoint(tmp_path / "full/last.ckpt")["global_step"] == 23
+    assert engine.read_json(tmp_path / "full/config.json")["recipe"]["epochs"] == 2.5
+
+    code, _, err = stopped_after_epoch_one(
+        modified_models, monkeypatch, capsys, *flags, "--out-dir", tmp_path / "parts"
+    )
+    assert code == 143 and "holds epoch 1 of 2.5" in err, err
+    code, _, err = run_command(
+        modified_models, monkeypatch, capsys, *flags[:2], "--resume", "--out-dir", tmp_path / "parts"
+    )
+    assert code == 0, err
+
+    def drop_time(rows):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+    assert drop_time(rows) == drop_time(engine.read_metrics_csv(tmp_path / "parts/metrics.csv"))
+    a = torch.load(tmp_path / "full/model.pth", weights_only=True)
+    b = torch.load(tmp_path / "parts/model.pth", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_learning_rate_schedule_shape():
     def factor(step, shape):
         return engine.classifier.learning_rate_factor(step, total_steps=100, warmup_steps=10, shape=shape)
@@ -193,7 +230,8 @@ def run_main(monkeypatch, capsys, *argv, script=main_script):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--epochs", "-3"], "must be a positive whole number"),
+        (["--epochs", "-3"], "must be a number of epochs above 0"),
+        (["--epochs", "nan"], "must be a number of epochs above 0"),
         (["--augment", "fancy"], "invalid choice"),
         (["--lr", "nan"], "must be a number > 0"),
         (["--batch-size", "0"], "must be a positive whole number"),
