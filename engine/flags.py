@@ -18,7 +18,10 @@ def positive_int(text: str) -> int:
 
 def epoch_count(text: str) -> int | float:
     """Whole epochs, or with a fraction: the last epoch trains that part of its batches."""
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a number of epochs above 0 (e.g. 8, or 7.5), got {text}")
     return int(value) if value.is_integer() else value

@@ -232,6 +232,7 @@ def run_main(monkeypatch, capsys, *argv, script=main_script):
     [
         (["--epochs", "-3"], "must be a number of epochs above 0"),
         (["--epochs", "nan"], "must be a number of epochs above 0"),
+        (["--epochs", "2.5x"], "must be a number of epochs above 0"),
         (["--augment", "fancy"], "invalid choice"),
         (["--lr", "nan"], "must be a number > 0"),
         (["--batch-size", "0"], "must be a positive whole number"),
