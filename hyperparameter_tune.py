@@ -352,8 +352,8 @@ def tune(argv: list[str] | None = None) -> None:
     check_study_folder(out_dir, study_name)  # makes it, for the default SQLite file too
     storage_settings = StorageSettings(heartbeat=args.heartbeat, grace=args.heartbeat_grace, patience=args.db_patience)
     study = open_study(storage_url, study_name, storage_settings)
-    mark_study_folder(out_dir, study_name, hide_password(storage_url))
     settings = study_settings(study, args.model, args.space, args.epochs, args.sampler, args.pruner)
+    mark_study_folder(out_dir, study_name, hide_password(storage_url))  # once the command is not refused
     configure(study, settings, args.seed)
     write_space(settings, out_dir)
     settle_abandoned_trials(study)

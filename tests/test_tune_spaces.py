@@ -170,8 +170,10 @@ def test_a_second_worker_with_another_space_is_refused(no_figures, monkeypatch, 
     other = space_file(tmp_path / "b", {name: drawn for name, drawn in USERS_SPACE.items() if name != "momentum"})
     out = tmp_path / "tune"
     tune.main(flags(out, "--space", str(mine), "--n-trials", "1", "--epochs", "1"))
+    written = {path.name: path.stat().st_mtime_ns for path in out.iterdir() if path.is_file()}
     code, _, err = run_command(tune, monkeypatch, capsys, *flags(out, "--space", other, "--n-trials", "2"))
     assert code == 2 and err.count("\n") == 1
+    assert {path.name: path.stat().st_mtime_ns for path in out.iterdir() if path.is_file()} == written  # nor study.json
     assert f"searches another space than --space {other} holds: the one given as --space {mine}" in err
     assert len(load(out).trials) == 1
 
