@@ -49,9 +49,10 @@ def test_the_precisions_offered_are_lightnings():
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("recipe.epochs", -3, "epochs = -3 is not a value --epochs takes (must be a positive whole number, got -3)"),
+        ("recipe.epochs", -3, "epochs = -3 is not a value --epochs takes (must be a number of epochs above 0 (e.g. 8"),
         ("recipe.batch_size", 0, "batch_size = 0 is not a value --batch-size takes"),
-        ("recipe.epochs", 2.5, "epochs = 2.5 is not a value --epochs takes"),
+        ("recipe.epochs", "ten", 'epochs = "ten" is not a value --epochs takes'),
+        ("recipe.batch_size", 2.5, "batch_size = 2.5 is not a value --batch-size takes"),
         ("recipe.augment", "bogus", 'augment = "bogus" is not a value --augment takes (choose one of study'),
         ("recipe.optimizer", "bogus", 'optimizer = "bogus" is not a value --optimizer takes'),
         ("recipe.betas", [0.9], "betas = [0.9] is not a value --betas takes (it takes a list of 2 values)"),

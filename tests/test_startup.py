@@ -88,7 +88,10 @@ def test_help_and_a_flag_mistake_answer_before_the_heavy_libraries_load(script):
 
 def test_a_bad_value_is_refused_before_lightning_loads():
     refused = probe("main.py", "--epochs", "0")
-    assert refused["status"] == 2 and "--epochs: must be a positive whole number, got 0" in refused["stderr"]
+    assert (
+        refused["status"] == 2
+        and "--epochs: must be a number of epochs above 0 (e.g. 8, or 7.5), got 0" in refused["stderr"]
+    )
     assert "lightning" not in refused["loaded"]
 
 
