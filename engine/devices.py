@@ -3,6 +3,7 @@ processes of a data-parallel run wait for each other."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import os
@@ -97,6 +98,20 @@ def bound_collectives(strategy: Strategy, seconds: float) -> None:
     a node under a 20 s timeout: it fails if Lightning renames the attribute.)"""
     if hasattr(strategy, "_timeout"):
         strategy._timeout = timedelta(seconds=seconds)
+
+
+def destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@functools.cache
+def destroy_process_group_at_exit() -> None:
+    """After a data-parallel fit that ended well: the process group is destroyed at exit, while the interpreter is
+    whole. Lightning does so for NCCL only; a gloo group left to the interpreter's shutdown can abort a finished run's
+    process ("terminate called without an active exception", exit status -6, seen in CI). Not after a failed fit:
+    there a collective may still wait on a lost peer, and destroying the group would wait with it."""
+    atexit.register(destroy_process_group)
 
 
 # gloo's own words for a lost or silent peer. Most of its errors start with their source file (".../gloo/...cc:N]"),

@@ -44,6 +44,7 @@ from engine.data import INPUT_SIZE
 from engine.devices import (
     autocast_for,
     bound_collectives,
+    destroy_process_group_at_exit,
     is_main_process,
     lost_process,
     resolve_accelerator,
@@ -275,6 +276,8 @@ def fit(
             raise
         stop_extra_processes(trainer)
         raise lost from error
+    if trainer.world_size > 1:
+        destroy_process_group_at_exit()
     if hyperparameters and trainer.is_global_zero:
         log_hyperparameters(trainer.logger, config, precision, recorder.history)
     device = trainer.strategy.root_device

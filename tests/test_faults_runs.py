@@ -143,6 +143,22 @@ def test_each_way_gloo_reports_a_lost_peer_is_a_lost_process(gloo_says, timed_ou
     assert engine.devices.lost_process(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), 20, 2) is None
 
 
+def test_after_a_fit_that_ended_well_the_process_group_is_destroyed_at_exit(tmp_path):
+    """A gloo group left to the interpreter's shutdown can abort a finished node (exit status -6, seen in CI): the
+    engine destroys it at exit, while the interpreter is whole. (atexit runs its handlers last first: the check,
+    registered before, runs after.)"""
+    script = (
+        "import atexit, torch.distributed as dist\n"
+        "from engine.devices import destroy_process_group_at_exit\n"
+        "atexit.register(lambda: print('initialized at exit:', dist.is_initialized()))\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
+        "destroy_process_group_at_exit()\n"
+        "destroy_process_group_at_exit()  # once per process, however many runs ended well\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "initialized at exit: False", result.stderr[-2000:]
+
+
 @pytest.mark.parametrize(
     "fault, message",
     [
