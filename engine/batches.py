@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from engine.config import RunConfig
+from engine.config import RunConfig, training_steps
 from engine.data import VAL_FRACTION, DatasetArrays, load_dataset, quoted, split_train_val
 from engine.devices import is_main_process
 from engine.errors import UserError
@@ -70,17 +70,12 @@ class TrainBatches:
             start = torch.Generator(device=images.device).manual_seed(seed)
             self.first_flip = torch.rand(len(images), generator=start, device=images.device) < 0.5
 
-    @property
-    def whole_epoch_steps(self) -> int:
-        """The batches of a whole epoch (of this process's share of the images)."""
-        return epoch_steps(len(self.images), self.batch_size, self.rank, self.world_size)
-
     def __len__(self) -> int:
         """The batches of the current epoch: all of them, or, in a last epoch in part, what the run's steps leave."""
-        steps = self.whole_epoch_steps
+        steps = epoch_steps(len(self.images), self.batch_size, self.rank, self.world_size)
         if self.epochs is None:
             return steps
-        return max(0, min(steps, math.ceil(self.epochs * steps) - self.epoch() * steps))  # none after the last
+        return max(0, min(steps, training_steps(self.epochs, steps) - self.epoch() * steps))  # none after the last
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # a last epoch in part stops early: its batches are the whole epoch's first, augmented alike

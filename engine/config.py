@@ -96,8 +96,12 @@ class Recipe:
         return math.ceil(self.epochs)
 
     def training_steps(self, steps_per_epoch: int) -> int:
-        """Optimisation steps in the whole run: a fraction of an epoch is rounded up to whole steps, as airbench94."""
-        return math.ceil(self.epochs * steps_per_epoch)
+        return training_steps(self.epochs, steps_per_epoch)
+
+
+def training_steps(epochs: float, steps_per_epoch: int) -> int:
+    """Optimisation steps in a run of ``epochs``: a fraction of an epoch is rounded up to whole steps, as airbench94."""
+    return math.ceil(epochs * steps_per_epoch)
 
 
 @dataclass
